@@ -1,0 +1,1 @@
+"""NumPy layers: filled by the layers issue (see `tensorglot.layers`)."""

@@ -1,0 +1,3 @@
+"""The KV cache protocol: filled by the layers issue."""
+
+from __future__ import annotations

@@ -1,0 +1,27 @@
+"""The pluggy hooks a tensorglot plugin may implement.
+
+A plugin is a module named by an entry point in the ``tensorglot`` group. The entry point's name is
+the backend it provides (``numpy = "tensorglot_numpy.plugin"``); a plugin that adds no backend, only
+commands, uses a dotted name (``cli.plots``) so that `available_backends` can skip it without an import.
+The host passes a ``register`` callback, so it owns naming and duplicate detection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("tensorglot")
+hookimpl = pluggy.HookimplMarker("tensorglot")
+
+
+@hookspec
+def tensorglot_register_backends(register: Callable[..., None]) -> None:
+    """Call ``register(name, loader, *, capabilities, framework=None)`` once per backend provided."""
+
+
+@hookspec
+def tensorglot_register_commands(register: Callable[..., Any]) -> None:
+    """Call ``register(name, help, configure, run)`` to add a subcommand to the ``tensorglot`` CLI."""
