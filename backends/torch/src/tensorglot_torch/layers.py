@@ -1,0 +1,1 @@
+"""PyTorch layers: see the spec, `tensorglot.layers`."""
