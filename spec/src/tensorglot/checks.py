@@ -7,6 +7,7 @@ the argument, what it got and what it wanted.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -20,7 +21,7 @@ Shape = tuple[int, ...]
 
 
 def _fmt(shape: Sequence[int]) -> str:
-    return "(" + ", ".join(str(int(s)) for s in shape) + ")"
+    return str(tuple(int(s) for s in shape))
 
 
 def bad_shape(fn: str, arg: str, got: Sequence[int], wanted: str) -> ValueError:
@@ -81,9 +82,10 @@ def check_choice(fn: str, arg: str, value: Any, choices: Sequence[str]) -> None:
 def check_positive_int(fn: str, arg: str, value: Any, *, allow_zero: bool = False) -> int:
     if isinstance(value, bool) or not isinstance(value, int | _np_integer()):
         raise TypeError(f"{fn}: {arg} must be an int, got {type(value).__name__}")
+    value = operator.index(value)
     if value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"{fn}: {arg} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
-    return int(value)
+    return value
 
 
 def check_positive_float(fn: str, arg: str, value: Any) -> float:
