@@ -37,11 +37,7 @@ class TorchBackend:
     def asarray(self, x: Any, /, dtype: str | None = None) -> torch.Tensor:
         if dtype is not None and dtype not in DTYPES:
             raise TypeError(f"asarray: the torch backend has no dtype {dtype!r} (it has {', '.join(DTYPES)})")
-        if isinstance(x, torch.Tensor):
-            t = x
-        else:
-            t = torch.tensor(np.asarray(x))
-        t = t.to(self.device)
+        t = (x if isinstance(x, torch.Tensor) else torch.tensor(np.asarray(x))).to(self.device)
         return t if dtype is None else t.to(DTYPES[dtype])
 
     def to_numpy(self, x: Any, /) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from tensorglot import checks
 from tensorglot.encodings import frequency_table, yarn_attention_factor
 

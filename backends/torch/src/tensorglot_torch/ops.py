@@ -11,6 +11,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+
 from tensorglot import checks
 
 from ._common import as_float, as_int, compute_dtype, flat2d, same_device, same_dtype
@@ -326,9 +327,13 @@ def rms_norm_backward(x, weight, dy, /, *, eps=1e-6):
 # -- attention -------------------------------------------------------------------------------------
 
 
-def causal_mask(s, t, /, *, device=None):
+def causal_mask(s, t, /):
     s = checks.check_positive_int("causal_mask", "s", s, allow_zero=True)
     t = checks.check_positive_int("causal_mask", "t", t, allow_zero=True)
+    return _causal_mask(s, t, None)
+
+
+def _causal_mask(s, t, device):
     # Bottom-right: query i sees keys j <= i + t - s, so the last query sees all t keys.
     i = torch.arange(s, device=device)[:, None]
     return torch.arange(t, device=device)[None, :] <= i + (t - s)  # (S, T)
@@ -347,7 +352,7 @@ def padding_mask(lengths, t, /):
 
 def _allowed(causal, mask, B, S, T, K, G, device):
     """The bool (B|1, K|1, G|1, S, T) attend-mask on the grouped layout, or None."""
-    allowed = causal_mask(S, T, device=device)[None, None, None] if causal else None  # (1, 1, 1, S, T)
+    allowed = _causal_mask(S, T, device)[None, None, None] if causal else None  # (1, 1, 1, S, T)
     if mask is not None:
         m = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))  # (B|1, N|1, S|1, T|1)
         b, n, s, t = m.shape
@@ -372,10 +377,10 @@ def _attention(q, k, v, causal, mask, scale):
     if allowed is not None:
         scores.view(B, K, G, S, T).masked_fill_(~allowed, -math.inf)
     p = torch.softmax(scores, -1)
-    if allowed is not None:
-        dead = ~allowed.any(-1, keepdim=True)  # a query that sees no key: zeros, not torch's NaN
-        if dead.any():
-            p.view(B, K, G, S, T).masked_fill_(dead, 0.0)
+    # Only then can a query see no key (with causal alone: rows i < S − T).
+    if allowed is not None and (mask is not None or S > T):
+        dead = ~allowed.any(-1, keepdim=True)  # zeros there, not torch's NaN; no .any() host sync
+        p.view(B, K, G, S, T).masked_fill_(dead, 0.0)
     out = torch.bmm(p, vh).view(B, K, G, S, H).permute(0, 3, 1, 2, 4).reshape(B, S, N, H)
     return out.to(q.dtype), (qs, kh, vh, p)
 

@@ -9,7 +9,7 @@ from tensorglot.hookspecs import hookimpl
 CAPABILITIES = frozenset({"float64", "float16", "bfloat16", "grad"})
 
 
-def _load():  # type: ignore[no-untyped-def]
+def _load():
     from .backend import TorchBackend
 
     return TorchBackend()
