@@ -12,6 +12,13 @@ from tensorglot_torch.encodings import Rope
 F64 = torch.float64
 
 
+@pytest.fixture(params=[64, 2], ids=["one-block", "blocks-of-2"])
+def block(request, monkeypatch):
+    """Causal attention runs in blocks of query rows; 2 makes the small cases cross block edges."""
+    monkeypatch.setattr(ops, "_BLOCK", request.param)
+    return request.param
+
+
 def randn(*shape, dtype=F64, seed=0):
     g = torch.Generator().manual_seed(seed + len(shape) * 7 + sum(shape))
     return torch.randn(*shape, generator=g, dtype=F64).to(dtype).requires_grad_()
@@ -57,7 +64,7 @@ def test_rms_norm_gradcheck():
     "n,k,causal,with_mask,s,t",
     [(4, 2, True, False, 3, 5), (2, 2, False, True, 4, 4), (3, 1, True, True, 4, 3), (2, 1, True, False, 5, 2)],
 )
-def test_attention_gradcheck(n, k, causal, with_mask, s, t):
+def test_attention_gradcheck(n, k, causal, with_mask, s, t, block):
     mask = None
     if with_mask:
         mask = torch.rand(2, 1, s, t, generator=torch.Generator().manual_seed(1)) > 0.3
@@ -153,7 +160,7 @@ def test_rms_norm_autograd_equals_backward(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("causal,with_mask", [(True, False), (False, True), (True, True)])
-def test_attention_autograd_equals_backward(dtype, causal, with_mask):
+def test_attention_autograd_equals_backward(dtype, causal, with_mask, block):
     mask = ops.padding_mask(torch.tensor([3, 0]), 5) if with_mask else None  # sequence 1 sees nothing
     inputs = [
         randn(2, 4, 6, 8, dtype=dtype),
@@ -220,3 +227,14 @@ def test_ops_run_on_the_inputs_device():
     x = torch.ones(2, 3, 4, 8, device="meta")
     assert ops.attention(x, x, x, causal=True).device.type == "meta"
     assert encodings.rope(x).device.type == "meta"
+
+
+@pytest.mark.parametrize("s,t", [(5, 5), (7, 3), (3, 7)])
+def test_blocked_causal_attention_equals_one_block(s, t, monkeypatch):
+    q, k, v = randn(2, s, 4, 8).detach(), randn(2, t, 2, 8, seed=1).detach(), randn(2, t, 2, 8, seed=2).detach()
+    dy = randn(2, s, 4, 8, seed=3).detach()
+    whole = ops.attention(q, k, v, causal=True), *ops.attention_backward(q, k, v, dy, causal=True)
+    monkeypatch.setattr(ops, "_BLOCK", 2)
+    blocked = ops.attention(q, k, v, causal=True), *ops.attention_backward(q, k, v, dy, causal=True)
+    for a, b in zip(blocked, whole, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -24,10 +24,10 @@ def _softmax(x: torch.Tensor, axis: int) -> torch.Tensor:
     if xc.shape[axis] == 0:
         return x.clone()
     y = torch.softmax(xc, axis)
-    # torch.softmax gives NaN for an all -inf row; the spec gives zeros (a NaN input still gives NaN).
-    dead = xc.amax(axis, keepdim=True) == -math.inf
-    if dead.any():
-        y = y.masked_fill(dead, 0.0)
+    # torch.softmax gives NaN for an all -inf row, where the spec gives zeros. A NaN row is NaN in its
+    # first entry, so only those rows (usually none) are checked for -inf, not the whole of x.
+    if torch.isnan(y.narrow(axis, 0, 1)).any():
+        y = y.masked_fill((xc == -math.inf).all(axis, keepdim=True), 0.0)
     return y.to(x.dtype)
 
 
@@ -350,15 +350,16 @@ def padding_mask(lengths, t, /):
     return (keys[None, :] < lengths[:, None])[:, None, None, :]  # (B, 1, 1, T)
 
 
-def _allowed(causal, mask, B, S, T, K, G, device):
-    """The bool (B|1, K|1, G|1, S, T) attend-mask on the grouped layout, or None."""
-    allowed = _causal_mask(S, T, device)[None, None, None] if causal else None  # (1, 1, 1, S, T)
-    if mask is not None:
-        m = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))  # (B|1, N|1, S|1, T|1)
-        b, n, s, t = m.shape
-        m = m.reshape(b, K, G, s, t) if n != 1 else m.reshape(b, 1, 1, s, t)
-        allowed = m if allowed is None else (m & allowed)
-    return allowed
+#: Causal attention runs in blocks of query rows: a block reads only the keys some row of it can see,
+#: so about half of the (S, T) scores are never computed, and a block's scores stay in cache.
+_BLOCK = 64
+
+
+def _blocks(S, T, causal):
+    """(i0, i1, t1): query rows [i0, i1) and the keys [0, t1) any of them can see."""
+    if not causal:
+        return [(0, S, T)]
+    return [(i0, min(S, i0 + _BLOCK), max(0, min(T, i0 + _BLOCK + T - S))) for i0 in range(0, S, _BLOCK)]
 
 
 def _attention(q, k, v, causal, mask, scale):
@@ -367,56 +368,83 @@ def _attention(q, k, v, causal, mask, scale):
     T, K = k.shape[1], k.shape[2]
     G = N // K
     cd = compute_dtype(q.dtype)
-    # The G query heads of kv head h are stacked along the rows, so one bmm serves them all and the
-    # kv gradients sum over G inside the bmm.
-    qs = (q.to(cd) * scale).reshape(B, S, K, G, H).permute(0, 2, 3, 1, 4).reshape(B * K, G * S, H)
-    kh = k.to(cd).permute(0, 2, 1, 3).reshape(B * K, T, H)  # (B·K, T, H)
-    vh = v.to(cd).permute(0, 2, 1, 3).reshape(B * K, T, H)
-    scores = torch.bmm(qs, kh.transpose(1, 2))  # (B·K, G·S, T)
-    allowed = _allowed(causal, mask, B, S, T, K, G, q.device)
-    if allowed is not None:
-        scores.view(B, K, G, S, T).masked_fill_(~allowed, -math.inf)
+
+    def heads(x):  # (B, L, N|K, H) → (B·N, L, H); query head h reads kv head h // G
+        x = x.to(cd).transpose(1, 2)
+        x = x.repeat_interleave(G, dim=1) if x.shape[1] != N else x.contiguous()
+        return x.reshape(B * N, x.shape[2], H)
+
+    qs, kh, vh = heads(q).mul_(scale), heads(k), heads(v)  # (B·N, S|T, H)
+    m = None if mask is None else mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))  # (B|1, N|1, S|1, T|1)
+    ps, outs, bounds = [], [], _blocks(S, T, causal)
+    for i0, i1, t1 in bounds:
+        p = _block_probs(qs, kh, m, causal, (B, N, S, T), i0, i1, t1)
+        outs.append(torch.bmm(p, vh[:, :t1]))  # (B·N, C, H)
+        ps.append(p)
+    out = torch.cat(outs, 1).view(B, N, S, H).transpose(1, 2).to(q.dtype)  # (B, S, N, H)
+    return out, (qs, kh, vh, bounds, ps, K)
+
+
+def _block_probs(qs, kh, m, causal, sizes, i0, i1, t1):
+    """P for query rows [i0, i1) against keys [0, t1): (B·N, i1 − i0, t1)."""
+    B, N, S, T = sizes
+    scores = torch.bmm(qs[:, i0:i1], kh[:, :t1].transpose(1, 2))  # (B·N, C, t1)
+    rows = torch.arange(i0, i1, device=qs.device)[:, None] + (T - S)  # query i sees keys j <= i + T − S
+    if m is not None:
+        allowed = m[:, :, i0:i1] if m.shape[2] != 1 else m
+        allowed = allowed[..., :t1] if allowed.shape[3] != 1 else allowed
+        if causal:
+            allowed = allowed & (torch.arange(t1, device=qs.device) <= rows)
+        allowed = allowed.expand(B, N, i1 - i0, t1).reshape(B * N, i1 - i0, t1)
+        p = torch.softmax(scores.masked_fill_(~allowed, -math.inf), -1)
+        return p.masked_fill_(~allowed.any(-1, keepdim=True), 0.0)  # a query that sees no key: zeros, not NaN
+    if causal:
+        c0 = max(0, i0 + T - S + 1)  # keys before c0 are visible to every row of the block
+        if c0 < t1:
+            scores[..., c0:].masked_fill_(torch.arange(c0, t1, device=qs.device) > rows, -math.inf)
     p = torch.softmax(scores, -1)
-    # Only then can a query see no key (with causal alone: rows i < S − T).
-    if allowed is not None and (mask is not None or S > T):
-        dead = ~allowed.any(-1, keepdim=True)  # zeros there, not torch's NaN; no .any() host sync
-        p.view(B, K, G, S, T).masked_fill_(dead, 0.0)
-    out = torch.bmm(p, vh).view(B, K, G, S, H).permute(0, 3, 1, 2, 4).reshape(B, S, N, H)
-    return out.to(q.dtype), (qs, kh, vh, p)
+    if causal and i0 < S - T:  # rows i < S − T see no key
+        p[:, : min(i1, S - T) - i0] = 0.0
+    return p
 
 
-def _attention_grads(saved, dy, shape, scale, dtype, needs=(True, True, True)):
-    qs, kh, vh, p = saved
-    B, S, T, N, K, H = shape
-    G = N // K
-    dyg = dy.to(qs.dtype).reshape(B, S, K, G, H).permute(0, 2, 3, 1, 4).reshape(B * K, G * S, H)
-    dv = torch.bmm(p.transpose(1, 2), dyg) if needs[2] else None  # (B·K, T, H)
-    dp = torch.bmm(dyg, vh.transpose(1, 2))  # (B·K, G·S, T)
-    ds = dp.sub_((dp * p).sum(-1, keepdim=True)).mul_(p)  # P ⊙ (dP − rowsum(dP ⊙ P))
-    dq = None
-    if needs[0]:
-        dq = (torch.bmm(ds, kh) * scale).view(B, K, G, S, H).permute(0, 3, 1, 2, 4).reshape(B, S, N, H)
-        dq = dq.to(dtype)
-    dk = torch.bmm(ds.transpose(1, 2), qs) if needs[1] else None  # qs already carries the scale
+def _attention_grads(saved, dy, scale, dtype, needs=(True, True, True)):
+    qs, kh, vh, bounds, ps, K = saved
+    BN, S, H = qs.shape
+    B, N, T = dy.shape[0], dy.shape[2], kh.shape[1]
+    dyh = dy.to(qs.dtype).transpose(1, 2).reshape(BN, S, H)  # (B·N, S, H)
+    dk, dv, dqs = torch.zeros_like(kh), torch.zeros_like(vh), []
+    for (i0, i1, t1), p in zip(bounds, ps):
+        dy_b = dyh[:, i0:i1]  # (B·N, C, H)
+        dv[:, :t1] += torch.bmm(p.transpose(1, 2), dy_b)
+        dp = torch.bmm(dy_b, vh[:, :t1].transpose(1, 2))  # (B·N, C, t1)
+        ds = dp.sub_((dp * p).sum(-1, keepdim=True)).mul_(p)  # P ⊙ (dP − rowsum(dP ⊙ P))
+        dqs.append(torch.bmm(ds, kh[:, :t1]))
+        dk[:, :t1] += torch.bmm(ds.transpose(1, 2), qs[:, i0:i1])  # qs carries the scale
+    dq = (torch.cat(dqs, 1).mul_(scale).view(B, N, S, H).transpose(1, 2).to(dtype)) if needs[0] else None
 
-    def kv(g):  # (B·K, T, H) → (B, T, K, H)
-        return None if g is None else g.view(B, K, T, H).permute(0, 2, 1, 3).to(dtype)
+    def kv(g, need):  # (B·N, T, H) → (B, T, K, H): the G query heads of a kv head add up
+        if not need:
+            return None
+        g = g.view(B, K, N // K, T, H)
+        g = g[:, :, 0] if N == K else g.sum(2)
+        return g.transpose(1, 2).to(dtype)
 
-    return dq, kv(dk), kv(dv)
+    return dq, kv(dk, needs[1]), kv(dv, needs[2])
 
 
 class Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, mask, scale):
-        out, saved = _attention(q, k, v, causal, mask, scale)
-        ctx.save_for_backward(*saved)
-        ctx.shape = (q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3])
-        ctx.scale = scale
+        out, (qs, kh, vh, bounds, ps, K) = _attention(q, k, v, causal, mask, scale)
+        ctx.save_for_backward(qs, kh, vh, *ps)
+        ctx.bounds, ctx.scale, ctx.K = bounds, scale, K
         return out
 
     @staticmethod
     def backward(ctx, dy):
-        grads = _attention_grads(ctx.saved_tensors, dy, ctx.shape, ctx.scale, dy.dtype, ctx.needs_input_grad)
+        qs, kh, vh, *ps = ctx.saved_tensors
+        grads = _attention_grads((qs, kh, vh, ctx.bounds, ps, ctx.K), dy, ctx.scale, dy.dtype, ctx.needs_input_grad)
         return *grads, None, None, None
 
 
@@ -428,26 +456,25 @@ def _attention_inputs(fn, q, k, v, causal, mask, scale):
             mask = torch.as_tensor(mask, device=q.device)
         checks.check_bool(fn, "mask", str(mask.dtype).removeprefix("torch."))
         same_device(fn, q=q, mask=mask)
-    shape = checks.attention(
+    checks.attention(
         fn, tuple(q.shape), tuple(k.shape), tuple(v.shape), None if mask is None else tuple(mask.shape), scale
     )
     if not isinstance(causal, bool):
         raise TypeError(f"{fn}: causal must be a bool, got {type(causal).__name__}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return q, k, v, causal, mask, scale, shape
+    return q, k, v, causal, mask, scale
 
 
 def attention(q, k, v, /, *, causal=False, mask=None, scale=None):
-    q, k, v, causal, mask, scale, _ = _attention_inputs("attention", q, k, v, causal, mask, scale)
+    q, k, v, causal, mask, scale = _attention_inputs("attention", q, k, v, causal, mask, scale)
     return Attention.apply(q, k, v, causal, mask, scale)
 
 
 def attention_backward(q, k, v, dy, /, *, causal=False, mask=None, scale=None):
     fn = "attention_backward"
-    q, k, v, causal, mask, scale, shape = _attention_inputs(fn, q, k, v, causal, mask, scale)
+    q, k, v, causal, mask, scale = _attention_inputs(fn, q, k, v, causal, mask, scale)
     dy = as_float(fn, "dy", dy)
     same_dtype(fn, q=q, dy=dy)
     checks.check_same_shape(fn, "dy", tuple(dy.shape), tuple(q.shape), "q")
-    B, S, T, N, K, H = shape
     _, saved = _attention(q, k, v, causal, mask, scale)
-    return _attention_grads(saved, dy, (B, S, T, N, K, H), scale, q.dtype)
+    return _attention_grads(saved, dy, scale, q.dtype)
