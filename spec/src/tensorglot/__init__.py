@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from . import checks as checks  # light (numpy only); importing it here lets type checkers see it
 from .backend import Backend as Backend
 from .registry import available_backends as available_backends
 from .registry import get_backend as get_backend
