@@ -189,7 +189,7 @@ def init_std(name: str, config: TransformerConfig, /) -> float:
     return (residual if leaf in ("wo", "w_out", "w_down") else 1.0) / math.sqrt(fan_in)
 
 
-def init_params(config: TransformerConfig, seed: int, /, *, dtype: str = "float32") -> dict[str, np.ndarray]:
+def init_params(config: TransformerConfig, /, seed: int, *, dtype: str = "float32") -> dict[str, np.ndarray]:
     """Fresh parameters for ``config``: NumPy arrays, bit-identical for the same config and seed.
 
     One ``np.random.Generator(np.random.PCG64(seed))`` draws every array in `param_shapes` order as
@@ -290,8 +290,10 @@ def save_params(
 
         save_file(arrays, path, metadata=None if meta is None else {_CONFIG_KEY: meta})
     elif path.endswith(".npz"):
-        extra = {} if meta is None else {_CONFIG_KEY: np.array(meta)}
-        np.savez(path, **arrays, **extra)
+        payload: dict[str, Any] = dict(arrays)
+        if meta is not None:
+            payload[_CONFIG_KEY] = np.array(meta)  # a unicode array: loads without pickle
+        np.savez(path, **payload)
     else:
         raise ValueError(f"save_params: path must end in .npz or .safetensors, got {path!r}")
 
