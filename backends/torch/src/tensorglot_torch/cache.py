@@ -26,7 +26,8 @@ class TorchKVCache:
         self.kind = slot_map.kind
         self.batch, self.max_len = slot_map.batch, slot_map.max_len
         self.n_layers, self.n_kv_heads, self.head_dim = config.n_layers, config.n_kv_heads, config.head_dim
-        self.dtype, self.device = DTYPES[dtype], None
+        self.dtype = DTYPES[dtype]
+        self.device: torch.device | None = None
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         self._slots: torch.Tensor | None = None
@@ -87,24 +88,22 @@ class TorchKVCache:
     # paged only (the spec's PagedKVCache)
     @property
     def block_size(self) -> int:
-        return self.map.block_size  # type: ignore[attr-defined]
+        return self.map.block_size
 
     @property
     def num_blocks(self) -> int:
-        return self.map.num_blocks  # type: ignore[attr-defined]
+        return self.map.num_blocks
 
     def block_table(self, seq: int, /) -> list[int]:
-        return self.map.block_table(seq)  # type: ignore[attr-defined]
+        return self.map.block_table(seq)
 
     def free_blocks(self) -> int:
-        return self.map.free_blocks()  # type: ignore[attr-defined]
+        return self.map.free_blocks()
 
     def __repr__(self) -> str:
-        lengths = self.lengths().tolist()
-        return (
-            f"<torch {self.kind} KV cache on {self.device or '(no device yet)'}: batch {self.batch}, max_len {self.max_len}, "
-            f"lengths {lengths}>"
-        )
+        where = self.device or "(no device yet)"
+        sizes = f"batch {self.batch}, max_len {self.max_len}, lengths {self.lengths().tolist()}"
+        return f"<torch {self.kind} KV cache on {where}: {sizes}>"
 
 
 def kv_cache(config, batch, max_len, /, *, kind="contiguous", block_size=16, num_blocks=None, dtype="float32"):

@@ -184,8 +184,8 @@ def attention_layer(x, params, config, /, *, layer, positions=None, cache=None):
         _check_cache(fn, cache, x.shape[0], config)
     positions = _step_positions(fn, positions, cache, x.shape[0], x.shape[1], config, x.device)
     p = f"layers.{layer}."
-    w = [params[p + n] for n in ("wq", "wk", "wv", "wo")]
-    return attend(x, *w, config, positions, cache, layer)
+    wq, wk, wv, wo = (params[p + n] for n in ("wq", "wk", "wv", "wo"))
+    return attend(x, wq, wk, wv, wo, config, positions, cache, layer)
 
 
 def mlp_layer(x, params, config, /, *, layer):
