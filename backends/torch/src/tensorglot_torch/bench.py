@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from tensorglot.bench import Row, ratio_row, time_median
+from tensorglot.params import TransformerConfig, init_params
 
-from . import ops
+from . import layers, ops
+from .nn import Transformer
 
 OP_LIMIT = 1.3
 
@@ -129,6 +131,156 @@ def op_rows(*, quick: bool, device: torch.device) -> Iterable[Row]:
     )
 
 
+# -- a training step: our Transformer vs the same architecture from torch built-ins --------------------
+
+
+class BuiltinTransformer(torch.nn.Module):
+    """The spec's transformer (swiglu, NeoX RoPE, GQA) from nn.Embedding, nn.Linear, F.rms_norm and SDPA,
+    holding the same parameters as ours (Linear weights transposed to torch's (out, in))."""
+
+    def __init__(self, params: dict[str, torch.Tensor], config: TransformerConfig) -> None:
+        super().__init__()
+        c = self.config = config
+        D, N, K, H = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim
+
+        def lin(w: torch.Tensor) -> torch.nn.Linear:  # w (in, out) → nn.Linear with weight (out, in)
+            m = torch.nn.Linear(w.shape[0], w.shape[1], bias=False)
+            m.weight = torch.nn.Parameter(w.detach().T.contiguous())
+            return m
+
+        self.embed = torch.nn.Embedding.from_pretrained(params["embed"].detach().clone(), freeze=False)
+        self.blocks = torch.nn.ModuleList()
+        for i in range(c.n_layers):
+            p = f"layers.{i}."
+            blk = torch.nn.Module()
+            blk.attn_norm = torch.nn.Parameter(params[p + "attn_norm"].detach().clone())
+            blk.wq = lin(params[p + "wq"].reshape(D, N * H))
+            blk.wk = lin(params[p + "wk"].reshape(D, K * H))
+            blk.wv = lin(params[p + "wv"].reshape(D, K * H))
+            blk.wo = lin(params[p + "wo"].reshape(N * H, D))
+            blk.mlp_norm = torch.nn.Parameter(params[p + "mlp_norm"].detach().clone())
+            blk.w_gate, blk.w_up, blk.w_down = (lin(params[p + n]) for n in ("w_gate", "w_up", "w_down"))
+            self.blocks.append(blk)
+        self.norm = torch.nn.Parameter(params["norm"].detach().clone())
+        self.lm_head = lin(params["lm_head"])
+
+    def rope(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, S, H), NeoX's rotate_half
+        H, S = x.shape[-1], x.shape[-2]
+        inv = self.config.rope_theta ** -(torch.arange(0, H, 2, dtype=torch.float32, device=x.device) / H)
+        angle = torch.arange(S, dtype=torch.float32, device=x.device)[:, None] * inv  # (S, H/2)
+        cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)  # (S, H)
+        x1, x2 = x[..., : H // 2], x[..., H // 2 :]
+        return x * cos + torch.cat([-x2, x1], -1) * sin
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        B, S = tokens.shape
+        N, K, H, eps = c.n_heads, c.n_kv_heads, c.head_dim, c.norm_eps
+        x = self.embed(tokens)
+        for blk in self.blocks:
+            a = F.rms_norm(x, (c.d_model,), blk.attn_norm, eps=eps)
+            q = self.rope(blk.wq(a).view(B, S, N, H).transpose(1, 2))  # (B, N, S, H)
+            k = self.rope(blk.wk(a).view(B, S, K, H).transpose(1, 2))
+            v = blk.wv(a).view(B, S, K, H).transpose(1, 2)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # S == T: aligned
+            x = x + blk.wo(y.transpose(1, 2).reshape(B, S, N * H))
+            m = F.rms_norm(x, (c.d_model,), blk.mlp_norm, eps=eps)
+            x = x + blk.w_down(F.silu(blk.w_gate(m)) * blk.w_up(m))
+        return self.lm_head(F.rms_norm(x, (c.d_model,), self.norm, eps=eps))
+
+
+def training_row(*, quick: bool, device: torch.device) -> Row:
+    c = TransformerConfig(
+        vocab_size=256,
+        d_model=128 if quick else 256,
+        n_layers=2 if quick else 4,
+        n_heads=8,
+        n_kv_heads=4,
+        head_dim=16 if quick else 32,
+        d_ff=384 if quick else 768,
+        activation="swiglu",
+        rope_style="neox",
+        max_seq_len=512,
+    )
+    B, S = (4, 64) if quick else (8, 256)
+    params = init_params(c, 0)
+    ours = Transformer.from_params(params, c, device=device)
+    theirs = BuiltinTransformer({k: torch.from_numpy(v) for k, v in params.items()}, c).to(device)
+    g = torch.Generator().manual_seed(0)
+    tokens, targets = (torch.randint(0, c.vocab_size, (B, S), generator=g).to(device) for _ in range(2))
+    with torch.no_grad():  # the same function before timing anything
+        gap = (ours(tokens) - theirs(tokens)).abs().max().item()
+    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4)
+    opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=1e-4)
+
+    def step_ours() -> None:
+        opt_ours.zero_grad(set_to_none=True)
+        ours.loss(tokens, targets).backward()
+        opt_ours.step()
+
+    def step_theirs() -> None:
+        opt_theirs.zero_grad(set_to_none=True)
+        F.cross_entropy(theirs(tokens).flatten(0, 1), targets.flatten()).backward()
+        opt_theirs.step()
+
+    sync, repeats = _sync(device), 5 if quick else 7
+    t_ours = time_median(step_ours, repeats=repeats, warmup=2, sync=sync)
+    t_theirs = time_median(step_theirs, repeats=repeats, warmup=2, sync=sync)
+    sizes = {"B": B, "S": S, "D": c.d_model, "layers": c.n_layers, "N": c.n_heads, "K": c.n_kv_heads}
+    return ratio_row(
+        "train step (AdamW) vs built-in transformer",
+        t_ours,
+        t_theirs,
+        limit=OP_LIMIT,
+        sizes=sizes,
+        note=f"max |logit difference| before training {gap:.1e}",
+    )
+
+
+# -- KV-cache generation vs recomputing the prefix ------------------------------------------------------
+
+
+def generation_row(*, quick: bool, device: torch.device) -> Row:
+    c = TransformerConfig(
+        vocab_size=256,
+        d_model=128 if quick else 256,
+        n_layers=2,
+        n_heads=8,
+        n_kv_heads=4,
+        head_dim=16 if quick else 32,
+        d_ff=384 if quick else 768,
+        max_seq_len=512,
+    )
+    B, P, new = (2, 32, 32) if quick else (8, 128, 96)
+    params = {k: torch.from_numpy(v).to(device) for k, v in init_params(c, 0).items()}
+    prompt = torch.randint(0, c.vocab_size, (B, P), generator=torch.Generator().manual_seed(1)).to(device)
+    outs: dict[str | None, torch.Tensor] = {}
+
+    def run(cache: str | None) -> Callable[[], None]:
+        def go() -> None:
+            outs[cache] = layers.generate(params, c, prompt, max_new_tokens=new, cache=cache)
+
+        return go
+
+    sync = _sync(device)
+    t_cached = time_median(run("contiguous"), repeats=5, warmup=1, sync=sync)
+    t_full = time_median(run(None), repeats=5, warmup=0, sync=sync)
+    same = bool(torch.equal(outs["contiguous"], outs[None]))
+    speedup = t_full / t_cached
+    return Row(
+        "generate: recomputation time / KV-cache time",
+        speedup,
+        "x faster",
+        ratio=speedup,
+        target=">= 20",
+        met=same and speedup >= 20,
+        sizes={"B": B, "prompt": P, "new": new, "D": c.d_model, "layers": c.n_layers},
+        note=f"tokens identical: {'yes' if same else 'NO'}; cached {t_cached:.3f} s, recomputed {t_full:.2f} s",
+    )
+
+
 def rows(*, quick: bool = False) -> Iterable[Row]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     yield from op_rows(quick=quick, device=device)
+    yield training_row(quick=quick, device=device)
+    yield generation_row(quick=quick, device=device)

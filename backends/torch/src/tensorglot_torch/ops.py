@@ -370,9 +370,10 @@ def _attention(q, k, v, causal, mask, scale):
     cd = compute_dtype(q.dtype)
 
     def heads(x):  # (B, L, N|K, H) → (B·N, L, H); query head h reads kv head h // G
-        x = x.to(cd).transpose(1, 2)
-        x = x.repeat_interleave(G, dim=1) if x.shape[1] != N else x.contiguous()
-        return x.reshape(B * N, x.shape[2], H)
+        x = x.to(cd).transpose(1, 2)  # (B, N|K, L, H)
+        if x.shape[1] != N:
+            x = x[:, :, None].expand(B, K, G, x.shape[2], H)  # (B, K, G, L, H), copied by the reshape
+        return x.reshape(B * N, x.shape[-2], H)
 
     qs, kh, vh = heads(q).mul_(scale), heads(k), heads(v)  # (B·N, S|T, H)
     m = None if mask is None else mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))  # (B|1, N|1, S|1, T|1)
