@@ -134,35 +134,37 @@ def op_rows(*, quick: bool, device: torch.device) -> Iterable[Row]:
 # -- a training step: our Transformer vs the same architecture from torch built-ins --------------------
 
 
+def _lin(w: torch.Tensor) -> torch.nn.Linear:
+    """w (in, out) → an nn.Linear holding it as torch's (out, in)."""
+    m = torch.nn.Linear(w.shape[0], w.shape[1], bias=False)
+    m.weight = torch.nn.Parameter(w.detach().T.contiguous())
+    return m
+
+
+class _BuiltinBlock(torch.nn.Module):
+    def __init__(self, params: dict[str, torch.Tensor], p: str, c: TransformerConfig) -> None:
+        super().__init__()
+        D, N, K, H = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim
+        self.attn_norm = torch.nn.Parameter(params[p + "attn_norm"].detach().clone())
+        self.wq = _lin(params[p + "wq"].reshape(D, N * H))
+        self.wk = _lin(params[p + "wk"].reshape(D, K * H))
+        self.wv = _lin(params[p + "wv"].reshape(D, K * H))
+        self.wo = _lin(params[p + "wo"].reshape(N * H, D))
+        self.mlp_norm = torch.nn.Parameter(params[p + "mlp_norm"].detach().clone())
+        self.w_gate, self.w_up, self.w_down = (_lin(params[p + n]) for n in ("w_gate", "w_up", "w_down"))
+
+
 class BuiltinTransformer(torch.nn.Module):
     """The spec's transformer (swiglu, NeoX RoPE, GQA) from nn.Embedding, nn.Linear, F.rms_norm and SDPA,
     holding the same parameters as ours (Linear weights transposed to torch's (out, in))."""
 
     def __init__(self, params: dict[str, torch.Tensor], config: TransformerConfig) -> None:
         super().__init__()
-        c = self.config = config
-        D, N, K, H = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim
-
-        def lin(w: torch.Tensor) -> torch.nn.Linear:  # w (in, out) → nn.Linear with weight (out, in)
-            m = torch.nn.Linear(w.shape[0], w.shape[1], bias=False)
-            m.weight = torch.nn.Parameter(w.detach().T.contiguous())
-            return m
-
+        self.config = config
         self.embed = torch.nn.Embedding.from_pretrained(params["embed"].detach().clone(), freeze=False)
-        self.blocks = torch.nn.ModuleList()
-        for i in range(c.n_layers):
-            p = f"layers.{i}."
-            blk = torch.nn.Module()
-            blk.attn_norm = torch.nn.Parameter(params[p + "attn_norm"].detach().clone())
-            blk.wq = lin(params[p + "wq"].reshape(D, N * H))
-            blk.wk = lin(params[p + "wk"].reshape(D, K * H))
-            blk.wv = lin(params[p + "wv"].reshape(D, K * H))
-            blk.wo = lin(params[p + "wo"].reshape(N * H, D))
-            blk.mlp_norm = torch.nn.Parameter(params[p + "mlp_norm"].detach().clone())
-            blk.w_gate, blk.w_up, blk.w_down = (lin(params[p + n]) for n in ("w_gate", "w_up", "w_down"))
-            self.blocks.append(blk)
+        self.blocks = torch.nn.ModuleList(_BuiltinBlock(params, f"layers.{i}.", config) for i in range(config.n_layers))
         self.norm = torch.nn.Parameter(params["norm"].detach().clone())
-        self.lm_head = lin(params["lm_head"])
+        self.lm_head = _lin(params["lm_head"])
 
     def rope(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, S, H), NeoX's rotate_half
         H, S = x.shape[-1], x.shape[-2]
@@ -177,7 +179,8 @@ class BuiltinTransformer(torch.nn.Module):
         B, S = tokens.shape
         N, K, H, eps = c.n_heads, c.n_kv_heads, c.head_dim, c.norm_eps
         x = self.embed(tokens)
-        for blk in self.blocks:
+        blk: _BuiltinBlock
+        for blk in self.blocks:  # type: ignore[assignment]
             a = F.rms_norm(x, (c.d_model,), blk.attn_norm, eps=eps)
             q = self.rope(blk.wq(a).view(B, S, N, H).transpose(1, 2))  # (B, N, S, H)
             k = self.rope(blk.wk(a).view(B, S, K, H).transpose(1, 2))
