@@ -169,7 +169,7 @@ class BuiltinTransformer(torch.nn.Module):
     def rope(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, S, H), NeoX's rotate_half
         H, S = x.shape[-1], x.shape[-2]
         inv = self.config.rope_theta ** -(torch.arange(0, H, 2, dtype=torch.float32, device=x.device) / H)
-        angle = torch.arange(S, dtype=torch.float32, device=x.device)[:, None] * inv  # (S, H/2)
+        angle = (torch.arange(S, dtype=torch.float32, device=x.device)[:, None] * inv).to(x.dtype)  # (S, H/2)
         cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)  # (S, H)
         x1, x2 = x[..., : H // 2], x[..., H // 2 :]
         return x * cos + torch.cat([-x2, x1], -1) * sin
