@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from tensorglot import TransformerConfig, init_params
 from tensorglot_torch.bench import BuiltinTransformer
 from tensorglot_torch.nn import Transformer
