@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tensorglot_torch import encodings, ops
+from tensorglot_torch import encodings, layers, ops
 from tensorglot_torch.encodings import Rope
 
 F64 = torch.float64
@@ -238,3 +238,20 @@ def test_blocked_causal_attention_equals_one_block(s, t, monkeypatch):
     blocked = ops.attention(q, k, v, causal=True), *ops.attention_backward(q, k, v, dy, causal=True)
     for a, b in zip(blocked, whole, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_embedding_gradcheck():
+    tokens = torch.tensor([[1, 3, 1], [0, 3, 3]])  # repeated tokens: their gradients add up
+    gradcheck(lambda e: layers.Embedding.apply(tokens, e), randn(5, 4))
+
+
+def test_cross_entropy_gradcheck():
+    targets = torch.tensor([[1, 0, 4], [2, 2, 3]])
+    gradcheck(lambda z: layers.CrossEntropy.apply(z, targets), randn(2, 3, 5))
+
+
+def test_cross_entropy_is_the_mean_negative_log_likelihood():
+    z = randn(2, 3, 5).detach()
+    targets = torch.tensor([[1, 0, 4], [2, 2, 3]])
+    want = torch.nn.functional.cross_entropy(z.reshape(6, 5), targets.reshape(6))
+    torch.testing.assert_close(layers.CrossEntropy.apply(z, targets), want)
