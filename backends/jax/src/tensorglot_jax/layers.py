@@ -1,0 +1,1 @@
+"""JAX layers: see the spec, `tensorglot.layers` (filled when the layers spec lands)."""
