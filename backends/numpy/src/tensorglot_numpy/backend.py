@@ -8,7 +8,7 @@ import numpy as np
 
 from . import encodings, layers, ops, parallel
 
-CAPABILITIES = frozenset({"float64", "float16"})
+CAPABILITIES = frozenset({"float64", "float16", "layers"})
 
 _DTYPES = {
     "float64": np.float64,
@@ -32,7 +32,9 @@ class NumpyBackend:
         if dtype is None:
             return np.asarray(x)
         if dtype not in _DTYPES:
-            raise TypeError(f"asarray: the numpy backend has no dtype {dtype!r} (it has {', '.join(_DTYPES)})")
+            raise TypeError(
+                f"asarray: the numpy backend has no dtype {dtype!r} (it has {', '.join(_DTYPES)})"
+            )
         return np.asarray(x, dtype=_DTYPES[dtype])
 
     def to_numpy(self, x: Any, /) -> np.ndarray:
