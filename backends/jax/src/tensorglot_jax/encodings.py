@@ -99,9 +99,7 @@ def rope(x, /, *, positions=None, theta=10000.0, style="interleaved", rotary_dim
     return _rope(x, cos, sin, style, r)
 
 
-def rope_backward(
-    dy, /, *, positions=None, theta=10000.0, style="interleaved", rotary_dim=None, scaling=None
-):
+def rope_backward(dy, /, *, positions=None, theta=10000.0, style="interleaved", rotary_dim=None, scaling=None):
     dy = as_float("rope_backward", "dy", dy)
     r, cos, sin = _tables("rope_backward", dy, positions, theta, style, rotary_dim, scaling)
     return _rope(dy, cos, -sin, style, r)
