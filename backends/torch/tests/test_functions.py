@@ -255,3 +255,15 @@ def test_cross_entropy_is_the_mean_negative_log_likelihood():
     targets = torch.tensor([[1, 0, 4], [2, 2, 3]])
     want = torch.nn.functional.cross_entropy(z.reshape(6, 5), targets.reshape(6))
     torch.testing.assert_close(layers.CrossEntropy.apply(z, targets), want)
+
+
+@pytest.mark.parametrize("B", [1, 2])
+def test_ops_leave_their_inputs_unchanged(B):
+    # with B = 1 a head-major reshape of q is a view of q: scaling it in place once changed the caller's q
+    inputs = [randn(B, 4, 2, 3).detach(), randn(B, 2, 1, 3, seed=1).detach(), randn(B, 2, 1, 3, seed=2).detach()]
+    dy = randn(B, 4, 2, 3, seed=3).detach()
+    before = [t.clone() for t in (*inputs, dy)]
+    ops.attention(*inputs, causal=True)
+    ops.attention_backward(*inputs, dy, causal=True)
+    for t, b in zip((*inputs, dy), before, strict=True):
+        assert torch.equal(t, b)

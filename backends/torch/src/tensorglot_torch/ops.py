@@ -375,7 +375,7 @@ def _attention(q, k, v, causal, mask, scale):
             x = x[:, :, None].expand(B, K, G, x.shape[2], H)  # (B, K, G, L, H), copied by the reshape
         return x.reshape(B * N, x.shape[-2], H)
 
-    qs, kh, vh = heads(q).mul_(scale), heads(k), heads(v)  # (B·N, S|T, H)
+    qs, kh, vh = heads(q).mul(scale).contiguous(), heads(k), heads(v)  # (B·N, S|T, H); heads may view q
     m = None if mask is None else mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))  # (B|1, N|1, S|1, T|1)
     ps, outs, bounds = [], [], _blocks(S, T, causal)
     for i0, i1, t1 in bounds:
