@@ -1,8 +1,10 @@
 """The torch backend's bench table (`tensorglot bench --backend torch`): ours against torch built-ins,
-forward + backward, timed in the same process (medians of >= 5 after warm-up)."""
+forward + backward, timed in the same process (medians of >= 5 after warm-up, ours and the baseline
+alternating run by run)."""
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -35,10 +37,33 @@ def _leaf(*shape: int, device: torch.device, seed: int, scale: float = 1.0) -> t
     return (torch.randn(*shape, generator=g) * scale).to(device).requires_grad_()
 
 
+def _interleaved(
+    ours: Callable[[], object],
+    base: Callable[[], object],
+    *,
+    repeats: int,
+    warmup: int,
+    sync: Callable[[], object] | None,
+) -> tuple[float, float]:
+    """Medians of ``repeats`` runs of each, alternating ours and the baseline run by run, so a change in
+    the machine's load while timing falls on both sides alike."""
+    for fn in (ours, base):
+        time_median(fn, repeats=1, warmup=warmup, sync=sync)
+    pairs = [
+        (time_median(ours, repeats=1, warmup=0, sync=sync), time_median(base, repeats=1, warmup=0, sync=sync))
+        for _ in range(repeats)
+    ]
+    return statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
+
+
 def _pair(name, ours, base, inputs_ours, inputs_base, dy, *, sizes, repeats, device, note="") -> Row:
-    sync = _sync(device)
-    t_ours = time_median(_fwd_bwd(ours, inputs_ours, dy), repeats=repeats, warmup=2, sync=sync)
-    t_base = time_median(_fwd_bwd(base, inputs_base, dy), repeats=repeats, warmup=2, sync=sync)
+    t_ours, t_base = _interleaved(
+        _fwd_bwd(ours, inputs_ours, dy),
+        _fwd_bwd(base, inputs_base, dy),
+        repeats=repeats,
+        warmup=2,
+        sync=_sync(device),
+    )
     return ratio_row(name, t_ours, t_base, limit=OP_LIMIT, sizes=sizes, note=note)
 
 
@@ -226,9 +251,7 @@ def training_row(*, quick: bool, device: torch.device) -> Row:
         F.cross_entropy(theirs(tokens).flatten(0, 1), targets.flatten()).backward()
         opt_theirs.step()
 
-    sync, repeats = _sync(device), 5 if quick else 7
-    t_ours = time_median(step_ours, repeats=repeats, warmup=2, sync=sync)
-    t_theirs = time_median(step_theirs, repeats=repeats, warmup=2, sync=sync)
+    t_ours, t_theirs = _interleaved(step_ours, step_theirs, repeats=5 if quick else 7, warmup=2, sync=_sync(device))
     sizes = {"B": B, "S": S, "D": c.d_model, "layers": c.n_layers, "N": c.n_heads, "K": c.n_kv_heads}
     return ratio_row(
         "train step (AdamW) vs built-in transformer",
@@ -273,8 +296,7 @@ def generation_row(*, quick: bool, device: torch.device) -> Row:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        t_cached = time_median(run("contiguous"), repeats=5, warmup=1, sync=sync)
-        t_full = time_median(run(None), repeats=5, warmup=0, sync=sync)
+        t_cached, t_full = _interleaved(run("contiguous"), run(None), repeats=5, warmup=0, sync=sync)
     finally:
         torch.set_num_threads(threads)
     same = bool(torch.equal(outs["contiguous"], outs[None]))
