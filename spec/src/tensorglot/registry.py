@@ -159,9 +159,7 @@ class Registry:
                     None,
                 )
                 return
-            self._infos[name] = BackendInfo(
-                name, loader, frozenset(capabilities), framework, label, dist, version
-            )
+            self._infos[name] = BackendInfo(name, loader, frozenset(capabilities), framework, label, dist, version)
 
         def register_command(
             name: str, help: str, configure: Callable[[Any], None], run: Callable[[Any], int | None]

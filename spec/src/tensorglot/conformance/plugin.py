@@ -64,9 +64,16 @@ def pytest_configure(config: pytest.Config) -> None:
         from hypothesis import HealthCheck, settings
     except ImportError:  # the suite's extra is not installed: its tests will say so when collected
         return
-    common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.differing_executors])
-    settings.register_profile("tensorglot-ci", derandomize=True, max_examples=25, print_blob=True, **common)
-    settings.register_profile("tensorglot-dev", max_examples=50, **common)
+    suppress = [HealthCheck.too_slow, HealthCheck.differing_executors]
+    settings.register_profile(
+        "tensorglot-ci",
+        derandomize=True,
+        max_examples=25,
+        print_blob=True,
+        deadline=None,
+        suppress_health_check=suppress,
+    )
+    settings.register_profile("tensorglot-dev", max_examples=50, deadline=None, suppress_health_check=suppress)
     if not config.getoption("hypothesis_profile", None):
         settings.load_profile("tensorglot-ci" if os.environ.get("CI") else "tensorglot-dev")
 
