@@ -117,9 +117,7 @@ def pipeline_bubble(stages: int, microbatches: int, /) -> float:
     0.42857142857142855
     """
     if stages < 1 or microbatches < 1:
-        raise ValueError(
-            f"pipeline_bubble: stages and microbatches must be >= 1, got {stages}, {microbatches}"
-        )
+        raise ValueError(f"pipeline_bubble: stages and microbatches must be >= 1, got {stages}, {microbatches}")
     return (stages - 1) / (microbatches + stages - 1)
 
 

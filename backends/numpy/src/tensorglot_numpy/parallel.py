@@ -39,7 +39,7 @@ class Mesh:
     def all_reduce(self, xs: Shards, tensor: str, groups: list[list[int]] | None = None) -> Shards:
         out = list(xs)
         for g in self._groups(groups):
-            total = sum(xs[r] for r in g)
+            total = np.sum([xs[r] for r in g], axis=0)
             self._record("all_reduce", tensor, total, g)
             for r in g:
                 out[r] = total.astype(xs[r].dtype)
@@ -51,7 +51,7 @@ class Mesh:
         return [full] * self.n
 
     def reduce_scatter(self, xs: Shards, tensor: str) -> Shards:
-        total = sum(xs).astype(xs[0].dtype)
+        total = np.sum(xs, axis=0).astype(xs[0].dtype)
         self._record("reduce_scatter", tensor, total, list(range(self.n)))
         return np.split(total, self.n, axis=0)
 
@@ -63,9 +63,7 @@ class Mesh:
 # The layer, forward and backward: every strategy runs these on its shards.
 
 
-def layer_forward(
-    x: np.ndarray, w_in: np.ndarray, w_out: np.ndarray
-) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+def layer_forward(x: np.ndarray, w_in: np.ndarray, w_out: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
     pre = x @ w_in  # (B, F)
     h = np.maximum(pre, 0)
     return h @ w_out, (x, pre, h)
@@ -124,35 +122,27 @@ def step(
     timeout: float = 120.0,
 ) -> StepResult:
     ps, x, dy, shape = _prepare("step", params, x, dy)
-    spec.check_step(
-        strategy, shape, world_size, microbatches=microbatches, tp_size=tp_size, schedule=schedule
-    )
+    spec.check_step(strategy, shape, world_size, microbatches=microbatches, tp_size=tp_size, schedule=schedule)
     mesh = Mesh(world_size)
     start = time.perf_counter()
     if strategy == "pp":
         out = _pp(mesh, ps, x, dy, shape, lr, microbatches, schedule)
     elif strategy == "dp_tp":
-        out = _dp_tp(
-            mesh, ps, x, dy, shape, lr, spec.default_tp_size(world_size) if tp_size is None else tp_size
-        )
+        out = _dp_tp(mesh, ps, x, dy, shape, lr, spec.default_tp_size(world_size) if tp_size is None else tp_size)
     else:
         out = {"dp": _dp, "tp": _tp, "fsdp": _fsdp}[strategy](mesh, ps, x, dy, shape, lr)
     seconds = time.perf_counter() - start
     y, dx, grads, new, param_bytes = out
     by_rank = tuple(sum(c.bytes_per_device for c in log) for log in mesh.log)
     busiest = max(range(world_size), key=lambda r: by_rank[r])
-    return StepResult(
-        strategy, world_size, y, dx, grads, new, tuple(mesh.log[busiest]), by_rank, param_bytes, seconds
-    )
+    return StepResult(strategy, world_size, y, dx, grads, new, tuple(mesh.log[busiest]), by_rank, param_bytes, seconds)
 
 
 def _names(l: int) -> tuple[str, str]:
     return f"layers.{l}.w_in", f"layers.{l}.w_out"
 
 
-def _dp(
-    mesh: Mesh, ps: dict[str, np.ndarray], x: np.ndarray, dy: np.ndarray, shape: spec.MLPShape, lr: float
-):
+def _dp(mesh: Mesh, ps: dict[str, np.ndarray], x: np.ndarray, dy: np.ndarray, shape: spec.MLPShape, lr: float):
     n, L = mesh.n, shape.layers
     hs, dys = np.split(x, n), np.split(dy, n)  # (B/n, D) on each rank
     saved: list[list[tuple[np.ndarray, ...]]] = [[] for _ in range(n)]
@@ -175,9 +165,7 @@ def _dp(
     return np.concatenate(hs), np.concatenate(dys), grads, new, shape.param_bytes
 
 
-def _tp(
-    mesh: Mesh, ps: dict[str, np.ndarray], x: np.ndarray, dy: np.ndarray, shape: spec.MLPShape, lr: float
-):
+def _tp(mesh: Mesh, ps: dict[str, np.ndarray], x: np.ndarray, dy: np.ndarray, shape: spec.MLPShape, lr: float):
     n, L = mesh.n, shape.layers
     # rank r holds columns r of w_in (D, F/n) and rows r of w_out (F/n, D)
     w_in = [np.split(ps[f"layers.{l}.w_in"], n, axis=1) for l in range(L)]
@@ -211,9 +199,7 @@ def _tp(
     return hs[0], dys[0], grads, new, sum(w_in[l][0].nbytes + w_out[l][0].nbytes for l in range(L))
 
 
-def _fsdp(
-    mesh: Mesh, ps: dict[str, np.ndarray], x: np.ndarray, dy: np.ndarray, shape: spec.MLPShape, lr: float
-):
+def _fsdp(mesh: Mesh, ps: dict[str, np.ndarray], x: np.ndarray, dy: np.ndarray, shape: spec.MLPShape, lr: float):
     n, L = mesh.n, shape.layers
     shard = {k: np.split(v, n, axis=0) for k, v in ps.items()}  # each rank keeps 1/n of every parameter
     hs, dys = np.split(x, n), np.split(dy, n)
