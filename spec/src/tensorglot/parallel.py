@@ -45,6 +45,10 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 STRATEGIES = ("dp", "tp", "fsdp", "pp", "dp_tp")
+#: The capabilities a strategy needs (dp_tp is dp and tp on a 2-D mesh).
+STRATEGY_CAPABILITIES = {"dp": ("dp",), "tp": ("tp",), "fsdp": ("fsdp",), "pp": ("pp",), "dp_tp": ("dp", "tp")}
+#: The functions of a backend's ``parallel`` namespace (their signatures are `Parallel`'s).
+NAMES = ("step", "single_step", "max_world_size")
 SCHEDULES = ("gpipe", "1f1b")
 ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -526,4 +530,8 @@ class Parallel(Protocol):
 
     def single_step(self, params: Mapping[str, Any], x: Any, dy: Any, /, *, lr: float = 0.1) -> StepResult:
         """The same step on one device, no collectives: what every strategy must equal."""
+        ...
+
+    def max_world_size(self) -> int | None:
+        """The most devices a step can use here (JAX: its device count), None when processes are the limit."""
         ...

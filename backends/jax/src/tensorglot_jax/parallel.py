@@ -428,6 +428,10 @@ def _single(ps, x, dy, *, lr):
     return y, g, grads, {k: _sgd(v, grads[k], lr) for k, v in ps.items()}
 
 
+def max_world_size() -> int | None:
+    return len(jax.devices())
+
+
 def single_step(params: Mapping[str, Any], x: Any, dy: Any, /, *, lr: float = 0.1) -> StepResult:
     ps, x, dy, dtype = _prepare("single_step", params, x, dy)
     shape = spec.mlp_shape("single_step", ps, x, dy, dtype)

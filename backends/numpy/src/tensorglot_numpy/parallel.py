@@ -89,6 +89,10 @@ def _sgd(w: np.ndarray, g: np.ndarray, lr: float) -> np.ndarray:
     return (w - lr * g).astype(w.dtype)
 
 
+def max_world_size() -> int | None:
+    return None
+
+
 def single_step(params: Mapping[str, Any], x: Any, dy: Any, /, *, lr: float = 0.1) -> StepResult:
     ps, x, dy, shape = _prepare("single_step", params, x, dy)
     start = time.perf_counter()

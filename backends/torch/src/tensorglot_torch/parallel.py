@@ -386,15 +386,13 @@ class _Pool:
             p.join(timeout=5)
 
 
-_POOL: _Pool | None = None
+_POOLS: dict[int, _Pool] = {}  # by world size
 
 
 def shutdown() -> None:
     """Stop the ranks kept for the next step (also at exit)."""
-    global _POOL
-    if _POOL is not None:
-        _POOL.close()
-        _POOL = None
+    while _POOLS:
+        _POOLS.popitem()[1].close()
 
 
 atexit.register(shutdown)
@@ -402,18 +400,14 @@ atexit.register(shutdown)
 
 def launch(n: int, cfg: dict[str, Any], arrays: dict[str, np.ndarray], *, timeout: float) -> list[dict[str, Any]]:
     """Run one step on n ranks; the first rank to fail, or the timeout, kills them all and raises."""
-    global _POOL
-    if _POOL is not None and _POOL.n != n:
-        shutdown()
-    if _POOL is None:
-        _POOL = _Pool(n, timeout)
+    if n not in _POOLS:
+        _POOLS[n] = _Pool(n, timeout)
     fail = os.environ.get(FAIL_RANK_ENV)
     cfg = {**cfg, "fail_rank": int(fail) if fail else None}
     try:
-        return _POOL.run(cfg, arrays, timeout)
+        return _POOLS[n].run(cfg, arrays, timeout)
     except BaseException:
-        _POOL.close(kill=True)
-        _POOL = None
+        _POOLS.pop(n).close(kill=True)
         raise
 
 
@@ -507,6 +501,10 @@ def _result(strategy: str, n: int, t: int, ranks: list[dict[str, Any]]) -> StepR
         max(r["param_bytes"] for r in ranks),
         max(r["seconds"] for r in ranks),
     )
+
+
+def max_world_size() -> int | None:
+    return None  # processes: NCCL when every rank has a GPU, gloo otherwise
 
 
 def single_step(params: Mapping[str, Any], x: Any, dy: Any, /, *, lr: float = 0.1) -> StepResult:
