@@ -29,9 +29,15 @@ class XfailEntry:
     line: int
     used: bool = False
 
+    @property
+    def glob(self) -> str:
+        """Only ``*`` and ``?`` are wildcards: the brackets of parametrised ids are literal."""
+        return self.pattern.replace("[", "[[]")
+
 
 def parse_xfails(text: str, source: str) -> list[XfailEntry]:
-    """One entry a line: a test-id glob, then ``#`` and the reason (required)."""
+    """One entry a line: a test id (``*`` and ``?`` as wildcards, relative to the suite, e.g.
+    ``test_ops.py::test_forward_matches_reference[float16-attention-*]``), then ``#`` and the reason."""
     entries = []
     for number, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
@@ -116,7 +122,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             continue
         test_id = item.nodeid.split("conformance/")[-1]
         for entry in entries:
-            if fnmatch.fnmatchcase(test_id, entry.pattern):
+            if fnmatch.fnmatchcase(test_id, entry.glob):
                 entry.used = True
                 item.add_marker(pytest.mark.xfail(reason=f"{source.name}:{entry.line}: {entry.reason}", strict=False))
                 break
