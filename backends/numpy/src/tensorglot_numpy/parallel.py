@@ -337,7 +337,7 @@ def parallel_rows(quick: bool = False) -> Iterable[Any]:
 
     n = 2
     shape = spec.MLPShape(
-        layers=4, batch=64 if quick else 256, d_model=128 if quick else 512, d_ff=512 if quick else 2048
+        layers=4, batch=32 if quick else 256, d_model=64 if quick else 512, d_ff=256 if quick else 2048
     )
     params, x, dy = spec.init_mlp(shape)
     params = {k: v.astype(np.float32) for k, v in params.items()}

@@ -30,7 +30,9 @@ from tensorglot import parallel as spec
 from tensorglot.parallel import Collective, StepResult
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-FAIL_RANK_ENV = "TENSORGLOT_PARALLEL_FAIL_RANK"  # fault injection for the tests: that rank raises mid-step
+# Fault injection for the tests, in tp and dp_tp backward (the other ranks wait in an all-reduce):
+# "R" makes rank R raise, "R:hang" makes it stop answering.
+FAIL_RANK_ENV = "TENSORGLOT_PARALLEL_FAIL_RANK"
 
 
 class _Comm:
@@ -163,7 +165,9 @@ def _rank_step(rank: int, n: int, cfg: dict[str, Any], arrays: dict[str, np.ndar
             h = comm.all_reduce(part, f"layers.{l} output", tp_group, t)
         g, gs = dy, {}
         for l in reversed(range(L)):
-            if fail == rank:
+            if fail is not None and fail[0] == rank:
+                if fail[1] == "hang":
+                    time.sleep(3600)
                 raise RuntimeError(f"injected failure on rank {rank} ({FAIL_RANK_ENV})")
             part, gs[_names(l)[0]], gs[_names(l)[1]] = _layer_backward(saved[l], *ws[l], g, dt)
             g = comm.all_reduce(part, f"layers.{l} input grad", tp_group, t)
@@ -403,7 +407,8 @@ def launch(n: int, cfg: dict[str, Any], arrays: dict[str, np.ndarray], *, timeou
     if n not in _POOLS:
         _POOLS[n] = _Pool(n, timeout)
     fail = os.environ.get(FAIL_RANK_ENV)
-    cfg = {**cfg, "fail_rank": int(fail) if fail else None}
+    rank, _, mode = (fail or "").partition(":")
+    cfg = {**cfg, "fail_rank": (int(rank), mode) if fail else None}
     try:
         return _POOLS[n].run(cfg, arrays, timeout)
     except BaseException:
@@ -544,7 +549,7 @@ def parallel_rows(quick: bool = False) -> Iterable[Any]:
 
     n = 2
     shape = spec.MLPShape(
-        layers=4, batch=64 if quick else 256, d_model=128 if quick else 512, d_ff=512 if quick else 2048
+        layers=4, batch=32 if quick else 256, d_model=64 if quick else 512, d_ff=256 if quick else 2048
     )
     params, x, dy = spec.init_mlp(shape)
     params = {k: v.astype(np.float32) for k, v in params.items()}
