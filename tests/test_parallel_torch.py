@@ -89,8 +89,22 @@ def _python_env() -> dict[str, str]:
 
 @pytest.mark.timeout(240)
 def test_runs_unchanged_under_torchrun():
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "tensorglot_torch.parallel", "--strategy", "fsdp", "--layers", "2", "--batch", "8"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "tensorglot_torch.parallel",
+        "--strategy",
+        "fsdp",
+        "--layers",
+        "2",
+        "--batch",
+        "8",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=200, env=_python_env(), check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     row = json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
@@ -101,8 +115,21 @@ def test_runs_unchanged_under_torchrun():
 
 @pytest.mark.timeout(240)
 def test_module_launches_its_own_ranks_without_torchrun():
-    cmd = [sys.executable, "-m", "tensorglot_torch.parallel", "--strategy", "pp", "--world-size", "2",
-           "--layers", "2", "--batch", "8", "--microbatches", "4"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tensorglot_torch.parallel",
+        "--strategy",
+        "pp",
+        "--world-size",
+        "2",
+        "--layers",
+        "2",
+        "--batch",
+        "8",
+        "--microbatches",
+        "4",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=200, env=_python_env(), check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     row = json.loads(out.stdout.strip().splitlines()[-1])
