@@ -348,7 +348,7 @@ def parallel_rows(quick: bool = False) -> Iterable[Any]:
     for strategy in spec.STRATEGIES:
         kw: dict[str, Any] = {"microbatches": 4} if strategy == "pp" else {}
         ours = time_median(
-            lambda s=strategy, kw=kw: step(params, x, dy, strategy=s, world_size=n, **kw),  # type: ignore[misc]
+            lambda s=strategy, kw=kw: step(params, x, dy, strategy=s, world_size=n, **kw),
             repeats=repeats,
         )
         nbytes = spec.step_cost(strategy, shape, n, **kw).bytes_per_device
