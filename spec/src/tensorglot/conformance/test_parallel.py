@@ -19,7 +19,7 @@ from ._harness import TOLERANCES, assert_close
 WORLD_SIZES = (2, 4)
 SHAPE = spec.MLPShape(layers=4, batch=16, d_model=8, d_ff=16)
 # (strategy, options): pp under both schedules, dp_tp on the (n/2, 2) mesh.
-RUNS = [
+RUNS: list[tuple[str, dict[str, Any]]] = [
     ("dp", {}),
     ("tp", {}),
     ("fsdp", {}),
