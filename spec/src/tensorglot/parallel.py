@@ -37,7 +37,8 @@ the shards into full arrays happens outside the step and is not counted.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+import statistics
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Protocol, runtime_checkable
@@ -535,3 +536,10 @@ class Parallel(Protocol):
     def max_world_size(self) -> int | None:
         """The most devices a step can use here (JAX: its device count), None when processes are the limit."""
         ...
+
+
+def median_seconds(run: Callable[[], StepResult], /, *, repeats: int = 5, warmup: int = 1) -> float:
+    """The median of ``run().seconds`` (the step's own time, no launch, no conversion) after ``warmup`` runs."""
+    for _ in range(warmup):
+        run()
+    return statistics.median(run().seconds for _ in range(repeats))

@@ -333,7 +333,7 @@ def _dp_tp(
 
 def parallel_rows(quick: bool = False) -> Iterable[Any]:
     """Bench rows: time per step of each strategy (simulated mesh) vs one device, and bytes per device."""
-    from tensorglot.bench import Row, time_median
+    from tensorglot.bench import Row
 
     n = 2
     shape = spec.MLPShape(
@@ -342,15 +342,11 @@ def parallel_rows(quick: bool = False) -> Iterable[Any]:
     params, x, dy = spec.init_mlp(shape)
     params = {k: v.astype(np.float32) for k, v in params.items()}
     x, dy = x.astype(np.float32), dy.astype(np.float32)
-    repeats = 5
-    base = time_median(lambda: single_step(params, x, dy), repeats=repeats)
+    base = spec.median_seconds(lambda: single_step(params, x, dy))
     sizes = {"n": n, "L": shape.layers, "B": shape.batch, "D": shape.d_model, "F": shape.d_ff}
     for strategy in spec.STRATEGIES:
         kw: dict[str, Any] = {"microbatches": 4} if strategy == "pp" else {}
-        ours = time_median(
-            lambda s=strategy, kw=kw: step(params, x, dy, strategy=s, world_size=n, **kw),
-            repeats=repeats,
-        )
+        ours = spec.median_seconds(lambda s=strategy, kw=kw: step(params, x, dy, strategy=s, world_size=n, **kw))
         nbytes = spec.step_cost(strategy, shape, n, **kw).bytes_per_device
         yield Row(
             f"parallel.{strategy}.step_vs_one_device",

@@ -545,7 +545,7 @@ def single_step(params: Mapping[str, Any], x: Any, dy: Any, /, *, lr: float = 0.
 
 def parallel_rows(quick: bool = False) -> Iterable[Any]:
     """Bench rows: time per step per strategy on real processes vs one process, and bytes per device."""
-    from tensorglot.bench import Row, time_median
+    from tensorglot.bench import Row
 
     n = 2
     shape = spec.MLPShape(
@@ -554,7 +554,7 @@ def parallel_rows(quick: bool = False) -> Iterable[Any]:
     params, x, dy = spec.init_mlp(shape)
     params = {k: v.astype(np.float32) for k, v in params.items()}
     x, dy = x.astype(np.float32), dy.astype(np.float32)
-    base = time_median(lambda: single_step(params, x, dy), repeats=5)
+    base = spec.median_seconds(lambda: single_step(params, x, dy))
     sizes = {"n": n, "L": shape.layers, "B": shape.batch, "D": shape.d_model, "F": shape.d_ff}
     for strategy in spec.STRATEGIES:
         kw: dict[str, Any] = {"microbatches": 4} if strategy == "pp" else {}
