@@ -33,6 +33,16 @@ TIMEOUT = 300  # seconds per test: the first step on n processes pays for starti
 _RESULTS: dict[tuple[Any, ...], Any] = {}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _release_ranks(backend):
+    """A backend may keep its ranks between steps (``parallel.shutdown()`` releases them): free them after."""
+    yield
+    _RESULTS.clear()
+    shutdown = getattr(backend.parallel, "shutdown", None)
+    if shutdown is not None:
+        shutdown()
+
+
 def _need(backend: Any, strategy: str, n: int) -> None:
     missing = [c for c in spec.STRATEGY_CAPABILITIES[strategy] if c not in backend.capabilities]
     if missing:
