@@ -194,12 +194,13 @@ def _forward(tokens, params, config, positions, cache, tape=None):
 def transformer(tokens, params, config, /, *, cache=None, positions=None):
     fn = "transformer"
     _check_model(fn, params, config)
+    tokens = as_int(fn, "tokens", tokens)
+    checks.check_rank(fn, "tokens", tokens.shape, "(B, S)")
+    start = 0
     if cache is not None:
-        _check_cache(fn, cache, np.shape(tokens)[0] if np.ndim(tokens) else 0, config)
-        start = int(cache.lengths().max())
-        tokens = _tokens(fn, "tokens", tokens, config, start)
-    else:
-        tokens = _tokens(fn, "tokens", tokens, config)
+        _check_cache(fn, cache, tokens.shape[0], config)
+        start = int(cache.lengths().max())  # the longest sequence's new tokens must fit max_seq_len
+    tokens = _tokens(fn, "tokens", tokens, config, start)
     B, S = tokens.shape
     positions = _step_positions(fn, positions, cache, B, S, config)
     if cache is None:
