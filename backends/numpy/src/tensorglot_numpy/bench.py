@@ -7,6 +7,7 @@ rows with targets are ratios against baselines timed in the same run.
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -66,14 +67,29 @@ def op_rows(*, quick: bool) -> Iterable[Row]:
         yield Row(f"{name} forward+backward", t, "s", sizes=dict(sizes, dtype="float32"))
 
 
+def interleaved_medians(a: Callable[[], Any], b: Callable[[], Any], *, repeats: int = 5) -> tuple[float, float]:
+    """Median times of ``a`` and ``b`` run alternately after a warm-up of each, so that a busy machine
+    slows both alike (a ratio of two medians taken minutes apart measures the neighbours' load)."""
+    a(), b()
+    ta: list[float] = []
+    tb: list[float] = []
+    for _ in range(repeats):
+        for f, times in ((a, ta), (b, tb)):
+            start = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - start)
+    return statistics.median(ta), statistics.median(tb)
+
+
 def mlp_flops_row(*, quick: bool) -> Row:
     B, D, F = (256, 256, 1024) if quick else (2048, 1024, 4096)
     rng = np.random.default_rng(1)
     x, dy = rng.standard_normal((B, D), dtype=np.float32), rng.standard_normal((B, D), dtype=np.float32)
     w_in = rng.standard_normal((D, F), dtype=np.float32) * D**-0.5
     w_out = rng.standard_normal((F, D), dtype=np.float32) * F**-0.5
-    t_matmul = time_median(lambda: x @ w_in, repeats=5)
-    t_mlp = time_median(lambda: (ops.mlp(x, w_in, w_out), ops.mlp_backward(x, w_in, w_out, dy)), repeats=5)
+    t_matmul, t_mlp = interleaved_medians(
+        lambda: x @ w_in, lambda: (ops.mlp(x, w_in, w_out), ops.mlp_backward(x, w_in, w_out, dy))
+    )
     ours, base = 12 * B * D * F / t_mlp, 2 * B * D * F / t_matmul  # forward 2 matmuls, backward 4
     ratio = ours / base
     target = None if quick else ">= 0.7"  # the target is for the stated size; --quick is a smoke test
