@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from . import checks as checks  # light (numpy only); importing it here lets type checkers see it
 from .backend import Backend as Backend
 from .params import TransformerConfig as TransformerConfig
 from .params import init_params as init_params
