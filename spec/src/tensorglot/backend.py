@@ -34,12 +34,18 @@ DTYPES = ("float64", "float32", "float16", "bfloat16")
 class Backend(Protocol):
     """An implementation of the spec for one array library."""
 
-    name: str
-    capabilities: frozenset[str]
-    ops: Any
-    encodings: Any
-    layers: Any
-    parallel: Any
+    @property
+    def name(self) -> str: ...
+    @property
+    def capabilities(self) -> frozenset[str]: ...
+    @property
+    def ops(self) -> Any: ...
+    @property
+    def encodings(self) -> Any: ...
+    @property
+    def layers(self) -> Any: ...
+    @property
+    def parallel(self) -> Any: ...
 
     def asarray(self, x: Any, /, dtype: str | None = None) -> Any:
         """Convert a NumPy array (or nested list) to this backend's array, optionally casting.

@@ -36,7 +36,9 @@ class Row:
     note: str = ""
 
 
-def time_median(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1, sync: Callable[[], Any] | None = None) -> float:
+def time_median(
+    fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1, sync: Callable[[], Any] | None = None
+) -> float:
     """Median wall time of ``fn()`` in seconds over ``repeats`` runs after ``warmup`` runs."""
     for _ in range(warmup):
         fn()
@@ -111,8 +113,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         from tqdm import tqdm
 
-        progress: Iterable[Row] = tqdm(run_rows(backend, quick=args.quick), desc=f"bench {backend.name}", unit="row",
-                                       file=sys.stderr)
+        progress: Iterable[Row] = tqdm(
+            run_rows(backend, quick=args.quick), desc=f"bench {backend.name}", unit="row", file=sys.stderr
+        )
     except ImportError:
         progress = run_rows(backend, quick=args.quick)
     rows.extend(progress)

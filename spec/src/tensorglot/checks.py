@@ -7,8 +7,11 @@ the argument, what it got and what it wanted.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+import numpy as np
 
 FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
 INT_DTYPES = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
@@ -20,7 +23,7 @@ Shape = tuple[int, ...]
 
 
 def _fmt(shape: Sequence[int]) -> str:
-    return "(" + ", ".join(str(int(s)) for s in shape) + ")"
+    return str(tuple(int(s) for s in shape))
 
 
 def bad_shape(fn: str, arg: str, got: Sequence[int], wanted: str) -> ValueError:
@@ -79,11 +82,12 @@ def check_choice(fn: str, arg: str, value: Any, choices: Sequence[str]) -> None:
 
 
 def check_positive_int(fn: str, arg: str, value: Any, *, allow_zero: bool = False) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | _np_integer()):
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
         raise TypeError(f"{fn}: {arg} must be an int, got {type(value).__name__}")
+    value = operator.index(value)
     if value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"{fn}: {arg} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
-    return int(value)
+    return value
 
 
 def check_positive_float(fn: str, arg: str, value: Any) -> float:
@@ -92,12 +96,6 @@ def check_positive_float(fn: str, arg: str, value: Any) -> float:
     if not value > 0:
         raise ValueError(f"{fn}: {arg} must be > 0, got {value}")
     return float(value)
-
-
-def _np_integer() -> type:
-    import numpy as np
-
-    return np.integer
 
 
 # -- per-op checks: each returns the sizes the op needs --------------------------------------------

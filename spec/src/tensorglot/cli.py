@@ -20,8 +20,14 @@ def _builtins() -> dict[str, tuple[str, object]]:
     from . import bench, cli_backends
 
     return {
-        "backends": ("list the installed backends, their versions, capabilities and load errors", cli_backends),
-        "bench": ("run a backend's benchmark table (ratios against built-ins measured in the same run)", bench),
+        "backends": (
+            "list the installed backends, their versions, capabilities and load errors",
+            cli_backends,
+        ),
+        "bench": (
+            "run a backend's benchmark table (ratios against built-ins measured in the same run)",
+            bench,
+        ),
     }
 
 

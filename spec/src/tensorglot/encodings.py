@@ -193,12 +193,13 @@ def frequency_table(dim: int, /, *, theta: float = 10000.0, scaling: dict[str, A
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
         return np.where(medium, smoothed, scaled)
+
     # yarn: blend interpolation (θ/f) and extrapolation (θ) with a linear ramp over the pair index.
     def correction_dim(rotations: float) -> float:
         return (dim * math.log(orig / (rotations * 2 * math.pi))) / (2 * math.log(theta))
 
-    lo = max(math.floor(correction_dim(s["beta_fast"])), 0)
-    hi = min(math.ceil(correction_dim(s["beta_slow"])), dim - 1)
+    lo = float(max(math.floor(correction_dim(s["beta_fast"])), 0))
+    hi = float(min(math.ceil(correction_dim(s["beta_slow"])), dim - 1))
     if lo == hi:
         hi += 0.001  # avoid a division by zero, as HF does
     ramp = np.clip((np.arange(dim // 2, dtype=np.float64) - lo) / (hi - lo), 0.0, 1.0)

@@ -67,9 +67,7 @@ class Ops(Protocol):
         """
         ...
 
-    def linear_backward(
-        self, x: Array, w: Array, dy: Array, /, *, bias: bool
-    ) -> tuple[Array, Array, Array | None]:
+    def linear_backward(self, x: Array, w: Array, dy: Array, /, *, bias: bool) -> tuple[Array, Array, Array | None]:
         r"""``(dx, dw, db)`` = ``(dy @ wᵀ, xᵀ @ dy, sum(dy))``, summed over all leading axes; db is None
         unless ``bias``.
 
@@ -159,9 +157,7 @@ class Ops(Protocol):
         """
         ...
 
-    def rms_norm_backward(
-        self, x: Array, weight: Array, dy: Array, /, *, eps: float = 1e-6
-    ) -> tuple[Array, Array]:
+    def rms_norm_backward(self, x: Array, weight: Array, dy: Array, /, *, eps: float = 1e-6) -> tuple[Array, Array]:
         r"""``(dx, dweight)``: with r = rsqrt(mean(x²) + eps), n = x·r and g = dy·weight,
         ``dx = r · (g − n · mean(g·n))`` and ``dweight = sum(dy · n)`` over all leading axes.
 

@@ -74,6 +74,10 @@ class CommandInfo:
     plugin: str
 
 
+def _entry_name(label: str) -> str:
+    return label.split(" = ")[0]
+
+
 def _strict() -> bool:
     return os.environ.get("TENSORGLOT_STRICT", "") not in ("", "0", "false", "False")
 
@@ -151,17 +155,24 @@ class Registry:
                 raise ValueError(f"register: unknown capabilities {sorted(unknown)} for backend {name!r}")
             if name in self._infos:
                 held = self._infos[name]
-                self._record(
-                    label,
-                    dist,
-                    f"backend {name!r} is already registered by {held.plugin} ({held.distribution}); "
-                    "this registration is ignored",
-                    None,
-                )
-                return
-            self._infos[name] = BackendInfo(
-                name, loader, frozenset(capabilities), framework, label, dist, version
-            )
+                # The plugin whose entry point carries the backend's name owns it, whatever the load order.
+                if _entry_name(label) == name and _entry_name(held.plugin) != name:
+                    self._record(
+                        held.plugin,
+                        held.distribution,
+                        f"backend {name!r} belongs to {label} ({dist}); this registration is ignored",
+                        None,
+                    )
+                else:
+                    self._record(
+                        label,
+                        dist,
+                        f"backend {name!r} is already registered by {held.plugin} ({held.distribution}); "
+                        "this registration is ignored",
+                        None,
+                    )
+                    return
+            self._infos[name] = BackendInfo(name, loader, frozenset(capabilities), framework, label, dist, version)
 
         def register_command(
             name: str, help: str, configure: Callable[[Any], None], run: Callable[[Any], int | None]
@@ -236,7 +247,7 @@ class Registry:
     def _unknown_message(self, name: str, infos: dict[str, BackendInfo]) -> str:
         installed = ", ".join(sorted(infos)) or "none"
         msg = f"get_backend: unknown backend {name!r}; installed backends: {installed}."
-        failed = [e for e in self.errors if e.plugin.split(" = ")[0] == name]
+        failed = [e for e in self.errors if _entry_name(e.plugin) == name]
         if failed:
             msg += f" Plugin {failed[0].plugin} ({failed[0].distribution}) {failed[0].message}."
         elif name in KNOWN_PROVIDERS:

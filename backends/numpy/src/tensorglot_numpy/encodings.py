@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+
 from tensorglot import checks
 from tensorglot.encodings import frequency_table, yarn_attention_factor
 
@@ -41,7 +42,7 @@ def _rotate(fn, x, positions, theta, style, rotary_dim, scaling, sign):
     x = as_float(fn, "dy" if sign < 0 else "x", x)
     pos_shape = None if positions is None else np.shape(positions)
     r = checks.rope(fn, x.shape, pos_shape, style, rotary_dim)
-    B, S = x.shape[:2]
+    S = x.shape[1]
     if positions is None:
         positions = np.arange(S)
     positions = as_int(fn, "positions", positions)

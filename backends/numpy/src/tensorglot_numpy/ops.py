@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
 from tensorglot import checks
 
 from ._common import as_float, as_int, compute_dtype, flat2d, same_dtype
@@ -65,8 +66,7 @@ def linear_backward(x, w, dy, /, *, bias):
     dx = dyc @ wc.T  # (..., in)
     dw = flat2d(xc).T @ flat2d(dyc)  # (in, out)
     db = flat2d(dyc).sum(axis=0) if bias else None
-    cast = (lambda a: a.astype(dtype, copy=False))
-    return cast(dx), cast(dw), None if db is None else cast(db)
+    return dx.astype(dtype, copy=False), dw.astype(dtype, copy=False), None if db is None else db.astype(dtype)
 
 
 # -- activations -----------------------------------------------------------------------------------
@@ -255,7 +255,7 @@ def attention(q, k, v, /, *, causal=False, mask=None, scale=None):
 
 def attention_backward(q, k, v, dy, /, *, causal=False, mask=None, scale=None):
     fn = "attention_backward"
-    dtype, scale, qg, kh, vh, p, (B, S, T, N, K, G, H) = _attention_probs(fn, q, k, v, causal, mask, scale)
+    dtype, scale, qg, kh, vh, p, (B, S, _, N, K, G, H) = _attention_probs(fn, q, k, v, causal, mask, scale)
     dy = as_float(fn, "dy", dy)
     checks.check_same_shape(fn, "dy", dy.shape, (B, S, N, H), "q")
     dyg = dy.astype(qg.dtype, copy=False).reshape(B, S, K, G, H).transpose(0, 2, 3, 1, 4)  # (B, K, G, S, H)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from tensorglot.backend import Backend
 from tensorglot.hookspecs import hookimpl
 
 
-def _load():  # type: ignore[no-untyped-def]
+def _load() -> Backend:
     from .backend import NumpyBackend
 
     return NumpyBackend()

@@ -27,7 +27,11 @@ def assert_close(actual: Any, expected: Any, dtype: str, *, scale: float = 1.0, 
     expected = np.asarray(expected, dtype=np.float64)
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != expected {expected.shape}"
     np.testing.assert_allclose(
-        actual, expected, rtol=rtol * scale, atol=atol * scale, equal_nan=True,
+        actual,
+        expected,
+        rtol=rtol * scale,
+        atol=atol * scale,
+        equal_nan=True,
         err_msg=f"{what} ({dtype}, tolerance ×{scale})",
     )
 
@@ -74,8 +78,12 @@ class Harness:
 
 
 def central_differences(
-    f: Callable[[list[np.ndarray]], np.ndarray], inputs: list[np.ndarray], dy: np.ndarray, wrt: Sequence[int],
-    *, eps: float = 1e-6,
+    f: Callable[[list[np.ndarray]], np.ndarray],
+    inputs: list[np.ndarray],
+    dy: np.ndarray,
+    wrt: Sequence[int],
+    *,
+    eps: float = 1e-6,
 ) -> list[np.ndarray]:
     """d(sum(f(inputs) · dy)) / d inputs[i] for i in ``wrt``, by central differences in float64."""
     grads = []

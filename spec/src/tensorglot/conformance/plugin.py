@@ -29,9 +29,15 @@ class XfailEntry:
     line: int
     used: bool = False
 
+    @property
+    def glob(self) -> str:
+        """Only ``*`` and ``?`` are wildcards: the brackets of parametrised ids are literal."""
+        return self.pattern.replace("[", "[[]")
+
 
 def parse_xfails(text: str, source: str) -> list[XfailEntry]:
-    """One entry a line: a test-id glob, then ``#`` and the reason (required)."""
+    """One entry a line: a test id (``*`` and ``?`` as wildcards, relative to the suite, e.g.
+    ``test_ops.py::test_forward_matches_reference[float16-attention-*]``), then ``#`` and the reason."""
     entries = []
     for number, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
@@ -64,9 +70,16 @@ def pytest_configure(config: pytest.Config) -> None:
         from hypothesis import HealthCheck, settings
     except ImportError:  # the suite's extra is not installed: its tests will say so when collected
         return
-    common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.differing_executors])
-    settings.register_profile("tensorglot-ci", derandomize=True, max_examples=25, print_blob=True, **common)
-    settings.register_profile("tensorglot-dev", max_examples=50, **common)
+    suppress = [HealthCheck.too_slow, HealthCheck.differing_executors]
+    settings.register_profile(
+        "tensorglot-ci",
+        derandomize=True,
+        max_examples=25,
+        print_blob=True,
+        deadline=None,
+        suppress_health_check=suppress,
+    )
+    settings.register_profile("tensorglot-dev", max_examples=50, deadline=None, suppress_health_check=suppress)
     if not config.getoption("hypothesis_profile", None):
         settings.load_profile("tensorglot-ci" if os.environ.get("CI") else "tensorglot-dev")
 
@@ -109,7 +122,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             continue
         test_id = item.nodeid.split("conformance/")[-1]
         for entry in entries:
-            if fnmatch.fnmatchcase(test_id, entry.pattern):
+            if fnmatch.fnmatchcase(test_id, entry.glob):
                 entry.used = True
                 item.add_marker(pytest.mark.xfail(reason=f"{source.name}:{entry.line}: {entry.reason}", strict=False))
                 break

@@ -1,0 +1,109 @@
+"""Every session of the project. `nox -l` lists them; the README's commands are `nox -s plots` (figures)
+and `nox -s lint typecheck tests conformance` (tests).
+
+Each conformance environment holds only one backend plus the NumPy reference, so a stray import of
+another framework fails there. torch is pinned through constraints.txt to the 2.13.0 CPU wheel.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).parent
+nox.options.default_venv_backend = "virtualenv"
+nox.options.sessions = ["lint", "typecheck", "tests", "conformance"]
+
+ALL_BACKENDS = ["numpy", "torch", "jax"]
+BACKENDS = [b for b in ALL_BACKENDS if (ROOT / "backends" / b / "pyproject.toml").exists()]
+HAS_PLOTS = (ROOT / "plots" / "pyproject.toml").exists()
+CONSTRAINTS = ("-c", "constraints.txt")
+TEST_DEPS = ("pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100")
+
+
+def _packages(*backends: str, editable: bool = False) -> list[str]:
+    """The pip arguments that install the spec, the reference and the given backends."""
+    paths = ["./spec[conformance]", "./backends/numpy"] + [f"./backends/{b}" for b in backends if b != "numpy"]
+    if not editable:
+        return paths
+    return [arg for p in paths for arg in ("-e", p)]
+
+
+@nox.session
+@nox.parametrize("backend", BACKENDS, ids=BACKENDS)
+def conformance(session: nox.Session, backend: str) -> None:
+    """The conformance suite against one backend, in an environment with only that backend."""
+    session.install(*CONSTRAINTS, *_packages(backend))
+    xfails = ROOT / "backends" / backend / "conformance-xfails.txt"
+    session.run(
+        "pytest",
+        "--pyargs",
+        "tensorglot.conformance",
+        "--backend",
+        backend,
+        "--xfails",
+        str(xfails),
+        "-p",
+        "no:cacheprovider",
+        *session.posargs,
+    )
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Doctests of the spec, the cross-package tests, each backend's own tests, the plots' tests."""
+    extra = ["-e", "./plots"] if HAS_PLOTS else []
+    session.install(*CONSTRAINTS, *_packages(*BACKENDS, editable=True), *extra, *TEST_DEPS, "safetensors", "tqdm")
+    session.run(
+        "pytest",
+        "--doctest-modules",
+        "spec/src/tensorglot",
+        "--ignore=spec/src/tensorglot/conformance",
+        "-p",
+        "no:cacheprovider",
+    )
+    paths = ["tests"] + [f"backends/{b}/tests" for b in BACKENDS if (ROOT / "backends" / b / "tests").exists()]
+    if HAS_PLOTS:
+        paths.append("plots/tests")
+    session.run("pytest", *paths, "-p", "no:cacheprovider", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff check and ruff format --check over the whole tree."""
+    session.install("ruff")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy on the spec and every backend; frameworks are not installed here, so their types are Any."""
+    session.install("mypy", "numpy", "pluggy", *TEST_DEPS)
+    dirs = ["spec"] + [f"backends/{b}" for b in BACKENDS] + (["plots"] if HAS_PLOTS else [])
+    session.install("--no-deps", *[arg for d in dirs for arg in ("-e", f"./{d}")])
+    session.run("mypy", *[f"{d}/src" for d in dirs])
+
+
+@nox.session
+@nox.parametrize("backend", BACKENDS, ids=BACKENDS)
+def plots(session: nox.Session, backend: str) -> None:
+    """Regenerate every figure with one backend into plots/out/<backend>/ (numpy also into docs/images/)."""
+    if not HAS_PLOTS:
+        session.log("no plots package is installed yet (tensorglot-plots): nothing to draw")
+        return
+    session.install(*CONSTRAINTS, *_packages(backend), "./plots")
+    session.run("tensorglot", "plots", "--backend", backend, "--out", f"plots/out/{backend}")
+    if backend == "numpy":
+        session.run("tensorglot", "plots", "--backend", backend, "--out", "docs/images")
+
+
+@nox.session
+@nox.parametrize("backend", BACKENDS, ids=BACKENDS)
+def bench(session: nox.Session, backend: str) -> None:
+    """The benchmark table of one backend (ratios against built-ins measured in the same run)."""
+    session.install(*CONSTRAINTS, *_packages(backend), "tqdm", "safetensors")
+    out = ROOT / "bench-results"
+    out.mkdir(exist_ok=True)
+    session.run("tensorglot", "bench", "--backend", backend, "--json", str(out / f"{backend}.json"), *session.posargs)
