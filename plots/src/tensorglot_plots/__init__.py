@@ -47,9 +47,7 @@ def figure(name: str) -> ModuleType:
 def require_capability(backend: Any, capability: str, figure_name: str) -> None:
     """Raise `FigureSkipped` naming ``capability`` when ``backend`` does not declare it."""
     if capability not in backend.capabilities:
-        raise FigureSkipped(
-            f"{figure_name}: backend {backend.name!r} lacks the capability {capability!r}"
-        )
+        raise FigureSkipped(f"{figure_name}: backend {backend.name!r} lacks the capability {capability!r}")
 
 
 def render(name: str, backend: Any, out_dir: str | Path) -> tuple[Path, float]:

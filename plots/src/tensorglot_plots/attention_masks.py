@@ -77,6 +77,7 @@ def draw(d: dict[str, Any]) -> Any:
         ax_g.set_title(f"GQA: N = {n} → K = {k} heads")
         ax_g.set_xlabel("KV head read (h // (N/K))")
         ax_g.set_ylabel("query head h")
-        fig.suptitle("Attention masks (blue = may attend), computed by the backend's causal_mask, padding_mask "
-                     "and attention")
+        fig.suptitle(
+            "Attention masks (blue = may attend), computed by the backend's causal_mask, padding_mask and attention"
+        )
     return fig

@@ -114,6 +114,8 @@ def draw(d: dict[str, Any]) -> Any:
         ax_b.set_title(f"Decode at T = {cfg['decode_context']}: batching helps the weights, not the cache")
         ax_b.set_xlabel("batch size B (sequences)")
         ax_b.legend(loc="upper left")
-        fig.suptitle(f"Attention arithmetic intensity: N = {cfg['query_heads']} query heads, "
-                     f"head dim {cfg['head_dim']}, D = {cfg['d_model']}")
+        fig.suptitle(
+            f"Attention arithmetic intensity: N = {cfg['query_heads']} query heads, "
+            f"head dim {cfg['head_dim']}, D = {cfg['d_model']}"
+        )
     return fig

@@ -20,7 +20,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default=None, help="backend that computes the figures (default: the selected one)")
     parser.add_argument("--out", required=True, metavar="DIR", help="directory the PNGs are written to")
     parser.add_argument(
-        "--only", action="append", choices=FIGURES, metavar="NAME",
+        "--only",
+        action="append",
+        choices=FIGURES,
+        metavar="NAME",
         help=f"draw only this figure (repeatable); one of {', '.join(FIGURES)}",
     )
 

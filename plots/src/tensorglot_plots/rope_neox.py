@@ -60,8 +60,14 @@ def draw(d: dict[str, Any]) -> Any:
         im = ax_map.imshow(shift, aspect="auto", cmap="RdBu_r", vmin=-2, vmax=2, interpolation="nearest")
         ax_map.grid(False)
         ax_map.axvline(r - 0.5, color="k", lw=1.2, ls="--")
-        ax_map.text(r + (shift.shape[1] - r) / 2, shift.shape[0] * 0.5, "pass-through\n(unchanged)",
-                    ha="center", va="center", fontsize=9)
+        ax_map.text(
+            r + (shift.shape[1] - r) / 2,
+            shift.shape[0] * 0.5,
+            "pass-through\n(unchanged)",
+            ha="center",
+            va="center",
+            fontsize=9,
+        )
         ax_map.set_xticks([0, half, r, shift.shape[1] - 1])
         ax_map.set_title(f"rope(1) − 1: only the first r = {r} features move")
         ax_map.set_xlabel(f"feature index (pair i = features i and i + {half})")

@@ -47,8 +47,15 @@ def draw(d: dict[str, Any]) -> Any:
         for strategy in STRATEGIES:
             comm = d["bytes_per_device"][strategy][1:] / mib  # world size 1 sends nothing: off a log axis
             ax_c.plot(n[1:], comm, "-" + markers[strategy], color=colors[strategy], label=strategy)
-            ax_m.plot(n, d["param_bytes_per_rank"][strategy] / mib, "-" + markers[strategy], color=colors[strategy],
-                      label=strategy, ms=sizes[strategy], lw=1.2)
+            ax_m.plot(
+                n,
+                d["param_bytes_per_rank"][strategy] / mib,
+                "-" + markers[strategy],
+                color=colors[strategy],
+                label=strategy,
+                ms=sizes[strategy],
+                lw=1.2,
+            )
         for ax, ticks in ((ax_c, n[1:]), (ax_m, n)):
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")

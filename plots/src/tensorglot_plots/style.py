@@ -16,7 +16,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless: figures are written to files, never shown
 
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 STYLE = Path(__file__).with_name("style.mplstyle")
 #: The seed of every random input a figure draws.
