@@ -246,3 +246,15 @@ def test_figure_names_are_modules_with_data_draw_and_measured() -> None:
     with pytest.raises(ValueError, match="unknown figure"):
         figure("nope")
     assert dataclasses.is_dataclass(sharding_costs.SHAPE)
+
+
+@pytest.mark.parametrize("backend_name", ["numpy", *OTHER_BACKENDS])
+def test_measured_sharding_bytes_equal_the_cost_model(backend_name: str) -> None:
+    backend = tensorglot.get_backend(backend_name)
+    runnable = [s for s in sharding_costs.STRATEGIES if s in backend.capabilities]
+    if not runnable:
+        pytest.skip(f"backend {backend_name!r} lacks the capabilities dp, tp, fsdp and pp")
+    measured = figure_data("sharding_costs", backend_name)["measured"]
+    assert sorted(measured) == sorted(runnable)
+    for strategy, (got, model) in measured.items():
+        assert got == model, strategy

@@ -2,8 +2,9 @@
 
 ``data(backend)`` computes what is drawn through the backend's public spec API and returns a dict of
 NumPy arrays and plain numbers; ``draw(data)`` turns that dict into a matplotlib figure. Keys listed in
-a module's ``MEASURED`` are timings of this machine (they differ run to run and backend to backend);
-every other key is a deterministic function of the spec and agrees across backends.
+a module's ``MEASURED`` are measured on this machine or backend (timings, what a backend's capabilities
+let it run): they differ run to run or backend to backend. Every other key is a deterministic function
+of the spec and agrees across backends.
 
 Importing this package imports neither matplotlib nor any framework: `render` does, on first use.
 """

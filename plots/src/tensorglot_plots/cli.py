@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"tensorglot plots: backend {backend.name}, {len(names)} figure(s) into {args.out}", flush=True)
     written = skipped = 0
     for i, name in enumerate(names, 1):
-        prefix = f"[{i}/{len(names)}] {name:20}"
+        prefix = f"[{i:>{len(str(len(names)))}}/{len(names)}] {name:20}"
         print(prefix, end=" ", flush=True)
         try:
             path, seconds = render(name, backend, args.out)
