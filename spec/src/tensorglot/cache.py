@@ -1,3 +1,281 @@
-"""The KV cache protocol: filled by the layers issue."""
+"""The KV cache: one protocol, two layouts (contiguous and paged), and their shared bookkeeping.
+
+A KV cache holds, for each layer, the keys and values of the tokens a batch of sequences has seen, so
+that decoding one more token costs one token's work instead of re-running the prefix. Conventions
+(pinned):
+  * Keys are stored **after** RoPE (each at its own position), values as projected; the cache never
+    rotates again.
+  * Sequence ``b`` holds ``lengths()[b]`` tokens, at positions ``0 .. lengths()[b] − 1``. A forward
+    pass of S new tokens writes them at positions ``lengths()[b] .. lengths()[b] + S − 1`` in every
+    layer and then advances every length by S. Sequences in one batch may hold different lengths (a
+    sequence that ended was `free`d and started again).
+  * Capacity: a sequence holds at most ``max_len`` tokens (and a paged cache has ``num_blocks`` blocks
+    of ``block_size`` tokens in all). `reserve` checks the capacity of a whole step before anything is
+    written: past it, it raises ValueError and the cache is exactly as it was.
+
+How ``layers.transformer(tokens, params, config, cache=c)`` drives a cache (every backend's, in this
+order): ``c.reserve(S)`` once; per layer ``k_all, v_all = c.update(layer, k, v)`` and attention of the
+new queries over ``k_all, v_all`` with key j of sequence b visible to its query i iff
+``j <= lengths()[b] + i`` (bottom-right causal per sequence); then ``c.advance(S)``.
+
+Layouts:
+  * ``contiguous``: per layer, storage (B, max_len, K, H); token p of sequence b lives at [b, p].
+  * ``paged`` (vLLM's PagedAttention, arXiv:2309.06180): per layer, a pool of ``num_blocks`` blocks of
+    (block_size, K, H); each sequence has a block table (a list of block ids) and a shared free list
+    hands blocks out as sequences grow. Token p of sequence b lives in block
+    ``table[b][p // block_size]`` at offset ``p % block_size``. `free` (a sequence ended) returns its
+    blocks to the free list; after a batch finishes and every sequence is freed, no block is leaked.
+
+Required of every backend's cache (the conformance suite uses only these): the attributes and
+methods of `KVCache`. Backend-specific: where the storage lives and how `update` writes it (NumPy and
+torch write in place; JAX's arrays are immutable, so its cache is a handle whose ``update`` rebinds
+functionally updated, static-shape arrays — ``T`` may then be ``max_len``, with the extra keys masked
+— and a jit-able pure step is the backend's own API). The host-side bookkeeping (lengths, block
+tables, the free list, the capacity check, the slot of each token) is plain Python and NumPy and is
+shared: `SlotMap` (contiguous) and `PagedSlotMap` (paged) below. Backends build their caches on them.
+
+>>> import numpy as np, tensorglot
+>>> cfg = tensorglot.TransformerConfig(vocab_size=16, d_model=8, n_layers=1, n_heads=2, n_kv_heads=1,
+...                                    head_dim=4, d_ff=16)
+>>> be = tensorglot.get_backend("numpy")
+>>> cache = be.layers.kv_cache(cfg, 2, 8, kind="paged", block_size=4)
+>>> params = tensorglot.init_params(cfg, 0)
+>>> logits = be.layers.transformer(np.array([[1, 2, 3], [4, 5, 6]]), params, cfg, cache=cache)
+>>> cache.lengths().tolist(), cache.block_table(0), cache.free_blocks()
+([3, 3], [0], 2)
+>>> cache.free(0); cache.free(1); cache.free_blocks()
+4
+"""
 
 from __future__ import annotations
+
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import numpy as np
+
+from . import checks
+
+Array = Any
+CacheKind = Literal["contiguous", "paged"]
+KINDS = ("contiguous", "paged")
+
+
+@runtime_checkable
+class KVCache(Protocol):
+    """What `layers.transformer` needs from a cache, and what the conformance suite inspects."""
+
+    kind: str  #: "contiguous" or "paged"
+    batch: int  #: B, the number of sequences
+    max_len: int  #: the most tokens one sequence may hold
+    n_layers: int
+    n_kv_heads: int  #: K
+    head_dim: int  #: H
+
+    def lengths(self) -> np.ndarray:
+        """(B,) int64 NumPy array: the tokens each sequence holds (a copy)."""
+        ...
+
+    def reserve(self, n: int, /) -> None:
+        """Make room for ``n`` more tokens in every sequence (a paged cache takes blocks from the free
+        list). Raises ValueError — and changes nothing — when a sequence would pass ``max_len`` or the
+        pool has too few free blocks."""
+        ...
+
+    def update(self, layer: int, k: Array, v: Array, /) -> tuple[Array, Array]:
+        """Write the new keys (after RoPE) and values, (B, n, K, H) for the n reserved tokens, at
+        positions ``lengths()[b] ..`` of layer ``layer``; return every stored key and value of that layer
+        as (B, T, K, H) with ``T >= max(lengths()) + n``. Entries at or past ``lengths()[b] + n`` are
+        unspecified: callers mask them. Does not advance the lengths."""
+        ...
+
+    def advance(self, n: int, /) -> None:
+        """Count the ``n`` tokens written by `update` in every layer: ``lengths() += n``."""
+        ...
+
+    def free(self, seq: int, /) -> None:
+        """Sequence ``seq`` ended: its length becomes 0 (the row can start a new sequence) and a paged
+        cache returns its blocks to the free list."""
+        ...
+
+    def reset(self) -> None:
+        """Free every sequence."""
+        ...
+
+
+@runtime_checkable
+class PagedKVCache(KVCache, Protocol):
+    """A paged cache also exposes its block bookkeeping."""
+
+    block_size: int
+    num_blocks: int
+
+    def block_table(self, seq: int, /) -> list[int]:
+        """The block ids sequence ``seq`` holds, in position order."""
+        ...
+
+    def free_blocks(self) -> int:
+        """How many blocks are on the free list."""
+        ...
+
+
+# -- the shared host-side bookkeeping --------------------------------------------------------------
+
+
+class SlotMap:
+    """Lengths, the capacity check and token slots of a contiguous cache, for any backend.
+
+    Storage is viewed as ``num_slots = batch · max_len`` rows of (K, H): token p of sequence b is slot
+    ``b · max_len + p``, so a (B, max_len, K, H) array reshaped to (B·max_len, K, H) is indexed by it.
+    """
+
+    kind = "contiguous"
+
+    def __init__(self, batch: int, max_len: int) -> None:
+        self.batch = checks.check_positive_int("kv_cache", "batch", batch)
+        self.max_len = checks.check_positive_int("kv_cache", "max_len", max_len)
+        self._lengths = np.zeros(self.batch, dtype=np.int64)
+        self.pending = 0  # tokens reserved but not yet advanced
+
+    @property
+    def num_slots(self) -> int:
+        return self.batch * self.max_len
+
+    def lengths(self) -> np.ndarray:
+        return self._lengths.copy()
+
+    def _check_room(self, n: int) -> int:
+        n = checks.check_positive_int("kv_cache.reserve", "n", n)
+        longest = int(self._lengths.max())
+        if longest + n > self.max_len:
+            seq = int(self._lengths.argmax())
+            raise ValueError(
+                f"kv_cache.reserve: sequence {seq} holds {longest} tokens; {n} more would make "
+                f"{longest + n} > max_len = {self.max_len} (the cache is unchanged)"
+            )
+        return n
+
+    def reserve(self, n: int, /) -> None:
+        self.pending = self._check_room(n)
+
+    def slots(self) -> np.ndarray:
+        """(B, pending) int64: the slot of each reserved token."""
+        pos = self._lengths[:, None] + np.arange(self.pending)  # (B, n)
+        return np.arange(self.batch)[:, None] * self.max_len + pos
+
+    def gather(self, t: int) -> np.ndarray:
+        """(B, t) int64: the slots of positions 0 .. t − 1 of each sequence."""
+        return np.arange(self.batch)[:, None] * self.max_len + np.arange(t)
+
+    def visible(self) -> int:
+        """T, the key length `update` returns: max(lengths) + pending."""
+        return int(self._lengths.max()) + self.pending
+
+    def advance(self, n: int, /) -> None:
+        if n != self.pending:
+            raise ValueError(f"kv_cache.advance: {n} tokens advanced but {self.pending} were reserved")
+        self._lengths += n
+        self.pending = 0
+
+    def _check_seq(self, seq: int) -> int:
+        seq = checks.check_positive_int("kv_cache.free", "seq", seq, allow_zero=True)
+        if seq >= self.batch:
+            raise ValueError(f"kv_cache.free: seq must be in [0, {self.batch}), got {seq}")
+        return seq
+
+    def free(self, seq: int, /) -> None:
+        self._lengths[self._check_seq(seq)] = 0
+
+    def reset(self) -> None:
+        for seq in range(self.batch):
+            self.free(seq)
+        self.pending = 0
+
+
+class PagedSlotMap(SlotMap):
+    """Block tables and a free list over a pool of ``num_blocks`` blocks of ``block_size`` tokens.
+
+    Storage is viewed as ``num_slots = num_blocks · block_size`` rows of (K, H); token p of sequence b
+    is slot ``table[b][p // block_size] · block_size + p % block_size``. The free list hands out the
+    lowest-numbered free block first, so the same calls give the same tables on every backend.
+    """
+
+    kind = "paged"
+
+    def __init__(self, batch: int, max_len: int, block_size: int, num_blocks: int | None = None) -> None:
+        super().__init__(batch, max_len)
+        self.block_size = checks.check_positive_int("kv_cache", "block_size", block_size)
+        per_seq = -(-self.max_len // self.block_size)
+        self.num_blocks = (
+            self.batch * per_seq
+            if num_blocks is None
+            else checks.check_positive_int("kv_cache", "num_blocks", num_blocks)
+        )
+        self.tables: list[list[int]] = [[] for _ in range(self.batch)]
+        self._free = list(range(self.num_blocks))
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_blocks * self.block_size
+
+    def block_table(self, seq: int, /) -> list[int]:
+        return list(self.tables[self._check_seq(seq)])
+
+    def free_blocks(self) -> int:
+        return len(self._free)
+
+    def reserve(self, n: int, /) -> None:
+        n = self._check_room(n)
+        bs = self.block_size
+        need = [max(0, -(-(int(length) + n) // bs) - len(table)) for length, table in zip(self._lengths, self.tables)]
+        if sum(need) > len(self._free):
+            raise ValueError(
+                f"kv_cache.reserve: {n} more tokens need {sum(need)} new blocks of {bs} but only "
+                f"{len(self._free)} of {self.num_blocks} are free (the cache is unchanged)"
+            )
+        self._free.sort()
+        for table, k in zip(self.tables, need):
+            table.extend(self._free[:k])
+            del self._free[:k]
+        self.pending = n
+
+    def _slot(self, seq: int, pos: np.ndarray) -> np.ndarray:
+        table = np.asarray(self.tables[seq] or [0], dtype=np.int64)
+        block = np.minimum(pos // self.block_size, len(table) - 1)  # past the table: any slot, masked later
+        return table[block] * self.block_size + pos % self.block_size
+
+    def slots(self) -> np.ndarray:
+        pos = self._lengths[:, None] + np.arange(self.pending)  # (B, n)
+        return np.stack([self._slot(b, pos[b]) for b in range(self.batch)])
+
+    def gather(self, t: int) -> np.ndarray:
+        pos = np.arange(t)
+        return np.stack([self._slot(b, pos) for b in range(self.batch)])  # (B, t)
+
+    def free(self, seq: int, /) -> None:
+        seq = self._check_seq(seq)
+        self._free.extend(self.tables[seq])
+        self.tables[seq] = []
+        self._lengths[seq] = 0
+
+
+def make_slot_map(
+    kind: str, batch: int, max_len: int, /, *, block_size: int = 16, num_blocks: int | None = None
+) -> SlotMap:
+    """The bookkeeping for a cache of ``kind`` (validated)."""
+    checks.check_choice("kv_cache", "kind", kind, KINDS)
+    if kind == "paged":
+        return PagedSlotMap(batch, max_len, block_size, num_blocks)
+    return SlotMap(batch, max_len)
+
+
+def visible_mask(lengths: np.ndarray, n: int, t: int, /) -> np.ndarray:
+    """Bool (B, 1, n, t): the new query i of sequence b sees key j iff ``j <= lengths[b] + i``.
+
+    The per-sequence, bottom-right causal mask of a cached step; it broadcasts against (B, N, S, T).
+
+    >>> from tensorglot.cache import visible_mask
+    >>> visible_mask(np.array([1, 0]), 2, 3)[:, 0].astype(int).tolist()
+    [[[1, 1, 0], [1, 1, 1]], [[1, 0, 0], [1, 1, 0]]]
+    """
+    limit = np.asarray(lengths, dtype=np.int64)[:, None] + np.arange(n)  # (B, n)
+    return (np.arange(t)[None, None, :] <= limit[:, :, None])[:, None]  # (B, 1, n, t)
