@@ -20,6 +20,9 @@ BACKENDS = [b for b in ALL_BACKENDS if (ROOT / "backends" / b / "pyproject.toml"
 HAS_PLOTS = (ROOT / "plots" / "pyproject.toml").exists()
 CONSTRAINTS = ("-c", "constraints.txt")
 TEST_DEPS = ("pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100")
+# One BLAS/OpenMP thread per process: tests and figures start several processes (ranks, workers) on few
+# cores, and oversubscribed thread pools there cost 10× more than they give. Benchmarks keep the default.
+SINGLE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def _packages(*backends: str, editable: bool = False) -> list[str]:
@@ -58,6 +61,7 @@ def conformance(session: nox.Session, backend: str) -> None:
 @nox.session
 def tests(session: nox.Session) -> None:
     """Doctests of the spec, the cross-package tests, each backend's own tests, the plots' tests."""
+    session.env.update(SINGLE_THREAD)
     extra = ["-e", "./plots"] if HAS_PLOTS else []
     session.install(*CONSTRAINTS, *_packages(*BACKENDS, editable=True), *extra, *TEST_DEPS, "safetensors", "tqdm")
     session.run(
@@ -98,6 +102,7 @@ def plots(session: nox.Session, backend: str) -> None:
     if not HAS_PLOTS:
         session.log("no plots package is installed yet (tensorglot-plots): nothing to draw")
         return
+    session.env.update(SINGLE_THREAD)
     session.install(*CONSTRAINTS, *_packages(backend), "./plots")
     session.run("tensorglot", "plots", "--backend", backend, "--out", f"plots/out/{backend}")
     if backend == "numpy":
