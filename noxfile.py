@@ -38,6 +38,7 @@ def _packages(*backends: str, editable: bool = False) -> list[str]:
 def conformance(session: nox.Session, backend: str) -> None:
     """The conformance suite against one backend, in an environment with only that backend."""
     session.install(*CONSTRAINTS, *_packages(backend))
+    session.env.update(SINGLE_THREAD)
     if backend == "jax":
         # float64 (the reference dtype, central differences) and 4 fake CPU devices for the sharded steps;
         # both must be set before jax initialises.
