@@ -13,7 +13,7 @@ Kinds and their fields (after kind, rid):
   KV       prompt_len, max_new, first_token, dtype, n_layers, K, H, sent_us, digest, prefill_us, worker
            payload: k_0, v_0, k_1, v_1, ... each (P, K, H) of dtype — one layer after another
   RECEIVED worker                                      (decode → router: request rid's KV arrived)
-  DONE     n, first_us, last_us, kv_bytes, transfer_us, prefill_us, worker, digest_ok
+  DONE     n, first_us, last_us, kv_bytes, transfer_us, prefill_us, worker, digest_ok, digest
            payload: tokens (n,) int64
   DEAD     worker                                      (router → decode: stop listening to it)
   STOP                                                 (no more requests)

@@ -175,7 +175,7 @@ def _router(opts: Options, requests: list[Request], config: TransformerConfig, o
                 if w in progress:
                     progress[w] = time.monotonic()
             elif kind == pr.DONE:
-                first_us, last_us, kv_bytes, transfer_us, prefill_us, worker, ok = h[3:10]
+                first_us, last_us, kv_bytes, transfer_us, prefill_us, worker, ok, dig = h[3:11]
                 results[rid] = request_record(
                     by_id[rid],
                     payload[0].tolist(),
@@ -188,6 +188,7 @@ def _router(opts: Options, requests: list[Request], config: TransformerConfig, o
                     recomputed=rid in recomputed,
                     kv_digest_ok=bool(ok),
                 )
+                results[rid]["kv_digest"] = dig
                 out.put(("progress", len(results)))
         for w in list(live):
             if inflight[w] and time.monotonic() - progress[w] > opts.timeout_s:
@@ -246,7 +247,7 @@ def _decode_worker(rank: int, opts: Options, model: Model) -> None:
         i = seq.info
         head = pr.header(
             pr.DONE, seq.rid, len(seq.tokens), int(seq.t_first * 1e6), int(seq.t_last * 1e6),
-            i["kv_bytes"], i["transfer_us"], i["prefill_us"], i["worker"], int(i["digest_ok"]),
+            i["kv_bytes"], i["transfer_us"], i["prefill_us"], i["worker"], int(i["digest_ok"]), i["digest"],
         )  # fmt: skip
         outbox.send(0, [head, torch.tensor(seq.tokens, dtype=torch.int64)])
 
@@ -272,6 +273,7 @@ def _decode_worker(rank: int, opts: Options, model: Model) -> None:
                     "prefill_us": prefill_us,
                     "worker": worker,
                     "digest_ok": pr.digest(arrays) == dig,  # the bytes prefill computed, bit for bit
+                    "digest": pr.digest(arrays),
                 }
                 waiting.append((Sequence(rid, max_new, [first], t_recv, info), arrays[0::2], arrays[1::2]))
             elif kind == pr.REQUEST:  # no prefill worker is left: prefill here
@@ -285,6 +287,7 @@ def _decode_worker(rank: int, opts: Options, model: Model) -> None:
                     "prefill_us": int(pre.seconds * 1e6),
                     "worker": rank,
                     "digest_ok": True,
+                    "digest": pr.digest([a for kv in zip(pre.k, pre.v) for a in kv]),
                 }
                 waiting.append((Sequence(rid, h[3], [pre.first_token], time.time(), info), pre.k, pre.v))
             elif kind == pr.DEAD:
