@@ -15,9 +15,9 @@ import tensorglot
 
 pytest.importorskip("torch", reason="serving's transport is torch.distributed")
 
-from tensorglot_torch.serving import DecodeEngine, Fault, Model, Request, prefill, serve  # noqa: E402
-from tensorglot_torch.serving.engine import Sequence  # noqa: E402
-from tensorglot_torch.serving.protocol import digest  # noqa: E402
+from tensorglot_torch.serving import DecodeEngine, Fault, Model, Request, prefill, serve
+from tensorglot_torch.serving.engine import Sequence
+from tensorglot_torch.serving.protocol import digest
 
 CONFIG = tensorglot.TransformerConfig(
     vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64, max_seq_len=48

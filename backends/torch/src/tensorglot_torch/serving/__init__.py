@@ -26,7 +26,7 @@ from typing import Any
 from .engine import DecodeEngine, Prefilled, prefill
 from .metrics import rejected_record, request_record, summarize
 from .paged import PagedKVPool
-from .workers import Fault, Model, Options, Request, check_request, run_disaggregated
+from .workers import Fault, Model, Options, Request, check_request, run_disaggregated, run_in_process
 
 __all__ = [
     "DecodeEngine",
@@ -76,12 +76,10 @@ def serve(
     if len(set(ids)) != len(ids):
         raise ValueError("serve: request ids must be unique")
     if colocated:
-        result = run_colocated(requests, model, opts, on_progress=on_progress)
+        result = run_in_process(run_colocated, requests, model, opts, on_progress=on_progress, deadline_s=deadline_s)
     else:
         _, _, config = _config_only(model)
-        result = run_disaggregated(
-            requests, model, config, opts, on_progress=on_progress, deadline_s=deadline_s
-        )
+        result = run_disaggregated(requests, model, config, opts, on_progress=on_progress, deadline_s=deadline_s)
     mode = "colocated" if colocated else f"disaggregated ({prefill_workers} prefill + 1 decode)"
     result["summary"] = summarize(result["requests"], mode=mode, wall_s=result.pop("wall_s"))
     return result
@@ -96,15 +94,15 @@ def _config_only(model: Model):
     return model.load()
 
 
-def run_colocated(
-    requests: list[Request], model: Model, opts: Options, *, on_progress: Any = None
-) -> dict[str, Any]:
-    """Prefill and decode interleaved in this process: each loop prefills one arrived request (prefill
+def run_colocated(requests: list[Request], model: Model, opts: Options, *, on_progress: Any = None) -> dict[str, Any]:
+    """Prefill and decode interleaved in one process (`serve` runs it in a fresh one, with the same thread
+    settings as the disaggregated ranks): each loop prefills one arrived request (prefill
     first, as vLLM schedules by default), then runs one decode step over every active request."""
     import torch
 
     be, params, config = model.load()
     engine = DecodeEngine(be, params, config, max_batch=opts.max_batch, block_size=opts.block_size)
+    engine.warm_up()
     arrivals = deque(sorted(requests, key=lambda r: r.arrival_s))
     waiting: deque[Request] = deque()
     results: dict[int, dict[str, Any]] = {}

@@ -105,6 +105,13 @@ class DecodeEngine:
         self.steps = 0
         self.step_seconds: list[float] = []
 
+    def warm_up(self) -> None:
+        """One prefill and one decode step of a throwaway request, so first-call costs are not timed."""
+        pre = prefill(self.be, self.params, self.config, np.zeros(2, dtype=np.int64))
+        self.admit(Sequence(-1, 2, [pre.first_token], 0.0), pre.k, pre.v)
+        self.step()
+        self.steps, self.step_seconds = 0, []
+
     def can_admit(self, prompt_len: int, max_new: int) -> bool:
         # Reserve a request's whole budget on admission so a step never runs out of blocks.
         committed = sum(

@@ -19,9 +19,7 @@ from tensorglot.params import TransformerConfig
 
 
 class PagedKVPool:
-    def __init__(
-        self, be: Any, config: TransformerConfig, *, num_blocks: int, block_size: int, dtype: str
-    ) -> None:
+    def __init__(self, be: Any, config: TransformerConfig, *, num_blocks: int, block_size: int, dtype: str) -> None:
         self.be, self.config = be, config
         self.block_size, self.num_blocks, self.dtype = block_size, num_blocks, dtype
         shape = (num_blocks * block_size, config.n_kv_heads, config.head_dim)  # (slots, K, H)
@@ -107,8 +105,7 @@ class _StepView:
         if int(lengths.max()) + n > self.max_len:
             raise ValueError(f"kv_cache.reserve: {n} more tokens pass max_len = {self.max_len}")
         need = sum(
-            max(0, self.pool.blocks_for(int(t) + n) - len(self.pool.tables[r]))
-            for r, t in zip(self.rids, lengths)
+            max(0, self.pool.blocks_for(int(t) + n) - len(self.pool.tables[r])) for r, t in zip(self.rids, lengths)
         )
         if need > self.pool.free_blocks():
             raise ValueError(f"kv_cache.reserve: {need} blocks needed, {self.pool.free_blocks()} free")

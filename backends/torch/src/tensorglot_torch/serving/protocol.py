@@ -70,6 +70,11 @@ def payload_spec(h: list[int]) -> list[tuple[tuple[int, ...], torch.dtype]]:
     return []
 
 
+def _posted(work: Any) -> Any:
+    assert work is not None, "isend/irecv in a group this rank belongs to returns a Work"
+    return work
+
+
 class Outbox:
     """Non-blocking sends: `send` queues a message and returns; a thread per destination posts its
     ``isend``s and waits for them with a timeout, so a slow peer delays no one else. A destination whose
@@ -94,7 +99,7 @@ class Outbox:
         while True:
             tensors = q.get()
             try:
-                works = [dist.isend(t, dst) for t in tensors]
+                works = [_posted(dist.isend(t, dst)) for t in tensors]
                 for w in works:
                     w.wait(datetime.timedelta(seconds=self.timeout))
             except Exception:  # gloo raises RuntimeError subclasses: peer closed, timed out
@@ -133,10 +138,10 @@ class Inbox:
         while src not in self.dropped:
             try:
                 buf = torch.zeros(HEADER, dtype=torch.int64, device=self.device)
-                dist.irecv(buf, src).wait()  # idle peers are fine: the group's timeout is long
+                _posted(dist.irecv(buf, src)).wait()  # idle peers are fine: the group's timeout is long
                 h = buf.cpu().tolist()
                 payload = [torch.empty(s, dtype=d, device=self.device) for s, d in payload_spec(h)]
-                works = [dist.irecv(b, src) for b in payload]
+                works = [_posted(dist.irecv(b, src)) for b in payload]
                 for w in works:
                     w.wait(datetime.timedelta(seconds=self.timeout))
             except Exception as exc:  # peer closed or payload timed out

@@ -205,6 +205,7 @@ def _router(opts: Options, requests: list[Request], config: TransformerConfig, o
 
 def _prefill_worker(rank: int, opts: Options, model: Model, decode: int, fault: Fault | None) -> None:
     be, params, config = model.load()
+    prefill(be, params, config, np.zeros(2, dtype=np.int64))  # warm-up: first calls are not timed
     dist.barrier()
     outbox, inbox = pr.Outbox(opts.timeout_s), pr.Inbox([0], opts.timeout_s)
     handled = 0
@@ -237,6 +238,7 @@ def _prefill_worker(rank: int, opts: Options, model: Model, decode: int, fault: 
 def _decode_worker(rank: int, opts: Options, model: Model) -> None:
     be, params, config = model.load()
     engine = DecodeEngine(be, params, config, max_batch=opts.max_batch, block_size=opts.block_size)
+    engine.warm_up()
     dist.barrier()
     outbox, inbox = pr.Outbox(opts.timeout_s), pr.Inbox(list(range(rank)), opts.timeout_s)
     seen: set[int] = set()
@@ -317,7 +319,7 @@ def _rank_main(rank: int, world: int, port: int, role: str, args: tuple, out: An
             timeout=datetime.timedelta(hours=1),  # idle receives wait on it; transfers have their own
         )
         if role == "router":
-            _router(*args, out)
+            _router(args[0], args[1], args[2], out)
         elif role == "prefill":
             _prefill_worker(rank, *args)
         else:
@@ -383,23 +385,7 @@ def run_disaggregated(
             p.start()
     result = None
     try:
-        end = time.monotonic() + deadline_s
-        while result is None:
-            if time.monotonic() > end:
-                raise TimeoutError(f"serving did not finish within {deadline_s:.0f} s")
-            try:
-                kind, payload = out.get(timeout=0.5)
-            except queue_mod.Empty:
-                for r in (0, decode):
-                    if procs[r].exitcode not in (None, 0):
-                        raise RuntimeError(f"rank {r} exited with code {procs[r].exitcode}") from None
-                continue
-            if kind == "progress" and on_progress is not None:
-                on_progress(payload)
-            elif kind == "error":
-                raise RuntimeError(f"serving failed on {payload}")
-            elif kind == "result":
-                result = payload
+        result = _collect(out, procs, [0, decode], on_progress, deadline_s)
     finally:
         for p in procs:
             p.join(timeout=5 if result is not None else 0.1)
@@ -410,3 +396,54 @@ def run_disaggregated(
     for event in result["events"]:
         logger.warning(event)
     return result
+
+
+def _process_main(fn: Any, requests: list[Request], model: Model, opts: Options, out: Any) -> None:
+    try:
+        torch.set_num_threads(opts.threads)
+        result = fn(requests, model, opts, on_progress=lambda n: out.put(("progress", n)))
+        out.put(("result", result))
+    except BaseException:
+        out.put(("error", f"the colocated process:\n{traceback.format_exc()}"))
+    out.close()
+    out.join_thread()
+
+
+def run_in_process(
+    fn: Any, requests: list[Request], model: Model, opts: Options, *, on_progress: Any, deadline_s: float
+) -> dict[str, Any]:
+    """``fn(requests, model, opts, on_progress=...)`` in a fresh spawned process (BLAS threads as set)."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    with _thread_env(opts.threads):
+        proc = ctx.Process(target=_process_main, args=(fn, requests, model, opts, out), daemon=True)
+        proc.start()
+    try:
+        return _collect(out, [proc], [0], on_progress, deadline_s)
+    finally:
+        proc.join(timeout=5)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(timeout=5)
+
+
+def _collect(out: Any, procs: list[Any], watch: list[int], on_progress: Any, deadline_s: float) -> dict[str, Any]:
+    end = time.monotonic() + deadline_s
+    while True:
+        if time.monotonic() > end:
+            raise TimeoutError(f"serving did not finish within {deadline_s:.0f} s")
+        try:
+            kind, payload = out.get(timeout=0.5)
+        except queue_mod.Empty:
+            for r in watch:
+                if procs[r].exitcode not in (None, 0):
+                    raise RuntimeError(f"rank {r} exited with code {procs[r].exitcode}") from None
+            continue
+        if kind == "progress" and on_progress is not None:
+            on_progress(payload)
+        elif kind == "error":
+            raise RuntimeError(f"serving failed on {payload}")
+        elif kind == "result":
+            return payload
