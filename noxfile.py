@@ -35,6 +35,11 @@ def _packages(*backends: str, editable: bool = False) -> list[str]:
 def conformance(session: nox.Session, backend: str) -> None:
     """The conformance suite against one backend, in an environment with only that backend."""
     session.install(*CONSTRAINTS, *_packages(backend))
+    if backend == "jax":
+        # float64 (the reference dtype, central differences) and 4 fake CPU devices for the sharded steps;
+        # both must be set before jax initialises.
+        session.env["JAX_ENABLE_X64"] = "1"
+        session.env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
     xfails = ROOT / "backends" / backend / "conformance-xfails.txt"
     session.run(
         "pytest",

@@ -17,13 +17,14 @@ from .registry import registry
 
 
 def _builtins() -> dict[str, tuple[str, object]]:
-    from . import bench, cli_backends, cli_serve
+    from . import bench, cli_backends, cli_parallel, cli_serve
 
     return {
         "backends": (
             "list the installed backends, their versions, capabilities and load errors",
             cli_backends,
         ),
+        "parallel": ("run a parallel strategy's training step: error, bytes per device, time", cli_parallel),
         "bench": (
             "run a backend's benchmark table (ratios against built-ins measured in the same run)",
             bench,
