@@ -17,7 +17,7 @@ from .registry import registry
 
 
 def _builtins() -> dict[str, tuple[str, object]]:
-    from . import bench, cli_backends, cli_parallel
+    from . import bench, cli_backends, cli_parallel, cli_serve
 
     return {
         "backends": (
@@ -29,6 +29,7 @@ def _builtins() -> dict[str, tuple[str, object]]:
             "run a backend's benchmark table (ratios against built-ins measured in the same run)",
             bench,
         ),
+        "serve": ("serve requests with prefill and decode workers (tensorglot-torch), print metrics", cli_serve),
     }
 
 
