@@ -64,7 +64,9 @@ def tests(session: nox.Session) -> None:
     """Doctests of the spec, the cross-package tests, each backend's own tests, the plots' tests."""
     session.env.update(SINGLE_THREAD)
     extra = ["-e", "./plots"] if HAS_PLOTS else []
-    session.install(*CONSTRAINTS, *_packages(*BACKENDS, editable=True), *extra, *TEST_DEPS, "safetensors", "tqdm")
+    session.install(
+        *CONSTRAINTS, *_packages(*BACKENDS, editable=True), *extra, *TEST_DEPS, "safetensors", "tqdm", "transformers"
+    )
     session.run(
         "pytest",
         "--doctest-modules",
