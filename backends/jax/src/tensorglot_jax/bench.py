@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from tensorglot.bench import Row, ratio_row, time_median
 from tensorglot.params import TransformerConfig, init_params
 
@@ -32,8 +33,14 @@ def _fwd_bwd(f: Callable[..., Any], n_args: int, cotangent: Any) -> Callable[...
 
 
 def _compare(
-    name: str, ours: Callable[..., Any], theirs: Callable[..., Any], args: tuple[Any, ...], out_shape: tuple,
-    sizes: dict[str, Any], repeats: int, note: str,
+    name: str,
+    ours: Callable[..., Any],
+    theirs: Callable[..., Any],
+    args: tuple[Any, ...],
+    out_shape: tuple,
+    sizes: dict[str, Any],
+    repeats: int,
+    note: str,
 ) -> Row:
     dy = jax.random.normal(jax.random.key(1), out_shape)
     t_ours = _timer(_fwd_bwd(ours, len(args), dy), args, repeats)
@@ -49,8 +56,14 @@ def rows(*, quick: bool = False) -> Iterator[Row]:
     n, d = (256, 512) if quick else (2048, 1024)
     x = normal(n, d)
     yield _compare(
-        "softmax fwd+bwd vs jax.nn.softmax", lambda a: ops.softmax(a), jax.nn.softmax, (x,), (n, d),
-        {"rows": n, "cols": d}, repeats, "float32",
+        "softmax fwd+bwd vs jax.nn.softmax",
+        lambda a: ops.softmax(a),
+        jax.nn.softmax,
+        (x,),
+        (n, d),
+        {"rows": n, "cols": d},
+        repeats,
+        "float32",
     )
     w = normal(d)
 
@@ -58,8 +71,14 @@ def rows(*, quick: bool = False) -> Iterator[Row]:
         return a * jax.lax.rsqrt(jnp.mean(a * a, axis=-1, keepdims=True) + 1e-6) * g
 
     yield _compare(
-        "rms_norm fwd+bwd vs plain jnp", lambda a, g: ops.rms_norm(a, g), plain_rms, (x, w), (n, d),
-        {"rows": n, "D": d}, repeats, "gradients for x and weight",
+        "rms_norm fwd+bwd vs plain jnp",
+        lambda a, g: ops.rms_norm(a, g),
+        plain_rms,
+        (x, w),
+        (n, d),
+        {"rows": n, "D": d},
+        repeats,
+        "gradients for x and weight",
     )
 
     B, S, N, K, H = (2, 64, 8, 2, 32) if quick else (4, 256, 8, 2, 64)
@@ -69,15 +88,24 @@ def rows(*, quick: bool = False) -> Iterator[Row]:
         "attention fwd+bwd vs jax.nn.dot_product_attention",
         lambda a, b, c: ops.attention(a, b, c, mask=mask),
         lambda a, b, c: jax.nn.dot_product_attention(a, b, c, mask=mask),
-        (q, k, v), (B, S, N, H), {"B": B, "S": S, "N": N, "K": K, "H": H}, repeats,
+        (q, k, v),
+        (B, S, N, H),
+        {"B": B, "S": S, "N": N, "K": K, "H": H},
+        repeats,
         "GQA, an explicit causal mask on both sides",
     )
 
     tokens, D, F = (256, 256, 1024) if quick else (2048, 512, 2048)
     xm, w_in, w_out = normal(tokens, D), normal(D, F) / D**0.5, normal(F, D) / F**0.5
     yield _compare(
-        "mlp fwd+bwd vs plain jnp", lambda a, b, c: ops.mlp(a, b, c), lambda a, b, c: jax.nn.relu(a @ b) @ c,
-        (xm, w_in, w_out), (tokens, D), {"tokens": tokens, "D": D, "F": F}, repeats, "relu",
+        "mlp fwd+bwd vs plain jnp",
+        lambda a, b, c: ops.mlp(a, b, c),
+        lambda a, b, c: jax.nn.relu(a @ b) @ c,
+        (xm, w_in, w_out),
+        (tokens, D),
+        {"tokens": tokens, "D": D, "F": F},
+        repeats,
+        "relu",
     )
     yield _generation_row(quick, repeats)
 
@@ -85,16 +113,20 @@ def rows(*, quick: bool = False) -> Iterator[Row]:
 def _generation_row(quick: bool, repeats: int) -> Row:
     P, new = (8, 56) if quick else (16, 240)
     config = TransformerConfig(
-        vocab_size=512, d_model=256, n_layers=4, n_heads=8, n_kv_heads=2, head_dim=32, d_ff=768,
+        vocab_size=512,
+        d_model=256,
+        n_layers=4,
+        n_heads=8,
+        n_kv_heads=2,
+        head_dim=32,
+        d_ff=768,
         max_seq_len=P + new,
     )
     params = {k: jnp.asarray(v) for k, v in init_params(config, 0).items()}
     prompt = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (1, P)), jnp.int32)
 
     def run(cache: str | None) -> Callable[[], Any]:
-        return lambda: jax.block_until_ready(
-            layers.generate(params, config, prompt, max_new_tokens=new, cache=cache)
-        )
+        return lambda: jax.block_until_ready(layers.generate(params, config, prompt, max_new_tokens=new, cache=cache))
 
     cached, recomputed = run("contiguous"), run(None)
     same = bool(jnp.array_equal(cached(), recomputed()))  # also compiles both
