@@ -30,9 +30,9 @@ class TorchBackend:
 
     @property
     def bench(self) -> Any:
-        from . import bench
+        import importlib
 
-        return bench
+        return importlib.import_module(".bench", __package__)
 
     def asarray(self, x: Any, /, dtype: str | None = None) -> torch.Tensor:
         if dtype is not None and dtype not in DTYPES:
