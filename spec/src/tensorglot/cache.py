@@ -226,10 +226,7 @@ class PagedSlotMap(SlotMap):
     def reserve(self, n: int, /) -> None:
         n = self._check_room(n)
         bs = self.block_size
-        need = [
-            max(0, -(-(int(length) + n) // bs) - len(table))
-            for length, table in zip(self._lengths, self.tables)
-        ]
+        need = [max(0, -(-(int(length) + n) // bs) - len(table)) for length, table in zip(self._lengths, self.tables)]
         if sum(need) > len(self._free):
             raise ValueError(
                 f"kv_cache.reserve: {n} more tokens need {sum(need)} new blocks of {bs} but only "

@@ -32,9 +32,7 @@ class NumpyBackend:
         if dtype is None:
             return np.asarray(x)
         if dtype not in _DTYPES:
-            raise TypeError(
-                f"asarray: the numpy backend has no dtype {dtype!r} (it has {', '.join(_DTYPES)})"
-            )
+            raise TypeError(f"asarray: the numpy backend has no dtype {dtype!r} (it has {', '.join(_DTYPES)})")
         return np.asarray(x, dtype=_DTYPES[dtype])
 
     def to_numpy(self, x: Any, /) -> np.ndarray:

@@ -56,9 +56,7 @@ def _positions(fn, positions, B, S, config):
 
 def _check_cache(fn, cache, B, config):
     if not isinstance(cache, KVCache):
-        raise TypeError(
-            f"{fn}: cache must be a KVCache (made by layers.kv_cache), got {type(cache).__name__}"
-        )
+        raise TypeError(f"{fn}: cache must be a KVCache (made by layers.kv_cache), got {type(cache).__name__}")
     if cache.batch != B:
         raise ValueError(f"{fn}: the cache holds {cache.batch} sequences but tokens have batch {B}")
     if (cache.n_layers, cache.n_kv_heads, cache.head_dim) != (
@@ -217,9 +215,7 @@ def generate(params, config, prompt, /, *, max_new_tokens, cache="contiguous"):
     new = checks.check_positive_int(fn, "max_new_tokens", max_new_tokens, allow_zero=True)
     B, P = prompt.shape
     if P + new > config.max_seq_len:
-        raise ValueError(
-            f"{fn}: prompt length {P} + max_new_tokens {new} > max_seq_len = {config.max_seq_len}"
-        )
+        raise ValueError(f"{fn}: prompt length {P} + max_new_tokens {new} > max_seq_len = {config.max_seq_len}")
     if cache is not None:
         checks.check_choice(fn, "cache", cache, ("contiguous", "paged"))
     out = np.empty((B, P + new), dtype=prompt.dtype)
@@ -251,9 +247,7 @@ def _cross_entropy(logits, targets):
     picked = np.take_along_axis(z, targets[..., None], axis=-1)
     loss = (lse - picked).mean()
     dz = np.exp(z - lse)  # softmax
-    np.put_along_axis(
-        dz, targets[..., None], np.take_along_axis(dz, targets[..., None], axis=-1) - 1.0, axis=-1
-    )
+    np.put_along_axis(dz, targets[..., None], np.take_along_axis(dz, targets[..., None], axis=-1) - 1.0, axis=-1)
     return loss, dz / (B * S)
 
 
@@ -264,13 +258,9 @@ def _block_backward(dout, p, config, positions, s, g):
     N, K, H = config.n_heads, config.n_kv_heads, config.head_dim
     # out = h + mlp(m), m = rms_norm(h)
     if config.activation == "swiglu":
-        dm, g["w_gate"], g["w_up"], g["w_down"] = ops.swiglu_backward(
-            s["m"], p["w_gate"], p["w_up"], p["w_down"], dout
-        )
+        dm, g["w_gate"], g["w_up"], g["w_down"] = ops.swiglu_backward(s["m"], p["w_gate"], p["w_up"], p["w_down"], dout)
     else:
-        dm, g["w_in"], g["w_out"] = ops.mlp_backward(
-            s["m"], p["w_in"], p["w_out"], dout, activation=config.activation
-        )
+        dm, g["w_in"], g["w_out"] = ops.mlp_backward(s["m"], p["w_in"], p["w_out"], dout, activation=config.activation)
     dh_norm, g["mlp_norm"] = ops.rms_norm_backward(s["h"], p["mlp_norm"], dm, eps=eps)
     dh = dout + dh_norm
     # h = x + attn(a), a = rms_norm(x)
@@ -281,9 +271,7 @@ def _block_backward(dout, p, config, positions, s, g):
     dk = _rope(dk, positions, config, backward=True)
     da = np.zeros_like(s["a"])
     for name, d, heads in (("wq", dq, N), ("wk", dk, K), ("wv", dv, K)):
-        dxi, dw, _ = ops.linear_backward(
-            s["a"], p[name].reshape(D, heads * H), d.reshape(B, S, heads * H), bias=False
-        )
+        dxi, dw, _ = ops.linear_backward(s["a"], p[name].reshape(D, heads * H), d.reshape(B, S, heads * H), bias=False)
         da += dxi
         g[name] = dw.reshape(D, heads, H)
     dx_norm, g["attn_norm"] = ops.rms_norm_backward(s["x"], p["attn_norm"], da, eps=eps)
