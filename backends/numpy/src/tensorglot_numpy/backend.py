@@ -6,9 +6,9 @@ from typing import Any
 
 import numpy as np
 
-from . import encodings, layers, ops, parallel
+from . import bench, encodings, layers, ops, parallel
 
-CAPABILITIES = frozenset({"float64", "float16", "layers"})
+CAPABILITIES = frozenset({"float64", "float16", "layers", "dp", "tp", "fsdp", "pp"})
 
 _DTYPES = {
     "float64": np.float64,
@@ -27,6 +27,7 @@ class NumpyBackend:
     encodings = encodings
     layers = layers
     parallel = parallel
+    bench = bench
 
     def asarray(self, x: Any, /, dtype: str | None = None) -> np.ndarray:
         if dtype is None:

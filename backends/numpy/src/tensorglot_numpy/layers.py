@@ -39,7 +39,7 @@ def _layer(fn, layer, config):
     layer = checks.check_positive_int(fn, "layer", layer, allow_zero=True)
     if layer >= config.n_layers:
         raise ValueError(f"{fn}: layer must be in [0, {config.n_layers}), got {layer}")
-    return f"layers.{layer}."
+    return layer
 
 
 def _positions(fn, positions, B, S, config):
@@ -59,15 +59,10 @@ def _check_cache(fn, cache, B, config):
         raise TypeError(f"{fn}: cache must be a KVCache (made by layers.kv_cache), got {type(cache).__name__}")
     if cache.batch != B:
         raise ValueError(f"{fn}: the cache holds {cache.batch} sequences but tokens have batch {B}")
-    if (cache.n_layers, cache.n_kv_heads, cache.head_dim) != (
-        config.n_layers,
-        config.n_kv_heads,
-        config.head_dim,
-    ):
-        raise ValueError(
-            f"{fn}: the cache has (layers, K, H) = {(cache.n_layers, cache.n_kv_heads, cache.head_dim)}, "
-            f"the config {(config.n_layers, config.n_kv_heads, config.head_dim)}"
-        )
+    got = (cache.n_layers, cache.n_kv_heads, cache.head_dim)
+    want = (config.n_layers, config.n_kv_heads, config.head_dim)
+    if got != want:
+        raise ValueError(f"{fn}: the cache has (layers, K, H) = {got}, the config {want}")
 
 
 # -- the layers ------------------------------------------------------------------------------------
@@ -146,7 +141,7 @@ def attention_layer(x, params, config, /, *, layer, positions=None, cache=None):
     fn = "attention_layer"
     _check_model(fn, params, config)
     x = _check_x(fn, x, params, config)
-    _layer(fn, layer, config)
+    layer = _layer(fn, layer, config)
     if cache is not None:
         _check_cache(fn, cache, x.shape[0], config)
     positions = _step_positions(fn, positions, cache, x.shape[0], x.shape[1], config)
@@ -157,7 +152,7 @@ def mlp_layer(x, params, config, /, *, layer):
     fn = "mlp_layer"
     _check_model(fn, params, config)
     x = _check_x(fn, x, params, config)
-    _layer(fn, layer, config)
+    layer = _layer(fn, layer, config)
     return _mlp(x, _layer_params(params, layer), config)
 
 
@@ -165,7 +160,7 @@ def block(x, params, config, /, *, layer, positions=None, cache=None):
     fn = "block"
     _check_model(fn, params, config)
     x = _check_x(fn, x, params, config)
-    _layer(fn, layer, config)
+    layer = _layer(fn, layer, config)
     if cache is not None:
         _check_cache(fn, cache, x.shape[0], config)
     positions = _step_positions(fn, positions, cache, x.shape[0], x.shape[1], config)
@@ -192,12 +187,13 @@ def _forward(tokens, params, config, positions, cache, tape=None):
 def transformer(tokens, params, config, /, *, cache=None, positions=None):
     fn = "transformer"
     _check_model(fn, params, config)
+    tokens = as_int(fn, "tokens", tokens)
+    checks.check_rank(fn, "tokens", tokens.shape, "(B, S)")
+    start = 0
     if cache is not None:
-        _check_cache(fn, cache, np.shape(tokens)[0] if np.ndim(tokens) else 0, config)
-        start = int(cache.lengths().max())
-        tokens = _tokens(fn, "tokens", tokens, config, start)
-    else:
-        tokens = _tokens(fn, "tokens", tokens, config)
+        _check_cache(fn, cache, tokens.shape[0], config)
+        start = int(cache.lengths().max())  # the longest sequence's new tokens must fit max_seq_len
+    tokens = _tokens(fn, "tokens", tokens, config, start)
     B, S = tokens.shape
     positions = _step_positions(fn, positions, cache, B, S, config)
     if cache is None:
