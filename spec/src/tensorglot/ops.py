@@ -23,7 +23,7 @@ class Ops(Protocol):
 
         The maximum is subtracted first, so large inputs never overflow. Special cases: a row that is
         all ``-inf`` (a query that may attend to nothing) gives zeros, not NaN — torch.softmax gives NaN
-        there and jax.nn.softmax a uniform row; a NaN anywhere in a row makes that row NaN. An empty axis
+        there too, jax.nn.dot_product_attention a uniform row; a NaN anywhere in a row makes that row NaN. An empty axis
         gives an empty result.
 
         Args:
