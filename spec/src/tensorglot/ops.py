@@ -22,9 +22,9 @@ class Ops(Protocol):
         r"""Softmax along ``axis``: ``exp(x - max(x)) / sum(exp(x - max(x)))``.
 
         The maximum is subtracted first, so large inputs never overflow. Special cases: a row that is
-        all ``-inf`` (a query that may attend to nothing) gives zeros, not NaN — torch.softmax gives NaN
-        there too, jax.nn.dot_product_attention a uniform row; a NaN anywhere in a row makes that row NaN. An empty axis
-        gives an empty result.
+        all ``-inf`` (a query that may attend to nothing) gives zeros, not NaN — torch.softmax and
+        jax.nn.softmax give NaN there, jax.nn.dot_product_attention a uniform row; a NaN anywhere in a row
+        makes that row NaN. An empty axis gives an empty result.
 
         Args:
             x: float array of any rank.
