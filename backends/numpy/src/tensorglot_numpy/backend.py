@@ -8,7 +8,7 @@ import numpy as np
 
 from . import encodings, layers, ops, parallel
 
-CAPABILITIES = frozenset({"float64", "float16", "layers"})
+CAPABILITIES = frozenset({"float64", "float16", "layers", "flash"})
 
 _DTYPES = {
     "float64": np.float64,
