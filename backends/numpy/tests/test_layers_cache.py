@@ -79,9 +79,7 @@ def test_paged_and_contiguous_caches_give_the_same_logits():
     for kind in ("contiguous", "paged"):
         cache = layers.kv_cache(c, 3, 7, kind=kind, block_size=2, dtype="float64")
         outs.append(
-            np.concatenate(
-                [layers.transformer(tokens[:, i : i + 1], params, c, cache=cache) for i in range(7)], 1
-            )
+            np.concatenate([layers.transformer(tokens[:, i : i + 1], params, c, cache=cache) for i in range(7)], 1)
         )
     np.testing.assert_allclose(outs[0], outs[1], rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(outs[0], layers.transformer(tokens, params, c), rtol=1e-12, atol=1e-12)

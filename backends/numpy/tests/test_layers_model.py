@@ -88,9 +88,7 @@ def test_transformer_matches_the_textbook_model(options):
     params = init_params(c, 0, dtype="float64")
     tokens = np.random.default_rng(0).integers(0, c.vocab_size, (2, 9))
     # RoPE's angles are float32 by the spec; the textbook's are float64.
-    np.testing.assert_allclose(
-        layers.transformer(tokens, params, c), textbook(tokens, params, c), rtol=1e-6, atol=1e-6
-    )
+    np.testing.assert_allclose(layers.transformer(tokens, params, c), textbook(tokens, params, c), rtol=1e-6, atol=1e-6)
 
 
 def test_float32_params_give_float32_logits_close_to_float64():

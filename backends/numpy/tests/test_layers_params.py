@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -119,7 +120,7 @@ def test_bad_config_fields_raise(overrides, error, match):
 
 def test_init_params_validates_its_arguments():
     with pytest.raises(TypeError, match="TransformerConfig"):
-        init_params({"vocab_size": 8}, 0)
+        init_params(cast(Any, {"vocab_size": 8}), 0)
     with pytest.raises(ValueError, match="seed"):
         init_params(config(), -1)
     with pytest.raises(ValueError, match="dtype"):

@@ -16,7 +16,8 @@ that decoding one more token costs one token's work instead of re-running the pr
 How ``layers.transformer(tokens, params, config, cache=c)`` drives a cache (every backend's, in this
 order): ``c.reserve(S)`` once; per layer ``k_all, v_all = c.update(layer, k, v)`` and attention of the
 new queries over ``k_all, v_all`` with key j of sequence b visible to its query i iff
-``j <= lengths()[b] + i`` (bottom-right causal per sequence); then ``c.advance(S)``.
+``j <= lengths()[b] + i``, lengths taken before the step (bottom-right causal per sequence; `visible_mask`);
+then ``c.advance(S)``.
 
 Layouts:
   * ``contiguous``: per layer, storage (B, max_len, K, H); token p of sequence b lives at [b, p].
@@ -226,10 +227,7 @@ class PagedSlotMap(SlotMap):
     def reserve(self, n: int, /) -> None:
         n = self._check_room(n)
         bs = self.block_size
-        need = [
-            max(0, -(-(int(length) + n) // bs) - len(table))
-            for length, table in zip(self._lengths, self.tables)
-        ]
+        need = [max(0, -(-(int(length) + n) // bs) - len(table)) for length, table in zip(self._lengths, self.tables)]
         if sum(need) > len(self._free):
             raise ValueError(
                 f"kv_cache.reserve: {n} more tokens need {sum(need)} new blocks of {bs} but only "

@@ -99,11 +99,7 @@ class TransformerConfig:
         checks.check_positive_float(fn, "norm_eps", self.norm_eps)
         checks.check_positive_float(fn, "rope_theta", self.rope_theta)
         checks.check_choice(fn, "rope_style", self.rope_style, checks.ROPE_STYLES)
-        r = (
-            self.head_dim
-            if self.rotary_dim is None
-            else checks.check_positive_int(fn, "rotary_dim", self.rotary_dim)
-        )
+        r = self.head_dim if self.rotary_dim is None else checks.check_positive_int(fn, "rotary_dim", self.rotary_dim)
         if r % 2 or r > self.head_dim:
             raise ValueError(f"{fn}: rotary_dim must be even and <= head_dim = {self.head_dim}, got {r}")
         checks.rope_scaling(fn, self.rope_scaling)

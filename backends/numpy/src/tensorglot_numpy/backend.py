@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from . import encodings, layers, ops, parallel
+from . import bench, encodings, layers, ops, parallel
 
 CAPABILITIES = frozenset({"float64", "float16", "layers", "flash"})
 
@@ -27,14 +27,13 @@ class NumpyBackend:
     encodings = encodings
     layers = layers
     parallel = parallel
+    bench = bench
 
     def asarray(self, x: Any, /, dtype: str | None = None) -> np.ndarray:
         if dtype is None:
             return np.asarray(x)
         if dtype not in _DTYPES:
-            raise TypeError(
-                f"asarray: the numpy backend has no dtype {dtype!r} (it has {', '.join(_DTYPES)})"
-            )
+            raise TypeError(f"asarray: the numpy backend has no dtype {dtype!r} (it has {', '.join(_DTYPES)})")
         return np.asarray(x, dtype=_DTYPES[dtype])
 
     def to_numpy(self, x: Any, /) -> np.ndarray:

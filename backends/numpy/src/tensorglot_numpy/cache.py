@@ -83,16 +83,12 @@ class NumpyKVCache:
         return f"<numpy {self.kind} KV cache: batch {self.batch}, max_len {self.max_len}, lengths {lengths}>"
 
 
-def kv_cache(
-    config, batch, max_len, /, *, kind="contiguous", block_size=16, num_blocks=None, dtype="float32"
-):
+def kv_cache(config, batch, max_len, /, *, kind="contiguous", block_size=16, num_blocks=None, dtype="float32"):
     if not isinstance(config, TransformerConfig):
         raise TypeError(f"kv_cache: config must be a TransformerConfig, got {type(config).__name__}")
     checks.check_choice("kv_cache", "dtype", dtype, tuple(_DTYPES))
     max_len = checks.check_positive_int("kv_cache", "max_len", max_len)
     if max_len > config.max_seq_len:
-        raise ValueError(
-            f"kv_cache: max_len = {max_len} is past the config's max_seq_len = {config.max_seq_len}"
-        )
+        raise ValueError(f"kv_cache: max_len = {max_len} is past the config's max_seq_len = {config.max_seq_len}")
     slot_map = make_slot_map(kind, batch, max_len, block_size=block_size, num_blocks=num_blocks)
     return NumpyKVCache(config, slot_map, dtype)

@@ -39,7 +39,7 @@ def _layer(fn, layer, config):
     layer = checks.check_positive_int(fn, "layer", layer, allow_zero=True)
     if layer >= config.n_layers:
         raise ValueError(f"{fn}: layer must be in [0, {config.n_layers}), got {layer}")
-    return f"layers.{layer}."
+    return layer
 
 
 def _positions(fn, positions, B, S, config):
@@ -56,20 +56,13 @@ def _positions(fn, positions, B, S, config):
 
 def _check_cache(fn, cache, B, config):
     if not isinstance(cache, KVCache):
-        raise TypeError(
-            f"{fn}: cache must be a KVCache (made by layers.kv_cache), got {type(cache).__name__}"
-        )
+        raise TypeError(f"{fn}: cache must be a KVCache (made by layers.kv_cache), got {type(cache).__name__}")
     if cache.batch != B:
         raise ValueError(f"{fn}: the cache holds {cache.batch} sequences but tokens have batch {B}")
-    if (cache.n_layers, cache.n_kv_heads, cache.head_dim) != (
-        config.n_layers,
-        config.n_kv_heads,
-        config.head_dim,
-    ):
-        raise ValueError(
-            f"{fn}: the cache has (layers, K, H) = {(cache.n_layers, cache.n_kv_heads, cache.head_dim)}, "
-            f"the config {(config.n_layers, config.n_kv_heads, config.head_dim)}"
-        )
+    got = (cache.n_layers, cache.n_kv_heads, cache.head_dim)
+    want = (config.n_layers, config.n_kv_heads, config.head_dim)
+    if got != want:
+        raise ValueError(f"{fn}: the cache has (layers, K, H) = {got}, the config {want}")
 
 
 # -- the layers ------------------------------------------------------------------------------------
@@ -148,7 +141,7 @@ def attention_layer(x, params, config, /, *, layer, positions=None, cache=None):
     fn = "attention_layer"
     _check_model(fn, params, config)
     x = _check_x(fn, x, params, config)
-    _layer(fn, layer, config)
+    layer = _layer(fn, layer, config)
     if cache is not None:
         _check_cache(fn, cache, x.shape[0], config)
     positions = _step_positions(fn, positions, cache, x.shape[0], x.shape[1], config)
@@ -159,7 +152,7 @@ def mlp_layer(x, params, config, /, *, layer):
     fn = "mlp_layer"
     _check_model(fn, params, config)
     x = _check_x(fn, x, params, config)
-    _layer(fn, layer, config)
+    layer = _layer(fn, layer, config)
     return _mlp(x, _layer_params(params, layer), config)
 
 
@@ -167,7 +160,7 @@ def block(x, params, config, /, *, layer, positions=None, cache=None):
     fn = "block"
     _check_model(fn, params, config)
     x = _check_x(fn, x, params, config)
-    _layer(fn, layer, config)
+    layer = _layer(fn, layer, config)
     if cache is not None:
         _check_cache(fn, cache, x.shape[0], config)
     positions = _step_positions(fn, positions, cache, x.shape[0], x.shape[1], config)
@@ -194,12 +187,13 @@ def _forward(tokens, params, config, positions, cache, tape=None):
 def transformer(tokens, params, config, /, *, cache=None, positions=None):
     fn = "transformer"
     _check_model(fn, params, config)
+    tokens = as_int(fn, "tokens", tokens)
+    checks.check_rank(fn, "tokens", tokens.shape, "(B, S)")
+    start = 0
     if cache is not None:
-        _check_cache(fn, cache, np.shape(tokens)[0] if np.ndim(tokens) else 0, config)
-        start = int(cache.lengths().max())
-        tokens = _tokens(fn, "tokens", tokens, config, start)
-    else:
-        tokens = _tokens(fn, "tokens", tokens, config)
+        _check_cache(fn, cache, tokens.shape[0], config)
+        start = int(cache.lengths().max())  # the longest sequence's new tokens must fit max_seq_len
+    tokens = _tokens(fn, "tokens", tokens, config, start)
     B, S = tokens.shape
     positions = _step_positions(fn, positions, cache, B, S, config)
     if cache is None:
@@ -217,9 +211,7 @@ def generate(params, config, prompt, /, *, max_new_tokens, cache="contiguous"):
     new = checks.check_positive_int(fn, "max_new_tokens", max_new_tokens, allow_zero=True)
     B, P = prompt.shape
     if P + new > config.max_seq_len:
-        raise ValueError(
-            f"{fn}: prompt length {P} + max_new_tokens {new} > max_seq_len = {config.max_seq_len}"
-        )
+        raise ValueError(f"{fn}: prompt length {P} + max_new_tokens {new} > max_seq_len = {config.max_seq_len}")
     if cache is not None:
         checks.check_choice(fn, "cache", cache, ("contiguous", "paged"))
     out = np.empty((B, P + new), dtype=prompt.dtype)
@@ -251,9 +243,7 @@ def _cross_entropy(logits, targets):
     picked = np.take_along_axis(z, targets[..., None], axis=-1)
     loss = (lse - picked).mean()
     dz = np.exp(z - lse)  # softmax
-    np.put_along_axis(
-        dz, targets[..., None], np.take_along_axis(dz, targets[..., None], axis=-1) - 1.0, axis=-1
-    )
+    np.put_along_axis(dz, targets[..., None], np.take_along_axis(dz, targets[..., None], axis=-1) - 1.0, axis=-1)
     return loss, dz / (B * S)
 
 
@@ -264,13 +254,9 @@ def _block_backward(dout, p, config, positions, s, g):
     N, K, H = config.n_heads, config.n_kv_heads, config.head_dim
     # out = h + mlp(m), m = rms_norm(h)
     if config.activation == "swiglu":
-        dm, g["w_gate"], g["w_up"], g["w_down"] = ops.swiglu_backward(
-            s["m"], p["w_gate"], p["w_up"], p["w_down"], dout
-        )
+        dm, g["w_gate"], g["w_up"], g["w_down"] = ops.swiglu_backward(s["m"], p["w_gate"], p["w_up"], p["w_down"], dout)
     else:
-        dm, g["w_in"], g["w_out"] = ops.mlp_backward(
-            s["m"], p["w_in"], p["w_out"], dout, activation=config.activation
-        )
+        dm, g["w_in"], g["w_out"] = ops.mlp_backward(s["m"], p["w_in"], p["w_out"], dout, activation=config.activation)
     dh_norm, g["mlp_norm"] = ops.rms_norm_backward(s["h"], p["mlp_norm"], dm, eps=eps)
     dh = dout + dh_norm
     # h = x + attn(a), a = rms_norm(x)
@@ -281,9 +267,7 @@ def _block_backward(dout, p, config, positions, s, g):
     dk = _rope(dk, positions, config, backward=True)
     da = np.zeros_like(s["a"])
     for name, d, heads in (("wq", dq, N), ("wk", dk, K), ("wv", dv, K)):
-        dxi, dw, _ = ops.linear_backward(
-            s["a"], p[name].reshape(D, heads * H), d.reshape(B, S, heads * H), bias=False
-        )
+        dxi, dw, _ = ops.linear_backward(s["a"], p[name].reshape(D, heads * H), d.reshape(B, S, heads * H), bias=False)
         da += dxi
         g[name] = dw.reshape(D, heads, H)
     dx_norm, g["attn_norm"] = ops.rms_norm_backward(s["x"], p["attn_norm"], da, eps=eps)

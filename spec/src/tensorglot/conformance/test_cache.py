@@ -64,9 +64,7 @@ def test_cached_decoding_equals_recomputation(harness, backend, kind, config_nam
     pieces = []
     for lo, hi in ((0, 5), (5, 6), (6, 7), (7, 9)):  # a prefill, two single steps, a two-token chunk
         pieces.append(
-            harness.get(
-                backend.layers.transformer(harness.put(tok[:, lo:hi], dtype), params, config, cache=cache)
-            )
+            harness.get(backend.layers.transformer(harness.put(tok[:, lo:hi], dtype), params, config, cache=cache))
         )
         assert cache.lengths().tolist() == [hi, hi]
     # The cached pass sums attention over the same keys in a different grouping: rounding only.
@@ -80,9 +78,7 @@ def test_keys_are_stored_after_rope(harness, backend, kind):
     params = init_params(config, 2, dtype="float64")
     tok = tokens((2, 4), seed=2)
     cache = make_cache(backend, config, 2, 8, dtype, kind)
-    backend.layers.transformer(
-        harness.put(tok, dtype), put_params(harness, params, dtype), config, cache=cache
-    )
+    backend.layers.transformer(harness.put(tok, dtype), put_params(harness, params, dtype), config, cache=cache)
     cache.reserve(1)
     zeros = backend.asarray(np.zeros((2, 1, config.n_kv_heads, config.head_dim)), dtype)
     k_all, v_all = cache.update(0, zeros, zeros)
@@ -183,13 +179,9 @@ def test_writing_past_max_len_raises_and_leaves_the_cache_unchanged(harness, bac
         backend.layers.transformer(harness.put(tok[:, 4:6], dtype), params, config, cache=cache)
     assert snapshot(cache) == before
     # ... and what it holds is intact: the next token still equals recomputation.
-    step = harness.get(
-        backend.layers.transformer(harness.put(tok[:, 4:5], dtype), params, config, cache=cache)
-    )
+    step = harness.get(backend.layers.transformer(harness.put(tok[:, 4:5], dtype), params, config, cache=cache))
     full = harness.get(backend.layers.transformer(harness.put(tok[:, :5], dtype), params, config))
-    assert_close(
-        step[:, 0], full[:, 4], dtype, scale=MODEL_SCALE[dtype], what="logits after the refused write"
-    )
+    assert_close(step[:, 0], full[:, 4], dtype, scale=MODEL_SCALE[dtype], what="logits after the refused write")
 
 
 def test_running_out_of_blocks_raises_and_leaves_the_cache_unchanged(harness, backend):

@@ -37,9 +37,7 @@ MODEL_SCALE = {"float64": 1.0, "float32": 4.0, "float16": 8.0, "bfloat16": 8.0}
 
 
 def tiny_config(name: str = "gqa-swiglu-partial-neox", **overrides: Any) -> TransformerConfig:
-    base: dict[str, Any] = dict(
-        vocab_size=13, d_model=8, n_layers=2, n_heads=4, head_dim=4, d_ff=12, max_seq_len=16
-    )
+    base: dict[str, Any] = dict(vocab_size=13, d_model=8, n_layers=2, n_heads=4, head_dim=4, d_ff=12, max_seq_len=16)
     return TransformerConfig(**(base | CONFIGS[name] | overrides))
 
 
@@ -104,12 +102,8 @@ def test_logits_with_positions_match_the_reference(harness, backend):
         config,
         positions=harness.put(positions, dtype),
     )
-    want = harness.reference.layers.transformer(
-        tok, ref_params(harness, params, dtype), config, positions=positions
-    )
-    assert_close(
-        harness.get(got), want, dtype, scale=MODEL_SCALE[dtype], what="transformer logits at positions"
-    )
+    want = harness.reference.layers.transformer(tok, ref_params(harness, params, dtype), config, positions=positions)
+    assert_close(harness.get(got), want, dtype, scale=MODEL_SCALE[dtype], what="transformer logits at positions")
 
 
 def test_blocks_compose_to_the_transformer(harness, backend, config):
@@ -162,9 +156,7 @@ def test_generate_with_a_cache_gives_the_tokens_of_recomputation(harness, backen
     params = put_params(harness, init_params(config, 6, dtype="float64"), dtype)
     prompt = harness.put(tokens((2, 4), seed=3), dtype)
     cached = as_ints(backend, backend.layers.generate(params, config, prompt, max_new_tokens=6, cache=cache))
-    recomputed = as_ints(
-        backend, backend.layers.generate(params, config, prompt, max_new_tokens=6, cache=None)
-    )
+    recomputed = as_ints(backend, backend.layers.generate(params, config, prompt, max_new_tokens=6, cache=None))
     assert cached.shape == (2, 10)
     np.testing.assert_array_equal(cached[:, :4], tokens((2, 4), seed=3))
     np.testing.assert_array_equal(cached, recomputed)
@@ -185,9 +177,7 @@ def test_generate_is_greedy(harness, backend):
     config, dtype = tiny_config(), best_dtype(backend)
     params = put_params(harness, init_params(config, 8, dtype="float64"), dtype)
     prompt = tokens((1, 3), seed=5)
-    out = as_ints(
-        backend, backend.layers.generate(params, config, harness.put(prompt, dtype), max_new_tokens=3)
-    )
+    out = as_ints(backend, backend.layers.generate(params, config, harness.put(prompt, dtype), max_new_tokens=3))
     for t in range(3, 6):
         logits = harness.get(
             backend.layers.transformer(harness.put(out[:, :t].astype(np.int32), dtype), params, config)
@@ -218,16 +208,12 @@ def test_loss_and_gradients_match_the_reference(harness, backend, config, dtype)
     loss, grads = backend.layers.value_and_grad(
         harness.put(tok, dtype), harness.put(tgt, dtype), put_params(harness, params, dtype), config
     )
-    ref_loss, ref_grads = harness.reference.layers.value_and_grad(
-        tok, tgt, ref_params(harness, params, dtype), config
-    )
+    ref_loss, ref_grads = harness.reference.layers.value_and_grad(tok, tgt, ref_params(harness, params, dtype), config)
     assert_close(harness.get(loss), ref_loss, dtype, scale=MODEL_SCALE[dtype], what="loss")
     assert sorted(grads) == sorted(params)
     for name in params:
         assert backend.dtype_name(grads[name]) == dtype, name
-        assert_close(
-            harness.get(grads[name]), ref_grads[name], dtype, scale=MODEL_SCALE[dtype], what=f"d{name}"
-        )
+        assert_close(harness.get(grads[name]), ref_grads[name], dtype, scale=MODEL_SCALE[dtype], what=f"d{name}")
 
 
 @pytest.mark.requires("float64")

@@ -1,0 +1,3 @@
+"""tensorglot-jax: the JAX backend. Import is cheap; `plugin` registers it with tensorglot."""
+
+__version__ = "0.1.0"

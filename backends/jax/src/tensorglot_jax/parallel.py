@@ -1,0 +1,1 @@
+"""JAX parallel strategies: filled by the parallel issue (see `tensorglot.parallel`)."""

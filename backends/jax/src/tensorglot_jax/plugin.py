@@ -1,0 +1,33 @@
+"""Registers the JAX backend. Imports no jax: the backend module loads on first use.
+
+float64 is declared only when JAX itself computes in float64, i.e. when ``JAX_ENABLE_X64`` is set
+(JAX reads the same variable when it starts). tensorglot never turns x64 on behind a user's back:
+that flag changes the default dtype of every ``jnp.arange`` and Python float in the process.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from tensorglot.hookspecs import hookimpl
+
+#: What the backend always provides; ``float64`` is added when x64 is on (see `x64_requested`).
+CAPABILITIES = frozenset({"jit", "grad", "float16", "bfloat16", "layers"})
+
+
+def x64_requested() -> bool:
+    """Whether ``JAX_ENABLE_X64`` asks for x64, parsed as JAX parses it."""
+    return os.environ.get("JAX_ENABLE_X64", "").strip().lower() in ("1", "y", "yes", "t", "true", "on")
+
+
+def _load():
+    from .backend import JaxBackend
+
+    return JaxBackend()
+
+
+@hookimpl
+def tensorglot_register_backends(register: Callable[..., None]) -> None:
+    caps = CAPABILITIES | {"float64"} if x64_requested() else CAPABILITIES
+    register("jax", _load, capabilities=caps, framework="jax")

@@ -1,0 +1,20 @@
+"""Registers the torch backend. Imports no torch: the backend module loads on first use."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from tensorglot.hookspecs import hookimpl
+
+CAPABILITIES = frozenset({"float64", "float16", "bfloat16", "grad", "layers"})
+
+
+def _load():
+    from .backend import TorchBackend
+
+    return TorchBackend()
+
+
+@hookimpl
+def tensorglot_register_backends(register: Callable[..., None]) -> None:
+    register("torch", _load, capabilities=CAPABILITIES, framework="torch")

@@ -1,0 +1,240 @@
+"""Every autograd.Function passes gradcheck in float64, and autograd through each public op equals the
+op's explicit ``*_backward`` (the two share code, so this pins the wiring: argument order, needs, casts)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tensorglot_torch import encodings, ops
+from tensorglot_torch.encodings import Rope
+
+F64 = torch.float64
+
+
+@pytest.fixture(params=[64, 2], ids=["one-block", "blocks-of-2"])
+def block(request, monkeypatch):
+    """Causal attention runs in blocks of query rows; 2 makes the small cases cross block edges."""
+    monkeypatch.setattr(ops, "_BLOCK", request.param)
+    return request.param
+
+
+def randn(*shape, dtype=F64, seed=0):
+    g = torch.Generator().manual_seed(seed + len(shape) * 7 + sum(shape))
+    return torch.randn(*shape, generator=g, dtype=F64).to(dtype).requires_grad_()
+
+
+def gradcheck(fn, *inputs):
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+# -- gradcheck, one per Function and option ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("axis", [-1, 0])
+def test_softmax_gradcheck(axis):
+    gradcheck(lambda x: ops.Softmax.apply(x, axis % 2), randn(3, 5))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_gradcheck(bias):
+    b = randn(4) if bias else None
+    gradcheck(
+        lambda x, w, *b: ops.Linear.apply(x, w, *b) if b else ops.Linear.apply(x, w, None),
+        randn(2, 3, 5),
+        randn(5, 4),
+        *([b] if bias else []),
+    )
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu"])
+def test_mlp_gradcheck(activation):
+    gradcheck(lambda x, a, b: ops.MLP.apply(x, a, b, activation), randn(2, 3, 4), randn(4, 6), randn(6, 4))
+
+
+def test_swiglu_gradcheck():
+    gradcheck(ops.SwiGLU.apply, randn(2, 3, 4), randn(4, 6), randn(4, 6), randn(6, 4))
+
+
+def test_rms_norm_gradcheck():
+    gradcheck(lambda x, w: ops.RMSNorm.apply(x, w, 1e-6), randn(2, 3, 5), randn(5))
+
+
+@pytest.mark.parametrize(
+    "n,k,causal,with_mask,s,t",
+    [(4, 2, True, False, 3, 5), (2, 2, False, True, 4, 4), (3, 1, True, True, 4, 3), (2, 1, True, False, 5, 2)],
+)
+def test_attention_gradcheck(n, k, causal, with_mask, s, t, block):
+    mask = None
+    if with_mask:
+        mask = torch.rand(2, 1, s, t, generator=torch.Generator().manual_seed(1)) > 0.3
+        mask[0, 0, 0] = False  # a query that sees nothing: zeros and no gradient
+    scale = 0.7
+
+    def f(q, k_, v):
+        return ops.Attention.apply(q, k_, v, causal, mask, scale)
+
+    gradcheck(f, randn(2, s, n, 3), randn(2, t, k, 3, seed=1), randn(2, t, k, 3, seed=2))
+
+
+@pytest.mark.parametrize("style", ["interleaved", "neox"])
+@pytest.mark.parametrize("rotary_dim", [None, 2])
+def test_rope_gradcheck(style, rotary_dim):
+    x = randn(2, 3, 2, 4)
+    r = 4 if rotary_dim is None else rotary_dim
+    positions = torch.tensor([0, 5, 2])
+    cos, sin = encodings._cos_sin("rope", x, positions, 100.0, r, {"type": "linear", "factor": 2.0}, 1.0)
+    gradcheck(lambda x: Rope.apply(x, cos, sin, style, r), x)
+
+
+# -- autograd through the public op equals its explicit backward --------------------------------------
+
+
+def autograd(fn, inputs, dy):
+    y = fn(*inputs)
+    y.backward(dy)
+    return [None if t is None else t.grad for t in inputs]
+
+
+def assert_same(got, want, dtype):
+    tol = {F64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}[dtype]
+    for g, w in zip(got, want, strict=True):
+        assert (g is None) == (w is None)
+        if g is not None:
+            assert g.dtype == w.dtype == dtype
+            torch.testing.assert_close(g, w, rtol=tol, atol=tol)
+
+
+DTYPES = [F64, torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softmax_autograd_equals_backward(dtype):
+    x, dy = randn(3, 6, dtype=dtype), randn(3, 6, dtype=dtype, seed=9).detach()
+    got = autograd(lambda x: ops.softmax(x, axis=0), [x], dy)
+    assert_same(got, [ops.softmax_backward(ops.softmax(x, axis=0).detach(), dy, axis=0)], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_autograd_equals_backward(dtype, bias):
+    x, w = randn(2, 3, 4, dtype=dtype), randn(4, 5, dtype=dtype)
+    b = randn(5, dtype=dtype) if bias else None
+    dy = randn(2, 3, 5, dtype=dtype, seed=9).detach()
+    got = autograd(lambda x, w: ops.linear(x, w, b), [x, w], dy)
+    if bias:
+        got.append(b.grad)
+    want = ops.linear_backward(x.detach(), w.detach(), dy, bias=bias)
+    assert_same(got, list(want[:3] if bias else want[:2]), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu"])
+def test_mlp_autograd_equals_backward(dtype, activation):
+    inputs = [randn(2, 3, 4, dtype=dtype), randn(4, 8, dtype=dtype), randn(8, 4, dtype=dtype)]
+    dy = randn(2, 3, 4, dtype=dtype, seed=9).detach()
+    got = autograd(lambda *a: ops.mlp(*a, activation=activation), inputs, dy)
+    assert_same(got, ops.mlp_backward(*(t.detach() for t in inputs), dy, activation=activation), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_swiglu_autograd_equals_backward(dtype):
+    inputs = [
+        randn(2, 3, 4, dtype=dtype),
+        randn(4, 8, dtype=dtype),
+        randn(4, 8, dtype=dtype, seed=3),
+        randn(8, 4, dtype=dtype),
+    ]
+    dy = randn(2, 3, 4, dtype=dtype, seed=9).detach()
+    got = autograd(ops.swiglu, inputs, dy)
+    assert_same(got, ops.swiglu_backward(*(t.detach() for t in inputs), dy), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_autograd_equals_backward(dtype):
+    inputs = [randn(2, 3, 8, dtype=dtype), randn(8, dtype=dtype)]
+    dy = randn(2, 3, 8, dtype=dtype, seed=9).detach()
+    got = autograd(lambda x, w: ops.rms_norm(x, w, eps=1e-5), inputs, dy)
+    assert_same(got, ops.rms_norm_backward(*(t.detach() for t in inputs), dy, eps=1e-5), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal,with_mask", [(True, False), (False, True), (True, True)])
+def test_attention_autograd_equals_backward(dtype, causal, with_mask, block):
+    mask = ops.padding_mask(torch.tensor([3, 0]), 5) if with_mask else None  # sequence 1 sees nothing
+    inputs = [
+        randn(2, 4, 6, 8, dtype=dtype),
+        randn(2, 5, 2, 8, dtype=dtype, seed=1),
+        randn(2, 5, 2, 8, dtype=dtype, seed=2),
+    ]
+    dy = randn(2, 4, 6, 8, dtype=dtype, seed=9).detach()
+    kw = dict(causal=causal, mask=mask, scale=None)
+    got = autograd(lambda *a: ops.attention(*a, **kw), inputs, dy)
+    assert_same(got, ops.attention_backward(*(t.detach() for t in inputs), dy, **kw), dtype)
+    if with_mask:
+        assert torch.all(inputs[0].grad[1] == 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("style", ["interleaved", "neox"])
+def test_rope_autograd_equals_backward(dtype, style):
+    x = randn(2, 3, 2, 8, dtype=dtype)
+    dy = randn(2, 3, 2, 8, dtype=dtype, seed=9).detach()
+    kw = dict(
+        positions=torch.tensor([[1, 2, 3], [7, 0, 4]]),
+        theta=500.0,
+        style=style,
+        rotary_dim=6,
+        scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+    )
+    got = autograd(lambda x: encodings.rope(x, **kw), [x], dy)
+    assert_same(got, [encodings.rope_backward(dy, **kw)], dtype)
+
+
+# -- inputs that disagree: dtype and device ------------------------------------------------------------
+
+
+def test_dtype_mismatch_names_the_op_and_both_dtypes():
+    with pytest.raises(TypeError, match=r"linear: inputs must share one dtype, got x=float32, w=float64"):
+        ops.linear(torch.ones(2, 3), torch.ones(3, 4, dtype=F64))
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda x, m: ops.linear(x, m),
+        lambda x, m: ops.rms_norm(torch.ones(2, 4), torch.ones(4, device="meta")),
+        lambda x, m: ops.attention(
+            torch.ones(1, 2, 2, 4), torch.ones(1, 2, 1, 4, device="meta"), torch.ones(1, 2, 1, 4)
+        ),
+        lambda x, m: ops.attention(
+            torch.ones(1, 2, 2, 4),
+            torch.ones(1, 2, 1, 4),
+            torch.ones(1, 2, 1, 4),
+            mask=torch.ones(2, 2, dtype=torch.bool, device="meta"),
+        ),
+    ],
+    ids=["linear", "rms_norm", "attention-k", "attention-mask"],
+)
+def test_device_mismatch_is_a_clear_error(call):
+    # the meta device stands in for a second device on a machine with one
+    with pytest.raises(TypeError, match=r"inputs must be on one device, got .*cpu.*meta|meta.*cpu"):
+        call(torch.ones(2, 3), torch.ones(3, 4, device="meta"))
+
+
+def test_ops_run_on_the_inputs_device():
+    # meta tensors carry no data: any op that makes a CPU tensor inside (a hard-coded device) fails here
+    x = torch.ones(2, 3, 4, 8, device="meta")
+    assert ops.attention(x, x, x, causal=True).device.type == "meta"
+    assert encodings.rope(x).device.type == "meta"
+
+
+@pytest.mark.parametrize("s,t", [(5, 5), (7, 3), (3, 7)])
+def test_blocked_causal_attention_equals_one_block(s, t, monkeypatch):
+    q, k, v = randn(2, s, 4, 8).detach(), randn(2, t, 2, 8, seed=1).detach(), randn(2, t, 2, 8, seed=2).detach()
+    dy = randn(2, s, 4, 8, seed=3).detach()
+    whole = ops.attention(q, k, v, causal=True), *ops.attention_backward(q, k, v, dy, causal=True)
+    monkeypatch.setattr(ops, "_BLOCK", 2)
+    blocked = ops.attention(q, k, v, causal=True), *ops.attention_backward(q, k, v, dy, causal=True)
+    for a, b in zip(blocked, whole, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
