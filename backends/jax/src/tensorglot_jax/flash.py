@@ -95,7 +95,7 @@ def _forward(qg, kh, vh, mg, causal, bs, S, T):
 
 def _backward(qg, kh, vh, mg, causal, bs, S, T, out, lse, dyg):
     """(dq (B, K, G, Sp, H) without the scale, dk, dv (B, K, Tp, H)), recomputing each tile."""
-    B, K, G, Sp, H = qg.shape
+    B, K, _, Sp, H = qg.shape
     nq, nk = Sp // bs, kh.shape[2] // bs
     delta = jnp.sum(dyg * out, axis=-1)  # D = rowsum(dy ⊙ O), (B, K, G, Sp)
     lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)  # exp(s − ∞) = 0: a query that saw nothing passes nothing

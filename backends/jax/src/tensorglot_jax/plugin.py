@@ -13,7 +13,7 @@ from collections.abc import Callable
 from tensorglot.hookspecs import hookimpl
 
 #: What the backend always provides; ``float64`` is added when x64 is on (see `x64_requested`).
-CAPABILITIES = frozenset({"jit", "grad", "float16", "bfloat16", "layers"})
+CAPABILITIES = frozenset({"jit", "grad", "float16", "bfloat16", "layers", "flash"})
 
 
 def x64_requested() -> bool:

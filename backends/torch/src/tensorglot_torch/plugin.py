@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from tensorglot.hookspecs import hookimpl
 
-CAPABILITIES = frozenset({"float64", "float16", "bfloat16", "grad", "layers"})
+CAPABILITIES = frozenset({"float64", "float16", "bfloat16", "grad", "layers", "flash"})
 
 
 def _load():
