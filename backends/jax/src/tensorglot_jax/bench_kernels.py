@@ -4,6 +4,7 @@ matmul rate, and ``jax.jit`` of a whole Transformer training step against op-by-
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -16,13 +17,28 @@ from tensorglot.bench import Row, ratio_row, time_median
 from . import ops
 
 
+def paired_medians(ours: Callable[[], Any], baseline: Callable[[], Any], *, repeats: int = 5) -> tuple[float, float]:
+    """Medians of ``repeats`` runs each after a warm-up, the two alternating so that a change in the
+    load of the (shared) machine hits both alike."""
+    ours()
+    baseline()
+    t_ours, t_base = [], []
+    for _ in range(repeats):
+        t_ours.append(time_median(ours, repeats=1, warmup=0))
+        t_base.append(time_median(baseline, repeats=1, warmup=0))
+    return statistics.median(t_ours), statistics.median(t_base)
+
+
 def _timed(fn: Callable[..., Any], *args: Any) -> float:
     return time_median(lambda: jax.block_until_ready(fn(*args)), warmup=2)
 
 
 def temp_bytes(fn: Callable[..., Any], *args: Any) -> int:
     """Bytes of temporaries XLA allocates for the compiled ``fn`` (inputs and outputs not counted)."""
-    return int(jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes)
+    analysis = jax.jit(fn).lower(*args).compile().memory_analysis()
+    if analysis is None:
+        raise RuntimeError("bench: this JAX platform gives no memory analysis of compiled programs")
+    return int(analysis.temp_size_in_bytes)
 
 
 def memory_row(name: str, ours: int, baseline: int, *, limit: float, sizes: dict[str, Any], note: str = "") -> Row:
@@ -45,7 +61,12 @@ def attention_rows(quick: bool) -> Iterator[Row]:
 
     naive_jit, flash_jit = jax.jit(naive), jax.jit(flash)
     yield ratio_row(
-        "attention.flash_vs_naive.time", _timed(flash_jit, q, k, v), _timed(naive_jit, q, k, v), limit=1.25, sizes=sizes
+        "attention.flash_vs_naive.time",
+        *paired_medians(
+            lambda: jax.block_until_ready(flash_jit(q, k, v)), lambda: jax.block_until_ready(naive_jit(q, k, v))
+        ),
+        limit=1.25,
+        sizes=sizes,
     )
     yield memory_row(
         "attention.flash_vs_naive.peak_memory",

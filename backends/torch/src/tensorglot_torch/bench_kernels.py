@@ -4,6 +4,7 @@ training step against eager."""
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -13,6 +14,18 @@ import torch
 from tensorglot.bench import Row, ratio_row, time_median
 
 from . import ops
+
+
+def paired_medians(ours: Callable[[], Any], baseline: Callable[[], Any], *, repeats: int = 5) -> tuple[float, float]:
+    """Medians of ``repeats`` runs each after a warm-up, the two alternating so that a change in the
+    load of the (shared) machine hits both alike."""
+    ours()
+    baseline()
+    t_ours, t_base = [], []
+    for _ in range(repeats):
+        t_ours.append(time_median(ours, repeats=1, warmup=0))
+        t_base.append(time_median(baseline, repeats=1, warmup=0))
+    return statistics.median(t_ours), statistics.median(t_base)
 
 
 def _rss_kib(field: str) -> int:
@@ -55,7 +68,7 @@ def attention_rows(quick: bool) -> Iterator[Row]:
     def flash():
         return ops.flash_attention(q, k, v, causal=True, block_size=bs)
 
-    yield ratio_row("attention.flash_vs_naive.time", time_median(flash), time_median(naive), limit=1.25, sizes=sizes)
+    yield ratio_row("attention.flash_vs_naive.time", *paired_medians(flash, naive), limit=1.25, sizes=sizes)
     yield memory_row(
         "attention.flash_vs_naive.peak_memory",
         peak_rss_bytes(flash),

@@ -146,8 +146,8 @@ class FlashAttention(torch.autograd.Function):
         B, K, S, G, H = qs.shape
         dyg = dy.to(qs.dtype).reshape(B, S, K, G, H).permute(0, 2, 1, 3, 4).contiguous()  # (B, K, S, G, H)
         needs = ctx.needs_input_grad[:3]
-        grads = _backward(qs, kh, vh, ctx.mg, ctx.causal, ctx.block_size, out, lse, dyg, needs)
-        dq, dk, dv = _to_public(*grads, ctx.scale, dy.dtype)
+        dq, dk, dv = _backward(qs, kh, vh, ctx.mg, ctx.causal, ctx.block_size, out, lse, dyg, needs)
+        dq, dk, dv = _to_public(dq, dk, dv, ctx.scale, dy.dtype)
         return (*(g if n else None for g, n in zip((dq, dk, dv), needs)), None, None, None, None)
 
 
@@ -183,4 +183,5 @@ def flash_attention_backward(q, k, v, dy, /, *, causal=False, mask=None, scale=N
     qs, kh, vh, mg = _layout(q, k, v, mask, scale)
     out, lse = _forward(qs, kh, vh, mg, causal, block_size)
     dyg = dy.to(qs.dtype).reshape(B, S, K, N // K, H).permute(0, 2, 1, 3, 4).contiguous()  # (B, K, S, G, H)
-    return _to_public(*_backward(qs, kh, vh, mg, causal, block_size, out, lse, dyg), scale, q.dtype)
+    dq, dk, dv = _backward(qs, kh, vh, mg, causal, block_size, out, lse, dyg)
+    return _to_public(dq, dk, dv, scale, q.dtype)
