@@ -43,6 +43,7 @@ def temp_bytes(fn: Callable[..., Any], *args: Any) -> int:
 
 def memory_row(name: str, ours: int, baseline: int, *, limit: float, sizes: dict[str, Any], note: str = "") -> Row:
     r = ours / max(baseline, 1)
+    note = f"baseline {baseline / 2**20:.1f} MiB" + (f"; {note}" if note else "")
     return Row(name, ours / 2**20, "MiB", ratio=r, target=f"<= {limit:g}", met=r <= limit, sizes=sizes, note=note)
 
 

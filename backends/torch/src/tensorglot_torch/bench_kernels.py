@@ -49,6 +49,7 @@ def peak_rss_bytes(fn: Callable[[], Any]) -> int:
 
 def memory_row(name: str, ours: int, baseline: int, *, limit: float, sizes: dict[str, Any], note: str = "") -> Row:
     r = ours / max(baseline, 1)
+    note = f"baseline {baseline / 2**20:.1f} MiB" + (f"; {note}" if note else "")
     return Row(name, ours / 2**20, "MiB", ratio=r, target=f"<= {limit:g}", met=r <= limit, sizes=sizes, note=note)
 
 
@@ -75,7 +76,7 @@ def attention_rows(quick: bool) -> Iterator[Row]:
         peak_rss_bytes(naive),
         limit=1 / 8,
         sizes=sizes,
-        note="peak RSS above the baseline (/proc VmHWM)",
+        note="peak RSS above the RSS before the call (/proc VmHWM); 0 when the tiles fit in pages already held",
     )
 
 
