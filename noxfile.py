@@ -20,6 +20,9 @@ BACKENDS = [b for b in ALL_BACKENDS if (ROOT / "backends" / b / "pyproject.toml"
 HAS_PLOTS = (ROOT / "plots" / "pyproject.toml").exists()
 CONSTRAINTS = ("-c", "constraints.txt")
 TEST_DEPS = ("pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100")
+# One BLAS/OpenMP thread per process: tests and figures start several processes (ranks, workers) on few
+# cores, and oversubscribed thread pools there cost 10× more than they give. Benchmarks keep the default.
+SINGLE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def _packages(*backends: str, editable: bool = False) -> list[str]:
@@ -35,6 +38,12 @@ def _packages(*backends: str, editable: bool = False) -> list[str]:
 def conformance(session: nox.Session, backend: str) -> None:
     """The conformance suite against one backend, in an environment with only that backend."""
     session.install(*CONSTRAINTS, *_packages(backend))
+    session.env.update(SINGLE_THREAD)
+    if backend == "jax":
+        # float64 (the reference dtype, central differences) and 4 fake CPU devices for the sharded steps;
+        # both must be set before jax initialises.
+        session.env["JAX_ENABLE_X64"] = "1"
+        session.env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
     xfails = ROOT / "backends" / backend / "conformance-xfails.txt"
     session.run(
         "pytest",
@@ -53,8 +62,11 @@ def conformance(session: nox.Session, backend: str) -> None:
 @nox.session
 def tests(session: nox.Session) -> None:
     """Doctests of the spec, the cross-package tests, each backend's own tests, the plots' tests."""
+    session.env.update(SINGLE_THREAD)
     extra = ["-e", "./plots"] if HAS_PLOTS else []
-    session.install(*CONSTRAINTS, *_packages(*BACKENDS, editable=True), *extra, *TEST_DEPS, "safetensors", "tqdm")
+    session.install(
+        *CONSTRAINTS, *_packages(*BACKENDS, editable=True), *extra, *TEST_DEPS, "safetensors", "tqdm", "transformers"
+    )
     session.run(
         "pytest",
         "--doctest-modules",
@@ -93,6 +105,7 @@ def plots(session: nox.Session, backend: str) -> None:
     if not HAS_PLOTS:
         session.log("no plots package is installed yet (tensorglot-plots): nothing to draw")
         return
+    session.env.update(SINGLE_THREAD)
     session.install(*CONSTRAINTS, *_packages(backend), "./plots")
     session.run("tensorglot", "plots", "--backend", backend, "--out", f"plots/out/{backend}")
     if backend == "numpy":

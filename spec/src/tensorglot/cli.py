@@ -17,17 +17,19 @@ from .registry import registry
 
 
 def _builtins() -> dict[str, tuple[str, object]]:
-    from . import bench, cli_backends
+    from . import bench, cli_backends, cli_parallel, cli_serve
 
     return {
         "backends": (
             "list the installed backends, their versions, capabilities and load errors",
             cli_backends,
         ),
+        "parallel": ("run a parallel strategy's training step: error, bytes per device, time", cli_parallel),
         "bench": (
             "run a backend's benchmark table (ratios against built-ins measured in the same run)",
             bench,
         ),
+        "serve": ("serve requests with prefill and decode workers (tensorglot-torch), print metrics", cli_serve),
     }
 
 

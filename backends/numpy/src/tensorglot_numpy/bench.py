@@ -17,7 +17,7 @@ import numpy as np
 from tensorglot import TransformerConfig, init_params
 from tensorglot.bench import Row, time_median
 
-from . import encodings, layers, ops
+from . import encodings, layers, ops, parallel
 
 #: Forward + backward of one op, at a size for the full table and one for ``--quick``.
 OP_SIZES: dict[str, tuple[dict[str, int], dict[str, int]]] = {
@@ -165,3 +165,4 @@ def rows(*, quick: bool = False) -> Iterable[Row]:
     yield from op_rows(quick=quick)
     yield mlp_flops_row(quick=quick)
     yield from generation_rows(quick=quick)
+    yield from parallel.parallel_rows(quick)

@@ -1,0 +1,62 @@
+"""`tensorglot serve`: the JSON shape, --prompts, --checkpoint (a tiny offline Llama), and errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import tensorglot
+from tensorglot.cli import main
+
+pytest.importorskip("torch", reason="serving's transport is torch.distributed")
+
+
+@pytest.mark.timeout(120)
+def test_serve_json_with_prompts_file(tmp_path, capsys):
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8], list(range(510))]  # 510 + 5 passes max_seq_len = 512
+    path = tmp_path / "prompts.json"
+    path.write_text(json.dumps(prompts))
+    argv = ["serve", "--backend", "numpy", "--prompts", str(path), "--max-new-tokens", "5", "--colocated"]
+    assert main([*argv, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) == {"requests", "summary"}
+    first = out["requests"][0]
+    assert {"prompt", "tokens", "ttft_s", "tpot_s", "kv_bytes"} <= set(first)
+    assert first["prompt"] == [1, 2, 3] and len(first["tokens"]) == 5
+    assert out["requests"][2]["tokens"] == [] and "max_seq_len = 512" in out["requests"][2]["error"]
+    s = out["summary"]
+    assert {"ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s", "tokens_per_s"} <= set(s)
+    assert (s["completed"], s["rejected"]) == (2, 1)
+
+
+@pytest.mark.timeout(180)
+def test_serve_a_hugging_face_checkpoint_gives_generate_tokens(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers", reason="the checkpoint is built with transformers")
+    cfg = transformers.LlamaConfig(
+        vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    import torch
+
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "ckpt", safe_serialization=True)
+    prompts = [[3, 1, 4, 1, 5], [9, 2, 6]]
+    (tmp_path / "p.json").write_text(json.dumps(prompts))
+    argv = ["serve", "--backend", "numpy", "--checkpoint", str(tmp_path / "ckpt"), "--prompts"]
+    assert main([*argv, str(tmp_path / "p.json"), "--max-new-tokens", "6", "--prefill-workers", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    from tensorglot.checkpoints import load_llama
+
+    params, config = load_llama(tmp_path / "ckpt")
+    layers = tensorglot.get_backend("numpy").layers
+    for p, rec in zip(prompts, out["requests"]):
+        assert rec["tokens"] == layers.generate(params, config, np.array([p]), max_new_tokens=6)[0, len(p) :].tolist()
+        assert rec["kv_bytes"] == 2 * 2 * len(p) * 2 * 8 * 4  # k and v, 2 layers, (P, K=2, H=8) float32
+
+
+def test_bad_prompt_len_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit):
+        main(["serve", "--prompt-len", "9:3"])
+    assert "1 <= A <= B" in capsys.readouterr().err

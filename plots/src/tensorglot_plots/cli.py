@@ -1,0 +1,57 @@
+"""``tensorglot plots``: a command added to the core CLI through the plugin hook (the entry point
+``cli.plots`` in group ``tensorglot``), so the core needs no matplotlib. This module imports neither
+matplotlib nor a framework: `run` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+from tensorglot.hookspecs import hookimpl
+
+from . import FIGURES
+
+HELP = "regenerate the figures (PNG) with one backend"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", default=None, help="backend that computes the figures (default: the selected one)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="directory the PNGs are written to")
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=FIGURES,
+        metavar="NAME",
+        help=f"draw only this figure (repeatable); one of {', '.join(FIGURES)}",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import tensorglot
+
+    from . import FigureSkipped, render
+
+    backend = tensorglot.get_backend(args.backend)
+    names = [n for n in FIGURES if not args.only or n in args.only]
+    print(f"tensorglot plots: backend {backend.name}, {len(names)} figure(s) into {args.out}", flush=True)
+    written = skipped = 0
+    for i, name in enumerate(names, 1):
+        prefix = f"[{i:>{len(str(len(names)))}}/{len(names)}] {name:20}"
+        print(prefix, end=" ", flush=True)
+        try:
+            path, seconds = render(name, backend, args.out)
+        except FigureSkipped as exc:
+            print(f"skipped: {exc}", flush=True)
+            skipped += 1
+            continue
+        print(f"wrote {path} ({seconds:.1f} s)", flush=True)
+        written += 1
+    print(f"tensorglot plots: {written} written, {skipped} skipped")
+    return 0
+
+
+@hookimpl
+def tensorglot_register_commands(register: Callable[..., Any]) -> None:
+    register("plots", HELP, configure, run)

@@ -1,0 +1,156 @@
+"""``tensorglot serve``: disaggregated (or colocated) serving of a batch of requests, with metrics.
+
+The work is done by ``tensorglot_torch.serving`` (torch.distributed is the transport whatever the
+backend), imported only when the command runs. Without ``--checkpoint`` a seeded random model of the
+size `DEMO_MODEL` states is served; prompts are random ids of lengths drawn from ``--prompt-len A:B``
+unless ``--prompts FILE`` (a JSON list of token-id lists) gives them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import numpy as np
+
+#: The random model served without --checkpoint (a Llama-shaped toy: swiglu, GQA, NeoX RoPE).
+DEMO_MODEL: dict[str, Any] = {
+    "vocab_size": 512,
+    "d_model": 128,
+    "n_layers": 4,
+    "n_heads": 8,
+    "n_kv_heads": 2,
+    "head_dim": 16,
+    "d_ff": 384,
+    "activation": "swiglu",
+    "rope_style": "neox",
+    "max_seq_len": 512,
+}
+
+
+def _range(text: str, name: str) -> tuple[int, int]:
+    try:
+        lo, _, hi = text.partition(":")
+        a, b = int(lo), int(hi or lo)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{name} must be N or A:B with ints, got {text!r}") from None
+    if not 1 <= a <= b:
+        raise argparse.ArgumentTypeError(f"{name} must satisfy 1 <= A <= B, got {text!r}")
+    return a, b
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", default="torch", help="the backend that runs the model (default torch)")
+    parser.add_argument("--prefill-workers", type=int, default=1, metavar="P", help="prefill processes")
+    parser.add_argument("--requests", type=int, default=8, metavar="R", help="how many requests")
+    parser.add_argument(
+        "--prompt-len", type=lambda s: _range(s, "--prompt-len"), default=(8, 64), metavar="A:B",
+        help="random prompt lengths, uniform in [A, B] (default 8:64)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-new-tokens", type=lambda s: _range(s, "--max-new-tokens"), default=(16, 16), metavar="N",
+        help="tokens to generate per request: N, or A:B for a mix (default 16)",
+    )  # fmt: skip
+    parser.add_argument("--checkpoint", metavar="DIR", help="a Hugging Face Llama dir (config.json + safetensors)")
+    parser.add_argument("--prompts", metavar="FILE", help="a JSON list of token-id lists (instead of random)")
+    parser.add_argument("--colocated", action="store_true", help="prefill and decode interleaved in one process")
+    parser.add_argument("--arrival-interval", type=float, default=0.0, metavar="S", help="seconds between arrivals")
+    parser.add_argument("--timeout", type=float, default=30.0, metavar="S", help="per-transfer timeout (s)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float64", "float16"))
+    parser.add_argument("--seed", type=int, default=0, help="seeds the random model and prompts")
+    parser.add_argument("--json", action="store_true", help='print {"requests": [...], "summary": {...}}')
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        from tensorglot_torch.serving import Model, Request, serve
+    except ImportError as exc:
+        raise RuntimeError(f"serve needs tensorglot-torch (pip install tensorglot-torch): {exc}") from None
+    rng = np.random.default_rng(args.seed)
+    if args.checkpoint:
+        model = Model(args.backend, checkpoint=args.checkpoint, dtype=args.dtype)
+        from .checkpoints import load_llama
+
+        vocab = load_llama(args.checkpoint)[1].vocab_size
+        described = f"checkpoint {args.checkpoint}"
+    else:
+        model = Model(args.backend, DEMO_MODEL, seed=args.seed, dtype=args.dtype)
+        vocab = DEMO_MODEL["vocab_size"]
+        described = "random model " + ", ".join(f"{k}={v}" for k, v in DEMO_MODEL.items())
+    if args.prompts:
+        with open(args.prompts) as fh:
+            prompts = [np.asarray(p, dtype=np.int64) for p in json.load(fh)]
+    else:
+        lo, hi = args.prompt_len
+        prompts = [rng.integers(0, vocab, size=int(rng.integers(lo, hi + 1))) for _ in range(args.requests)]
+    lo, hi = args.max_new_tokens
+    requests = [
+        Request(i, p, int(rng.integers(lo, hi + 1)), arrival_s=i * args.arrival_interval) for i, p in enumerate(prompts)
+    ]
+    bar = _progress(len(requests))
+    try:
+        out = serve(
+            requests,
+            model,
+            prefill_workers=args.prefill_workers,
+            colocated=args.colocated,
+            timeout_s=args.timeout,
+            on_progress=lambda n: bar.update(n - bar.n),
+        )
+    finally:
+        bar.close()
+    if args.json:
+        print(json.dumps({"requests": out["requests"], "summary": out["summary"]}, indent=1))
+        return 0
+    s = out["summary"]
+    print(f"tensorglot serve: {s['mode']}, backend {args.backend}, {described}")
+    for event in out["events"]:
+        print(f"  event: {event}")
+    print(f"{'id':>4} {'prompt':>6} {'new':>4} {'ttft ms':>9} {'tpot ms':>9} {'kv KiB':>8}  tokens / error")
+    for r in out["requests"]:
+        if r["error"]:
+            print(f"{r['id']:>4} {len(r['prompt']):>6} {'-':>4} {'-':>9} {'-':>9} {'-':>8}  {r['error']}")
+            continue
+        tpot = "-" if r["tpot_s"] is None else f"{1e3 * r['tpot_s']:.2f}"
+        head = " ".join(map(str, r["tokens"][:8])) + (" ..." if len(r["tokens"]) > 8 else "")
+        print(
+            f"{r['id']:>4} {len(r['prompt']):>6} {len(r['tokens']):>4} {1e3 * r['ttft_s']:>9.2f} {tpot:>9} "
+            f"{r['kv_bytes'] / 1024:>8.1f}  {head}"
+        )
+    print(_summary_line(s))
+    return 0
+
+
+def _summary_line(s: dict[str, Any]) -> str:
+    def ms(x: float | None) -> str:
+        return "-" if x is None else f"{1e3 * x:.2f} ms"
+
+    share = s["transfer_share_of_ttft_p50"]
+    return (
+        f"completed {s['completed']}/{s['requests']} (rejected {s['rejected']}, recomputed {s['recomputed']}); "
+        f"TTFT p50 {ms(s['ttft_p50_s'])} p99 {ms(s['ttft_p99_s'])}; TPOT p50 {ms(s['tpot_p50_s'])} "
+        f"p99 {ms(s['tpot_p99_s'])}; transfer share of TTFT p50 {'-' if share is None else f'{share:.1%}'}; "
+        f"{s['tokens_per_s']:.1f} tokens/s"
+    )
+
+
+class _NoBar:
+    n = 0
+
+    def update(self, k: int) -> None:
+        self.n += k
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int) -> Any:
+    if not sys.stderr.isatty():
+        return _NoBar()
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(total=total, desc="requests", unit="req", file=sys.stderr)

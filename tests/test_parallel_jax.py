@@ -1,0 +1,126 @@
+"""JAX strategies on a Mesh: HLO byte counting, dp×tp on a 2-D mesh, device limits, bfloat16 on XLA:CPU.
+
+The fake CPU devices need XLA_FLAGS before JAX initialises, so every test that runs JAX does so in a
+fresh interpreter (the ``run_python`` fixture); parsing HLO text needs no devices and runs here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+
+from tensorglot.parallel import Collective
+
+jp = pytest.importorskip("tensorglot_jax.parallel")
+
+pytestmark = pytest.mark.distributed
+
+
+def _env(devices: int) -> dict[str, str]:
+    return {
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
+    }
+
+
+HLO = """
+  %psum.1 = f32[8,4]{1,0} all-reduce(%dot.1), channel_id=1, replica_groups={{0,1},{2,3}}, use_global_device_ids=true
+  %all-reduce = (f32[4,4]{1,0}, bf16[4,4]{1,0}) all-reduce(%a, %b), channel_id=2, replica_groups=[2,2]<=[2,2]T(1,0)
+  %ag = f32[8,4]{1,0} all-gather(%s), channel_id=3, replica_groups=[1,4]<=[4], dimensions={0}
+  %rs = f32[2,4]{1,0} reduce-scatter(%g), channel_id=4, replica_groups={{0,1,2,3}}, dimensions={0}, to_apply=%add
+  ROOT %pp = f32[2,4]{1,0} collective-permute(%h), channel_id=5, source_target_pairs={{0,1},{1,2}}
+"""
+
+
+def test_hlo_collectives_read_kind_bytes_groups_and_pairs():
+    per_device = jp.hlo_collectives(HLO, 4)
+    assert per_device[0] == [
+        Collective("all_reduce", "%psum.1", 128, 2),  # 8·4·4 bytes, rows {0,1}
+        Collective("all_reduce", "%all-reduce", 96, 2),  # a tuple: 64 + 32 bytes; iota groups {0,2},{1,3}
+        Collective("all_gather", "%ag", 128, 4),
+        Collective("reduce_scatter", "%rs", 128, 4),  # the operand: 4 × the (2, 4) result
+        Collective("send", "%pp", 32, 2),
+    ]
+    # devices 0 and 1 are the sources of the pairs; 2 and 3 only receive
+    assert [c.kind for c in per_device[1]][-1] == "send"
+    for d in (2, 3):
+        assert [c.kind for c in per_device[d]] == ["all_reduce", "all_reduce", "all_gather", "reduce_scatter"]
+    assert jp._replica_groups("replica_groups=[2,2]<=[2,2]T(1,0), x", 4) == [[0, 2], [1, 3]]
+    assert sum(c.bytes_per_device for c in per_device[0]) == 128 + 96 + 96 + 96 + 32
+
+
+@pytest.mark.timeout(240)
+def test_dp_tp_on_a_two_dimensional_mesh_with_explicit_axes(run_python):
+    code = """
+import json, numpy as np, jax
+from jax.sharding import AxisType
+from tensorglot import parallel as P
+from tensorglot_jax import parallel as jp
+shape = P.MLPShape(layers=2, batch=8, d_model=4, d_ff=8)
+params, x, dy = P.init_mlp(shape, seed=2)
+f32 = lambda a: a.astype(np.float32)
+got = jp.step({k: f32(v) for k, v in params.items()}, f32(x), f32(dy), strategy="dp_tp", world_size=4, tp_size=2)
+one = jp.single_step({k: f32(v) for k, v in params.items()}, f32(x), f32(dy))
+mesh = jp._mesh("dp_tp", 4, 2)
+print(json.dumps({
+    "axes": list(mesh.axis_names), "shape": list(mesh.devices.shape),
+    "types": [str(t) for t in mesh.axis_types],
+    "bytes": list(got.bytes_by_rank), "model": list(P.step_cost("dp_tp", shape, 4, tp_size=2).bytes_by_rank),
+    "groups": sorted({c.group_size for c in got.collectives}),
+    "err": max(float(np.abs(got.grads[k] - one.grads[k]).max()) for k in params),
+}))
+"""
+    out = run_python(code, env=_env(4), timeout=200)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["axes"] == ["d", "t"] and r["shape"] == [2, 2]
+    assert r["types"] == ["Explicit", "Explicit"] or all("Explicit" in t for t in r["types"])
+    assert r["bytes"] == r["model"]
+    assert r["groups"] == [2]
+    assert r["err"] < 1e-5
+
+
+@pytest.mark.timeout(120)
+def test_more_ranks_than_devices_is_an_error_before_compiling(run_python):
+    code = """
+import numpy as np
+from tensorglot import parallel as P
+from tensorglot_jax import parallel as jp
+params, x, dy = P.init_mlp(P.MLPShape(layers=4, batch=8, d_model=4, d_ff=8))
+try:
+    jp.step(params, x.astype(np.float32), dy, strategy="dp", world_size=4)
+except ValueError as e:
+    print("ERROR", e)
+print("compiled", len(jp._COMPILED))
+"""
+    out = run_python(code, env=_env(2), timeout=100)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "ERROR step: world_size = 4 is more than the 2 JAX devices" in out.stdout
+    assert "--xla_force_host_platform_device_count=4" in out.stdout
+    assert "compiled 0" in out.stdout
+
+
+@pytest.mark.timeout(240)
+def test_xla_cpu_sends_bfloat16_collectives_as_float32(run_python):
+    # XLA:CPU's all-reduce-promotion (and bf16 normalisation) widen bfloat16 collectives to float32, so the
+    # compiled module moves twice the model's bytes; on GPU they stay bfloat16. The numbers stay right.
+    code = """
+import json, numpy as np, jax.numpy as jnp
+from tensorglot import parallel as P
+from tensorglot_jax import parallel as jp
+shape = P.MLPShape(layers=2, batch=8, d_model=4, d_ff=8, dtype="bfloat16")
+params, x, dy = P.init_mlp(shape, seed=2)
+bf = lambda a: jnp.asarray(a, jnp.bfloat16)
+got = jp.step({k: bf(v) for k, v in params.items()}, bf(x), bf(dy), strategy="dp", world_size=2)
+print(json.dumps({"measured": got.bytes_per_device, "model": P.step_cost("dp", shape, 2).bytes_per_device,
+                  "dtype": str(got.output.dtype)}))
+"""
+    out = run_python(code, env=_env(2), timeout=200)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["measured"] == 2 * r["model"]
+    assert r["dtype"] == "float32"  # bfloat16 results come back widened, as the contract says

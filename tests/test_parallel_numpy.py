@@ -1,0 +1,100 @@
+"""The NumPy simulated mesh and the ``tensorglot parallel`` command on it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tensorglot import parallel as P
+from tensorglot.cli import main
+from tensorglot_numpy.parallel import Mesh, single_step, step
+
+
+def test_mesh_collectives_are_array_ops_that_log_what_each_rank_sends():
+    mesh = Mesh(2)
+    a, b = np.ones(4, np.float32), np.full(4, 2.0, np.float32)
+    out = mesh.all_reduce([a, b], "g")
+    assert [o.tolist() for o in out] == [[3.0] * 4] * 2
+    gathered = mesh.all_gather([a, b], "w")
+    assert gathered[1].tolist() == [1.0] * 4 + [2.0] * 4
+    shards = mesh.reduce_scatter([np.arange(4.0, dtype=np.float32)] * 2, "dw")
+    assert [s.tolist() for s in shards] == [[0.0, 2.0], [4.0, 6.0]]
+    # 16-byte all-reduce over 2: 16 sent; 32-byte all-gather: 16; 16-byte reduce-scatter: 8
+    assert [(c.kind, c.size_bytes, c.bytes_per_device) for c in mesh.log[0]] == [
+        ("all_reduce", 16, 16),
+        ("all_gather", 32, 16),
+        ("reduce_scatter", 16, 8),
+    ]
+    assert mesh.log[0] == mesh.log[1]
+
+
+def test_dp_tp_groups_reduce_only_inside_their_row_or_column():
+    mesh = Mesh(4)
+    xs = [np.full(1, float(r)) for r in range(4)]
+    rows = mesh.all_reduce(xs, "act", [[0, 1], [2, 3]])
+    cols = mesh.all_reduce(xs, "grad", [[0, 2], [1, 3]])
+    assert [float(r[0]) for r in rows] == [1.0, 1.0, 5.0, 5.0]
+    assert [float(c[0]) for c in cols] == [2.0, 4.0, 2.0, 4.0]
+
+
+def test_a_step_with_lr_zero_leaves_params_and_gradients_match_the_one_device_step():
+    shape = P.MLPShape(layers=2, batch=8, d_model=4, d_ff=8, dtype="float64")
+    params, x, dy = P.init_mlp(shape, seed=1)
+    one = single_step(params, x, dy, lr=0.0)
+    for strategy in P.STRATEGIES:
+        got = step(params, x, dy, strategy=strategy, world_size=2, lr=0.0, microbatches=2)
+        for k in params:
+            np.testing.assert_array_equal(got.params[k], params[k])
+            np.testing.assert_allclose(got.grads[k], one.grads[k], rtol=1e-12, atol=1e-14)
+
+
+def test_cli_json_has_the_issue_keys_and_measured_equals_model(capsys):
+    assert main(["parallel", "--backend", "numpy", "--strategy", "all", "--world-size", "2", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["strategy"] for r in rows] == list(P.STRATEGIES)
+    for r in rows:
+        assert {
+            "strategy",
+            "world_size",
+            "max_abs_error",
+            "bytes_per_device_measured",
+            "bytes_per_device_model",
+            "param_bytes_per_rank",
+            "seconds_per_step",
+        } <= set(r)
+        assert r["world_size"] == 2
+        assert r["bytes_per_device_measured"] == r["bytes_per_device_model"] > 0
+        assert r["max_abs_error"] < 1e-4  # float32 against the float32 one-device step
+
+
+def test_cli_table_prints_a_row_per_strategy(capsys):
+    args = ["parallel", "--backend", "numpy", "--strategy", "pp", "--world-size", "4", "--schedule", "gpipe"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "4 devices" in out and "gpipe" in out
+    assert out.splitlines()[2].startswith("pp ")
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--strategy", "tp", "--world-size", "3"], "tp needs d_ff = 256 divisible by world_size = 3"),
+        (["--strategy", "pp", "--microbatches", "5"], "pp needs batch = 32 divisible by microbatches = 5"),
+        (["--strategy", "zero3"], "unknown strategy 'zero3'"),
+    ],
+)
+def test_cli_bad_input_is_a_clear_error(capsys, args, message):
+    assert main(["parallel", "--backend", "numpy", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bench_rows_report_ratio_and_model_bytes():
+    from tensorglot_numpy.parallel import parallel_rows
+
+    rows = list(parallel_rows(quick=True))
+    byte_rows = {r.name: r.value for r in rows if r.unit == "B"}
+    shape = P.MLPShape(layers=4, batch=32, d_model=64, d_ff=256)
+    assert byte_rows["parallel.fsdp.bytes_per_device"] == P.step_cost("fsdp", shape, 2).bytes_per_device
+    assert all(r.ratio is not None and r.ratio > 0 for r in rows if r.unit == "s")
