@@ -56,7 +56,7 @@ def memory_row(name: str, ours: int, baseline: int, *, limit: float, sizes: dict
 def attention_rows(quick: bool) -> Iterator[Row]:
     # Quick still needs scores large enough to be mmapped (glibc serves small ones from pages it keeps).
     B, N, H, S = (1, 2, 32, 1024) if quick else (1, 8, 64, 4096)
-    bs = 128 if quick else 256
+    bs = 128 if quick else 512  # fewer, larger tiles: per-op threading overhead on a busy CPU (measured 256 → 512)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(B, S, N, H, generator=g) for _ in range(3))
     sizes = {"B": B, "N": N, "H": H, "S": S, "T": S, "causal": True, "dtype": "float32", "block_size": bs}
