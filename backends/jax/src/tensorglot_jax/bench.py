@@ -21,6 +21,8 @@ from tensorglot.bench import Row, ratio_row, time_median
 from tensorglot.params import TransformerConfig, init_params
 
 from . import layers, ops
+from .bench_kernels import kernel_rows
+from .parallel import parallel_rows
 
 
 def _interleaved(
@@ -121,6 +123,8 @@ def rows(*, quick: bool = False) -> Iterator[Row]:
         "relu",
     )
     yield _generation_row(quick, repeats)
+    yield from kernel_rows(quick)
+    yield from parallel_rows(quick)
 
 
 def _generation_row(quick: bool, repeats: int) -> Row:

@@ -4,28 +4,15 @@ training step against eager."""
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
 
-from tensorglot.bench import Row, ratio_row, time_median
+from tensorglot.bench import Row, paired_medians, ratio_row, time_median
 
 from . import ops
-
-
-def paired_medians(ours: Callable[[], Any], baseline: Callable[[], Any], *, repeats: int = 5) -> tuple[float, float]:
-    """Medians of ``repeats`` runs each after a warm-up, the two alternating so that a change in the
-    load of the (shared) machine hits both alike."""
-    ours()
-    baseline()
-    t_ours, t_base = [], []
-    for _ in range(repeats):
-        t_ours.append(time_median(ours, repeats=1, warmup=0))
-        t_base.append(time_median(baseline, repeats=1, warmup=0))
-    return statistics.median(t_ours), statistics.median(t_base)
 
 
 def _rss_kib(field: str) -> int:
