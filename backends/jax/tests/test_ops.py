@@ -125,7 +125,7 @@ def test_bad_shapes_raise_at_trace_time_naming_the_op():
     q, kv = jnp.ones((1, 2, 3, 4)), jnp.ones((1, 2, 2, 4))
     with pytest.raises(ValueError, match=r"attention: q has N = 3 heads and k has K = 2; N % K must be 0"):
         jax.jit(ops.attention).lower(q, kv, kv)
-    with pytest.raises(ValueError, match=r"rms_norm: weight has shape \(3\), wanted \(4,\)"):
+    with pytest.raises(ValueError, match=r"rms_norm: weight has shape \(3,\), wanted \(4,\)"):
         jax.eval_shape(ops.rms_norm, jnp.ones((2, 4)), jnp.ones(3))
 
 

@@ -17,6 +17,7 @@ KNOWN_CAPABILITIES = frozenset(
         "bfloat16",
         "grad",  # autograd through the public ops
         "jit",
+        "flash",  # ops.flash_attention and ops.flash_attention_backward (blockwise attention)
         "multi_device",
         "layers",  # the transformer, KV caches and generate
         "dp",

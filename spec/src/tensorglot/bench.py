@@ -54,6 +54,18 @@ def time_median(
     return statistics.median(times)
 
 
+def paired_medians(ours: Callable[[], Any], baseline: Callable[[], Any], *, repeats: int = 5) -> tuple[float, float]:
+    """Medians of ``repeats`` runs each after a warm-up, the two alternating so that a change in the
+    load of the (shared) machine hits both alike."""
+    ours()
+    baseline()
+    t_ours, t_base = [], []
+    for _ in range(repeats):
+        t_ours.append(time_median(ours, repeats=1, warmup=0))
+        t_base.append(time_median(baseline, repeats=1, warmup=0))
+    return statistics.median(t_ours), statistics.median(t_base)
+
+
 def ratio_row(name: str, ours: float, baseline: float, *, limit: float, sizes: dict[str, Any], note: str = "") -> Row:
     """A time ratio ours/baseline with the target ``<= limit``."""
     r = ours / baseline

@@ -22,9 +22,9 @@ class Ops(Protocol):
         r"""Softmax along ``axis``: ``exp(x - max(x)) / sum(exp(x - max(x)))``.
 
         The maximum is subtracted first, so large inputs never overflow. Special cases: a row that is
-        all ``-inf`` (a query that may attend to nothing) gives zeros, not NaN — torch.softmax gives NaN
-        there and jax.nn.softmax a uniform row; a NaN anywhere in a row makes that row NaN. An empty axis
-        gives an empty result.
+        all ``-inf`` (a query that may attend to nothing) gives zeros, not NaN — torch.softmax and
+        jax.nn.softmax give NaN there, jax.nn.dot_product_attention a uniform row; a NaN anywhere in a row
+        makes that row NaN. An empty axis gives an empty result.
 
         Args:
             x: float array of any rank.
@@ -233,6 +233,88 @@ class Ops(Protocol):
         """
         ...
 
+    def flash_attention(
+        self,
+        q: Array,
+        k: Array,
+        v: Array,
+        /,
+        *,
+        causal: bool = False,
+        mask: Array | None = None,
+        scale: float | None = None,
+        block_size: int = 128,
+    ) -> Array:
+        r"""`attention`, computed blockwise without the S × T score matrix (FlashAttention-2's forward).
+
+        Needs the ``"flash"`` capability. The result equals `attention`'s with the same arguments (up to
+        rounding: the sums run in another order); every convention is `attention`'s — GQA, scale 1/√H,
+        bottom-right causal, bool mask, a query that sees no key outputs zeros.
+
+        The algorithm: queries and keys are cut into tiles of ``block_size`` rows (the last tile may be
+        shorter). For a query tile Q_i, with a running row max m, row sum ℓ and accumulator A all
+        starting empty (m = −∞, ℓ = 0, A = 0), each key tile j does
+
+            S_ij = Q_i K_jᵀ · scale  (−∞ where masked),   m' = max(m, rowmax(S_ij)),
+            P_ij = exp(S_ij − m'),   ℓ ← e^{m − m'} ℓ + rowsum(P_ij),   A ← e^{m − m'} A + P_ij V_j,   m ← m'
+
+        and the tile's output is ``A / ℓ`` (zeros where ℓ = 0). Only O(block_size²) scores exist at a
+        time; the forward keeps the output and the log-sum-exp ``L = m + log ℓ`` per query for the
+        backward (`flash_attention_backward`). With ``causal``, key tiles that no query of the tile can
+        see are skipped, which halves the work at S = T.
+
+        Args:
+            q: (B, S, N, H).  k, v: (B, T, K, H).  mask: bool, broadcastable to (B, N, S, T).
+            block_size: rows per tile (queries and keys), a positive int; it need not divide S or T.
+        Returns:
+            (B, S, N, H), q's dtype.
+
+        Reference: Dao 2023, FlashAttention-2 (arXiv:2307.08691), Algorithm 1; Milakov & Gimelshein 2018
+        (arXiv:1805.02867) for the online softmax.
+
+        >>> import numpy as np, tensorglot
+        >>> ops = tensorglot.get_backend("numpy").ops
+        >>> q = np.zeros((1, 3, 1, 1)); k = np.zeros((1, 3, 1, 1)); v = np.array([1.0, 3.0, 5.0]).reshape(1, 3, 1, 1)
+        >>> print(ops.flash_attention(q, k, v, causal=True, block_size=2).ravel())
+        [1. 2. 3.]
+        """
+        ...
+
+    def flash_attention_backward(
+        self,
+        q: Array,
+        k: Array,
+        v: Array,
+        dy: Array,
+        /,
+        *,
+        causal: bool = False,
+        mask: Array | None = None,
+        scale: float | None = None,
+        block_size: int = 128,
+    ) -> tuple[Array, Array, Array]:
+        r"""``(dq, dk, dv)`` of `flash_attention` (= `attention_backward`'s), recomputing the tiles.
+
+        Needs the ``"flash"`` capability. From the forward's output O and log-sum-exp L, with
+        ``D = rowsum(dy ⊙ O)``, each pair of tiles recomputes ``P_ij = exp(Q_i K_jᵀ · scale − L_i)``
+        (0 where masked or where the query sees no key) and adds
+
+            dV_j += P_ijᵀ dY_i,   dS_ij = P_ij ⊙ (dY_i V_jᵀ − D_i),   dQ_i += dS_ij K_j · scale,
+            dK_j += dS_ijᵀ Q_i · scale
+
+        (Dao 2023, Algorithm 2); the kv gradients sum over the N // K query heads that share a kv head.
+        A standalone call runs the forward first to get O and L; the autograd backends' backward pass
+        reuses the ones its forward saved.
+
+        >>> import numpy as np, tensorglot
+        >>> ops = tensorglot.get_backend("numpy").ops
+        >>> q = np.zeros((1, 2, 1, 1)); k = np.zeros((1, 2, 1, 1)); v = np.ones((1, 2, 1, 1))
+        >>> dq, dk, dv = ops.flash_attention_backward(q, k, v, np.ones((1, 2, 1, 1)), causal=True, block_size=1)
+        >>> print(dv.ravel())
+        [1.5 0.5]
+        """
+        ...
+
     def causal_mask(self, s: int, t: int, /) -> Array:
         r"""The bottom-right aligned causal mask, bool (S, T): ``mask[i, j] = j <= i + t - s``.
 
@@ -255,5 +337,8 @@ class Ops(Protocol):
         ...
 
 
-#: The public names of the namespace, in the order the docs list them.
-NAMES = tuple(n for n in Ops.__dict__ if not n.startswith("_"))
+#: The blockwise attention pair: only backends that declare the ``"flash"`` capability provide them.
+FLASH_NAMES = ("flash_attention", "flash_attention_backward")
+
+#: The public names every backend provides, in the order the docs list them.
+NAMES = tuple(n for n in Ops.__dict__ if not n.startswith("_") and n not in FLASH_NAMES)

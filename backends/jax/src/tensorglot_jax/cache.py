@@ -21,7 +21,7 @@ import numpy as np
 from jax import lax
 
 from tensorglot import checks
-from tensorglot.cache import SlotMap, make_slot_map, visible_mask
+from tensorglot.cache import PagedSlotMap, SlotMap, make_slot_map, visible_mask
 from tensorglot.params import TransformerConfig
 
 _DTYPES = {"float64": jnp.float64, "float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat16}
@@ -146,18 +146,24 @@ class JaxKVCache:
 
     # paged only (the spec's PagedKVCache)
     @property
+    def _paged(self) -> PagedSlotMap:
+        if not isinstance(self.map, PagedSlotMap):
+            raise TypeError(f"{self.kind} KV cache has no blocks: only kind='paged' has a block table")
+        return self.map
+
+    @property
     def block_size(self) -> int:
-        return self.map.block_size
+        return self._paged.block_size
 
     @property
     def num_blocks(self) -> int:
-        return self.map.num_blocks
+        return self._paged.num_blocks
 
     def block_table(self, seq: int, /) -> list[int]:
-        return self.map.block_table(seq)
+        return self._paged.block_table(seq)
 
     def free_blocks(self) -> int:
-        return self.map.free_blocks()
+        return self._paged.free_blocks()
 
     def __repr__(self) -> str:
         lengths = self.lengths().tolist()

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 from tensorglot import checks
 
 from ._common import as_array, as_float, as_int, compute_dtype, flat2d, is_traced, same_dtype, static
+from .flash import flash_attention as flash_attention
+from .flash import flash_attention_backward as flash_attention_backward
 
 # -- softmax ---------------------------------------------------------------------------------------
 

@@ -180,17 +180,17 @@ def _pp_body(w_in, w_out, x, dy, *, lr, p: int, m: int, schedule: str):
         state, sent = jax.lax.switch(
             jnp.asarray(kind[t])[stage], [idle, forward, backward], state, jnp.asarray(micro[t])[stage]
         )
-        for op, buffer, step_ in ((1, "act", 1), (2, "grad", -1)):
-            pairs = [(i, i + step_) for i in range(p) if kind[t, i] == op and 0 <= i + step_ < p]
+        for op_code, buffer, step_ in ((1, "act", 1), (2, "grad", -1)):
+            pairs = [(src, src + step_) for src in range(p) if kind[t, src] == op_code and 0 <= src + step_ < p]
             if not pairs:
                 continue
             got = jax.lax.ppermute(sent, "s", pairs)
             into = np.full(p, -1, np.int32)  # which microbatch each stage receives, -1 for none
-            for i, r in pairs:
-                into[r] = micro[t, i]
-            j = jnp.asarray(into)[stage]
-            js = jnp.maximum(j, 0)
-            state[buffer] = state[buffer].at[js].set(jnp.where(j >= 0, got, state[buffer][js]))
+            for src, dst in pairs:
+                into[dst] = micro[t, src]
+            recv = jnp.asarray(into)[stage]
+            slot = jnp.maximum(recv, 0)
+            state[buffer] = state[buffer].at[slot].set(jnp.where(recv >= 0, got, state[buffer][slot]))
     gi, go = state["gi"].astype(dt), state["go"].astype(dt)
     y, dx = state["out"].reshape(x.shape), state["dx"].reshape(x.shape)
     return y[None], dx[None], gi, go, _sgd(w_in, gi, lr), _sgd(w_out, go, lr)

@@ -13,7 +13,9 @@ from collections.abc import Callable
 from tensorglot.hookspecs import hookimpl
 
 #: What the backend always provides; ``float64`` is added when x64 is on (see `x64_requested`).
-CAPABILITIES = frozenset({"jit", "grad", "float16", "bfloat16", "layers", "multi_device", "dp", "tp", "fsdp", "pp"})
+CAPABILITIES = frozenset(
+    {"jit", "grad", "float16", "bfloat16", "layers", "multi_device", "dp", "tp", "fsdp", "pp", "flash"}
+)
 
 
 def x64_requested() -> bool:

@@ -8,7 +8,7 @@ import numpy as np
 
 from . import bench, encodings, layers, ops, parallel
 
-CAPABILITIES = frozenset({"float64", "float16", "layers", "dp", "tp", "fsdp", "pp"})
+CAPABILITIES = frozenset({"float64", "float16", "layers", "dp", "tp", "fsdp", "pp", "flash"})
 
 _DTYPES = {
     "float64": np.float64,

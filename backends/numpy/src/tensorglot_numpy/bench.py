@@ -18,6 +18,7 @@ from tensorglot import TransformerConfig, init_params
 from tensorglot.bench import Row, time_median
 
 from . import encodings, layers, ops, parallel
+from .bench_kernels import attention_rows
 
 #: Forward + backward of one op, at a size for the full table and one for ``--quick``.
 OP_SIZES: dict[str, tuple[dict[str, int], dict[str, int]]] = {
@@ -165,4 +166,5 @@ def rows(*, quick: bool = False) -> Iterable[Row]:
     yield from op_rows(quick=quick)
     yield mlp_flops_row(quick=quick)
     yield from generation_rows(quick=quick)
+    yield from attention_rows(quick)  # blockwise vs naive; the MLP row above already covers the matmul peak
     yield from parallel.parallel_rows(quick)

@@ -9,6 +9,8 @@ import numpy as np
 from tensorglot import checks
 
 from ._common import as_float, as_int, compute_dtype, flat2d, same_dtype
+from .flash import flash_attention as flash_attention
+from .flash import flash_attention_backward as flash_attention_backward
 
 # -- softmax ---------------------------------------------------------------------------------------
 

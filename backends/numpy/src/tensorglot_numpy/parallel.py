@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -342,11 +343,11 @@ def parallel_rows(quick: bool = False) -> Iterable[Any]:
     params, x, dy = spec.init_mlp(shape)
     params = {k: v.astype(np.float32) for k, v in params.items()}
     x, dy = x.astype(np.float32), dy.astype(np.float32)
-    base = spec.median_seconds(lambda: single_step(params, x, dy))
+    base = spec.median_seconds(partial(single_step, params, x, dy))
     sizes = {"n": n, "L": shape.layers, "B": shape.batch, "D": shape.d_model, "F": shape.d_ff}
     for strategy in spec.STRATEGIES:
         kw: dict[str, Any] = {"microbatches": 4} if strategy == "pp" else {}
-        ours = spec.median_seconds(lambda s=strategy, kw=kw: step(params, x, dy, strategy=s, world_size=n, **kw))
+        ours = spec.median_seconds(partial(step, params, x, dy, strategy=strategy, world_size=n, **kw))
         nbytes = spec.step_cost(strategy, shape, n, **kw).bytes_per_device
         yield Row(
             f"parallel.{strategy}.step_vs_one_device",

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from tensorglot import checks
-from tensorglot.cache import SlotMap, make_slot_map
+from tensorglot.cache import PagedSlotMap, SlotMap, make_slot_map
 from tensorglot.params import TransformerConfig
 
 from ._common import DTYPES, dtype_name
@@ -87,18 +87,24 @@ class TorchKVCache:
 
     # paged only (the spec's PagedKVCache)
     @property
+    def _paged(self) -> PagedSlotMap:
+        if not isinstance(self.map, PagedSlotMap):
+            raise TypeError(f"{self.kind} KV cache has no blocks: only kind='paged' has a block table")
+        return self.map
+
+    @property
     def block_size(self) -> int:
-        return self.map.block_size
+        return self._paged.block_size
 
     @property
     def num_blocks(self) -> int:
-        return self.map.num_blocks
+        return self._paged.num_blocks
 
     def block_table(self, seq: int, /) -> list[int]:
-        return self.map.block_table(seq)
+        return self._paged.block_table(seq)
 
     def free_blocks(self) -> int:
-        return self.map.free_blocks()
+        return self._paged.free_blocks()
 
     def __repr__(self) -> str:
         where = self.device or "(no device yet)"

@@ -6,7 +6,9 @@ from collections.abc import Callable
 
 from tensorglot.hookspecs import hookimpl
 
-CAPABILITIES = frozenset({"float64", "float16", "bfloat16", "grad", "layers", "dp", "tp", "fsdp", "pp", "serving"})
+CAPABILITIES = frozenset(
+    {"float64", "float16", "bfloat16", "grad", "layers", "dp", "tp", "fsdp", "pp", "serving", "flash"}
+)
 
 
 def _load():

@@ -12,6 +12,7 @@ NAMESPACES = {"ops": ops.Ops, "encodings": encodings.Encodings}
 FUNCTIONS = [
     (ns, name) for ns, proto in NAMESPACES.items() for name in __import__(f"tensorglot.{ns}", fromlist=["NAMES"]).NAMES
 ]
+FLASH_FUNCTIONS = [("ops", name) for name in ops.FLASH_NAMES]
 
 
 def _shape(sig: inspect.Signature, drop_self: bool) -> list[tuple[str, object, object]]:
@@ -19,7 +20,11 @@ def _shape(sig: inspect.Signature, drop_self: bool) -> list[tuple[str, object, o
     return [(p.name, p.kind, p.default) for p in params]
 
 
-@pytest.mark.parametrize("namespace,name", FUNCTIONS, ids=[f"{n}.{f}" for n, f in FUNCTIONS])
+@pytest.mark.parametrize(
+    "namespace,name",
+    [*FUNCTIONS, *(pytest.param(*f, marks=pytest.mark.requires("flash")) for f in FLASH_FUNCTIONS)],
+    ids=[f"{n}.{f}" for n, f in (*FUNCTIONS, *FLASH_FUNCTIONS)],
+)
 def test_signature_matches_spec(backend, namespace, name):
     impl = getattr(getattr(backend, namespace), name, None)
     assert impl is not None, f"backend {backend.name!r} lacks {namespace}.{name}"

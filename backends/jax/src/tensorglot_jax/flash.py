@@ -1,0 +1,201 @@
+"""JAX blockwise (flash) attention: see the spec, `tensorglot.ops.flash_attention`.
+
+A `jax.custom_vjp` whose forward scans the query tiles (`lax.map`) with a `lax.fori_loop` over the key
+tiles, keeping the output and the log-sum-exp; the backward scans the key tiles and recomputes each
+tile's probabilities. S and T are padded up to whole tiles; padded keys are masked, padded queries dropped.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from tensorglot import checks
+
+from ._common import as_array, as_float, compute_dtype, same_dtype, static
+
+
+def _tiles(n, bs):
+    return max(1, -(-n // bs))
+
+
+def _prep(q, k, v, mask, scale, bs):
+    """The padded tile layout in the compute dtype: q (B, K, G, Sp, H) carrying the scale, k and v
+    (B, K, Tp, H), the mask (B|1, K|1, G|1, Sp|1, Tp|1) or None."""
+    B, S, N, H = q.shape
+    T, K = k.shape[1], k.shape[2]
+    G = N // K
+    cd = compute_dtype(q.dtype)
+    Sp, Tp = _tiles(S, bs) * bs, _tiles(T, bs) * bs
+    qg = (q.astype(cd) * scale).reshape(B, S, K, G, H).transpose(0, 2, 3, 1, 4)  # (B, K, G, S, H)
+    qg = jnp.pad(qg, ((0, 0), (0, 0), (0, 0), (0, Sp - S), (0, 0)))
+    kh = jnp.pad(k.astype(cd).transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, Tp - T), (0, 0)))  # (B, K, Tp, H)
+    vh = jnp.pad(v.astype(cd).transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, Tp - T), (0, 0)))
+    mg = None
+    if mask is not None:
+        b, n, s, t = (1,) * (4 - mask.ndim) + mask.shape
+        mg = mask.reshape(b, K, G, s, t) if n != 1 else mask.reshape(b, 1, 1, s, t)
+        mg = jnp.pad(mg, ((0, 0), (0, 0), (0, 0), (0, Sp - S if s > 1 else 0), (0, Tp - T if t > 1 else 0)))
+    return qg, kh, vh, mg
+
+
+def _allowed(mg, causal, i0, j0, bs, S, T):
+    """The bool attend-mask of the tile at (i0, j0), broadcastable to (B, K, G, bs, bs)."""
+    i = i0 + jnp.arange(bs)[:, None]
+    j = j0 + jnp.arange(bs)[None, :]
+    allowed = j < T  # padded keys
+    if causal:
+        allowed = allowed & (j <= i + (T - S))
+    if mg is not None:
+        m = lax.dynamic_slice_in_dim(mg, i0, bs, axis=3) if mg.shape[3] > 1 else mg
+        m = lax.dynamic_slice_in_dim(m, j0, bs, axis=4) if m.shape[4] > 1 else m
+        allowed = allowed & m
+    return allowed
+
+
+def _forward(qg, kh, vh, mg, causal, bs, S, T):
+    """(out (B, K, G, Sp, H), lse (B, K, G, Sp)) in the compute dtype; lse is −∞ where a query sees no key."""
+    B, K, G, Sp, H = qg.shape
+    nq, nk = Sp // bs, kh.shape[2] // bs
+
+    def query_tile(iq):
+        i0 = iq * bs
+        qi = lax.dynamic_slice_in_dim(qg, i0, bs, axis=3)  # (B, K, G, bs, H)
+
+        def key_tile(jk, carry):
+            m, ell, acc = carry
+            j0 = jk * bs
+            kj = lax.dynamic_slice_in_dim(kh, j0, bs, axis=2)  # (B, K, bs, H)
+            vj = lax.dynamic_slice_in_dim(vh, j0, bs, axis=2)
+            s = jnp.einsum("bkgqh,bkth->bkgqt", qi, kj)
+            s = jnp.where(_allowed(mg, causal, i0, j0, bs, S, T), s, -jnp.inf)
+            m_new = jnp.maximum(m, s.max(-1))
+            m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # a row that has seen no key keeps weight 0
+            p = jnp.exp(s - m_safe[..., None])  # P_ij
+            alpha = jnp.exp(m - m_safe)  # rescales what was summed under the old max
+            acc = alpha[..., None] * acc + jnp.einsum("bkgqt,bkth->bkgqh", p, vj)
+            return m_new, alpha * ell + p.sum(-1), acc
+
+        m0 = jnp.full((B, K, G, bs), -jnp.inf, dtype=qg.dtype)
+        # With causal, key tiles past the last one the tile's queries may see are never visited.
+        end = jnp.clip((jnp.minimum(i0 + bs, S) + T - S + bs - 1) // bs, 0, nk) if causal else nk
+        m, ell, acc = lax.fori_loop(0, end, key_tile, (m0, jnp.zeros_like(m0), jnp.zeros_like(qi)))
+        seen = ell > 0
+        ell1 = jnp.where(seen, ell, 1.0)
+        return jnp.where(seen[..., None], acc / ell1[..., None], 0.0), jnp.where(seen, m + jnp.log(ell1), -jnp.inf)
+
+    out, lse = lax.map(query_tile, jnp.arange(nq))  # (nq, B, K, G, bs, H), (nq, B, K, G, bs)
+    out = jnp.moveaxis(out, 0, 3).reshape(B, K, G, Sp, H)
+    return out, jnp.moveaxis(lse, 0, 3).reshape(B, K, G, Sp)
+
+
+def _backward(qg, kh, vh, mg, causal, bs, S, T, out, lse, dyg):
+    """(dq (B, K, G, Sp, H) without the scale, dk, dv (B, K, Tp, H)), recomputing each tile."""
+    B, K, _, Sp, H = qg.shape
+    nq, nk = Sp // bs, kh.shape[2] // bs
+    delta = jnp.sum(dyg * out, axis=-1)  # D = rowsum(dy ⊙ O), (B, K, G, Sp)
+    lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)  # exp(s − ∞) = 0: a query that saw nothing passes nothing
+
+    def key_tile(dq, jk):
+        j0 = jk * bs
+        kj = lax.dynamic_slice_in_dim(kh, j0, bs, axis=2)  # (B, K, bs, H)
+        vj = lax.dynamic_slice_in_dim(vh, j0, bs, axis=2)
+
+        def query_tile(iq, carry):
+            dq, dkj, dvj = carry
+            i0 = iq * bs
+            qi, dyi = (lax.dynamic_slice_in_dim(a, i0, bs, axis=3) for a in (qg, dyg))  # (B, K, G, bs, H)
+            lse_i, delta_i = (lax.dynamic_slice_in_dim(a, i0, bs, axis=3) for a in (lse, delta))  # (B, K, G, bs)
+            s = jnp.einsum("bkgqh,bkth->bkgqt", qi, kj)
+            s = jnp.where(_allowed(mg, causal, i0, j0, bs, S, T), s, -jnp.inf)
+            p = jnp.exp(s - lse_i[..., None])  # P_ij, recomputed from L
+            dvj = dvj + jnp.einsum("bkgqt,bkgqh->bkth", p, dyi)  # the G heads of a kv head add up
+            ds = p * (jnp.einsum("bkgqh,bkth->bkgqt", dyi, vj) - delta_i[..., None])  # P ⊙ (dP − D)
+            dqi = lax.dynamic_slice_in_dim(dq, i0, bs, axis=3) + jnp.einsum("bkgqt,bkth->bkgqh", ds, kj)
+            dkj = dkj + jnp.einsum("bkgqt,bkgqh->bkth", ds, qi)  # qi carries the scale
+            return lax.dynamic_update_slice_in_dim(dq, dqi, i0, axis=3), dkj, dvj
+
+        first = jnp.clip(jnp.maximum(0, j0 - (T - S)) // bs, 0, nq) if causal else 0  # earlier queries see none
+        zero = jnp.zeros_like(kj)
+        dq, dkj, dvj = lax.fori_loop(first, nq, query_tile, (dq, zero, zero))
+        return dq, (dkj, dvj)
+
+    dq, (dk, dv) = lax.scan(key_tile, jnp.zeros_like(qg), jnp.arange(nk))  # dk, dv (nk, B, K, bs, H)
+    dk = jnp.moveaxis(dk, 0, 2).reshape(B, K, nk * bs, H)
+    return dq, dk, jnp.moveaxis(dv, 0, 2).reshape(B, K, nk * bs, H)
+
+
+def _grads(q, k, v, mask, causal, scale, bs, out, lse, dy):
+    B, S, N, H = q.shape
+    T, K = k.shape[1], k.shape[2]
+    qg, kh, vh, mg = _prep(q, k, v, mask, scale, bs)
+    dyg = dy.astype(qg.dtype).reshape(B, S, K, N // K, H).transpose(0, 2, 3, 1, 4)  # (B, K, G, S, H)
+    dyg = jnp.pad(dyg, ((0, 0), (0, 0), (0, 0), (0, qg.shape[3] - S), (0, 0)))
+    dq, dk, dv = _backward(qg, kh, vh, mg, causal, bs, S, T, out, lse, dyg)
+    dq = (dq[:, :, :, :S] * scale).transpose(0, 3, 1, 2, 4).reshape(B, S, N, H)  # (B, S, N, H)
+    dk, dv = (g[:, :, :T].transpose(0, 2, 1, 3) for g in (dk, dv))  # (B, T, K, H)
+    return dq.astype(q.dtype), dk.astype(q.dtype), dv.astype(q.dtype)
+
+
+def _flash_fwd(q, k, v, mask, causal, scale, bs):
+    B, S, N, H = q.shape
+    qg, kh, vh, mg = _prep(q, k, v, mask, scale, bs)
+    out, lse = _forward(qg, kh, vh, mg, causal, bs, S, k.shape[1])
+    y = out[:, :, :, :S].transpose(0, 3, 1, 2, 4).reshape(B, S, N, H).astype(q.dtype)  # (B, S, N, H)
+    return y, (q, k, v, mask, out, lse)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _flash(q, k, v, mask, causal, scale, bs):
+    return _flash_fwd(q, k, v, mask, causal, scale, bs)[0]
+
+
+def _flash_bwd(causal, scale, bs, res, dy):
+    q, k, v, mask, out, lse = res
+    return (*_grads(q, k, v, mask, causal, scale, bs, out, lse, dy), None)  # the mask gets no gradient
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _inputs(fn, q, k, v, causal, mask, scale, block_size):
+    q, k, v = as_float(fn, "q", q), as_float(fn, "k", k), as_float(fn, "v", v)
+    same_dtype(fn, q=q, k=k, v=v)
+    if mask is not None:
+        mask = as_array(mask)
+        checks.check_bool(fn, "mask", str(mask.dtype))
+    mshape = None if mask is None else mask.shape
+    checks.attention(fn, q.shape, k.shape, v.shape, mshape, static(fn, "scale", scale))
+    if not isinstance(static(fn, "causal", causal), bool):
+        raise TypeError(f"{fn}: causal must be a bool, got {type(causal).__name__}")
+    block_size = checks.check_positive_int(fn, "block_size", static(fn, "block_size", block_size))
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return q, k, v, mask, causal, scale, block_size
+
+
+# Jitted whole: one XLA program per shape instead of an op-by-op dispatch of every loop body.
+_flash_jit = jax.jit(_flash, static_argnums=(4, 5, 6))
+
+
+@partial(jax.jit, static_argnums=(5, 6, 7))
+def _flash_grads(q, k, v, dy, mask, causal, scale, bs):
+    qg, kh, vh, mg = _prep(q, k, v, mask, scale, bs)
+    out, lse = _forward(qg, kh, vh, mg, causal, bs, q.shape[1], k.shape[1])
+    return _grads(q, k, v, mask, causal, scale, bs, out, lse, dy)
+
+
+def flash_attention(q, k, v, /, *, causal=False, mask=None, scale=None, block_size=128):
+    return _flash_jit(*_inputs("flash_attention", q, k, v, causal, mask, scale, block_size))
+
+
+def flash_attention_backward(q, k, v, dy, /, *, causal=False, mask=None, scale=None, block_size=128):
+    fn = "flash_attention_backward"
+    q, k, v, mask, causal, scale, bs = _inputs(fn, q, k, v, causal, mask, scale, block_size)
+    dy = as_float(fn, "dy", dy)
+    same_dtype(fn, q=q, dy=dy)
+    checks.check_same_shape(fn, "dy", dy.shape, q.shape, "q")
+    return _flash_grads(q, k, v, dy, mask, causal, scale, bs)

@@ -1,0 +1,187 @@
+"""PyTorch blockwise (flash) attention: see the spec, `tensorglot.ops.flash_attention`.
+
+One `torch.autograd.Function`: the forward keeps q, k, v (in the tile layout), the output and the
+log-sum-exp; the backward recomputes each tile's probabilities from them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from tensorglot import checks
+
+from ._common import as_float, compute_dtype, same_device, same_dtype
+
+# The G query heads of a kv head sit beside their query in the rows of a tile, (query, group), so one
+# bmm per tile serves them all and the kv gradients sum over G inside the bmm.
+
+
+def _layout(q, k, v, mask, scale):
+    B, S, N, H = q.shape
+    K = k.shape[2]
+    G = N // K
+    cd = compute_dtype(q.dtype)
+    qs = (q.to(cd) * scale).view(B, S, K, G, H).permute(0, 2, 1, 3, 4).contiguous()  # (B, K, S, G, H)
+    kh = k.to(cd).permute(0, 2, 1, 3).contiguous()  # (B, K, T, H)
+    vh = v.to(cd).permute(0, 2, 1, 3).contiguous()  # (B, K, T, H)
+    mg = None
+    if mask is not None:
+        b, n, s, t = (1,) * (4 - mask.ndim) + tuple(mask.shape)
+        mg = mask.reshape(b, K, G, s, t) if n != 1 else mask.reshape(b, 1, 1, s, t)
+        mg = mg.permute(0, 1, 3, 2, 4)  # (B|1, K|1, S|1, G|1, T|1)
+    return qs, kh, vh, mg
+
+
+def _allowed(mg, causal, i0, i1, j0, j1, S, T, device):
+    """The bool attend-mask of tile (i0:i1, j0:j1) in the (B, K, br, G, bc) layout, or None if all may attend."""
+    allowed = None
+    if causal and j1 - 1 > i0 + T - S:  # only tiles that cross the diagonal need the causal mask
+        i = torch.arange(i0, i1, device=device)[:, None, None]
+        allowed = torch.arange(j0, j1, device=device) <= i + (T - S)  # (br, 1, bc)
+    if mg is not None:
+        m = mg[:, :, i0:i1] if mg.shape[2] > 1 else mg
+        m = m[..., j0:j1] if m.shape[-1] > 1 else m
+        allowed = m if allowed is None else (m & allowed)
+    return allowed
+
+
+def _key_end(causal, i1, S, T):
+    return max(0, min(T, i1 + T - S)) if causal else T
+
+
+def _forward(qs, kh, vh, mg, causal, bs):
+    """(out (B, K, S, G, H), lse (B, K, S, G)) in the compute dtype; lse is −∞ where a query sees no key."""
+    B, K, S, G, H = qs.shape
+    T = kh.shape[2]
+    out = torch.zeros_like(qs)
+    lse = torch.full((B, K, S, G), -math.inf, dtype=qs.dtype, device=qs.device)
+    kf, vf = kh.view(B * K, T, H), vh.view(B * K, T, H)
+    for i0 in range(0, S, bs):
+        i1 = min(S, i0 + bs)
+        br = i1 - i0
+        qi = qs[:, :, i0:i1].reshape(B * K, br * G, H)
+        m = torch.full((B * K, br * G), -math.inf, dtype=qs.dtype, device=qs.device)  # running row max
+        ell = torch.zeros_like(m)  # running row sum
+        acc = torch.zeros_like(qi)  # (B·K, br·G, H)
+        for j0 in range(0, _key_end(causal, i1, S, T), bs):
+            j1 = min(T, j0 + bs)
+            s = torch.bmm(qi, kf[:, j0:j1].transpose(1, 2))  # (B·K, br·G, bc)
+            allowed = _allowed(mg, causal, i0, i1, j0, j1, S, T, qs.device)
+            if allowed is not None:
+                s.view(B, K, br, G, j1 - j0).masked_fill_(~allowed, -math.inf)
+            m_new = torch.maximum(m, s.amax(-1))
+            m_safe = m_new.masked_fill(m_new == -math.inf, 0.0)  # a row that has seen no key keeps weight 0
+            s.sub_(m_safe[..., None]).exp_()  # P_ij
+            alpha = (m - m_safe).exp_()  # rescales what was summed under the old max
+            ell.mul_(alpha).add_(s.sum(-1))
+            acc.mul_(alpha[..., None]).baddbmm_(s, vf[:, j0:j1])
+            m = m_new
+        seen = ell > 0
+        acc.div_(torch.where(seen, ell, 1.0)[..., None])  # rows that saw nothing stay 0
+        out[:, :, i0:i1] = acc.view(B, K, br, G, H)
+        lse[:, :, i0:i1] = torch.where(seen, m + ell.log(), -math.inf).view(B, K, br, G)
+    return out, lse
+
+
+def _backward(qs, kh, vh, mg, causal, bs, out, lse, dyg, needs=(True, True, True)):
+    """(dq (B, K, S, G, H) without the scale, dk, dv (B, K, T, H)), recomputing each tile."""
+    B, K, S, G, H = qs.shape
+    T = kh.shape[2]
+    delta = (dyg * out).sum(-1)  # D = rowsum(dy ⊙ O), (B, K, S, G)
+    lse = lse.masked_fill(lse == -math.inf, math.inf)  # exp(s − ∞) = 0: a query that saw nothing passes nothing
+    dq = torch.zeros_like(qs)
+    dk = torch.zeros_like(kh)
+    dv = torch.zeros_like(vh)
+    kf, vf = kh.view(B * K, T, H), vh.view(B * K, T, H)
+    for j0 in range(0, T, bs):
+        j1 = min(T, j0 + bs)
+        kj, vj = kf[:, j0:j1], vf[:, j0:j1]  # (B·K, bc, H)
+        dkj, dvj = dk.view(B * K, T, H)[:, j0:j1], dv.view(B * K, T, H)[:, j0:j1]
+        first = max(0, j0 - (T - S)) // bs * bs if causal else 0  # earlier queries see none of these keys
+        for i0 in range(first, S, bs):
+            i1 = min(S, i0 + bs)
+            br = i1 - i0
+            qi = qs[:, :, i0:i1].reshape(B * K, br * G, H)
+            dyi = dyg[:, :, i0:i1].reshape(B * K, br * G, H)
+            p = torch.bmm(qi, kj.transpose(1, 2))  # (B·K, br·G, bc)
+            allowed = _allowed(mg, causal, i0, i1, j0, j1, S, T, qs.device)
+            if allowed is not None:
+                p.view(B, K, br, G, j1 - j0).masked_fill_(~allowed, -math.inf)
+            p.sub_(lse[:, :, i0:i1].reshape(B * K, br * G, 1)).exp_()  # P_ij, recomputed from L
+            if needs[2]:
+                dvj.baddbmm_(p.transpose(1, 2), dyi)
+            ds = torch.bmm(dyi, vj.transpose(1, 2))  # dP_ij
+            ds.sub_(delta[:, :, i0:i1].reshape(B * K, br * G, 1)).mul_(p)  # dS = P ⊙ (dP − D)
+            if needs[0]:
+                dq[:, :, i0:i1] += torch.bmm(ds, kj).view(B, K, br, G, H)
+            if needs[1]:
+                dkj.baddbmm_(ds.transpose(1, 2), qi)  # qi carries the scale
+    return dq, dk, dv
+
+
+def _to_public(dq, dk, dv, scale, dtype):
+    B, K, S, G, H = dq.shape
+    return (
+        (dq * scale).permute(0, 2, 1, 3, 4).reshape(B, S, K * G, H).to(dtype),  # (B, S, N, H)
+        dk.permute(0, 2, 1, 3).to(dtype),  # (B, T, K, H)
+        dv.permute(0, 2, 1, 3).to(dtype),
+    )
+
+
+class FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, mask, scale, block_size):
+        qs, kh, vh, mg = _layout(q, k, v, mask, scale)
+        out, lse = _forward(qs, kh, vh, mg, causal, block_size)
+        ctx.save_for_backward(qs, kh, vh, out, lse)
+        ctx.mg, ctx.causal, ctx.scale, ctx.block_size = mg, causal, scale, block_size
+        B, K, S, G, H = out.shape
+        return out.permute(0, 2, 1, 3, 4).reshape(B, S, K * G, H).to(q.dtype)  # (B, S, N, H)
+
+    @staticmethod
+    def backward(ctx, dy):
+        qs, kh, vh, out, lse = ctx.saved_tensors
+        B, K, S, G, H = qs.shape
+        dyg = dy.to(qs.dtype).reshape(B, S, K, G, H).permute(0, 2, 1, 3, 4).contiguous()  # (B, K, S, G, H)
+        needs = ctx.needs_input_grad[:3]
+        dq, dk, dv = _backward(qs, kh, vh, ctx.mg, ctx.causal, ctx.block_size, out, lse, dyg, needs)
+        dq, dk, dv = _to_public(dq, dk, dv, ctx.scale, dy.dtype)
+        return (*(g if n else None for g, n in zip((dq, dk, dv), needs)), None, None, None, None)
+
+
+def _inputs(fn, q, k, v, causal, mask, scale, block_size):
+    q, k, v = as_float(fn, "q", q), as_float(fn, "k", k), as_float(fn, "v", v)
+    same_dtype(fn, q=q, k=k, v=v)
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            mask = torch.as_tensor(mask, device=q.device)
+        checks.check_bool(fn, "mask", str(mask.dtype).removeprefix("torch."))
+        same_device(fn, q=q, mask=mask)
+    mshape = None if mask is None else tuple(mask.shape)
+    shape = checks.attention(fn, tuple(q.shape), tuple(k.shape), tuple(v.shape), mshape, scale)
+    if not isinstance(causal, bool):
+        raise TypeError(f"{fn}: causal must be a bool, got {type(causal).__name__}")
+    block_size = checks.check_positive_int(fn, "block_size", block_size)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return q, k, v, causal, mask, scale, block_size, shape
+
+
+def flash_attention(q, k, v, /, *, causal=False, mask=None, scale=None, block_size=128):
+    q, k, v, causal, mask, scale, block_size, _ = _inputs("flash_attention", q, k, v, causal, mask, scale, block_size)
+    return FlashAttention.apply(q, k, v, causal, mask, scale, block_size)
+
+
+def flash_attention_backward(q, k, v, dy, /, *, causal=False, mask=None, scale=None, block_size=128):
+    fn = "flash_attention_backward"
+    q, k, v, causal, mask, scale, block_size, shape = _inputs(fn, q, k, v, causal, mask, scale, block_size)
+    dy = as_float(fn, "dy", dy)
+    same_dtype(fn, q=q, dy=dy)
+    checks.check_same_shape(fn, "dy", tuple(dy.shape), tuple(q.shape), "q")
+    B, S, _, N, K, H = shape
+    qs, kh, vh, mg = _layout(q, k, v, mask, scale)
+    out, lse = _forward(qs, kh, vh, mg, causal, block_size)
+    dyg = dy.to(qs.dtype).reshape(B, S, K, N // K, H).permute(0, 2, 1, 3, 4).contiguous()  # (B, K, S, G, H)
+    dq, dk, dv = _backward(qs, kh, vh, mg, causal, block_size, out, lse, dyg)
+    return _to_public(dq, dk, dv, scale, q.dtype)
