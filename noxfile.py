@@ -23,6 +23,8 @@ TEST_DEPS = ("pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100")
 # One BLAS/OpenMP thread per process: tests and figures start several processes (ranks, workers) on few
 # cores, and oversubscribed thread pools there cost 10× more than they give. Benchmarks keep the default.
 SINGLE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+# JAX on CPU sees one device unless told before it starts; the sharded steps run on 4.
+FAKE_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
 
 
 def _packages(*backends: str, editable: bool = False) -> list[str]:
@@ -43,7 +45,7 @@ def conformance(session: nox.Session, backend: str) -> None:
         # float64 (the reference dtype, central differences) and 4 fake CPU devices for the sharded steps;
         # both must be set before jax initialises.
         session.env["JAX_ENABLE_X64"] = "1"
-        session.env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+        session.env.update(FAKE_DEVICES)
     xfails = ROOT / "backends" / backend / "conformance-xfails.txt"
     session.run(
         "pytest",
@@ -62,7 +64,7 @@ def conformance(session: nox.Session, backend: str) -> None:
 @nox.session
 def tests(session: nox.Session) -> None:
     """Doctests of the spec, the cross-package tests, each backend's own tests, the plots' tests."""
-    session.env.update(SINGLE_THREAD)
+    session.env.update(SINGLE_THREAD | FAKE_DEVICES)
     extra = ["-e", "./plots"] if HAS_PLOTS else []
     session.install(
         *CONSTRAINTS, *_packages(*BACKENDS, editable=True), *extra, *TEST_DEPS, "safetensors", "tqdm", "transformers"

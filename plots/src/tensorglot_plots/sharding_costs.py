@@ -29,8 +29,9 @@ MEASURED_WORLD, MEASURED_MICROBATCHES = 4, 4
 def measured_bytes(backend: Any) -> dict[str, tuple[int, int]]:
     """strategy → (bytes per device measured by ``backend.parallel.step``, the model's) on MEASURED_SHAPE."""
     runnable = [s for s in STRATEGIES if s in backend.capabilities]
-    if not runnable:
-        return {}
+    devices = backend.parallel.max_world_size() if runnable else None
+    if not runnable or (devices is not None and devices < MEASURED_WORLD):
+        return {}  # e.g. JAX on a CPU without --xla_force_host_platform_device_count: the model alone
     params, x, dy = parallel.init_mlp(MEASURED_SHAPE, seed=style.SEED)
     params = {k: backend.asarray(v, "float32") for k, v in params.items()}
     x, dy = backend.asarray(x, "float32"), backend.asarray(dy, "float32")
