@@ -93,10 +93,10 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def typecheck(session: nox.Session) -> None:
-    """mypy on the spec and every backend; frameworks are not installed here, so their types are Any."""
-    session.install("mypy", "numpy", "pluggy", *TEST_DEPS)
+    """mypy on the spec, every backend and the plots, with the frameworks installed so their types count."""
+    extra = ["-e", "./plots"] if HAS_PLOTS else []
+    session.install(*CONSTRAINTS, *_packages(*BACKENDS, editable=True), *extra, "mypy", *TEST_DEPS, "transformers")
     dirs = ["spec"] + [f"backends/{b}" for b in BACKENDS] + (["plots"] if HAS_PLOTS else [])
-    session.install("--no-deps", *[arg for d in dirs for arg in ("-e", f"./{d}")])
     session.run("mypy", *[f"{d}/src" for d in dirs])
 
 

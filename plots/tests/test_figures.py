@@ -108,7 +108,10 @@ def test_measured_mlp_points_never_sit_above_the_measured_roof(backend_name: str
     machine = d["machine"]
     ceiling = roof(machine["peak_flops"], machine["bandwidth"], d["intensity"])
     assert np.all(d["achieved_flops"] > 0)
-    assert np.all(d["achieved_flops"] <= ceiling), (d["achieved_flops"], ceiling)
+    # Points and roof are timings taken minutes apart on a shared machine: a few percent either way is
+    # noise (seen: 0.9% above, with jax). What this guards against is a wrong cost model, which is off by
+    # a factor (FLOPs or bytes counted twice or not at all), so 10% separates the two.
+    assert np.all(d["achieved_flops"] <= 1.10 * ceiling), (d["achieved_flops"], ceiling)
 
 
 def test_mlp_cost_model_counts_two_matmuls_and_every_tensor_once() -> None:
