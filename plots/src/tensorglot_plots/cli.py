@@ -6,11 +6,10 @@ matplotlib nor a framework: `run` does.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from collections.abc import Callable
 from typing import Any
 
+from tensorglot import parallel
 from tensorglot.hookspecs import hookimpl
 
 from . import FIGURES
@@ -36,10 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from . import FigureSkipped, render
 
     name = tensorglot.registry.resolve_name(args.backend)
-    flag = "--xla_force_host_platform_device_count"
-    if name == "jax" and "jax" not in sys.modules and flag not in os.environ.get("XLA_FLAGS", ""):
-        # The measured sharding panel runs 4-way steps; JAX reads this once, when it starts (CPU only).
-        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}=4".strip()
+    parallel.request_host_devices(name, 4)  # the measured sharding panel runs 4-way steps
     backend = tensorglot.get_backend(name)
     names = [n for n in FIGURES if not args.only or n in args.only]
     print(f"tensorglot plots: backend {backend.name}, {len(names)} figure(s) into {args.out}", flush=True)

@@ -112,7 +112,12 @@ def format_table(rows: list[Row]) -> str:
 def run(args: argparse.Namespace) -> int:
     import tensorglot
 
-    backend = tensorglot.get_backend(args.backend)
+    from .parallel import request_host_devices
+    from .registry import resolve_name
+
+    name = resolve_name(args.backend)
+    request_host_devices(name, 2)  # the parallel rows run 2-way steps
+    backend = tensorglot.get_backend(name)
     machine = measure_machine(repeats=3 if args.quick else 5)
     print(
         f"tensorglot bench: backend {backend.name}; this machine: float32 matmul "

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import sys
 from typing import Any
 
 import numpy as np
@@ -54,10 +52,7 @@ def collect(args: argparse.Namespace) -> list[dict[str, Any]]:
         )
     shape = spec.MLPShape(args.layers, args.batch, args.d_model, args.d_ff, args.dtype)
     name = resolve_name(args.backend)
-    flag = "--xla_force_host_platform_device_count"
-    if name == "jax" and "jax" not in sys.modules and flag not in os.environ.get("XLA_FLAGS", ""):
-        # JAX reads this once, when it starts: n host devices for the CPU platform (GPUs are unaffected).
-        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}={args.world_size}".strip()
+    spec.request_host_devices(name, args.world_size)
     backend = tensorglot.get_backend(name)
     wanted = spec.STRATEGIES if args.strategy == "all" else (args.strategy,)
     strategies = [s for s in wanted if all(c in backend.capabilities for c in spec.STRATEGY_CAPABILITIES[s])]

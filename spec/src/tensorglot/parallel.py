@@ -54,6 +54,19 @@ SCHEDULES = ("gpipe", "1f1b")
 ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
 
 
+def request_host_devices(backend: str, n: int, /) -> None:
+    """Ask JAX for ``n`` CPU devices if it has not started yet (a no-op for other backends or once it has).
+
+    JAX reads ``XLA_FLAGS`` once, when it initialises; GPUs and TPUs are unaffected by the flag.
+    """
+    import os
+    import sys
+
+    flag = "--xla_force_host_platform_device_count"
+    if backend == "jax" and "jax" not in sys.modules and flag not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}={n}".strip()
+
+
 def _exact(value: Fraction) -> int:
     if value.denominator != 1:
         raise ValueError(f"cost model: {value} bytes is not a whole number; the shards do not divide evenly")
