@@ -259,6 +259,42 @@ class PagedSlotMap(SlotMap):
         self._lengths[seq] = 0
 
 
+class SlotMapCache:
+    """What every backend's cache does by asking its slot map alone: lengths, freeing a sequence and the
+    paged accessors. A backend cache subclasses it, sets ``self.map`` and ``self.kind``, and writes only
+    its storage (``update``) and the per-step state it keeps (``reserve``, ``advance``, ``reset``)."""
+
+    map: SlotMap
+    kind: str
+
+    def lengths(self) -> np.ndarray:
+        return self.map.lengths()
+
+    def free(self, seq: int, /) -> None:
+        self.map.free(seq)
+
+    # paged only (the spec's PagedKVCache)
+    @property
+    def _paged(self) -> PagedSlotMap:
+        if not isinstance(self.map, PagedSlotMap):
+            raise TypeError(f"{self.kind} KV cache has no blocks: only kind='paged' has a block table")
+        return self.map
+
+    @property
+    def block_size(self) -> int:
+        return self._paged.block_size
+
+    @property
+    def num_blocks(self) -> int:
+        return self._paged.num_blocks
+
+    def block_table(self, seq: int, /) -> list[int]:
+        return self._paged.block_table(seq)
+
+    def free_blocks(self) -> int:
+        return self._paged.free_blocks()
+
+
 def make_slot_map(
     kind: str, batch: int, max_len: int, /, *, block_size: int = 16, num_blocks: int | None = None
 ) -> SlotMap:

@@ -17,11 +17,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from tensorglot import checks
-from tensorglot.cache import PagedSlotMap, SlotMap, make_slot_map, visible_mask
+from tensorglot.cache import SlotMap, SlotMapCache, make_slot_map, visible_mask
 from tensorglot.params import TransformerConfig
 
 _DTYPES = {"float64": jnp.float64, "float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat16}
@@ -79,7 +78,7 @@ def _update(k_store, v_store, k, v, lengths, slots, gather, *, kind):
     return view.k[0], view.v[0], k_all, v_all
 
 
-class JaxKVCache:
+class JaxKVCache(SlotMapCache):
     def __init__(self, config: TransformerConfig, slot_map: SlotMap, dtype: str) -> None:
         self.map = slot_map
         self.kind = slot_map.kind
@@ -90,9 +89,6 @@ class JaxKVCache:
         self.k = [jnp.zeros(shape, self.dtype) for _ in range(self.n_layers)]
         self.v = [jnp.zeros(shape, self.dtype) for _ in range(self.n_layers)]
         self._step: tuple[Any, Any, Any] | None = None
-
-    def lengths(self) -> np.ndarray:
-        return self.map.lengths()
 
     def reserve(self, n: int, /) -> None:
         self.map.reserve(n)
@@ -137,33 +133,9 @@ class JaxKVCache:
         self.map.advance(n)
         self._step = None
 
-    def free(self, seq: int, /) -> None:
-        self.map.free(seq)
-
     def reset(self) -> None:
         self.map.reset()
         self._step = None
-
-    # paged only (the spec's PagedKVCache)
-    @property
-    def _paged(self) -> PagedSlotMap:
-        if not isinstance(self.map, PagedSlotMap):
-            raise TypeError(f"{self.kind} KV cache has no blocks: only kind='paged' has a block table")
-        return self.map
-
-    @property
-    def block_size(self) -> int:
-        return self._paged.block_size
-
-    @property
-    def num_blocks(self) -> int:
-        return self._paged.num_blocks
-
-    def block_table(self, seq: int, /) -> list[int]:
-        return self._paged.block_table(seq)
-
-    def free_blocks(self) -> int:
-        return self._paged.free_blocks()
 
     def __repr__(self) -> str:
         lengths = self.lengths().tolist()

@@ -6,13 +6,13 @@ from __future__ import annotations
 import numpy as np
 
 from tensorglot import checks
-from tensorglot.cache import SlotMap, make_slot_map
+from tensorglot.cache import SlotMap, SlotMapCache, make_slot_map
 from tensorglot.params import TransformerConfig
 
 _DTYPES = {"float64": np.float64, "float32": np.float32, "float16": np.float16}
 
 
-class NumpyKVCache:
+class NumpyKVCache(SlotMapCache):
     def __init__(self, config: TransformerConfig, slot_map: SlotMap, dtype: str) -> None:
         self.map = slot_map
         self.kind = slot_map.kind
@@ -23,9 +23,6 @@ class NumpyKVCache:
         self.k = [np.zeros(shape, self.dtype) for _ in range(self.n_layers)]
         self.v = [np.zeros(shape, self.dtype) for _ in range(self.n_layers)]
         self._slots: np.ndarray | None = None
-
-    def lengths(self) -> np.ndarray:
-        return self.map.lengths()
 
     def reserve(self, n: int, /) -> None:
         self.map.reserve(n)
@@ -56,27 +53,9 @@ class NumpyKVCache:
         self.map.advance(n)
         self._slots = None
 
-    def free(self, seq: int, /) -> None:
-        self.map.free(seq)
-
     def reset(self) -> None:
         self.map.reset()
         self._slots = None
-
-    # paged only (the spec's PagedKVCache)
-    @property
-    def block_size(self) -> int:
-        return self.map.block_size  # type: ignore[attr-defined]
-
-    @property
-    def num_blocks(self) -> int:
-        return self.map.num_blocks  # type: ignore[attr-defined]
-
-    def block_table(self, seq: int, /) -> list[int]:
-        return self.map.block_table(seq)  # type: ignore[attr-defined]
-
-    def free_blocks(self) -> int:
-        return self.map.free_blocks()  # type: ignore[attr-defined]
 
     def __repr__(self) -> str:
         lengths = self.lengths().tolist()

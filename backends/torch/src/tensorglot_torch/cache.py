@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from tensorglot import checks
-from tensorglot.cache import PagedSlotMap, SlotMap, make_slot_map
+from tensorglot.cache import SlotMap, SlotMapCache, make_slot_map
 from tensorglot.params import TransformerConfig
 
 from ._common import DTYPES, dtype_name
@@ -20,7 +20,7 @@ from ._common import DTYPES, dtype_name
 FLOATS = ("float64", "float32", "float16", "bfloat16")
 
 
-class TorchKVCache:
+class TorchKVCache(SlotMapCache):
     def __init__(self, config: TransformerConfig, slot_map: SlotMap, dtype: str) -> None:
         self.map = slot_map
         self.kind = slot_map.kind
@@ -35,9 +35,6 @@ class TorchKVCache:
 
     def _index(self, index: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(index).to(self.device)
-
-    def lengths(self) -> np.ndarray:
-        return self.map.lengths()
 
     def reserve(self, n: int, /) -> None:
         self.map.reserve(n)
@@ -78,33 +75,9 @@ class TorchKVCache:
         self.map.advance(n)
         self._slots = self._gather = None
 
-    def free(self, seq: int, /) -> None:
-        self.map.free(seq)
-
     def reset(self) -> None:
         self.map.reset()
         self._slots = self._gather = None
-
-    # paged only (the spec's PagedKVCache)
-    @property
-    def _paged(self) -> PagedSlotMap:
-        if not isinstance(self.map, PagedSlotMap):
-            raise TypeError(f"{self.kind} KV cache has no blocks: only kind='paged' has a block table")
-        return self.map
-
-    @property
-    def block_size(self) -> int:
-        return self._paged.block_size
-
-    @property
-    def num_blocks(self) -> int:
-        return self._paged.num_blocks
-
-    def block_table(self, seq: int, /) -> list[int]:
-        return self._paged.block_table(seq)
-
-    def free_blocks(self) -> int:
-        return self._paged.free_blocks()
 
     def __repr__(self) -> str:
         where = self.device or "(no device yet)"
