@@ -50,7 +50,7 @@ shared: `SlotMap` (contiguous) and `PagedSlotMap` (paged) below. Backends build 
 
 from __future__ import annotations
 
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, cast, runtime_checkable
 
 import numpy as np
 
@@ -293,6 +293,21 @@ class SlotMapCache:
 
     def free_blocks(self) -> int:
         return self._paged.free_blocks()
+
+
+def check_cache(
+    fn: str, cache: Any, batch: int, config: Any, /, *, cls: type = KVCache, what: str = "a KVCache"
+) -> None:
+    """Raise unless ``cache`` is a ``cls`` (``what`` in the message) for ``batch`` sequences of ``config``'s model."""
+    if not isinstance(cache, cls):
+        raise TypeError(f"{fn}: cache must be {what} (made by layers.kv_cache), got {type(cache).__name__}")
+    cache = cast(Any, cache)  # a backend's cache: its sizes are attributes, not part of the protocol
+    if cache.batch != batch:
+        raise ValueError(f"{fn}: the cache holds {cache.batch} sequences but tokens have batch {batch}")
+    got = (cache.n_layers, cache.n_kv_heads, cache.head_dim)
+    want = (config.n_layers, config.n_kv_heads, config.head_dim)
+    if got != want:
+        raise ValueError(f"{fn}: the cache has (layers, K, H) = {got}, the config {want}")
 
 
 def make_slot_map(

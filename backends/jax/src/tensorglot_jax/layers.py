@@ -16,6 +16,7 @@ import numpy as np
 from jax import lax
 
 from tensorglot import checks
+from tensorglot.cache import check_cache
 from tensorglot.params import TransformerConfig, check_params, check_tokens
 
 from . import encodings, ops
@@ -64,17 +65,6 @@ def _positions(fn, positions, B, S, config):
                 f"{fn}: positions must lie in [0, max_seq_len) = [0, {config.max_seq_len}), got [{lo}, {hi}]"
             )
     return positions
-
-
-def _check_cache(fn, cache, B, config):
-    if not isinstance(cache, JaxKVCache):
-        raise TypeError(f"{fn}: cache must be a jax KV cache (made by layers.kv_cache), got {type(cache).__name__}")
-    if cache.batch != B:
-        raise ValueError(f"{fn}: the cache holds {cache.batch} sequences but tokens have batch {B}")
-    have = (cache.n_layers, cache.n_kv_heads, cache.head_dim)
-    want = (config.n_layers, config.n_kv_heads, config.head_dim)
-    if have != want:
-        raise ValueError(f"{fn}: the cache has (layers, K, H) = {have}, the config {want}")
 
 
 def _check_x(fn, x, params, config):
@@ -189,7 +179,7 @@ def attention_layer(x, params, config, /, *, layer, positions=None, cache=None):
     x = _check_x(fn, x, params, config)
     layer = _layer(fn, layer, config)
     if cache is not None:
-        _check_cache(fn, cache, x.shape[0], config)
+        check_cache(fn, cache, x.shape[0], config, cls=JaxKVCache, what="a jax KV cache")
     positions = _step_positions(fn, positions, cache, x.shape[0], x.shape[1], config)
     return _call_layer("attention", x, params, config, positions, cache, layer)
 
@@ -207,7 +197,7 @@ def block(x, params, config, /, *, layer, positions=None, cache=None):
     x = _check_x(fn, x, params, config)
     layer = _layer(fn, layer, config)
     if cache is not None:
-        _check_cache(fn, cache, x.shape[0], config)
+        check_cache(fn, cache, x.shape[0], config, cls=JaxKVCache, what="a jax KV cache")
     positions = _step_positions(fn, positions, cache, x.shape[0], x.shape[1], config)
     return _call_layer("block", x, params, config, positions, cache, layer)
 
@@ -216,7 +206,9 @@ def transformer(tokens, params, config, /, *, cache=None, positions=None):
     fn = "transformer"
     params = _check_model(fn, params, config)
     if cache is not None:
-        _check_cache(fn, cache, jnp.shape(tokens)[0] if jnp.ndim(tokens) else 0, config)
+        check_cache(
+            fn, cache, jnp.shape(tokens)[0] if jnp.ndim(tokens) else 0, config, cls=JaxKVCache, what="a jax KV cache"
+        )
     start = 0 if cache is None else int(cache.lengths().max())
     tokens = _tokens(fn, "tokens", tokens, config, start)
     B, S = tokens.shape

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from tensorglot import checks
-from tensorglot.cache import KVCache, visible_mask
+from tensorglot.cache import check_cache, visible_mask
 from tensorglot.params import TransformerConfig, check_params, check_tokens
 
 from . import encodings, ops
@@ -52,17 +52,6 @@ def _positions(fn, positions, B, S, config):
             f"got [{positions.min()}, {positions.max()}]"
         )
     return positions
-
-
-def _check_cache(fn, cache, B, config):
-    if not isinstance(cache, KVCache):
-        raise TypeError(f"{fn}: cache must be a KVCache (made by layers.kv_cache), got {type(cache).__name__}")
-    if cache.batch != B:
-        raise ValueError(f"{fn}: the cache holds {cache.batch} sequences but tokens have batch {B}")
-    got = (cache.n_layers, cache.n_kv_heads, cache.head_dim)
-    want = (config.n_layers, config.n_kv_heads, config.head_dim)
-    if got != want:
-        raise ValueError(f"{fn}: the cache has (layers, K, H) = {got}, the config {want}")
 
 
 # -- the layers ------------------------------------------------------------------------------------
@@ -143,7 +132,7 @@ def attention_layer(x, params, config, /, *, layer, positions=None, cache=None):
     x = _check_x(fn, x, params, config)
     layer = _layer(fn, layer, config)
     if cache is not None:
-        _check_cache(fn, cache, x.shape[0], config)
+        check_cache(fn, cache, x.shape[0], config)
     positions = _step_positions(fn, positions, cache, x.shape[0], x.shape[1], config)
     return _attention(x, _layer_params(params, layer), config, positions, cache, layer)
 
@@ -162,7 +151,7 @@ def block(x, params, config, /, *, layer, positions=None, cache=None):
     x = _check_x(fn, x, params, config)
     layer = _layer(fn, layer, config)
     if cache is not None:
-        _check_cache(fn, cache, x.shape[0], config)
+        check_cache(fn, cache, x.shape[0], config)
     positions = _step_positions(fn, positions, cache, x.shape[0], x.shape[1], config)
     return _block(x, _layer_params(params, layer), config, positions, cache, layer)
 
@@ -191,7 +180,7 @@ def transformer(tokens, params, config, /, *, cache=None, positions=None):
     checks.check_rank(fn, "tokens", tokens.shape, "(B, S)")
     start = 0
     if cache is not None:
-        _check_cache(fn, cache, tokens.shape[0], config)
+        check_cache(fn, cache, tokens.shape[0], config)
         start = int(cache.lengths().max())  # the longest sequence's new tokens must fit max_seq_len
     tokens = _tokens(fn, "tokens", tokens, config, start)
     B, S = tokens.shape

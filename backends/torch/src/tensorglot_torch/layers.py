@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from tensorglot import checks
-from tensorglot.cache import KVCache, visible_mask
+from tensorglot.cache import check_cache, visible_mask
 from tensorglot.params import TransformerConfig, check_params, check_tokens
 
 from . import encodings, ops
@@ -93,17 +93,6 @@ def _positions(fn, positions, B, S, config, device):
     return positions.to(device)
 
 
-def _check_cache(fn, cache, B, config):
-    if not isinstance(cache, KVCache):
-        raise TypeError(f"{fn}: cache must be a KVCache (made by layers.kv_cache), got {type(cache).__name__}")
-    if cache.batch != B:
-        raise ValueError(f"{fn}: the cache holds {cache.batch} sequences but tokens have batch {B}")
-    got = (cache.n_layers, cache.n_kv_heads, cache.head_dim)
-    want = (config.n_layers, config.n_kv_heads, config.head_dim)
-    if got != want:
-        raise ValueError(f"{fn}: the cache has (layers, K, H) = {got}, the config {want}")
-
-
 def _check_x(fn, x, params, config):
     if not isinstance(x, torch.Tensor) or x.ndim != 3 or x.shape[2] != config.d_model:
         raise checks.bad_shape(fn, "x", tuple(getattr(x, "shape", ())), f"(B, S, D) with D = {config.d_model}")
@@ -181,7 +170,7 @@ def attention_layer(x, params, config, /, *, layer, positions=None, cache=None):
     x = _check_x(fn, x, params, config)
     layer = _layer(fn, layer, config)
     if cache is not None:
-        _check_cache(fn, cache, x.shape[0], config)
+        check_cache(fn, cache, x.shape[0], config)
     positions = _step_positions(fn, positions, cache, x.shape[0], x.shape[1], config, x.device)
     p = f"layers.{layer}."
     wq, wk, wv, wo = (params[p + n] for n in ("wq", "wk", "wv", "wo"))
@@ -202,7 +191,7 @@ def block(x, params, config, /, *, layer, positions=None, cache=None):
     x = _check_x(fn, x, params, config)
     layer = _layer(fn, layer, config)
     if cache is not None:
-        _check_cache(fn, cache, x.shape[0], config)
+        check_cache(fn, cache, x.shape[0], config)
     positions = _step_positions(fn, positions, cache, x.shape[0], x.shape[1], config, x.device)
     return _block(x, params, config, positions, cache, layer)
 
@@ -225,7 +214,7 @@ def transformer(tokens, params, config, /, *, cache=None, positions=None):
     device = params["embed"].device
     start = 0
     if cache is not None:
-        _check_cache(fn, cache, tokens.shape[0] if getattr(tokens, "ndim", 0) else 0, config)
+        check_cache(fn, cache, tokens.shape[0] if getattr(tokens, "ndim", 0) else 0, config)
         start = int(cache.lengths().max())
     tokens = _tokens(fn, "tokens", tokens, config, device, start)
     B, S = tokens.shape

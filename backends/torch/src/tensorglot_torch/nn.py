@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tensorglot.cache import check_cache
 from tensorglot.params import TransformerConfig, check_params, init_params
 
 from . import layers, ops
@@ -201,7 +202,7 @@ class Transformer(nn.Module):
         fn, c = "Transformer", self.config
         device = self.embed.device
         if cache is not None:
-            layers._check_cache(fn, cache, tokens.shape[0], c)
+            check_cache(fn, cache, tokens.shape[0], c)
         start = 0 if cache is None else int(cache.lengths().max())
         tokens = layers._tokens(fn, "tokens", tokens, c, device, start)
         B, S = tokens.shape
