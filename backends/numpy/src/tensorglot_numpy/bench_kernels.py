@@ -11,7 +11,9 @@ import numpy as np
 
 from tensorglot.bench import Row, paired_medians, ratio_row, time_median
 
-from . import ops
+from ._common import lazy_frontend
+
+ops = lazy_frontend("ops")
 
 # NumPy pays Python overhead per tile, so its table runs larger tiles than the spec's default of 128;
 # the memory stays O(block_size²), far under the S × T of the naive attention.
