@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 RNG = np.random.default_rng(7)
-ATT = dict(q=RNG.standard_normal((1, 3, 2, 4)), k=RNG.standard_normal((1, 3, 1, 4)), v=RNG.standard_normal((1, 3, 1, 4)))
+SHAPES = {"q": (1, 3, 2, 4), "k": (1, 3, 1, 4), "v": (1, 3, 1, 4)}
+ATT = {name: RNG.standard_normal(shape) for name, shape in SHAPES.items()}
 
 # (name, positional arrays before dy, dy's shape, keyword options)
 BACKWARDS = [
