@@ -17,7 +17,7 @@ import numpy as np
 from tensorglot import TransformerConfig, init_params
 from tensorglot.bench import Row, time_median
 
-from . import encodings, layers, ops, parallel
+from . import encodings, layers, ops
 from .bench_kernels import attention_rows
 
 #: Forward + backward of one op, at a size for the full table and one for ``--quick``.
@@ -167,4 +167,3 @@ def rows(*, quick: bool = False) -> Iterable[Row]:
     yield mlp_flops_row(quick=quick)
     yield from generation_rows(quick=quick)
     yield from attention_rows(quick)  # blockwise vs naive; the MLP row above already covers the matmul peak
-    yield from parallel.parallel_rows(quick)
