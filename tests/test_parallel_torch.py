@@ -15,6 +15,7 @@ from tensorglot import parallel as P
 
 torch = pytest.importorskip("torch")
 tp_ = pytest.importorskip("tensorglot_torch.parallel")
+launch = pytest.importorskip("tensorglot_torch.launch")
 
 pytestmark = pytest.mark.distributed
 SHAPE = P.MLPShape(layers=2, batch=8, d_model=4, d_ff=8)
@@ -26,7 +27,7 @@ def _inputs():
 
 
 def _alive(n: int) -> list[int]:
-    pool = tp_._POOLS.get(n)
+    pool = launch._POOLS.get(n)
     return [p.pid for p in pool.procs if p.is_alive()] if pool else []
 
 
@@ -34,7 +35,7 @@ def _alive(n: int) -> list[int]:
 def test_a_failing_rank_stops_every_rank_with_its_error(monkeypatch):
     params, x, dy = _inputs()
     tp_.step(params, x, dy, strategy="tp", world_size=2)  # the ranks are up
-    procs = list(tp_._POOLS[2].procs)
+    procs = list(launch._POOLS[2].procs)
     monkeypatch.setenv(tp_.FAIL_RANK_ENV, "1")
     start = time.monotonic()
     with pytest.raises(RuntimeError, match=r"rank 1 of 2 failed: RuntimeError: injected failure on rank 1"):
@@ -50,7 +51,7 @@ def test_a_failing_rank_stops_every_rank_with_its_error(monkeypatch):
 def test_a_hanging_rank_is_killed_at_the_timeout(monkeypatch):
     params, x, dy = _inputs()
     tp_.step(params, x, dy, strategy="tp", world_size=2)
-    procs = list(tp_._POOLS[2].procs)
+    procs = list(launch._POOLS[2].procs)
     monkeypatch.setenv(tp_.FAIL_RANK_ENV, "0:hang")
     start = time.monotonic()
     with pytest.raises(TimeoutError, match="did not finish in 5 s"):
@@ -67,7 +68,7 @@ def test_bad_input_raises_before_any_process_starts():
         tp_.step(params, x, dy, strategy="dp", world_size=3)
     with pytest.raises(ValueError, match="pp needs batch = 8 divisible by microbatches = 3"):
         tp_.step(params, x, dy, strategy="pp", world_size=2, microbatches=3)
-    assert tp_._POOLS == {}
+    assert launch._POOLS == {}
 
 
 @pytest.mark.timeout(180)
