@@ -80,7 +80,7 @@ def test_a_rank_that_never_arrives_is_a_timeout_naming_the_step():
         time.sleep(3)
         return None
 
-    with pytest.raises(TimeoutError, match=r"parallel: pp: 2 simulated ranks did not finish in 0\.5 s"):
+    with pytest.raises(TimeoutError, match=r"parallel: pp on 2 simulated ranks did not finish in 0\.5 s"):
         Mesh(2, timeout=0.5).run(program, what="parallel: pp")
 
 

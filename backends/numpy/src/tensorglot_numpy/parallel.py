@@ -71,7 +71,7 @@ class Mesh:
             t.join(max(0.0, deadline - time.monotonic()))
         if any(t.is_alive() for t in threads):
             self._abort()
-            raise TimeoutError(f"{what}: {self.n} simulated ranks did not finish in {self.timeout:g} s")
+            raise TimeoutError(f"{what} on {self.n} simulated ranks did not finish in {self.timeout:g} s")
         if errors:
             raise errors[0]
         return results
