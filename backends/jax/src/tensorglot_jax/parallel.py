@@ -287,7 +287,7 @@ def hlo_collectives(text: str, n: int) -> list[list[Collective]]:
     return per_device
 
 
-def _prepare(fn: str, params: Mapping[str, Any], x: Any, dy: Any) -> tuple[dict[str, Any], Any, Any, str]:
+def _prepare(fn: str, params: Mapping[str, Any], x: Any, dy: Any):
     def arr(name: str, a: Any) -> Any:
         a = a if isinstance(a, jax.Array) else np.asarray(a)
         if not jnp.issubdtype(a.dtype, jnp.floating):
@@ -300,7 +300,8 @@ def _prepare(fn: str, params: Mapping[str, Any], x: Any, dy: Any) -> tuple[dict[
         raise TypeError(f"{fn}: x has dtype {dtype}, wanted one of {', '.join(_DTYPES)}")
     dt = _DTYPES[dtype]
     ps = {k: jnp.asarray(arr(k, v), dt) for k, v in params.items()}
-    return ps, jnp.asarray(x, dt), jnp.asarray(arr("dy", dy), dt), dtype
+    x, dy = jnp.asarray(x, dt), jnp.asarray(arr("dy", dy), dt)
+    return ps, x, dy, spec.mlp_shape(fn, ps, x, dy, dtype)
 
 
 def _host(a: Any) -> np.ndarray:
@@ -308,32 +309,11 @@ def _host(a: Any) -> np.ndarray:
     return a.astype(np.float32) if a.dtype == jnp.bfloat16 else a
 
 
-def step(
-    params: Mapping[str, Any],
-    x: Any,
-    dy: Any,
-    /,
-    *,
-    strategy: str,
-    world_size: int,
-    lr: float = 0.1,
-    microbatches: int = 1,
-    schedule: str = "gpipe",
-    tp_size: int | None = None,
-    timeout: float = 120.0,
-) -> StepResult:
-    ps, x, dy, dtype = _prepare("step", params, x, dy)
-    config = spec.step_config(
-        spec.mlp_shape("step", ps, x, dy, dtype),
-        strategy=strategy,
-        world_size=world_size,
-        lr=lr,
-        microbatches=microbatches,
-        schedule=schedule,
-        tp_size=tp_size,
-        timeout=timeout,
-    )
-    n, have = world_size, len(jax.devices())
+_WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tensorglot-jax-step")
+
+
+def _run_with_deadline(c: spec.StepConfig, ps: dict[str, Any], x: Any, dy: Any) -> StepResult:
+    n, have = c.world_size, len(jax.devices())
     if n > have:
         raise ValueError(
             f"step: world_size = {n} is more than the {have} JAX devices; on CPU set "
@@ -341,14 +321,11 @@ def step(
         )
     # A compiled XLA computation cannot be interrupted: past the deadline the step raises, and the
     # computation finishes in its worker thread (a later step waits for it).
-    future = _WORKER.submit(_run, config, ps, x, dy)
+    future = _WORKER.submit(_run, c, ps, x, dy)
     try:
-        return future.result(timeout=timeout)
+        return future.result(timeout=c.timeout)
     except TimeoutError:
-        raise TimeoutError(f"parallel: {strategy} on {n} JAX devices did not finish in {timeout:g} s") from None
-
-
-_WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tensorglot-jax-step")
+        raise TimeoutError(f"parallel: {c.strategy} on {n} JAX devices did not finish in {c.timeout:g} s") from None
 
 
 def _run(c: spec.StepConfig, ps: dict[str, Any], x: Any, dy: Any) -> StepResult:
@@ -376,18 +353,12 @@ def _run(c: spec.StepConfig, ps: dict[str, Any], x: Any, dy: Any) -> StepResult:
 _single = jax.jit(spec.one_device_step, static_argnames=("lr",))
 
 
+def _one_device(ps: dict[str, Any], x: Any, dy: Any, *, lr: float) -> Any:
+    return jax.block_until_ready(_single(ps, x, dy, lr=lr))
+
+
+step, single_step = spec.parallel_functions(_prepare, _run_with_deadline, _one_device, _host)
+
+
 def max_world_size() -> int | None:
     return len(jax.devices())
-
-
-def single_step(params: Mapping[str, Any], x: Any, dy: Any, /, *, lr: float = 0.1) -> StepResult:
-    ps, x, dy, dtype = _prepare("single_step", params, x, dy)
-    shape = spec.mlp_shape("single_step", ps, x, dy, dtype)
-    start = time.perf_counter()
-    y, g, grads, new = jax.block_until_ready(_single(ps, x, dy, lr=lr))
-    seconds = time.perf_counter() - start
-    return spec.single_result(shape, _host(y), _host(g), _hosts(grads), _hosts(new), seconds)
-
-
-def _hosts(arrays: dict[str, Any]) -> dict[str, np.ndarray]:
-    return {k: _host(v) for k, v in arrays.items()}

@@ -114,43 +114,15 @@ def _prepare(fn: str, params: Mapping[str, Any], x: Any, dy: Any):
     return ps, x, dy, spec.mlp_shape(fn, ps, x, dy, str(x.dtype))
 
 
+def _run(c: spec.StepConfig, ps: dict[str, np.ndarray], x: np.ndarray, dy: np.ndarray) -> StepResult:
+    mesh = Mesh(c.world_size, timeout=c.timeout)
+    start = time.perf_counter()
+    pieces = mesh.run(lambda comm: spec.rank_step(comm, ps, x, dy, c), what=f"parallel: {c.strategy}")
+    return spec.gather_result(c, pieces, mesh.log, time.perf_counter() - start)
+
+
+step, single_step = spec.parallel_functions(_prepare, _run, spec.one_device_step, np.asarray)
+
+
 def max_world_size() -> int | None:
     return None
-
-
-def single_step(params: Mapping[str, Any], x: Any, dy: Any, /, *, lr: float = 0.1) -> StepResult:
-    ps, x, dy, shape = _prepare("single_step", params, x, dy)
-    start = time.perf_counter()
-    out = spec.one_device_step(ps, x, dy, lr=lr)
-    return spec.single_result(shape, *out, time.perf_counter() - start)
-
-
-def step(
-    params: Mapping[str, Any],
-    x: Any,
-    dy: Any,
-    /,
-    *,
-    strategy: str,
-    world_size: int,
-    lr: float = 0.1,
-    microbatches: int = 1,
-    schedule: str = "gpipe",
-    tp_size: int | None = None,
-    timeout: float = 120.0,
-) -> StepResult:
-    ps, x, dy, shape = _prepare("step", params, x, dy)
-    c = spec.step_config(
-        shape,
-        strategy=strategy,
-        world_size=world_size,
-        lr=lr,
-        microbatches=microbatches,
-        schedule=schedule,
-        tp_size=tp_size,
-        timeout=timeout,
-    )
-    mesh = Mesh(world_size, timeout=timeout)
-    start = time.perf_counter()
-    pieces = mesh.run(lambda comm: spec.rank_step(comm, ps, x, dy, c), what=f"parallel: {strategy}")
-    return spec.gather_result(c, pieces, mesh.log, time.perf_counter() - start)

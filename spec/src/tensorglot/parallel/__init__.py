@@ -72,6 +72,7 @@ from .step import check_step as check_step
 from .step import default_tp_size as default_tp_size
 from .step import max_abs_difference as max_abs_difference
 from .step import median_seconds as median_seconds
+from .step import parallel_functions as parallel_functions
 from .step import single_result as single_result
 from .step import step_config as step_config
 from .step import step_result as step_result

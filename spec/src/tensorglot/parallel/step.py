@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -272,6 +273,59 @@ class Parallel(Protocol):
     def max_world_size(self) -> int | None:
         """The most devices a step can use here (JAX: its device count), None when processes are the limit."""
         ...
+
+
+def parallel_functions(
+    prepare: Callable[[str, Mapping[str, Any], Any, Any], tuple[dict[str, Any], Any, Any, MLPShape]],
+    run: Callable[[StepConfig, dict[str, Any], Any, Any], StepResult],
+    one_device: Callable[..., tuple[Any, Any, dict[str, Any], dict[str, Any]]],
+    host: Callable[[Any], np.ndarray],
+) -> tuple[Callable[..., StepResult], Callable[..., StepResult]]:
+    """A backend's `Parallel.step` and `Parallel.single_step`, with the spec's signatures, from its parts.
+
+    ``prepare(fn, params, x, dy)`` gives the inputs as the backend's arrays in x's dtype and their
+    `MLPShape`; ``run(config, params, x, dy)`` runs a checked step on ``config.world_size`` devices;
+    ``one_device(params, x, dy, lr=)`` the step on one device, returning when it is done (`one_device_step`
+    compiled, say); ``host`` brings one array to NumPy (bfloat16 widened to float32).
+    """
+
+    def step(
+        params: Mapping[str, Any],
+        x: Any,
+        dy: Any,
+        /,
+        *,
+        strategy: str,
+        world_size: int,
+        lr: float = 0.1,
+        microbatches: int = 1,
+        schedule: str = "gpipe",
+        tp_size: int | None = None,
+        timeout: float = 120.0,
+    ) -> StepResult:
+        ps, x, dy, shape = prepare("step", params, x, dy)
+        config = step_config(
+            shape,
+            strategy=strategy,
+            world_size=world_size,
+            lr=lr,
+            microbatches=microbatches,
+            schedule=schedule,
+            tp_size=tp_size,
+            timeout=timeout,
+        )
+        return run(config, ps, x, dy)
+
+    def single_step(params: Mapping[str, Any], x: Any, dy: Any, /, *, lr: float = 0.1) -> StepResult:
+        ps, x, dy, shape = prepare("single_step", params, x, dy)
+        start = time.perf_counter()
+        y, dx, grads, new = one_device(ps, x, dy, lr=lr)
+        seconds = time.perf_counter() - start
+        grads, new = {k: host(v) for k, v in grads.items()}, {k: host(v) for k, v in new.items()}
+        return single_result(shape, host(y), host(dx), grads, new, seconds)
+
+    step.__doc__, single_step.__doc__ = Parallel.step.__doc__, Parallel.single_step.__doc__
+    return step, single_step
 
 
 def median_seconds(run: Callable[[], StepResult], /, *, repeats: int = 5, warmup: int = 1) -> float:
