@@ -88,50 +88,33 @@ def _python_env() -> dict[str, str]:
     return env
 
 
+def _rows(stdout: str) -> list[dict]:
+    """The JSON list `tensorglot parallel --json` prints (after anything else on stdout)."""
+    return json.loads(stdout[stdout.index("[\n") :])
+
+
 @pytest.mark.timeout(240)
 def test_runs_unchanged_under_torchrun():
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "tensorglot_torch.parallel",
-        "--strategy",
-        "fsdp",
-        "--layers",
-        "2",
-        "--batch",
-        "8",
-    ]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd += ["-m", "tensorglot_torch.parallel", "--strategy", "fsdp", "--layers", "2", "--batch", "8", "--d-model", "4"]
+    cmd += ["--d-ff", "8", "--repeats", "1", "--json"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=200, env=_python_env(), check=False)
     assert out.returncode == 0, out.stderr[-3000:]
-    row = json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
+    [row] = _rows(out.stdout)  # rank 0 prints, rank 1 does not
     assert row["strategy"] == "fsdp" and row["world_size"] == 2
-    assert row["bytes_per_device_measured"] == row["bytes_per_device_model"]
+    assert (
+        row["bytes_per_device_measured"]
+        == row["bytes_per_device_model"]
+        == P.step_cost("fsdp", SHAPE, 2).bytes_per_device
+    )
     assert row["max_abs_error"] < 1e-5
 
 
 @pytest.mark.timeout(240)
 def test_module_launches_its_own_ranks_without_torchrun():
-    cmd = [
-        sys.executable,
-        "-m",
-        "tensorglot_torch.parallel",
-        "--strategy",
-        "pp",
-        "--world-size",
-        "2",
-        "--layers",
-        "2",
-        "--batch",
-        "8",
-        "--microbatches",
-        "4",
-    ]
+    cmd = [sys.executable, "-m", "tensorglot_torch.parallel", "--strategy", "pp", "--world-size", "2"]
+    cmd += ["--layers", "2", "--batch", "8", "--microbatches", "4", "--repeats", "1", "--json"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=200, env=_python_env(), check=False)
     assert out.returncode == 0, out.stderr[-3000:]
-    row = json.loads(out.stdout.strip().splitlines()[-1])
+    [row] = _rows(out.stdout)
     assert row["world_size"] == 2 and row["bytes_per_device_measured"] == row["bytes_per_device_model"]

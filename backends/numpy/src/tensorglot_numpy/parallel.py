@@ -29,25 +29,12 @@ class Mesh:
 
     def __init__(self, n: int, *, timeout: float = 120.0) -> None:
         self.n, self.timeout = n, timeout
-        self.slots: list[np.ndarray | None] = [None] * n  # what each rank contributes to a collective
+        self.slots: list[Any] = [None] * n  # what each rank brings to the current collective
         self.mail = {(s, d): queue.Queue[np.ndarray]() for s in range(n) for d in range(n)}
         self.log: list[list[Collective]] = [[] for _ in range(n)]
-        self._barriers: dict[tuple[int, ...], threading.Barrier] = {}
-        self._lock = threading.Lock()
-        self._broken = False
-
-    def meet(self, group: tuple[int, ...]) -> None:
-        with self._lock:
-            barrier = self._barriers.setdefault(group, threading.Barrier(len(group), timeout=self.timeout))
-            if self._broken:
-                barrier.abort()
-        barrier.wait()
-
-    def _abort(self) -> None:
-        with self._lock:
-            self._broken = True
-            for barrier in self._barriers.values():
-                barrier.abort()
+        # Every rank takes part in every collective (a grouped one runs in all its groups at once, SPMD),
+        # so one barrier of all the ranks serves every group. A failing rank breaks it for the others.
+        self.barrier = threading.Barrier(n, timeout=timeout)
 
     def run(self, program: Callable[[Collectives], T], *, what: str = "Mesh.run") -> list[T]:
         """``program`` on every rank at once; the results in rank order. A failing rank stops them all."""
@@ -61,7 +48,7 @@ class Mesh:
                 results[r] = program(comm)
             except BaseException as exc:  # the first error is the cause; the others are broken barriers
                 errors.append(exc)
-                self._abort()
+                self.barrier.abort()
 
         threads = [threading.Thread(target=rank, args=(r,), daemon=True) for r in range(self.n)]
         deadline = time.monotonic() + self.timeout
@@ -70,7 +57,7 @@ class Mesh:
         for t in threads:
             t.join(max(0.0, deadline - time.monotonic()))
         if any(t.is_alive() for t in threads):
-            self._abort()
+            self.barrier.abort()
             raise TimeoutError(f"{what} on {self.n} simulated ranks did not finish in {self.timeout:g} s")
         if errors:
             raise errors[0]
@@ -85,10 +72,10 @@ class _Rank(Collectives):
     def _exchange(self, x: np.ndarray, group: tuple[int, ...]) -> list[np.ndarray]:
         """The arrays every rank of ``group`` brings, in rank order."""
         self.mesh.slots[self.rank] = x
-        self.mesh.meet(group)
+        self.mesh.barrier.wait()
         xs = [self.mesh.slots[r] for r in group]
-        self.mesh.meet(group)  # everyone has read before anyone writes the next
-        return xs  # type: ignore[return-value]
+        self.mesh.barrier.wait()  # everyone has read before anyone writes the next
+        return xs
 
     def _all_reduce(self, x: np.ndarray, groups: Groups, /) -> np.ndarray:
         return np.sum(self._exchange(x, self.group_of(groups)), axis=0).astype(x.dtype)

@@ -2,20 +2,21 @@
 
 `launch` keeps n spawned ranks between steps (starting torch n times costs seconds); the first rank to
 fail, or the step's timeout, kills them all and raises with the failing rank's traceback. Under
-``torchrun --nproc-per-node N -m tensorglot_torch.parallel --strategy fsdp`` the same `run_rank` runs in
-torchrun's processes (`main`). The ranks are ``spawn``ed: a script that calls `step` needs the usual
-``if __name__ == "__main__":`` guard.
+torchrun (``torchrun --nproc-per-node N -m tensorglot_torch.parallel --strategy fsdp``, `main`) each of
+its processes is one rank and runs the same `run_rank`. The ranks are ``spawn``ed: a script that calls
+`step` needs the usual ``if __name__ == "__main__":`` guard.
 """
 
 from __future__ import annotations
 
-import argparse
 import atexit
-import json
+import contextlib
+import io
 import multiprocessing as mp
 import os
 import queue
 import socket
+import sys
 import time
 import traceback
 from datetime import timedelta
@@ -69,7 +70,8 @@ def _serve(rank: int, n: int, port: int, tasks: Any, results: Any, threads: int,
         wait = timedelta(seconds=timeout)
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=n, timeout=wait)
         while (task := tasks.get()) is not None:
-            results.put(("ok", rank, run_rank(*task[:2], device, task[2])))
+            config, arrays, fail = task
+            results.put(("ok", rank, run_rank(config, arrays, device, fail)))
         dist.destroy_process_group()
     except BaseException as exc:  # report every failure, then die: the parent kills the other ranks
         results.put(("error", rank, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
@@ -94,7 +96,7 @@ class _Pool:
     def run(self, task: tuple[Any, ...], what: str, timeout: float) -> list[Any]:
         for q in self.tasks:
             q.put(task)
-        deadline, done = time.monotonic() + timeout, {}
+        deadline, done = time.monotonic() + timeout, dict[int, Any]()
         while len(done) < self.n:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"parallel: {what} on {self.n} ranks did not finish in {timeout:g} s")
@@ -130,73 +132,65 @@ def shutdown() -> None:
     """Stop the ranks kept for the next step (also at exit)."""
     while _POOLS:
         _POOLS.popitem()[1].close()
+    if dist.is_initialized():  # this process is a rank under torchrun
+        dist.destroy_process_group()
 
 
 atexit.register(shutdown)
 
 
+def _under_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def _torchrun_rank(config: spec.StepConfig, arrays: dict[str, np.ndarray]) -> list[Any]:
+    """Under torchrun this process is one rank: its part of the step, then every rank's (outside the step).
+
+    A rank that stops answering is caught by the process group's timeout, and torchrun stops the others.
+    """
+    n = int(os.environ["WORLD_SIZE"])
+    if config.world_size != n:
+        raise ValueError(f"step: world_size = {config.world_size}, but torchrun started {n} ranks")
+    backend, device = _device(int(os.environ.get("LOCAL_RANK", os.environ["RANK"])), n)
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend, timeout=timedelta(seconds=config.timeout))
+    ranks: list[Any] = [None] * n
+    dist.all_gather_object(ranks, run_rank(config, arrays, device, os.environ.get(FAIL_RANK_ENV)))
+    return ranks
+
+
 def launch(config: spec.StepConfig, arrays: dict[str, np.ndarray]) -> spec.StepResult:
     """Run one step on ``config.world_size`` ranks; the first to fail, or the timeout, kills them all."""
     n = config.world_size
-    if n not in _POOLS:
-        _POOLS[n] = _Pool(n, config.timeout)
-    try:
-        ranks = _POOLS[n].run((config, arrays, os.environ.get(FAIL_RANK_ENV)), config.strategy, config.timeout)
-    except BaseException:
-        _POOLS.pop(n).close(kill=True)
-        raise
-    pieces, logs, seconds = zip(*ranks)
-    return spec.gather_result(config, pieces, logs, max(seconds))
-
-
-def _under_torchrun(config: spec.StepConfig, arrays: dict[str, np.ndarray]) -> spec.StepResult | None:
-    """This process's rank under torchrun; rank 0 gets the whole step's result, the others None."""
-    rank, n = int(os.environ["RANK"]), config.world_size
-    backend, device = _device(int(os.environ.get("LOCAL_RANK", rank)), n)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend, timeout=timedelta(seconds=config.timeout))
-    try:
-        ranks: list[Any] = [None] * n
-        dist.all_gather_object(ranks, run_rank(config, arrays, device, None))  # outside the step, not counted
-    finally:
-        dist.destroy_process_group()
-    if rank != 0:
-        return None
+    if _under_torchrun():
+        ranks = _torchrun_rank(config, arrays)
+    else:
+        if n not in _POOLS:
+            _POOLS[n] = _Pool(n, config.timeout)
+        try:
+            ranks = _POOLS[n].run((config, arrays, os.environ.get(FAIL_RANK_ENV)), config.strategy, config.timeout)
+        except BaseException:
+            _POOLS.pop(n).close(kill=True)
+            raise
     pieces, logs, seconds = zip(*ranks)
     return spec.gather_result(config, pieces, logs, max(seconds))
 
 
 def main(argv: list[str] | None = None) -> int:
-    """python -m tensorglot_torch.parallel --strategy S: one step (under torchrun, or on ranks it spawns)."""
-    ap = argparse.ArgumentParser(prog="python -m tensorglot_torch.parallel", description=main.__doc__)
-    ap.add_argument("--strategy", required=True, choices=spec.STRATEGIES)
-    ap.add_argument("--world-size", type=int, default=2, help="ranks to spawn when not under torchrun")
-    for name, default in (("layers", 4), ("batch", 16), ("d-model", 32), ("d-ff", 64), ("microbatches", 4)):
-        ap.add_argument(f"--{name}", type=int, default=default)
-    ap.add_argument("--schedule", choices=spec.SCHEDULES, default="1f1b")
-    ap.add_argument("--tp-size", type=int, default=None)
-    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    args = ap.parse_args(argv)
-    shape = spec.MLPShape(args.layers, args.batch, args.d_model, args.d_ff, args.dtype)
-    params, x, dy = spec.init_mlp(shape)
-    arrays = {k: v.astype(np.float32) for k, v in {**params, "x": x, "dy": dy}.items()}
-    under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    n = int(os.environ["WORLD_SIZE"]) if under_torchrun else args.world_size
-    options = dict(microbatches=args.microbatches, schedule=args.schedule, tp_size=args.tp_size)
-    config = spec.step_config(shape, strategy=args.strategy, world_size=n, lr=0.1, timeout=120.0, **options)
-    result = _under_torchrun(config, arrays) if under_torchrun else launch(config, arrays)
-    if result is None:
-        return 0
-    ref = spec.one_device_step({k: arrays[k] for k in params}, arrays["x"], arrays["dy"], lr=0.1)
-    row = {
-        "strategy": args.strategy,
-        "world_size": n,
-        "max_abs_error": spec.max_abs_difference(result, spec.single_result(shape, *ref, 0.0)),
-        "bytes_per_device_measured": result.bytes_per_device,
-        "bytes_per_device_model": spec.step_cost(args.strategy, shape, n, **options).bytes_per_device,
-        "param_bytes_per_rank": result.param_bytes_per_rank,
-        "seconds_per_step": result.seconds,
-    }
-    print(json.dumps(row))
-    return 0
+    """``python -m tensorglot_torch.parallel [options of tensorglot parallel]``: that command on torch.
+
+    Under ``torchrun --nproc-per-node N`` every process is one rank of each step (rank 0 prints);
+    otherwise the command spawns its ranks.
+    """
+    from tensorglot.cli import main as cli
+
+    args = ["parallel", "--backend", "torch", *(sys.argv[1:] if argv is None else argv)]
+    if not _under_torchrun():
+        return cli(args)
+    args += ["--world-size", os.environ["WORLD_SIZE"]]
+    if os.environ["RANK"] == "0":
+        return cli(args)
+    with contextlib.redirect_stdout(io.StringIO()):
+        return cli(args)

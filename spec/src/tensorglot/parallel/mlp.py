@@ -291,10 +291,10 @@ def gather_result(
 ) -> StepResult:
     """The ranks' pieces (host NumPy arrays, in rank order) joined into a `StepResult` (not part of the step)."""
     cat, n, t = np.concatenate, config.world_size, config.tp
-    if config.strategy == "pp":
-        y, dx = ranks[-1].output, ranks[0].input_grad
-    else:  # the first rank of each tp row holds its rows of the batch
-        y, dx = (cat([ranks[r].output for r in range(0, n, t)]), cat([ranks[r].input_grad for r in range(0, n, t)]))
+    # pp: the last stage has the output, the first the input gradient; else each tp row's first rank its rows
+    outs = [ranks[-1]] if config.strategy == "pp" else [ranks[r] for r in range(0, n, t)]
+    ins = [ranks[0]] if config.strategy == "pp" else outs
+    y, dx = cat([r.output for r in outs]), cat([r.input_grad for r in ins])
 
     def full(pieces: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         if config.strategy == "fsdp":
