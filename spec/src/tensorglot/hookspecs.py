@@ -25,3 +25,8 @@ def tensorglot_register_backends(register: Callable[..., None]) -> None:
 @hookspec
 def tensorglot_register_commands(register: Callable[..., Any]) -> None:
     """Call ``register(name, help, configure, run)`` to add a subcommand to the ``tensorglot`` CLI."""
+
+
+@hookspec
+def tensorglot_prepare_host_devices(backend: str, n: int) -> None:
+    """Before ``backend``'s framework starts, ask for ``n`` devices on this host (JAX: n CPU devices)."""

@@ -215,6 +215,12 @@ class Registry:
             self.errors = [e for e in self.errors if e.plugin != name]
 
     # -- queries -----------------------------------------------------------------------------------
+    @property
+    def hook(self) -> Any:
+        """The plugins' hooks, for those the host calls when it needs them (``tensorglot_prepare_host_devices``)."""
+        with self._lock:
+            return self._manager().hook
+
     def infos(self) -> dict[str, BackendInfo]:
         with self._lock:
             self._manager()

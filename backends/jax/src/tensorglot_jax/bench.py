@@ -22,7 +22,6 @@ from tensorglot.params import TransformerConfig, init_params
 
 from . import layers, ops
 from .bench_kernels import kernel_rows
-from .parallel import parallel_rows
 
 
 def _interleaved(
@@ -124,7 +123,6 @@ def rows(*, quick: bool = False) -> Iterator[Row]:
     )
     yield _generation_row(quick, repeats)
     yield from kernel_rows(quick)
-    yield from parallel_rows(quick)
 
 
 def _generation_row(quick: bool, repeats: int) -> Row:
