@@ -24,7 +24,6 @@ KNOWN_CAPABILITIES = frozenset(
         "tp",
         "fsdp",
         "pp",
-        "serving",
     }
 )
 
