@@ -7,10 +7,12 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from ..params import TransformerConfig
+from .metrics import rejected_record
 
 
 @dataclass
@@ -56,6 +58,19 @@ class Arrivals:
             req = self.pending.popleft()
             req.arrival = self.t0 + req.arrival_s
             yield req
+
+    def admit(self, config: TransformerConfig, waiting: deque[Request], results: dict[int, Any]) -> list[str]:
+        """Queue the requests that have arrived on ``waiting``; record the ones the model cannot serve in
+        ``results`` (by id) and return their errors."""
+        errors = []
+        for req in self.due():
+            error = check_request(req, config)
+            if error is None:
+                waiting.append(req)
+            else:
+                results[req.rid] = rejected_record(req, error)
+                errors.append(error)
+        return errors
 
     def wait_s(self, cap: float) -> float:
         """Seconds until the next arrival, at most ``cap`` (``cap`` when none is left)."""

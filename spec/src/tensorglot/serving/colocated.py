@@ -9,9 +9,9 @@ import time
 from collections import deque
 from typing import Any
 
-from .admission import Arrivals, Request, check_request
+from .admission import Arrivals, Request
 from .engine import DecodeEngine, Sequence, prefill
-from .metrics import rejected_record, request_record
+from .metrics import request_record
 from .model import Model
 
 
@@ -33,12 +33,7 @@ def run_colocated(requests: list[Request], model: Model, opts: Any, *, on_progre
             on_progress(len(results))
 
     while len(results) < len(requests):
-        for req in arrivals.due():
-            error = check_request(req, config)
-            if error is None:
-                waiting.append(req)
-            else:
-                results[req.rid] = rejected_record(req, error)
+        arrivals.admit(config, waiting, results)
         if waiting and engine.can_admit(len(waiting[0].prompt), waiting[0].max_new_tokens):
             req = waiting.popleft()
             pre = prefill(be, params, config, req.prompt)

@@ -24,9 +24,9 @@ import numpy as np
 
 from ..params import TransformerConfig
 from . import transport as tr
-from .admission import Arrivals, Request, check_request
+from .admission import Arrivals, Request
 from .engine import DecodeEngine, Sequence, prefill
-from .metrics import rejected_record, request_record
+from .metrics import request_record
 from .model import Model
 
 logger = logging.getLogger("tensorglot.serving")
@@ -84,14 +84,9 @@ def router(t: tr.Transport, opts: Options, requests: list[Request], config: Tran
             recomputed.add(rid)
 
     while len(results) < len(requests):
-        for req in arrivals.due():
-            error = check_request(req, config)
-            if error is None:
-                waiting.append(req)
-            else:
-                results[req.rid] = rejected_record(req, error)
-                events.append(f"rejected: {error}")
-                out.put(("progress", len(results)))
+        for error in arrivals.admit(config, waiting, results):
+            events.append(f"rejected: {error}")
+            out.put(("progress", len(results)))
         while waiting:
             target = route(live, inflight, opts.max_inflight) if live else decode
             if target is None:
