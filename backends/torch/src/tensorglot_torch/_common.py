@@ -43,16 +43,18 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class Frontend:
-    """``be.ops`` or ``be.encodings`` of the torch backend, looked up at each use (the backend imports
-    the modules that use it). Transitional: for the torch layers until the spec's layers replace them."""
+    """``be.ops`` or ``be.encodings`` of the torch backend, found at first use (the backend imports the
+    modules that use it). Transitional: for the torch layers until the spec's layers replace them."""
 
     def __init__(self, namespace: str) -> None:
-        self._namespace = namespace
+        self._namespace, self._target = namespace, None
 
     def __getattr__(self, name: str) -> Any:
-        import tensorglot
+        if self._target is None:  # then kept: the registry's lock would break a torch.compile graph
+            import tensorglot
 
-        return getattr(getattr(tensorglot.get_backend("torch"), self._namespace), name)
+            self._target = getattr(tensorglot.get_backend("torch"), self._namespace)
+        return getattr(self._target, name)
 
 
 class _Untracked:

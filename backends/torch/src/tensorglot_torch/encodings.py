@@ -15,7 +15,8 @@ _TABLES: dict[tuple, tuple] = {}
 def _cos_sin(x, positions, inv_freq, mscale):
     """mscale·cos and mscale·sin of the angles, (B|1, S, 1, r/2) in x's dtype (the angles in float32)."""
     key = None
-    if positions is None or not positions.is_inference():  # an inference tensor keeps no version to key on
+    # a compiled graph computes the tables itself; an inference tensor keeps no version to key on
+    if not torch.compiler.is_compiling() and (positions is None or not positions.is_inference()):
         which = x.shape[1] if positions is None else (id(positions), positions._version)
         key = (which, inv_freq.tobytes(), mscale, x.dtype, x.device, torch.is_inference_mode_enabled())
         hit = _TABLES.get(key)
