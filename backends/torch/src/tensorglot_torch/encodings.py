@@ -24,7 +24,7 @@ def _cos_sin(x, positions, inv_freq, mscale):
             return hit[1:]
     p = torch.arange(x.shape[1], device=x.device) if positions is None else positions
     p = p[None] if p.ndim == 1 else p  # (B|1, S)
-    angle = (p.to(torch.float32)[..., None] * torch.from_numpy(inv_freq).to(x.device)).to(x.dtype)  # (B|1, S, r/2)
+    angle = (p.to(torch.float32)[..., None] * torch.tensor(inv_freq, device=x.device)).to(x.dtype)  # (B|1, S, r/2)
     cos, sin = (torch.cos(angle) * mscale)[:, :, None], (torch.sin(angle) * mscale)[:, :, None]
     if key is not None:
         if len(_TABLES) >= 32:
