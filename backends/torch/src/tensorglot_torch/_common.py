@@ -1,4 +1,5 @@
-"""Helpers shared by the torch modules: dtype names, and (for layers not yet in the spec) input checks."""
+"""Helpers shared by the torch modules: dtype names, the kernels' autograd wrapper, and input checks for the
+modules that do not yet go through the spec's front ends (layers, parallel)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,13 @@ DTYPES = {
 
 def dtype_name(x: torch.Tensor) -> str:
     return str(x.dtype).removeprefix("torch.")
+
+
+def as_float(fn: str, arg: str, x: Any) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        x = torch.as_tensor(x)
+    checks.check_float(fn, arg, dtype_name(x))
+    return x
 
 
 def as_int(fn: str, arg: str, x: Any, device: torch.device | None = None) -> torch.Tensor:
