@@ -23,7 +23,6 @@ from tensorglot.params import TransformerConfig, init_params
 from . import layers
 from ._common import lazy_frontend
 from .bench_kernels import kernel_rows
-from .parallel import parallel_rows
 
 ops = lazy_frontend("ops")
 
@@ -127,7 +126,6 @@ def rows(*, quick: bool = False) -> Iterator[Row]:
     )
     yield _generation_row(quick, repeats)
     yield from kernel_rows(quick)
-    yield from parallel_rows(quick)
 
 
 def _generation_row(quick: bool, repeats: int) -> Row:
