@@ -20,8 +20,11 @@ import numpy as np
 from tensorglot.bench import Row, ratio_row, time_median
 from tensorglot.params import TransformerConfig, init_params
 
-from . import layers, ops
+from . import layers
+from ._common import lazy_frontend
 from .bench_kernels import kernel_rows
+
+ops = lazy_frontend("ops")
 
 
 def _interleaved(

@@ -13,7 +13,9 @@ import numpy as np
 
 from tensorglot.bench import Row, paired_medians, ratio_row, time_median
 
-from . import ops
+from ._common import lazy_frontend
+
+ops = lazy_frontend("ops")
 
 
 def _timed(fn: Callable[..., Any], *args: Any) -> float:

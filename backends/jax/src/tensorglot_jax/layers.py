@@ -19,9 +19,10 @@ from tensorglot import checks
 from tensorglot.cache import check_cache
 from tensorglot.params import TransformerConfig, check_params, check_tokens
 
-from . import encodings, ops
-from ._common import as_array, as_int, compute_dtype, is_traced
+from ._common import as_array, as_int, compute_dtype, is_traced, lazy_frontend
 from .cache import CacheView, JaxKVCache, kv_cache, storage_shape
+
+ops, encodings = lazy_frontend("ops"), lazy_frontend("encodings")  # the spec's front ends of this backend
 
 __all__ = ["attention_layer", "mlp_layer", "block", "transformer", "generate", "kv_cache", "value_and_grad"]
 
