@@ -9,10 +9,11 @@ import torch
 
 import tensorglot
 from tensorglot import TransformerConfig, init_params
-from tensorglot_torch import layers, ops
+from tensorglot_torch import layers
 from tensorglot_torch.nn import MLP, Linear, MultiHeadAttention, RMSNorm, SwiGLU, Transformer
 
 REF = tensorglot.get_backend("numpy")
+ops = tensorglot.get_backend("torch").ops
 
 CONFIGS = {
     "gqa-swiglu-neox-partial": dict(n_kv_heads=2, activation="swiglu", rope_style="neox", rotary_dim=2),

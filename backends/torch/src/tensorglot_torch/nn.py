@@ -26,8 +26,11 @@ from torch import nn
 from tensorglot.cache import check_cache
 from tensorglot.params import TransformerConfig, check_params, init_params
 
-from . import layers, ops
+from . import layers
+from ._common import Frontend
 from .layers import CrossEntropy, Embedding
+
+ops = Frontend("ops")  # the spec's front end of this backend
 
 
 def _param(*shape: int, std: float, device: Any = None, dtype: Any = None) -> nn.Parameter:
