@@ -225,6 +225,7 @@ class KVCache:
         self.n_layers, self.n_kv_heads, self.head_dim = config.n_layers, config.n_kv_heads, config.head_dim
         self.dtype = dtype
         self.device: Any = None
+        self._xp: Any = None
         self.k: list[Array] = []
         self.v: list[Array] = []
         self._step: tuple[Array, Array | None, int] | None = None  # this step's write and read indices
@@ -252,24 +253,26 @@ class KVCache:
         want = (B, n, K, H)
         checks.check_same_shape(fn, "k", tuple(k.shape), want, f"(B, n, K, H) for the {n} reserved tokens")
         checks.check_same_shape(fn, "v", tuple(v.shape), want, "k")
-        got = (self._be.dtype_name(k), self._be.dtype_name(v))
+        be = self._be
+        got = (be.dtype_name(k), be.dtype_name(v))
         if got != (self.dtype, self.dtype):
             raise TypeError(f"{fn}: k and v have dtypes {got[0]}, {got[1]}; the cache stores {self.dtype}")
-        xp = array_namespace(k, v)
         if not self.k:  # storage is made where the model runs, on its first write
-            self.device = device(k)
+            self._xp, self.device = array_namespace(k, v), be.device(k)
             rows = (self.map.num_slots, K, H)  # (slots, K, H)
-            self.k = [xp.zeros(rows, dtype=k.dtype, device=self.device) for _ in range(self.n_layers)]
-            self.v = [xp.zeros(rows, dtype=k.dtype, device=self.device) for _ in range(self.n_layers)]
-        if device(k) != self.device or device(v) != self.device:
-            raise TypeError(f"{fn}: k and v are on {device(k)}, {device(v)}; the cache is on {self.device}")
+            self.k = [self._xp.zeros(rows, dtype=k.dtype, device=device(k)) for _ in range(self.n_layers)]
+            self.v = [self._xp.zeros(rows, dtype=k.dtype, device=device(k)) for _ in range(self.n_layers)]
+        if be.device(k) != self.device or be.device(v) != self.device:
+            raise TypeError(f"{fn}: k and v are on {be.device(k)}, {be.device(v)}; the cache is on {self.device}")
+        xp = self._xp
         if self._step is None:  # the same indices for every layer of a step
             T = self.map.visible()
-            write = xp.asarray(self.map.slots().reshape(-1), device=self.device)  # (B·n,)
+            where = device(self.k[0])
+            write = xp.asarray(self.map.slots().reshape(-1), device=where)  # (B·n,)
             read = None if self.kind == "contiguous" else self.map.gather(T).reshape(-1)  # (B·T,)
-            self._step = (write, None if read is None else xp.asarray(read, device=self.device), T)
+            self._step = (write, None if read is None else xp.asarray(read, device=where), T)
         write, read, T = self._step
-        cache_write = self._be.kernels.cache_write
+        cache_write = be.kernels.cache_write
         self.k[layer] = cache_write(self.k[layer], write, xp.reshape(k, (B * n, K, H)))
         self.v[layer] = cache_write(self.v[layer], write, xp.reshape(v, (B * n, K, H)))
         if read is None:  # contiguous: slot b·max_len + p is [b, p], so a reshape (a view) reads it

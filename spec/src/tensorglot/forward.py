@@ -17,7 +17,7 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
-from array_api_compat import device
+from array_api_compat import array_namespace, device
 
 from .cache import KVCache, visible_mask
 from .encodings import frequency_table, yarn_attention_factor
@@ -25,6 +25,8 @@ from .frontend import HALF, FrontEnd, shape
 from .params import TransformerConfig
 
 Array = Any
+#: The mask of a cached step whose sequences all hold the same length: plain bottom-right causal.
+_CAUSAL = object()
 
 _ATTENTION = ("wq", "wk", "wv", "wo")
 _MLP = {"swiglu": ("w_gate", "w_up", "w_down")}  # every other activation: ("w_in", "w_out")
@@ -63,7 +65,7 @@ class Forward(FrontEnd):
     def _cache_positions(self, p: _Pass, S: int) -> Array:
         assert p.cache is not None
         pos = p.cache.lengths()[:, None] + np.arange(S)  # (B, S): each sequence continues where it is
-        return p.xp.asarray(pos, device=device(next(iter(p.params.values()))))
+        return _on_device(pos, next(iter(p.params.values())))
 
     def _transformer(self, tokens: Array, p: _Pass) -> Array:
         """`transformer` on validated inputs: the cache's reserve and advance around the forward pass."""
@@ -113,13 +115,20 @@ class Forward(FrontEnd):
         else:
             k_all, v_all = p.cache.update(layer, k, v)  # (B, T, K, H), keys stored after RoPE
             if p.mask is None:  # one mask serves every layer of the step
-                mask = visible_mask(p.cache.lengths(), S, shape(k_all)[1])  # (B, 1, S, T)
-                p.mask = xp.asarray(mask, device=device(x))
-            y = self._run(self._k.attention, p.dtype, (q, k_all, v_all), False, p.mask, scale)
+                p.mask = self._step_mask(p.cache.lengths(), S, shape(k_all)[1], x)
+            causal, mask = (True, None) if p.mask is _CAUSAL else (False, p.mask)
+            y = self._run(self._k.attention, p.dtype, (q, k_all, v_all), causal, mask, scale)
         y = xp.reshape(y, (B, S, N * H))  # (B, S, N·H)
         if saved is not None:
             saved.update(q=q, k=k, v=v, y=y)
         return self._linear(y, xp.reshape(p.params[pre + "wo"], (N * H, D)), p)  # (B, S, D)
+
+    def _step_mask(self, lengths: Array, S: int, T: int, like: Array) -> Any:
+        """`visible_mask` of a cached step, or `_CAUSAL` when every sequence holds T − S tokens: then key
+        j is visible to query i iff j <= i + T − S, bottom-right causal, which the kernel does maskless."""
+        if isinstance(lengths, np.ndarray) and lengths.min() == lengths.max() == T - S:
+            return _CAUSAL
+        return _on_device(visible_mask(lengths, S, T), like)  # (B, 1, S, T)
 
     def _mlp(self, x: Array, p: _Pass, layer: int) -> Array:
         pre, act = f"layers.{layer}.", p.config.activation
@@ -138,6 +147,11 @@ class Forward(FrontEnd):
     def _rope(self, x: Array, p: _Pass, sign: float) -> Array:
         inv_freq, mscale, style, r = p.rope
         return self._run(self._k.rope, p.dtype, (x,), p.positions, inv_freq, mscale, sign, style, r)
+
+
+def _on_device(host: np.ndarray, like: Array) -> Array:
+    """A host array (a mask, positions) as an array of ``like``'s library on its device."""
+    return array_namespace(like).asarray(host, device=device(like))
 
 
 def _mlp_names(config: TransformerConfig) -> tuple[str, ...]:

@@ -155,20 +155,8 @@ class Layers(Forward):
         Returns:
             (B, S, V) logits in the parameters' dtype.
         """
-        fn = "transformer"
-        params, dtype = self._model(fn, params, config)
-        tokens = self._int(fn, "tokens", tokens)
-        checks.check_rank(fn, "tokens", shape(tokens), "(B, S)")
-        start = 0
-        if cache is not None:
-            be = self._be
-            check_cache(fn, cache, shape(tokens)[0], config, backend=be, dtype=dtype, device=be.device(params["embed"]))
-            start = int(cache.lengths().max())  # the longest sequence's new tokens must fit max_seq_len
-        tokens = self._tokens(fn, "tokens", tokens, config, params, start)
-        B, S = shape(tokens)
-        if positions is not None:
-            positions = self._positions(fn, positions, B, S, config)
-        return self._transformer(tokens, _Pass(params, dtype, config, array_namespace(tokens), positions, cache))
+        p, tokens = self._transformer_inputs("transformer", tokens, params, config, cache, positions)
+        return self._transformer(tokens, p)
 
     def generate(
         self,
@@ -305,6 +293,22 @@ class Layers(Forward):
                     f"{fn}: positions must lie in [0, max_seq_len) = [0, {config.max_seq_len}), got [{lo}, {hi}]"
                 )
         return positions
+
+    def _transformer_inputs(self, fn, tokens, params, config, cache, positions):
+        """The pass of `transformer` (validated params, positions and cache) and the validated tokens."""
+        params, dtype = self._model(fn, params, config)
+        tokens = self._int(fn, "tokens", tokens)
+        checks.check_rank(fn, "tokens", shape(tokens), "(B, S)")
+        start = 0
+        if cache is not None:
+            be = self._be
+            check_cache(fn, cache, shape(tokens)[0], config, backend=be, dtype=dtype, device=be.device(params["embed"]))
+            start = int(cache.lengths().max())  # the longest sequence's new tokens must fit max_seq_len
+        tokens = self._tokens(fn, "tokens", tokens, config, params, start)
+        B, S = shape(tokens)
+        if positions is not None:
+            positions = self._positions(fn, positions, B, S, config)
+        return _Pass(params, dtype, config, array_namespace(tokens), positions, cache), tokens
 
     def _layer_inputs(self, fn, x, params, config, layer, names, positions, cache):
         """The validated x and the pass of one layer function (its params: ``names`` of that layer)."""

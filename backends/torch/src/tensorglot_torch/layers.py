@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from ._common import kernel
+
 
 def embedding_backward(dx, tokens, vocab):
     dtable = dx.new_zeros(vocab, dx.shape[-1])
@@ -26,8 +28,7 @@ class Embedding(torch.autograd.Function):
         return embedding_backward(dx, tokens, ctx.vocab), None
 
 
-def embedding(table, tokens):
-    return Embedding.apply(table, tokens)
+embedding = kernel(Embedding)
 
 
 def cross_entropy_backward(logits, dloss, targets, lse=None):
@@ -50,8 +51,7 @@ class CrossEntropy(torch.autograd.Function):
         return cross_entropy_backward(logits, dloss, targets, lse), None
 
 
-def cross_entropy(logits, targets):
-    return CrossEntropy.apply(logits, targets)
+cross_entropy = kernel(CrossEntropy)
 
 
 def cache_write(storage, slots, rows):
