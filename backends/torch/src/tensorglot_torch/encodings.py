@@ -34,13 +34,12 @@ def _cos_sin(x, positions, inv_freq, mscale):
 
 def _rotate(x, cos, sin, sign, style, r):
     """Pair i turned by sign · angle_i: (a, b) → (a cos − sign·b sin, sign·a sin + b cos)."""
-    if style == "interleaved":
-        a, b = x[..., 0:r:2], x[..., 1:r:2]  # pairs (2i, 2i + 1)
-    else:
-        a, b = x[..., : r // 2], x[..., r // 2 : r]  # pairs (i, i + r/2)
+    rot = x if r == x.shape[-1] else x.narrow(-1, 0, r)
+    # interleaved pairs (2i, 2i + 1), neox pairs (i, i + r/2)
+    a, b = rot.unflatten(-1, (-1, 2)).unbind(-1) if style == "interleaved" else rot.chunk(2, -1)
     ra, rb = torch.addcmul(a * cos, b, sin, value=-sign), torch.addcmul(b * cos, a, sin, value=sign)
     rotated = torch.stack((ra, rb), -1).flatten(-2) if style == "interleaved" else torch.cat((ra, rb), -1)
-    return rotated if r == x.shape[-1] else torch.cat((rotated, x[..., r:]), -1)
+    return rotated if rot is x else torch.cat((rotated, x.narrow(-1, r, x.shape[-1] - r)), -1)
 
 
 class Rope(torch.autograd.Function):

@@ -67,9 +67,9 @@ class Linear(torch.autograd.Function):
     def forward(ctx, x, w, b):
         ctx.save_for_backward(x, w)
         ctx.bias = b is not None
-        x2 = _flat2d(x)  # (M, in)
-        y = x2 @ w if b is None else torch.addmm(b, x2, w)  # (M, out)
-        return y.reshape(*x.shape[:-1], w.shape[1])
+        if b is None:
+            return x @ w  # (..., out); matmul folds the leading axes into one mm
+        return torch.addmm(b, _flat2d(x), w).reshape(*x.shape[:-1], w.shape[1])  # (..., out)
 
     @staticmethod
     def backward(ctx, dy):
@@ -79,7 +79,7 @@ class Linear(torch.autograd.Function):
 
 def linear_backward(x, w, dy, bias, needs=ALL):
     dy2 = _flat2d(dy)  # (M, out)
-    dx = (dy2 @ w.T).reshape(x.shape) if needs[0] else None
+    dx = dy @ w.T if needs[0] else None  # (..., in)
     dw = _flat2d(x).T @ dy2 if needs[1] else None
     return dx, dw, dy2.sum(0) if bias and needs[2] else None
 
@@ -89,14 +89,7 @@ def linear_backward(x, w, dy, bias, needs=ALL):
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 
-def _act(h, name):
-    if name == "relu":
-        return torch.relu(h)
-    if name == "gelu":
-        return F.gelu(h)
-    if name == "gelu_tanh":
-        return F.gelu(h, approximate="tanh")
-    return F.silu(h)
+_ACT = {"relu": torch.relu, "gelu": F.gelu, "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"), "silu": F.silu}
 
 
 def _act_grad(h, name):
@@ -119,17 +112,19 @@ def _act_grad(h, name):
 def _mlp(x, w_in, w_out, activation):
     """(y, saved): saved is act(h) for relu (its sign is the derivative), else the pre-activation h."""
     h = _flat2d(x) @ w_in  # (M, F)
-    a = h.relu_() if activation == "relu" else _act(h, activation)
+    a = h.relu_() if activation == "relu" else _ACT[activation](h)
     return (a @ w_out).reshape(*x.shape[:-1], w_out.shape[1]), a if activation == "relu" else h
 
 
-def _mlp_grads(x, w_in, w_out, saved, dy, activation, needs=ALL):
+def mlp_backward(x, w_in, w_out, dy, activation, saved=None, needs=ALL):
+    """``saved``: what the forward kept (see `_mlp`), recomputed from x when None."""
+    saved = _mlp(x, w_in, w_out, activation)[1] if saved is None else saved
     dh = _flat2d(dy) @ w_out.T  # (M, F)
     if activation == "relu":
         a = saved
         dh.masked_fill_(a <= 0, 0.0)  # relu'(0) = 0
     else:
-        a = _act(saved, activation)
+        a = _ACT[activation](saved)
         dh.mul_(_act_grad(saved, activation))
     dx = (dh @ w_in.T).reshape(x.shape) if needs[0] else None
     return dx, _flat2d(x).T @ dh if needs[1] else None, a.T @ _flat2d(dy) if needs[2] else None
@@ -146,11 +141,7 @@ class MLP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, w_in, w_out, saved = ctx.saved_tensors
-        return *_mlp_grads(x, w_in, w_out, saved, dy, ctx.activation, ctx.needs_input_grad), None
-
-
-def mlp_backward(x, w_in, w_out, dy, activation):
-    return _mlp_grads(x, w_in, w_out, _mlp(x, w_in, w_out, activation)[1], dy, activation)
+        return *mlp_backward(x, w_in, w_out, dy, ctx.activation, saved, ctx.needs_input_grad), None
 
 
 def _swiglu(x, w_gate, w_up, w_down):
@@ -159,7 +150,9 @@ def _swiglu(x, w_gate, w_up, w_down):
     return (F.silu(g).mul_(u) @ w_down).reshape(*x.shape[:-1], w_down.shape[1]), g, u
 
 
-def _swiglu_grads(x, w_gate, w_up, w_down, g, u, dy, needs=ALL):
+def swiglu_backward(x, w_gate, w_up, w_down, dy, gu=None, needs=ALL):
+    """``gu``: the forward's (x @ w_gate, x @ w_up), recomputed when None."""
+    g, u = _swiglu(x, w_gate, w_up, w_down)[1:] if gu is None else gu
     x2, dy2 = _flat2d(x), _flat2d(dy)
     s = F.silu(g)
     da = dy2 @ w_down.T  # (M, F)
@@ -180,12 +173,7 @@ class SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, w_gate, w_up, w_down, g, u = ctx.saved_tensors
-        return _swiglu_grads(x, w_gate, w_up, w_down, g, u, dy, ctx.needs_input_grad)
-
-
-def swiglu_backward(x, w_gate, w_up, w_down, dy):
-    _, g, u = _swiglu(x, w_gate, w_up, w_down)
-    return _swiglu_grads(x, w_gate, w_up, w_down, g, u, dy)
+        return swiglu_backward(x, w_gate, w_up, w_down, dy, (g, u), ctx.needs_input_grad)
 
 
 # -- RMSNorm ---------------------------------------------------------------------------------------
@@ -195,7 +183,9 @@ def _rsqrt_ms(x, eps):
     return torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
 
 
-def _rms_norm_grads(x, weight, r, dy, needs=ALL):
+def rms_norm_backward(x, weight, dy, eps, r=None, needs=ALL):
+    """``r``: the forward's rsqrt(mean(x²) + eps), recomputed when None."""
+    r = _rsqrt_ms(x, eps) if r is None else r
     n = x * r
     g = dy * weight
     dx = r * (g - n * (g * n).mean(-1, keepdim=True)) if needs[0] else None
@@ -215,11 +205,7 @@ class RMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, r = ctx.saved_tensors
-        return *_rms_norm_grads(x, weight, r, dy, ctx.needs_input_grad), None, None
-
-
-def rms_norm_backward(x, weight, dy, eps):
-    return _rms_norm_grads(x, weight, _rsqrt_ms(x, eps), dy)
+        return *rms_norm_backward(x, weight, dy, None, r, ctx.needs_input_grad), None, None
 
 
 # -- attention -------------------------------------------------------------------------------------
@@ -263,7 +249,8 @@ def _block_probs(qs, kh, mask, causal, sizes, i0, i1, t1):
     see no key (zeros) and rows whose scores overflowed to +inf."""
     B, N, S, T = sizes
     scores = torch.bmm(qs[:, i0:i1], kh[:, :t1].transpose(1, 2))  # (B·N, C, t1)
-    rows = torch.arange(i0, i1, device=qs.device)[:, None] + (T - S)  # query i sees keys j <= i + T − S
+    if causal:
+        rows = torch.arange(i0, i1, device=qs.device)[:, None] + (T - S)  # query i sees keys j <= i + T − S
     if mask is not None:
         allowed = mask[:, :, i0:i1] if mask.shape[2] != 1 else mask  # (B|1, N|1, C|1, t1|1)
         allowed = allowed[..., :t1] if allowed.shape[3] != 1 else allowed
