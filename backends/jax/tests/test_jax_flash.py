@@ -8,7 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tensorglot_jax import ops
+import tensorglot
+
+ops = tensorglot.get_backend("jax").ops
 
 
 def _inputs(B=2, S=5, T=7, N=4, K=2, H=3, seed=0):

@@ -81,12 +81,59 @@ def test_jit_vmap_and_grad_compose(name, f, shapes):
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads)
 
 
-def test_grad_through_public_op_is_the_public_backward():
-    x, w_in, w_out = (_rand(*s, dtype=jnp.float32) for s in ((2, 3, 4), (4, 6), (6, 4)))
-    dy = _rand(2, 3, 4, seed=5, dtype=jnp.float32)
-    _, vjp = jax.vjp(lambda *a: ops.mlp(*a, activation="gelu"), x, w_in, w_out)
-    for got, want in zip(vjp(dy), ops.mlp_backward(x, w_in, w_out, dy, activation="gelu")):
-        np.testing.assert_array_equal(got, want)
+def _backward_cases():
+    """(name, forward with its options closed over, its explicit backward: (*inputs, dy) -> gradients)."""
+    mask = jnp.asarray(np.random.default_rng(1).random((2, 4, 3, 5)) > 0.3)  # per query head
+    att = {"causal": True, "mask": mask, "scale": 0.3}
+    rope = {"positions": jnp.array([[3, 1, 4], [1, 5, 9]]), "theta": 100.0, "style": "neox", "rotary_dim": 4}
+    return [
+        (
+            "softmax",
+            lambda x: ops.softmax(x, axis=1),
+            lambda x, dy: (ops.softmax_backward(ops.softmax(x, axis=1), dy, axis=1),),
+            [(3, 4, 5)],
+        ),
+        ("linear", ops.linear, lambda x, w, b, dy: ops.linear_backward(x, w, dy, bias=True), [(2, 3, 4), (4, 5), (5,)]),
+        *[
+            (
+                f"mlp_{a}",
+                lambda x, wi, wo, a=a: ops.mlp(x, wi, wo, activation=a),
+                lambda x, wi, wo, dy, a=a: ops.mlp_backward(x, wi, wo, dy, activation=a),
+                [(2, 3, 4), (4, 6), (6, 4)],
+            )
+            for a in ("relu", "gelu", "gelu_tanh", "silu")
+        ],
+        ("swiglu", ops.swiglu, ops.swiglu_backward, [(2, 3, 4), (4, 6), (4, 6), (6, 4)]),
+        (
+            "rms_norm",
+            lambda x, w: ops.rms_norm(x, w, eps=1e-5),
+            lambda x, w, dy: ops.rms_norm_backward(x, w, dy, eps=1e-5),
+            [(2, 3, 8), (8,)],
+        ),
+        (
+            "attention",
+            lambda q, k, v: ops.attention(q, k, v, **att),
+            lambda q, k, v, dy: ops.attention_backward(q, k, v, dy, **att),
+            [(2, 3, 4, 4), (2, 5, 2, 4), (2, 5, 2, 4)],
+        ),
+        ("rope", lambda x: enc.rope(x, **rope), lambda x, dy: (enc.rope_backward(dy, **rope),), [(2, 3, 2, 6)]),
+    ]
+
+
+BACKWARDS = _backward_cases()
+
+
+@pytest.mark.parametrize(("name", "f", "backward", "shapes"), BACKWARDS, ids=[c[0] for c in BACKWARDS])
+def test_grad_through_the_custom_vjp_is_the_explicit_backward(name, f, backward, shapes):
+    """jax.vjp through the public op, jitted, runs the formula of the op's explicit backward (eager)."""
+    args = [_rand(*s, seed=i, dtype=jnp.float32) for i, s in enumerate(shapes)]
+    dy = _rand(*f(*args).shape, seed=9, dtype=jnp.float32)
+    got = jax.jit(lambda *a: jax.vjp(f, *a)[1](dy))(*args)
+    want = backward(*args, dy)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype == jnp.float32
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
@@ -116,6 +163,10 @@ def test_traced_option_raises_a_clear_error():
         jax.jit(lambda x, eps: ops.rms_norm(x, w, eps=eps))(x, 1e-6)
     with pytest.raises(TypeError, match=r"attention: causal .* static_argnames=\('causal',\)"):
         jax.jit(lambda q, c: ops.attention(q, q, q, causal=c))(jnp.ones((1, 2, 1, 4)), True)
+    with pytest.raises(TypeError, match=r"softmax: axis is an option"):
+        jax.jit(lambda x, a: ops.softmax(x, axis=a))(x, 0)
+    with pytest.raises(TypeError, match=r"rope: rotary_dim is an option"):
+        jax.jit(lambda q, r: enc.rope(q, rotary_dim=r))(jnp.ones((1, 2, 1, 4)), 2)
     # marked static, the same call compiles
     f = jax.jit(lambda x, eps: ops.rms_norm(x, w, eps=eps), static_argnames="eps")
     assert f(x, eps=1e-6).shape == (2, 4)

@@ -26,7 +26,6 @@ KNOWN_CAPABILITIES = frozenset(
         "tp",
         "fsdp",
         "pp",
-        "serving",
     }
 )
 

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from . import checks
+from .backend import ArrayBackend
 
 Array = Any
 HALF = ("float16", "bfloat16")
@@ -44,6 +45,8 @@ class FrontEnd:
     def __init__(self, backend: Any) -> None:
         self._be = backend
         self._k = backend.kernels
+        # Only a library with several devices needs the device check (it costs on every call).
+        self._devices = getattr(type(backend), "device", ArrayBackend.device) is not ArrayBackend.device
 
     def __repr__(self) -> str:
         return f"<tensorglot {type(self).__name__.lower()} of backend {self._be.name!r}>"
@@ -84,6 +87,8 @@ class FrontEnd:
         return x
 
     def _same_device(self, fn: str, arrays: dict[str, Array]) -> None:
+        if not self._devices:
+            return
         devices = {arg: self._be.device(x) for arg, x in arrays.items()}
         if len(set(devices.values())) > 1:
             got = ", ".join(f"{k}={d}" for k, d in devices.items())

@@ -25,3 +25,14 @@ def tensorglot_register_backends(register: Callable[..., None]) -> None:
 @hookspec
 def tensorglot_register_commands(register: Callable[..., Any]) -> None:
     """Call ``register(name, help, configure, run)`` to add a subcommand to the ``tensorglot`` CLI."""
+
+
+@hookspec
+def tensorglot_prepare_host_devices(backend: str, n: int) -> None:
+    """Before ``backend``'s framework starts, ask for ``n`` devices on this host (JAX: n CPU devices)."""
+
+
+@hookspec
+def tensorglot_register_transports(register: Callable[..., Any]) -> None:
+    """Call ``register(name, factory)`` once per serving transport: ``factory(rank, world_size, **options)``
+    returns a `tensorglot.serving.transport.Transport` and imports its framework only when called."""

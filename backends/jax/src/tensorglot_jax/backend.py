@@ -1,14 +1,19 @@
-"""The JAX backend object: its namespaces are this package's modules, named as the spec's."""
+"""The JAX backend: its kernels behind the spec's front ends, and JAX's array adapter."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import encodings, layers, ops, parallel
+from tensorglot.backend import ArrayBackend
+
+from . import layers, ops, parallel
+from ._common import is_traced
+from .generate import JaxLayers
 from .plugin import CAPABILITIES
 
 _DTYPES = {
@@ -26,14 +31,18 @@ def x64_enabled() -> bool:
     return bool(jax.config.read("jax_enable_x64"))
 
 
-class JaxBackend:
+class JaxBackend(ArrayBackend):
     name = "jax"
-    ops = ops
-    encodings = encodings
-    layers = layers
+    kernels = SimpleNamespace(
+        **{k: v for m in (ops, layers) for k, v in vars(m).items() if callable(v) and not k.startswith("_")}
+    )
     parallel = parallel
 
-    @property
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = JaxLayers(self)  # the spec's, with transformer and generate compiled
+
+    @property  # type: ignore[override]
     def capabilities(self) -> frozenset[str]:
         # Read at each access: x64 may be switched on with jax.config.update after the backend loaded.
         return CAPABILITIES | {"float64"} if x64_enabled() else CAPABILITIES
@@ -60,12 +69,21 @@ class JaxBackend:
                 dtype = "int32"  # what JAX does without x64; positions and lengths fit
         return jnp.asarray(x, dtype=_DTYPES[dtype])
 
+    def native(self, x: Any, /) -> jax.Array:
+        return x if isinstance(x, jax.Array) else jnp.asarray(x)  # a tracer is a jax.Array too
+
     def to_numpy(self, x: Any, /) -> np.ndarray:
         out = np.asarray(x)
         return out.astype(np.float32) if out.dtype == jnp.bfloat16 else out
 
     def dtype_name(self, x: Any, /) -> str:
-        return str(jnp.asarray(x).dtype)
+        return str(x.dtype) if isinstance(x, jax.Array) else str(jnp.asarray(x).dtype)
 
-    def __repr__(self) -> str:
-        return "<tensorglot backend 'jax'>"
+    def astype(self, x: Any, dtype: str, /) -> jax.Array:
+        return x.astype(_DTYPES[dtype])
+
+    def is_traced(self, x: Any, /) -> bool:
+        return is_traced(x)
+
+    # device: None (the base's). JAX itself refuses arrays committed to different devices, and a device
+    # set would differ between an array and its sharded siblings that JAX combines without complaint.

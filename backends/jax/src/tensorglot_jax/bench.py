@@ -20,9 +20,10 @@ import numpy as np
 from tensorglot.bench import Row, ratio_row, time_median
 from tensorglot.params import TransformerConfig, init_params
 
-from . import layers, ops
+from ._common import lazy_frontend
 from .bench_kernels import kernel_rows
-from .parallel import parallel_rows
+
+ops, layers = lazy_frontend("ops"), lazy_frontend("layers")
 
 
 def _interleaved(
@@ -124,7 +125,6 @@ def rows(*, quick: bool = False) -> Iterator[Row]:
     )
     yield _generation_row(quick, repeats)
     yield from kernel_rows(quick)
-    yield from parallel_rows(quick)
 
 
 def _generation_row(quick: bool, repeats: int) -> Row:

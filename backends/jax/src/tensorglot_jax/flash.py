@@ -7,16 +7,13 @@ tile's probabilities. S and T are padded up to whole tiles; padded keys are mask
 
 from __future__ import annotations
 
-import math
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from tensorglot import checks
-
-from ._common import as_array, as_float, compute_dtype, same_dtype, static
+from ._common import vjp_kernel
 
 
 def _tiles(n, bs):
@@ -24,20 +21,19 @@ def _tiles(n, bs):
 
 
 def _prep(q, k, v, mask, scale, bs):
-    """The padded tile layout in the compute dtype: q (B, K, G, Sp, H) carrying the scale, k and v
-    (B, K, Tp, H), the mask (B|1, K|1, G|1, Sp|1, Tp|1) or None."""
+    """The padded tile layout: q (B, K, G, Sp, H) carrying the scale, k and v (B, K, Tp, H), the mask
+    (B|1, K|1, G|1, Sp|1, Tp|1) or None."""
     B, S, N, H = q.shape
     T, K = k.shape[1], k.shape[2]
     G = N // K
-    cd = compute_dtype(q.dtype)
     Sp, Tp = _tiles(S, bs) * bs, _tiles(T, bs) * bs
-    qg = (q.astype(cd) * scale).reshape(B, S, K, G, H).transpose(0, 2, 3, 1, 4)  # (B, K, G, S, H)
+    qg = (q * scale).reshape(B, S, K, G, H).transpose(0, 2, 3, 1, 4)  # (B, K, G, S, H)
     qg = jnp.pad(qg, ((0, 0), (0, 0), (0, 0), (0, Sp - S), (0, 0)))
-    kh = jnp.pad(k.astype(cd).transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, Tp - T), (0, 0)))  # (B, K, Tp, H)
-    vh = jnp.pad(v.astype(cd).transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, Tp - T), (0, 0)))
+    kh = jnp.pad(k.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, Tp - T), (0, 0)))  # (B, K, Tp, H)
+    vh = jnp.pad(v.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, Tp - T), (0, 0)))
     mg = None
     if mask is not None:
-        b, n, s, t = (1,) * (4 - mask.ndim) + mask.shape
+        b, n, s, t = mask.shape
         mg = mask.reshape(b, K, G, s, t) if n != 1 else mask.reshape(b, 1, 1, s, t)
         mg = jnp.pad(mg, ((0, 0), (0, 0), (0, 0), (0, Sp - S if s > 1 else 0), (0, Tp - T if t > 1 else 0)))
     return qg, kh, vh, mg
@@ -133,25 +129,20 @@ def _grads(q, k, v, mask, causal, scale, bs, out, lse, dy):
     B, S, N, H = q.shape
     T, K = k.shape[1], k.shape[2]
     qg, kh, vh, mg = _prep(q, k, v, mask, scale, bs)
-    dyg = dy.astype(qg.dtype).reshape(B, S, K, N // K, H).transpose(0, 2, 3, 1, 4)  # (B, K, G, S, H)
+    dyg = dy.reshape(B, S, K, N // K, H).transpose(0, 2, 3, 1, 4)  # (B, K, G, S, H)
     dyg = jnp.pad(dyg, ((0, 0), (0, 0), (0, 0), (0, qg.shape[3] - S), (0, 0)))
     dq, dk, dv = _backward(qg, kh, vh, mg, causal, bs, S, T, out, lse, dyg)
     dq = (dq[:, :, :, :S] * scale).transpose(0, 3, 1, 2, 4).reshape(B, S, N, H)  # (B, S, N, H)
     dk, dv = (g[:, :, :T].transpose(0, 2, 1, 3) for g in (dk, dv))  # (B, T, K, H)
-    return dq.astype(q.dtype), dk.astype(q.dtype), dv.astype(q.dtype)
+    return dq, dk, dv
 
 
-def _flash_fwd(q, k, v, mask, causal, scale, bs):
+def _flash_fwd(q, k, v, causal, mask, scale, bs):
     B, S, N, H = q.shape
     qg, kh, vh, mg = _prep(q, k, v, mask, scale, bs)
     out, lse = _forward(qg, kh, vh, mg, causal, bs, S, k.shape[1])
-    y = out[:, :, :, :S].transpose(0, 3, 1, 2, 4).reshape(B, S, N, H).astype(q.dtype)  # (B, S, N, H)
+    y = out[:, :, :, :S].transpose(0, 3, 1, 2, 4).reshape(B, S, N, H)  # (B, S, N, H)
     return y, (q, k, v, mask, out, lse)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _flash(q, k, v, mask, causal, scale, bs):
-    return _flash_fwd(q, k, v, mask, causal, scale, bs)[0]
 
 
 def _flash_bwd(causal, scale, bs, res, dy):
@@ -159,43 +150,11 @@ def _flash_bwd(causal, scale, bs, res, dy):
     return (*_grads(q, k, v, mask, causal, scale, bs, out, lse, dy), None)  # the mask gets no gradient
 
 
-_flash.defvjp(_flash_fwd, _flash_bwd)
+flash_attention = vjp_kernel(_flash_fwd, _flash_bwd, (3, 5, 6))
 
 
-def _inputs(fn, q, k, v, causal, mask, scale, block_size):
-    q, k, v = as_float(fn, "q", q), as_float(fn, "k", k), as_float(fn, "v", v)
-    same_dtype(fn, q=q, k=k, v=v)
-    if mask is not None:
-        mask = as_array(mask)
-        checks.check_bool(fn, "mask", str(mask.dtype))
-    mshape = None if mask is None else mask.shape
-    checks.attention(fn, q.shape, k.shape, v.shape, mshape, static(fn, "scale", scale))
-    if not isinstance(static(fn, "causal", causal), bool):
-        raise TypeError(f"{fn}: causal must be a bool, got {type(causal).__name__}")
-    block_size = checks.check_positive_int(fn, "block_size", static(fn, "block_size", block_size))
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return q, k, v, mask, causal, scale, block_size
-
-
-# Jitted whole: one XLA program per shape instead of an op-by-op dispatch of every loop body.
-_flash_jit = jax.jit(_flash, static_argnums=(4, 5, 6))
-
-
-@partial(jax.jit, static_argnums=(5, 6, 7))
-def _flash_grads(q, k, v, dy, mask, causal, scale, bs):
+@partial(jax.jit, static_argnums=(4, 6, 7))
+def flash_attention_backward(q, k, v, dy, causal, mask, scale, bs):
     qg, kh, vh, mg = _prep(q, k, v, mask, scale, bs)
     out, lse = _forward(qg, kh, vh, mg, causal, bs, q.shape[1], k.shape[1])
     return _grads(q, k, v, mask, causal, scale, bs, out, lse, dy)
-
-
-def flash_attention(q, k, v, /, *, causal=False, mask=None, scale=None, block_size=128):
-    return _flash_jit(*_inputs("flash_attention", q, k, v, causal, mask, scale, block_size))
-
-
-def flash_attention_backward(q, k, v, dy, /, *, causal=False, mask=None, scale=None, block_size=128):
-    fn = "flash_attention_backward"
-    q, k, v, mask, causal, scale, bs = _inputs(fn, q, k, v, causal, mask, scale, block_size)
-    dy = as_float(fn, "dy", dy)
-    same_dtype(fn, q=q, dy=dy)
-    checks.check_same_shape(fn, "dy", dy.shape, q.shape, "q")
-    return _flash_grads(q, k, v, dy, mask, causal, scale, bs)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ._common import vjp_kernel
+
 
 def embedding(table, tokens):
     return table[tokens]  # (B, S, D)
@@ -22,10 +24,9 @@ def _lse(logits):
     return jax.nn.logsumexp(logits, axis=-1, keepdims=True)  # (B, S, 1), max-subtracted
 
 
-@jax.custom_vjp
-def cross_entropy(logits, targets):
+def _cross_entropy(logits, targets):
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)
-    return (_lse(logits) - picked).mean()
+    return (_lse(logits) - picked).mean(), (logits, targets)
 
 
 def cross_entropy_backward(logits, dloss, targets):
@@ -34,16 +35,12 @@ def cross_entropy_backward(logits, dloss, targets):
     return dz * (dloss / targets.size)
 
 
-def _cross_entropy_fwd(logits, targets):
-    return cross_entropy(logits, targets), (logits, targets)
-
-
 def _cross_entropy_bwd(res, dloss):
     logits, targets = res
-    return cross_entropy_backward(logits, dloss, targets), None
+    return cross_entropy_backward(logits, dloss, targets), None  # targets are ints: no gradient
 
 
-cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
+cross_entropy = vjp_kernel(_cross_entropy, _cross_entropy_bwd, ())
 
 
 def cache_write(storage, slots, rows):

@@ -17,7 +17,6 @@ import numpy as np
 from tensorglot import TransformerConfig, init_params
 from tensorglot.bench import Row, time_median
 
-from . import parallel
 from ._common import lazy_frontend
 from .bench_kernels import attention_rows
 
@@ -170,4 +169,3 @@ def rows(*, quick: bool = False) -> Iterable[Row]:
     yield mlp_flops_row(quick=quick)
     yield from generation_rows(quick=quick)
     yield from attention_rows(quick)  # blockwise vs naive; the MLP row above already covers the matmul peak
-    yield from parallel.parallel_rows(quick)

@@ -322,9 +322,7 @@ def rows(*, quick: bool = False) -> Iterable[Row]:
     yield training_row(quick=quick, device=device)
     yield generation_row(quick=quick, device=device)
     from .bench_kernels import kernel_rows
-    from .parallel import parallel_rows
     from .serving.bench import serving_rows
 
     yield from kernel_rows(quick)
-    yield from parallel_rows(quick)
     yield from serving_rows(quick=quick)

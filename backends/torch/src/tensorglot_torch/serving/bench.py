@@ -16,8 +16,7 @@ import numpy as np
 
 import tensorglot
 from tensorglot.bench import Row
-
-from . import Model, Request, serve
+from tensorglot.serving import DEMO_MODEL, Model, Request, serve
 
 
 def mixed_workload(config: dict[str, Any], *, quick: bool, seed: int = 0) -> list[Request]:
@@ -31,8 +30,6 @@ def mixed_workload(config: dict[str, Any], *, quick: bool, seed: int = 0) -> lis
 
 
 def run_modes(backend: str, *, quick: bool) -> dict[str, dict[str, Any]]:
-    from tensorglot.cli_serve import DEMO_MODEL
-
     model = Model(backend, DEMO_MODEL, seed=0)
     out = {}
     for name, kwargs in (("colocated", {"colocated": True}), ("disaggregated", {"prefill_workers": 1})):
