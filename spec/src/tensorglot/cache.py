@@ -257,11 +257,8 @@ class KVCache:
         got = (be.dtype_name(k), be.dtype_name(v))
         if got != (self.dtype, self.dtype):
             raise TypeError(f"{fn}: k and v have dtypes {got[0]}, {got[1]}; the cache stores {self.dtype}")
-        if not self.k:  # storage is made where the model runs, on its first write
-            self._xp, self.device = array_namespace(k, v), be.device(k)
-            rows = (self.map.num_slots, K, H)  # (slots, K, H)
-            self.k = [self._xp.zeros(rows, dtype=k.dtype, device=device(k)) for _ in range(self.n_layers)]
-            self.v = [self._xp.zeros(rows, dtype=k.dtype, device=device(k)) for _ in range(self.n_layers)]
+        if not self.k:
+            self.allocate(k)
         if be.device(k) != self.device or be.device(v) != self.device:
             raise TypeError(f"{fn}: k and v are on {be.device(k)}, {be.device(v)}; the cache is on {self.device}")
         xp = self._xp
@@ -282,6 +279,14 @@ class KVCache:
             xp.reshape(xp.take(self.k[layer], read, axis=0), (B, T, K, H)),
             xp.reshape(xp.take(self.v[layer], read, axis=0), (B, T, K, H)),
         )
+
+    def allocate(self, like: Array, /) -> None:
+        """Make the storage, zeros of ``like``'s library, dtype and device. `update` calls it on its first
+        write, so a cache is made where the model runs."""
+        self._xp, self.device = array_namespace(like), self._be.device(like)
+        rows = (self.map.num_slots, self.n_kv_heads, self.head_dim)  # (slots, K, H)
+        self.k = [self._xp.zeros(rows, dtype=like.dtype, device=device(like)) for _ in range(self.n_layers)]
+        self.v = [self._xp.zeros(rows, dtype=like.dtype, device=device(like)) for _ in range(self.n_layers)]
 
     def advance(self, n: int, /) -> None:
         """Count the ``n`` tokens written by `update` in every layer: ``lengths() += n``."""

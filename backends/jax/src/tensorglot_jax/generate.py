@@ -1,12 +1,12 @@
 """JAX's layers: the spec's `tensorglot.layers.Layers` with `transformer` and `generate` compiled.
 
 Both overrides run the spec's own forward pass (`tensorglot.forward`) inside ``jax.jit``, after the
-spec's host-side validation, and the conformance suite holds them to the spec's eager methods.
-`generate` is one program: the prompt's pass, then a ``lax.fori_loop`` of single-token steps over a
-cache of static shape. Its bookkeeping is the spec's: the `SlotMap`/`PagedSlotMap` of the kind, with
-every block the generation needs reserved up front (so the slot of each position is a static table),
-and `visible_mask` of the traced lengths; `update` returns all ``P + max_new_tokens`` keys (the
-unwritten ones masked), so the loop body never changes shape.
+spec's host-side validation, and the conformance suite holds them to the spec's eager methods. With a
+cache, the spec's `KVCache` keeps its bookkeeping on the host (reserve, advance) and the compiled step
+sees its storage through `_StaticCache`: the slot of every position from the cache's slot map and
+``T = max_len`` keys, the unwritten ones masked by `visible_mask`, so a step compiles once per token
+count. `generate` is one program: the prompt's pass, then a ``lax.fori_loop`` of single-token steps,
+over a `SlotMap`/`PagedSlotMap` of the kind with every block the generation needs reserved up front.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from tensorglot.layers import Layers
 
 
 class _StaticCache:
-    """A `tensorglot.cache.KVCache` inside a trace: traced lengths and storage over a static slot table."""
+    """A `tensorglot.cache.KVCache` inside a trace: traced lengths and storage, and the slot of every
+    position of every sequence, (B, L), from the spec's slot map."""
 
     def __init__(self, write: Any, kind: str, table: jax.Array, k: list, v: list, lengths: jax.Array) -> None:
         self.write, self.kind, self.table = write, kind, table  # table (B, L): the slot of each position
@@ -55,10 +56,22 @@ class _StaticCache:
 
 class JaxLayers(Layers):
     def transformer(self, tokens, params, config, /, *, cache=None, positions=None):
-        if cache is not None:  # a host-side cache's bookkeeping runs between the steps: eager
-            return super().transformer(tokens, params, config, cache=cache, positions=positions)
-        p, tokens = self._transformer_inputs("transformer", tokens, params, config, None, positions)
-        return _forward(self, tokens, p.params, p.positions, config=config)
+        p, tokens = self._transformer_inputs("transformer", tokens, params, config, cache, positions)
+        if cache is None:
+            return _forward(self, tokens, p.params, p.positions, config=config)
+        # The cache's bookkeeping runs here, on the host; the step is compiled over its storage with every
+        # position's slot (T = max_len, the unwritten keys masked), so it compiles once per token count.
+        S = shape(tokens)[1]
+        cache.reserve(S)  # raises past capacity before anything is written
+        if not cache.k:
+            cache.allocate(p.params["embed"])
+        table = jnp.asarray(cache.map.gather(cache.max_len), jnp.int32)  # (B, max_len)
+        lengths = jnp.asarray(cache.lengths(), jnp.int32)
+        logits, cache.k, cache.v = _cached(
+            self, tokens, p.params, p.positions, cache.k, cache.v, lengths, table, config=config, kind=cache.kind
+        )
+        cache.advance(S)
+        return logits
 
     def generate(self, params, config, prompt, /, *, max_new_tokens, cache="contiguous"):
         params, _, prompt, new = generate_inputs(self, params, config, prompt, max_new_tokens, cache)
@@ -75,6 +88,13 @@ def _pass(layers: JaxLayers, params: dict, config: Any, **kw: Any) -> _Pass:
 @partial(jax.jit, static_argnames=("layers", "config"))
 def _forward(layers, tokens, params, positions, *, config):
     return layers._forward(tokens, _pass(layers, params, config, positions=positions))
+
+
+@partial(jax.jit, static_argnames=("layers", "config", "kind"))
+def _cached(layers, tokens, params, positions, ks, vs, lengths, table, *, config, kind):
+    cache = _StaticCache(layers._k.cache_write, kind, table, ks, vs, lengths)
+    logits = layers._transformer(tokens, _pass(layers, params, config, positions=positions, cache=cache))
+    return logits, cache.k, cache.v
 
 
 @partial(jax.jit, static_argnames=("layers", "config", "new", "kind"))
