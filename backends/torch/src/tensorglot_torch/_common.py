@@ -1,4 +1,4 @@
-"""Helpers shared by the torch modules: dtype names, and (for layers not yet in the spec) input checks."""
+"""Helpers shared by the torch modules: dtype names, the kernel wrapper and the lazy front ends."""
 
 from __future__ import annotations
 
@@ -23,28 +23,17 @@ def dtype_name(x: torch.Tensor) -> str:
     return str(x.dtype).removeprefix("torch.")
 
 
-def as_int(fn: str, arg: str, x: Any, device: torch.device | None = None) -> torch.Tensor:
+def as_float(fn: str, arg: str, x: Any) -> torch.Tensor:
+    """For parallel.py, which checks its inputs itself."""
     if not isinstance(x, torch.Tensor):
-        x = torch.as_tensor(x, device=device)
-    checks.check_int(fn, arg, dtype_name(x))
+        x = torch.as_tensor(x)
+    checks.check_float(fn, arg, dtype_name(x))
     return x
 
 
-def same_device(fn: str, **tensors: torch.Tensor | None) -> None:
-    devices = {k: v.device for k, v in tensors.items() if v is not None}
-    if len(set(devices.values())) > 1:
-        got = ", ".join(f"{k}={d}" for k, d in devices.items())
-        raise TypeError(f"{fn}: inputs must be on one device, got {got}")
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; float32, float16 and bfloat16 are computed in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 class Frontend:
-    """``be.ops`` or ``be.encodings`` of the torch backend, looked up at each use (the backend imports
-    the modules that use it). Transitional: for the torch layers until the spec's layers replace them."""
+    """``be.ops``, ``be.encodings`` or ``be.layers`` of the torch backend, looked up at each use (for the
+    bench modules, which the backend imports)."""
 
     def __init__(self, namespace: str) -> None:
         self._namespace = namespace
