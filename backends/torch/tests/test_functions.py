@@ -255,7 +255,7 @@ def test_blocked_causal_attention_equals_one_block(s, t, monkeypatch):
 
 def test_embedding_gradcheck():
     tokens = torch.tensor([[1, 3, 1], [0, 3, 3]])  # repeated tokens: their gradients add up
-    gradcheck(lambda e: layers.Embedding.apply(tokens, e), randn(5, 4))
+    gradcheck(lambda e: layers.Embedding.apply(e, tokens), randn(5, 4))
 
 
 def test_cross_entropy_gradcheck():

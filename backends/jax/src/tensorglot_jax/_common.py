@@ -1,4 +1,4 @@
-"""Helpers shared by the JAX modules: the custom_vjp kernel wrapper, and what layers.py still uses."""
+"""Helpers shared by the JAX modules: the custom_vjp kernel wrapper and the lazy front ends."""
 
 from __future__ import annotations
 
@@ -6,9 +6,6 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-
-from tensorglot import checks
 
 
 def vjp_kernel(fwd: Callable[..., Any], bwd: Callable[..., Any], options: tuple[int, ...]) -> Callable[..., Any]:
@@ -32,7 +29,7 @@ def is_traced(x: Any) -> bool:
 
 class lazy_frontend:
     """The spec's front end ``namespace`` of the JAX backend, for modules that call ``ops.X(..., option=)``
-    (layers.py, bench.py); looked up on first use, so importing them needs no backend object."""
+    (bench.py); looked up on first use, so importing them needs no backend object."""
 
     def __init__(self, namespace: str) -> None:
         self._namespace = namespace
@@ -41,21 +38,3 @@ class lazy_frontend:
         import tensorglot
 
         return getattr(getattr(tensorglot.get_backend("jax"), self._namespace), name)
-
-
-# -- used by layers.py until it moves into the spec -----------------------------------------------
-
-
-def as_array(x: Any) -> jax.Array:
-    return x if isinstance(x, jax.Array) else jnp.asarray(x)
-
-
-def as_int(fn: str, arg: str, x: Any) -> jax.Array:
-    x = as_array(x)
-    checks.check_int(fn, arg, str(x.dtype))
-    return x
-
-
-def compute_dtype(dtype: Any) -> Any:
-    """float64 stays float64; everything else is computed in float32."""
-    return jnp.float64 if dtype == jnp.float64 else jnp.float32

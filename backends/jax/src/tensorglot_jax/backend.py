@@ -12,6 +12,7 @@ from tensorglot.backend import ArrayBackend
 
 from . import layers, ops, parallel
 from ._common import is_traced
+from .generate import JaxLayers
 from .plugin import CAPABILITIES
 
 _DTYPES = {
@@ -32,12 +33,17 @@ def x64_enabled() -> bool:
 
 class JaxBackend(ArrayBackend):
     name = "jax"
-    kernels = ops  # the module is the namespace: ops.py gathers every kernel, flash's and rope's included
-    layers = layers
+    kernels = SimpleNamespace(
+        **{k: v for m in (ops, layers) for k, v in vars(m).items() if callable(v) and not k.startswith("_")}
+    )
     parallel = parallel
 
-    @property
-    def capabilities(self) -> frozenset[str]:  # type: ignore[override]
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = JaxLayers(self)  # the spec's, with transformer and generate compiled
+
+    @property  # type: ignore[override]
+    def capabilities(self) -> frozenset[str]:
         # Read at each access: x64 may be switched on with jax.config.update after the backend loaded.
         return CAPABILITIES | {"float64"} if x64_enabled() else CAPABILITIES
 

@@ -20,11 +20,10 @@ import numpy as np
 from tensorglot.bench import Row, ratio_row, time_median
 from tensorglot.params import TransformerConfig, init_params
 
-from . import layers
 from ._common import lazy_frontend
 from .bench_kernels import kernel_rows
 
-ops = lazy_frontend("ops")
+ops, layers = lazy_frontend("ops"), lazy_frontend("layers")
 
 
 def _interleaved(

@@ -1,5 +1,4 @@
-"""Helpers shared by the torch modules: dtype names, the kernels' autograd wrapper, and input checks for the
-modules that do not yet go through the spec's front ends (layers, parallel)."""
+"""Helpers shared by the torch modules: dtype names, the kernel wrapper and the lazy front ends."""
 
 from __future__ import annotations
 
@@ -25,29 +24,11 @@ def dtype_name(x: torch.Tensor) -> str:
 
 
 def as_float(fn: str, arg: str, x: Any) -> torch.Tensor:
+    """For parallel.py, which checks its inputs itself."""
     if not isinstance(x, torch.Tensor):
         x = torch.as_tensor(x)
     checks.check_float(fn, arg, dtype_name(x))
     return x
-
-
-def as_int(fn: str, arg: str, x: Any, device: torch.device | None = None) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        x = torch.as_tensor(x, device=device)
-    checks.check_int(fn, arg, dtype_name(x))
-    return x
-
-
-def same_device(fn: str, **tensors: torch.Tensor | None) -> None:
-    devices = {k: v.device for k, v in tensors.items() if v is not None}
-    if len(set(devices.values())) > 1:
-        got = ", ".join(f"{k}={d}" for k, d in devices.items())
-        raise TypeError(f"{fn}: inputs must be on one device, got {got}")
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; float32, float16 and bfloat16 are computed in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class Frontend:

@@ -24,9 +24,13 @@ class TorchBackend(ArrayBackend):
     name = "torch"
     capabilities = CAPABILITIES
     kernels = SimpleNamespace(
-        **{k: v for k, v in vars(ops).items() if callable(v) and not k.startswith("_") and not isinstance(v, type)}
+        **{
+            k: v
+            for m in (ops, layers)
+            for k, v in vars(m).items()
+            if callable(v) and not k.startswith("_") and not isinstance(v, type)
+        }
     )
-    layers = layers
     parallel = parallel
 
     def __init__(self, device: str | None = None) -> None:

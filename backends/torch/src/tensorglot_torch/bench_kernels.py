@@ -103,8 +103,7 @@ def compile_rows(quick: bool) -> Iterator[Row]:
     """One training step (loss and every gradient) of a small Transformer, eager vs ``torch.compile``."""
     import tensorglot
 
-    from . import layers
-
+    layers = tensorglot.get_backend("torch").layers
     cfg = tensorglot.TransformerConfig(
         vocab_size=256 if quick else 1024,
         d_model=64 if quick else 256,

@@ -309,4 +309,17 @@ def attention_backward(q, k, v, dy, causal, mask, scale):
 
 
 softmax, linear, mlp, swiglu = _kernel(Softmax), _kernel(Linear), _kernel(MLP), _kernel(SwiGLU)
-rms_norm, attention = _kernel(RMSNorm), _kernel(Attention)
+rms_norm, _attention_function = _kernel(RMSNorm), _kernel(Attention)
+
+
+def attention(q, k, v, causal, mask, scale):
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if q.shape[1] != 1 or mask is not None or grad:
+        return _attention_function(q, k, v, causal, mask, scale)
+    # A decoding step: one query per sequence sees every key (causal is bottom-right). The query heads of
+    # a kv head are the rows of one product, so keys and values are not repeated per query head.
+    B, _, N, H = q.shape
+    K = k.shape[2]
+    qg = q.reshape(B, K, N // K, H) * scale  # (B, K, G, H): query head k·G + g reads kv head k
+    p = _softmax(torch.matmul(qg, k.permute(0, 2, 3, 1)), -1)  # (B, K, G, T)
+    return torch.matmul(p, v.transpose(1, 2)).reshape(B, 1, N, H)  # (B, K, G, H) → (B, 1, N, H)
