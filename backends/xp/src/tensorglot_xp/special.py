@@ -11,7 +11,7 @@ It is computed from two classical expansions that need only +, ×, ÷ and exp, e
 
 e^(−x²) is taken as e^(−h²)·e^(−l·(x + h)) with h = x rounded to 8 fraction bits and l = x − h: h² is
 exact, so the large exponent carries no rounding of x² (which would cost |x|² ulps). Measured against
-mpmath: within 2 ulps on float64 (`tests/test_special.py` checks it against math.erf). |x| ≥ 6 gives ±1,
+mpmath: within 2 ulps on float64 (`tests/test_xp_special.py` checks it against math.erf). |x| ≥ 6 gives ±1,
 as erfc(6) < 2⁻⁵⁴ (and keeps inf from reaching the split).
 """
 
