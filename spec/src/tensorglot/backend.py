@@ -71,8 +71,9 @@ class ArrayBackend:
 
     A subclass sets ``name``, ``capabilities`` and ``kernels`` (a namespace of the functions
     `tensorglot.kernels` describes) and writes the array adapter below: `asarray`, `native`, `to_numpy`,
-    `dtype_name`, `astype`, and where the library has them `device` and `is_traced`. ``ops`` and
-    ``encodings`` are then `tensorglot.ops.Ops` and `tensorglot.encodings.Encodings` bound to it.
+    `dtype_name`, `astype`, and where the library has them `device` and `is_traced`. ``ops``,
+    ``encodings`` and ``layers`` are then `tensorglot.ops.Ops`, `tensorglot.encodings.Encodings` and
+    `tensorglot.layers.Layers` bound to it.
     """
 
     name: str
@@ -81,10 +82,12 @@ class ArrayBackend:
 
     def __init__(self) -> None:
         from .encodings import Encodings
+        from .layers import Layers
         from .ops import Ops
 
         self.ops = Ops(self)
         self.encodings = Encodings(self)
+        self.layers = Layers(self)  # a backend may assign a subclass that overrides a method for speed
 
     # -- the array adapter ----------------------------------------------------------------------------
 

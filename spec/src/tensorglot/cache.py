@@ -1,4 +1,4 @@
-"""The KV cache: one protocol, two layouts (contiguous and paged), and their shared bookkeeping.
+"""The KV cache: one class, two layouts (contiguous and paged), written once for every backend.
 
 A KV cache holds, for each layer, the keys and values of the tokens a batch of sequences has seen, so
 that decoding one more token costs one token's work instead of re-running the prefix. Conventions
@@ -13,11 +13,12 @@ that decoding one more token costs one token's work instead of re-running the pr
     of ``block_size`` tokens in all). `reserve` checks the capacity of a whole step before anything is
     written: past it, it raises ValueError and the cache is exactly as it was.
 
-How ``layers.transformer(tokens, params, config, cache=c)`` drives a cache (every backend's, in this
-order): ``c.reserve(S)`` once; per layer ``k_all, v_all = c.update(layer, k, v)`` and attention of the
-new queries over ``k_all, v_all`` with key j of sequence b visible to its query i iff
-``j <= lengths()[b] + i``, lengths taken before the step (bottom-right causal per sequence; `visible_mask`);
-then ``c.advance(S)``.
+How ``layers.transformer(tokens, params, config, cache=c)`` drives a cache: `check_cache` first (the
+class, the batch, the model's sizes, the dtype and device of the parameters: nothing is reserved for a
+call that cannot run); then ``c.reserve(S)`` once; per layer ``k_all, v_all = c.update(layer, k, v)``
+and attention of the new queries over ``k_all, v_all`` with key j of sequence b visible to its query i
+iff ``j <= lengths()[b] + i``, lengths taken before the step (bottom-right causal per sequence;
+`visible_mask`); then ``c.advance(S)``.
 
 Layouts:
   * ``contiguous``: per layer, storage (B, max_len, K, H); token p of sequence b lives at [b, p].
@@ -27,13 +28,14 @@ Layouts:
     ``table[b][p // block_size]`` at offset ``p % block_size``. `free` (a sequence ended) returns its
     blocks to the free list; after a batch finishes and every sequence is freed, no block is leaked.
 
-Required of every backend's cache (the conformance suite uses only these): the attributes and
-methods of `KVCache`. Backend-specific: where the storage lives and how `update` writes it (NumPy and
-torch write in place; JAX's arrays are immutable, so its cache is a handle whose ``update`` rebinds
-functionally updated, static-shape arrays — ``T`` may then be ``max_len``, with the extra keys masked
-— and a jit-able pure step is the backend's own API). The host-side bookkeeping (lengths, block
-tables, the free list, the capacity check, the slot of each token) is plain Python and NumPy and is
-shared: `SlotMap` (contiguous) and `PagedSlotMap` (paged) below. Backends build their caches on them.
+What is the spec's and what is a backend's: the bookkeeping (lengths, block tables, the free list, the
+capacity check, the slot of each token) is plain Python and NumPy (`SlotMap`, `PagedSlotMap`); the
+storage is, per layer, one (slots, K, H) array of the backend, allocated with the array API's
+``zeros`` on the device of the first keys written and read with ``take`` (or, contiguous, a reshape
+that is a view). The one thing the array API lacks is writing rows at integer indices into an
+array that JAX cannot mutate, so that is the backend's kernel ``cache_write(storage, slots, rows) ->
+storage`` (in place on NumPy and torch, a functional ``.at[].set`` on JAX). A backend writes nothing
+else for its caches.
 
 >>> import numpy as np, tensorglot
 >>> cfg = tensorglot.TransformerConfig(vocab_size=16, d_model=8, n_layers=1, n_heads=2, n_kv_heads=1,
@@ -50,73 +52,18 @@ shared: `SlotMap` (contiguous) and `PagedSlotMap` (paged) below. Backends build 
 
 from __future__ import annotations
 
-from typing import Any, Literal, Protocol, cast, runtime_checkable
+from typing import Any, Literal
 
 import numpy as np
+from array_api_compat import array_namespace, device
 
 from . import checks
 
 Array = Any
 CacheKind = Literal["contiguous", "paged"]
 KINDS = ("contiguous", "paged")
-
-
-@runtime_checkable
-class KVCache(Protocol):
-    """What `layers.transformer` needs from a cache, and what the conformance suite inspects."""
-
-    kind: str  #: "contiguous" or "paged"
-    batch: int  #: B, the number of sequences
-    max_len: int  #: the most tokens one sequence may hold
-    n_layers: int
-    n_kv_heads: int  #: K
-    head_dim: int  #: H
-
-    def lengths(self) -> np.ndarray:
-        """(B,) int64 NumPy array: the tokens each sequence holds (a copy)."""
-        ...
-
-    def reserve(self, n: int, /) -> None:
-        """Make room for ``n`` more tokens in every sequence (a paged cache takes blocks from the free
-        list). Raises ValueError — and changes nothing — when a sequence would pass ``max_len`` or the
-        pool has too few free blocks."""
-        ...
-
-    def update(self, layer: int, k: Array, v: Array, /) -> tuple[Array, Array]:
-        """Write the new keys (after RoPE) and values, (B, n, K, H) for the n reserved tokens, at
-        positions ``lengths()[b] ..`` of layer ``layer``; return every stored key and value of that layer
-        as (B, T, K, H) with ``T >= max(lengths()) + n``. Entries at or past ``lengths()[b] + n`` are
-        unspecified: callers mask them. Does not advance the lengths."""
-        ...
-
-    def advance(self, n: int, /) -> None:
-        """Count the ``n`` tokens written by `update` in every layer: ``lengths() += n``."""
-        ...
-
-    def free(self, seq: int, /) -> None:
-        """Sequence ``seq`` ended: its length becomes 0 (the row can start a new sequence) and a paged
-        cache returns its blocks to the free list."""
-        ...
-
-    def reset(self) -> None:
-        """Free every sequence."""
-        ...
-
-
-@runtime_checkable
-class PagedKVCache(KVCache, Protocol):
-    """A paged cache also exposes its block bookkeeping."""
-
-    block_size: int
-    num_blocks: int
-
-    def block_table(self, seq: int, /) -> list[int]:
-        """The block ids sequence ``seq`` holds, in position order."""
-        ...
-
-    def free_blocks(self) -> int:
-        """How many blocks are on the free list."""
-        ...
+#: Tokens per block of a paged cache unless told otherwise (`kv_cache`, and the caches `generate` makes).
+BLOCK_SIZE = 16
 
 
 # -- the shared host-side bookkeeping --------------------------------------------------------------
@@ -259,59 +206,173 @@ class PagedSlotMap(SlotMap):
         self._lengths[seq] = 0
 
 
-class SlotMapCache:
-    """What every backend's cache does by asking its slot map alone: lengths, freeing a sequence and the
-    paged accessors. A backend cache subclasses it, sets ``self.map`` and ``self.kind``, and writes only
-    its storage (``update``) and the per-step state it keeps (``reserve``, ``advance``, ``reset``)."""
+# -- the cache -------------------------------------------------------------------------------------
 
-    map: SlotMap
-    kind: str
+
+class KVCache:
+    """The KV cache of one backend: a `SlotMap` for the bookkeeping, per layer a (slots, K, H) array.
+
+    Made by ``backend.layers.kv_cache`` (`kv_cache`). Attributes: ``kind``, ``batch`` (B), ``max_len``,
+    ``n_layers``, ``n_kv_heads`` (K), ``head_dim`` (H), ``dtype`` (the storage dtype's name) and
+    ``device`` (None until the first `update`, then the keys' device).
+    """
+
+    def __init__(self, backend: Any, config: Any, slot_map: SlotMap, dtype: str) -> None:
+        self._be = backend
+        self.map = slot_map
+        self.kind = slot_map.kind
+        self.batch, self.max_len = slot_map.batch, slot_map.max_len
+        self.n_layers, self.n_kv_heads, self.head_dim = config.n_layers, config.n_kv_heads, config.head_dim
+        self.dtype = dtype
+        self.device: Any = None
+        self.k: list[Array] = []
+        self.v: list[Array] = []
+        self._step: tuple[Array, Array | None, int] | None = None  # this step's write and read indices
 
     def lengths(self) -> np.ndarray:
+        """(B,) int64 NumPy array: the tokens each sequence holds (a copy)."""
         return self.map.lengths()
 
+    def reserve(self, n: int, /) -> None:
+        """Make room for ``n`` more tokens in every sequence (a paged cache takes blocks from the free
+        list). Raises ValueError — and changes nothing — when a sequence would pass ``max_len`` or the
+        pool has too few free blocks."""
+        self.map.reserve(n)
+        self._step = None
+
+    def update(self, layer: int, k: Array, v: Array, /) -> tuple[Array, Array]:
+        """Write the new keys (after RoPE) and values, (B, n, K, H) for the n reserved tokens, at
+        positions ``lengths()[b] ..`` of layer ``layer``; return every stored key and value of that layer
+        as (B, T, K, H) with ``T = max(lengths()) + n``. Entries at or past ``lengths()[b] + n`` are
+        unspecified: callers mask them. Does not advance the lengths."""
+        fn = "kv_cache.update"
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.n_layers:
+            raise ValueError(f"{fn}: layer must be an int in [0, {self.n_layers}), got {layer!r}")
+        B, n, K, H = self.batch, self.map.pending, self.n_kv_heads, self.head_dim
+        want = (B, n, K, H)
+        checks.check_same_shape(fn, "k", tuple(k.shape), want, f"(B, n, K, H) for the {n} reserved tokens")
+        checks.check_same_shape(fn, "v", tuple(v.shape), want, "k")
+        got = (self._be.dtype_name(k), self._be.dtype_name(v))
+        if got != (self.dtype, self.dtype):
+            raise TypeError(f"{fn}: k and v have dtypes {got[0]}, {got[1]}; the cache stores {self.dtype}")
+        xp = array_namespace(k, v)
+        if not self.k:  # storage is made where the model runs, on its first write
+            self.device = device(k)
+            rows = (self.map.num_slots, K, H)  # (slots, K, H)
+            self.k = [xp.zeros(rows, dtype=k.dtype, device=self.device) for _ in range(self.n_layers)]
+            self.v = [xp.zeros(rows, dtype=k.dtype, device=self.device) for _ in range(self.n_layers)]
+        if device(k) != self.device or device(v) != self.device:
+            raise TypeError(f"{fn}: k and v are on {device(k)}, {device(v)}; the cache is on {self.device}")
+        if self._step is None:  # the same indices for every layer of a step
+            T = self.map.visible()
+            write = xp.asarray(self.map.slots().reshape(-1), device=self.device)  # (B·n,)
+            read = None if self.kind == "contiguous" else self.map.gather(T).reshape(-1)  # (B·T,)
+            self._step = (write, None if read is None else xp.asarray(read, device=self.device), T)
+        write, read, T = self._step
+        cache_write = self._be.kernels.cache_write
+        self.k[layer] = cache_write(self.k[layer], write, xp.reshape(k, (B * n, K, H)))
+        self.v[layer] = cache_write(self.v[layer], write, xp.reshape(v, (B * n, K, H)))
+        if read is None:  # contiguous: slot b·max_len + p is [b, p], so a reshape (a view) reads it
+            view = (B, self.max_len, K, H)
+            return xp.reshape(self.k[layer], view)[:, :T], xp.reshape(self.v[layer], view)[:, :T]
+        return (
+            xp.reshape(xp.take(self.k[layer], read, axis=0), (B, T, K, H)),
+            xp.reshape(xp.take(self.v[layer], read, axis=0), (B, T, K, H)),
+        )
+
+    def advance(self, n: int, /) -> None:
+        """Count the ``n`` tokens written by `update` in every layer: ``lengths() += n``."""
+        self.map.advance(n)
+        self._step = None
+
     def free(self, seq: int, /) -> None:
+        """Sequence ``seq`` ended: its length becomes 0 (the row can start a new sequence) and a paged
+        cache returns its blocks to the free list."""
         self.map.free(seq)
 
-    # paged only (the spec's PagedKVCache)
-    @property
-    def _paged(self) -> PagedSlotMap:
-        if not isinstance(self.map, PagedSlotMap):
-            raise TypeError(f"{self.kind} KV cache has no blocks: only kind='paged' has a block table")
-        return self.map
+    def reset(self) -> None:
+        """Free every sequence."""
+        self.map.reset()
+        self._step = None
+
+    def __repr__(self) -> str:
+        where = "" if self.device is None else f" on {self.device}"
+        sizes = f"batch {self.batch}, max_len {self.max_len}, lengths {self.lengths().tolist()}"
+        return f"<{self._be.name} {self.kind} KV cache{where}: {self.dtype}, {sizes}>"
+
+
+class PagedKVCache(KVCache):
+    """A paged `KVCache` also exposes its block bookkeeping."""
+
+    map: PagedSlotMap
 
     @property
     def block_size(self) -> int:
-        return self._paged.block_size
+        return self.map.block_size
 
     @property
     def num_blocks(self) -> int:
-        return self._paged.num_blocks
+        return self.map.num_blocks
 
     def block_table(self, seq: int, /) -> list[int]:
-        return self._paged.block_table(seq)
+        """The block ids sequence ``seq`` holds, in position order."""
+        return self.map.block_table(seq)
 
     def free_blocks(self) -> int:
-        return self._paged.free_blocks()
+        """How many blocks are on the free list."""
+        return self.map.free_blocks()
+
+
+def kv_cache(
+    backend: Any,
+    config: Any,
+    batch: int,
+    max_len: int,
+    /,
+    *,
+    kind: CacheKind = "contiguous",
+    block_size: int = BLOCK_SIZE,
+    num_blocks: int | None = None,
+    dtype: str = "float32",
+) -> KVCache:
+    """`tensorglot.layers.Layers.kv_cache` for ``backend``: an empty cache (validated)."""
+    from .params import TransformerConfig
+
+    fn = "kv_cache"
+    if not isinstance(config, TransformerConfig):
+        raise TypeError(f"{fn}: config must be a TransformerConfig, got {type(config).__name__}")
+    checks.check_choice(fn, "dtype", dtype, checks.FLOAT_DTYPES)
+    max_len = checks.check_positive_int(fn, "max_len", max_len)
+    if max_len > config.max_seq_len:
+        raise ValueError(f"{fn}: max_len = {max_len} is past the config's max_seq_len = {config.max_seq_len}")
+    slot_map = make_slot_map(kind, batch, max_len, block_size=block_size, num_blocks=num_blocks)
+    return (PagedKVCache if kind == "paged" else KVCache)(backend, config, slot_map, dtype)
 
 
 def check_cache(
-    fn: str, cache: Any, batch: int, config: Any, /, *, cls: type = KVCache, what: str = "a KVCache"
+    fn: str, cache: Any, batch: int, config: Any, /, *, backend: Any, dtype: str, device: Any = None
 ) -> None:
-    """Raise unless ``cache`` is a ``cls`` (``what`` in the message) for ``batch`` sequences of ``config``'s model."""
-    if not isinstance(cache, cls):
-        raise TypeError(f"{fn}: cache must be {what} (made by layers.kv_cache), got {type(cache).__name__}")
-    cache = cast(Any, cache)  # a backend's cache: its sizes are attributes, not part of the protocol
+    """Raise unless ``cache`` is a `KVCache` of ``backend`` for ``batch`` sequences of ``config``'s model,
+    storing ``dtype`` (the parameters') on ``device`` (once it has storage). Runs before
+    `KVCache.reserve`, so a call that cannot run takes no block."""
+    if not isinstance(cache, KVCache):
+        raise TypeError(f"{fn}: cache must be a KVCache (made by layers.kv_cache), got {type(cache).__name__}")
+    if cache._be.name != backend.name:  # its storage is that backend's arrays, written by its kernel
+        raise TypeError(f"{fn}: the cache was made by the {cache._be.name} backend; this is {backend.name}")
     if cache.batch != batch:
         raise ValueError(f"{fn}: the cache holds {cache.batch} sequences but tokens have batch {batch}")
     got = (cache.n_layers, cache.n_kv_heads, cache.head_dim)
     want = (config.n_layers, config.n_kv_heads, config.head_dim)
     if got != want:
         raise ValueError(f"{fn}: the cache has (layers, K, H) = {got}, the config {want}")
+    if cache.dtype != dtype:
+        raise TypeError(f"{fn}: the params have dtype {dtype}; the cache stores {cache.dtype}")
+    if cache.device is not None and device is not None and cache.device != device:
+        raise TypeError(f"{fn}: the params are on {device}; the cache is on {cache.device}")
 
 
 def make_slot_map(
-    kind: str, batch: int, max_len: int, /, *, block_size: int = 16, num_blocks: int | None = None
+    kind: str, batch: int, max_len: int, /, *, block_size: int = BLOCK_SIZE, num_blocks: int | None = None
 ) -> SlotMap:
     """The bookkeeping for a cache of ``kind`` (validated)."""
     checks.check_choice("kv_cache", "kind", kind, KINDS)
@@ -320,14 +381,19 @@ def make_slot_map(
     return SlotMap(batch, max_len)
 
 
-def visible_mask(lengths: np.ndarray, n: int, t: int, /) -> np.ndarray:
+def visible_mask(lengths: Array, n: int, t: int, /) -> Array:
     """Bool (B, 1, n, t): the new query i of sequence b sees key j iff ``j <= lengths[b] + i``.
 
     The per-sequence, bottom-right causal mask of a cached step; it broadcasts against (B, N, S, T).
+    ``lengths`` is any array library's (B,) ints, so the mask is built where they are: on the host for
+    a `KVCache`'s NumPy lengths, inside a trace for JAX's compiled decoding.
 
     >>> from tensorglot.cache import visible_mask
     >>> visible_mask(np.array([1, 0]), 2, 3)[:, 0].astype(int).tolist()
     [[[1, 1, 0], [1, 1, 1]], [[1, 0, 0], [1, 1, 0]]]
     """
-    limit = np.asarray(lengths, dtype=np.int64)[:, None] + np.arange(n)  # (B, n)
-    return (np.arange(t)[None, None, :] <= limit[:, :, None])[:, None]  # (B, 1, n, t)
+    xp = array_namespace(lengths)
+    where = device(lengths)
+    limit = lengths[:, None] + xp.arange(n, dtype=lengths.dtype, device=where)[None, :]  # (B, n)
+    keys = xp.arange(t, dtype=lengths.dtype, device=where)  # (t,)
+    return (keys[None, None, :] <= limit[:, :, None])[:, None, :, :]  # (B, 1, n, t)

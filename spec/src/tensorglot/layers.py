@@ -2,9 +2,13 @@
 
 Parameters are the ``dict[str, array]`` of `tensorglot.params` (names and shapes there), made by
 `tensorglot.init_params` and put on a backend with ``{k: be.asarray(v) for k, v in params.items()}``;
-the configuration is a `tensorglot.TransformerConfig`. Every backend's ``layers`` module provides these
-functions with these signatures (a conformance test compares them). Shapes: B batch, S new tokens,
-T keys, D d_model, N query heads, K kv heads, H head dim, V vocabulary.
+the configuration is a `tensorglot.TransformerConfig`. The functions are written once, here, as the
+methods of `Layers`, and ``be.layers`` of every backend is a `Layers` bound to it: each public call
+validates its inputs once (`tensorglot.params.check_params`, `check_tokens`, `tensorglot.cache.check_cache`),
+then composes the backend's kernels directly (`tensorglot.kernels`), through the front ends' dtype rule
+but without validating each op again. Array operations that are not kernels (reshape, concat, argmax)
+come from the inputs' own namespace (``array_api_compat.array_namespace``). Shapes: B batch, S new
+tokens, T keys, D d_model, N query heads, K kv heads, H head dim, V vocabulary.
 
 The model (pinned):
   * ``transformer``: ``x = embed[tokens]`` → ``n_layers`` × `block` → ``rms_norm(x, norm)`` →
@@ -26,7 +30,9 @@ The model (pinned):
 
 Errors: params that do not match the config (a missing, unexpected or misshapen array), tokens that are
 not ints of shape (B, S), out of [0, vocab_size), or past ``max_seq_len`` raise ValueError/TypeError
-naming the function and what was wrong (`tensorglot.params.check_params`, `check_tokens`).
+naming the function and what was wrong. ``transformer``, ``generate``, ``loss`` and ``value_and_grad``
+check every parameter; a layer function checks the ones it reads, so a module holding one layer's
+weights can call it.
 
 >>> import numpy as np, tensorglot
 >>> cfg = tensorglot.TransformerConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2,
@@ -43,17 +49,61 @@ naming the function and what was wrong (`tensorglot.params.check_params`, `check
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
-from typing import Any, Literal, Protocol
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Literal
 
-from .cache import KVCache
-from .params import TransformerConfig
+import numpy as np
+from array_api_compat import array_namespace, device
+
+from . import cache as cache_module
+from . import checks
+from .cache import BLOCK_SIZE, KVCache, check_cache, visible_mask
+from .encodings import frequency_table, yarn_attention_factor
+from .frontend import HALF, FrontEnd, shape
+from .params import TransformerConfig, check_params, check_tokens, param_shapes
 
 Array = Any
 Params = Mapping[str, Array]
 
+_ATTENTION = ("wq", "wk", "wv", "wo")
+_MLP = {"swiglu": ("w_gate", "w_up", "w_down")}  # every other activation: ("w_in", "w_out")
 
-class Layers(Protocol):
+
+@lru_cache(maxsize=64)
+def _rope_table(config: TransformerConfig) -> tuple[np.ndarray, float, str, int]:
+    """(inv_freq float32 (r/2,), mscale, style, r): what the rope kernel takes, once per config."""
+    r = config.rotary_dim or config.head_dim
+    inv_freq = frequency_table(r, theta=config.rope_theta, scaling=config.rope_scaling).astype(np.float32)
+    return inv_freq, yarn_attention_factor(config.rope_scaling), config.rope_style, r
+
+
+@dataclass
+class _Pass:
+    """One forward pass's settled inputs: the validated params, their dtype, the RoPE table and positions,
+    the cache, the mask of a cached step (made by its first layer) and, for the backward, a tape."""
+
+    params: dict[str, Array]
+    dtype: str
+    config: TransformerConfig
+    xp: Any
+    positions: Array | None = None  # RoPE positions, (S,) or (B, S); None is arange(S)
+    cache: KVCache | None = None
+    mask: Array | None = None
+    tape: list[dict[str, Array]] | None = None
+    rope: tuple[np.ndarray, float, str, int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rope = _rope_table(self.config)
+
+
+class Layers(FrontEnd):
+    """The layers of one backend: ``Layers(backend)`` is ``backend.layers``. A backend may subclass it to
+    override a method for speed (JAX compiles `generate`); the conformance suite holds the override to
+    the method written here."""
+
     def attention_layer(
         self,
         x: Array,
@@ -78,7 +128,8 @@ class Layers(Protocol):
         Returns:
             (B, S, D).
         """
-        ...
+        x, p = self._layer_inputs("attention_layer", x, params, config, layer, _ATTENTION, positions, cache)
+        return self._attention(x, p, layer)
 
     def mlp_layer(self, x: Array, params: Params, config: TransformerConfig, /, *, layer: int) -> Array:
         r"""The MLP of layer ``layer``, without its norm or residual: ``mlp`` or ``swiglu`` by
@@ -89,7 +140,8 @@ class Layers(Protocol):
         Returns:
             (B, S, D).
         """
-        ...
+        x, p = self._layer_inputs("mlp_layer", x, params, config, layer, _mlp_names(config), None, None)
+        return self._mlp(x, p, layer)
 
     def block(
         self,
@@ -109,7 +161,9 @@ class Layers(Protocol):
         Returns:
             (B, S, D).
         """
-        ...
+        names = ("attn_norm", *_ATTENTION, "mlp_norm", *_mlp_names(config))
+        x, p = self._layer_inputs("block", x, params, config, layer, names, positions, cache)
+        return self._block(x, p, layer)
 
     def transformer(
         self,
@@ -134,7 +188,20 @@ class Layers(Protocol):
         Returns:
             (B, S, V) logits in the parameters' dtype.
         """
-        ...
+        fn = "transformer"
+        params, dtype = self._model(fn, params, config)
+        tokens = self._int(fn, "tokens", tokens)
+        checks.check_rank(fn, "tokens", shape(tokens), "(B, S)")
+        start = 0
+        if cache is not None:
+            be = self._be
+            check_cache(fn, cache, shape(tokens)[0], config, backend=be, dtype=dtype, device=be.device(params["embed"]))
+            start = int(cache.lengths().max())  # the longest sequence's new tokens must fit max_seq_len
+        tokens = self._tokens(fn, "tokens", tokens, config, params, start)
+        B, S = shape(tokens)
+        if positions is not None:
+            positions = self._positions(fn, positions, B, S, config)
+        return self._transformer(tokens, _Pass(params, dtype, config, array_namespace(tokens), positions, cache))
 
     def generate(
         self,
@@ -158,9 +225,11 @@ class Layers(Protocol):
             prompt: (B, P) ints, every prompt of the batch the same length P >= 1.
             max_new_tokens: >= 0; ``P + max_new_tokens <= max_seq_len``.
         Returns:
-            (B, P + max_new_tokens) ints: the prompt followed by the generated tokens.
+            (B, P + max_new_tokens) ints, the prompt's dtype: the prompt followed by the generated tokens.
         """
-        ...
+        from .generate import generate
+
+        return generate(self, params, config, prompt, max_new_tokens, cache)
 
     def kv_cache(
         self,
@@ -170,7 +239,7 @@ class Layers(Protocol):
         /,
         *,
         kind: Literal["contiguous", "paged"] = "contiguous",
-        block_size: int = 16,
+        block_size: int = BLOCK_SIZE,
         num_blocks: int | None = None,
         dtype: str = "float32",
     ) -> KVCache:
@@ -184,26 +253,214 @@ class Layers(Protocol):
         Returns:
             a `KVCache` (a `PagedKVCache` when paged).
         """
-        ...
+        return cache_module.kv_cache(
+            self._be, config, batch, max_len, kind=kind, block_size=block_size, num_blocks=num_blocks, dtype=dtype
+        )
+
+    def loss(self, tokens: Array, targets: Array, params: Params, config: TransformerConfig, /) -> Array:
+        r"""The mean next-token cross-entropy: ``mean over (b, s) of −log softmax(transformer(tokens)[b,
+        s])[targets[b, s]]``, with a max-subtracted log-sum-exp, a 0-d array in the parameters' dtype.
+
+        Built from the backend's kernels, so a backend with the ``grad`` capability differentiates it
+        with its own autograd (``torch.autograd``, ``jax.grad``); `value_and_grad` gives the same
+        gradient from the explicit backward pass.
+        """
+        from .training import loss
+
+        return loss(self, tokens, targets, params, config)
 
     def value_and_grad(
         self, tokens: Array, targets: Array, params: Params, config: TransformerConfig, /
     ) -> tuple[Array, dict[str, Array]]:
-        r"""The mean next-token cross-entropy and its gradient with respect to every parameter.
+        r"""The mean next-token cross-entropy (`loss`) and its gradient with respect to every parameter.
 
-        ``loss = mean over (b, s) of −log softmax(transformer(tokens)[b, s])[targets[b, s]]`` (computed
-        with a max-subtracted log-sum-exp). The gradient is the backward pass of the whole model, built
-        from the ops' ``*_backward`` functions (the NumPy reference) or the backend's autograd.
+        The gradient is the backward pass of the whole model written out from the kernels' explicit
+        ``*_backward`` (`tensorglot.training`), the same on every backend; on an autograd backend the
+        conformance suite checks that its autograd of `loss` agrees.
 
         Args:
             tokens, targets: (B, S) ints in [0, vocab_size), S <= max_seq_len.
         Returns:
             ``(loss, grads)``: loss a 0-d array in the parameters' dtype; grads a dict with every key of
-            ``params`` and arrays of their shapes and dtype (tied embeddings: ``embed``'s gradient holds
-            both its uses).
+            ``params`` (in its order) and arrays of their shapes and dtype (tied embeddings: ``embed``'s
+            gradient holds both its uses).
         """
-        ...
+        from .training import value_and_grad
+
+        return value_and_grad(self, tokens, targets, params, config)
+
+    # -- validation: once per public call ---------------------------------------------------------
+
+    def _model(self, fn: str, params: Params, config: TransformerConfig, names: Any = None) -> tuple[dict, str]:
+        """The params as this backend's arrays and their one float dtype; ``names`` (the few that one
+        layer reads) or every name of the config must be there with its shape, on one device."""
+        if not isinstance(config, TransformerConfig):
+            raise TypeError(f"{fn}: config must be a TransformerConfig, got {type(config).__name__}")
+        if not isinstance(params, Mapping):
+            raise TypeError(f"{fn}: params must be a dict of arrays, got {type(params).__name__}")
+        if names is None:
+            params = {k: self._array(v) for k, v in params.items()}
+            check_params(fn, {k: shape(v) for k, v in params.items()}, config)
+        else:
+            missing = [k for k in names if k not in params]
+            if missing:
+                raise ValueError(f"{fn}: params do not match the config: missing {missing}")
+            wanted = param_shapes(config)
+            params = {k: self._array(params[k]) for k in names}
+            for k, v in params.items():
+                if shape(v) != wanted[k]:
+                    raise checks.bad_shape(fn, f"params[{k!r}]", shape(v), str(wanted[k]))
+        dtypes = {self._be.dtype_name(v) for v in params.values()}
+        if len(dtypes) != 1 or next(iter(dtypes)) not in checks.FLOAT_DTYPES:
+            raise TypeError(f"{fn}: params must share one float dtype, got {sorted(dtypes)}")
+        self._same_device(fn, params)
+        return params, dtypes.pop()
+
+    def _tokens(self, fn, arg, tokens, config, params, start=0):
+        tokens = self._int(fn, arg, tokens)
+        lo = hi = 0
+        if math.prod(shape(tokens)) and not self._be.is_traced(tokens):  # a traced token has no value
+            xp = array_namespace(tokens)
+            lo, hi = int(xp.min(tokens)), int(xp.max(tokens))
+        check_tokens(fn, arg, shape(tokens), lo, hi, config, start=start)
+        self._same_device(fn, {arg: tokens, "params": next(iter(params.values()))})
+        return tokens
+
+    def _positions(self, fn, positions, B, S, config):
+        positions = self._int(fn, "positions", positions)
+        if shape(positions) not in ((S,), (B, S)):
+            raise checks.bad_shape(fn, "positions", shape(positions), f"(S,) = ({S},) or (B, S) = ({B}, {S})")
+        if math.prod(shape(positions)) and not self._be.is_traced(positions):
+            xp = array_namespace(positions)
+            lo, hi = int(xp.min(positions)), int(xp.max(positions))
+            if lo < 0 or hi >= config.max_seq_len:
+                raise ValueError(
+                    f"{fn}: positions must lie in [0, max_seq_len) = [0, {config.max_seq_len}), got [{lo}, {hi}]"
+                )
+        return positions
+
+    def _layer_inputs(self, fn, x, params, config, layer, names, positions, cache):
+        """The validated x and the pass of one layer function (its params: ``names`` of that layer)."""
+        if not isinstance(config, TransformerConfig):
+            raise TypeError(f"{fn}: config must be a TransformerConfig, got {type(config).__name__}")
+        layer = self._index(fn, "layer", layer, allow_zero=True)
+        if layer >= config.n_layers:
+            raise ValueError(f"{fn}: layer must be in [0, {config.n_layers}), got {layer}")
+        params, dtype = self._model(fn, params, config, [f"layers.{layer}.{n}" for n in names])
+        x, x_dtype = self._float(fn, "x", x)
+        if len(shape(x)) != 3 or shape(x)[2] != config.d_model:
+            raise checks.bad_shape(fn, "x", shape(x), f"(B, S, D) with D = {config.d_model}")
+        if x_dtype != dtype:
+            raise TypeError(f"{fn}: x has dtype {x_dtype}, the params {dtype}")
+        self._same_device(fn, {"x": x, "params": next(iter(params.values()))})
+        B, S, _ = shape(x)
+        if cache is not None:
+            check_cache(fn, cache, B, config, backend=self._be, dtype=dtype, device=self._be.device(x))
+        if positions is not None:
+            positions = self._positions(fn, positions, B, S, config)
+        p = _Pass(params, dtype, config, array_namespace(x), positions, cache)
+        if positions is None and cache is not None:
+            p.positions = self._cache_positions(p, S)
+        return x, p
+
+    # -- the forward pass: kernels only, no further checks -----------------------------------------
+
+    def _cache_positions(self, p: _Pass, S: int) -> Array:
+        assert p.cache is not None
+        pos = p.cache.lengths()[:, None] + np.arange(S)  # (B, S): each sequence continues where it is
+        return p.xp.asarray(pos, device=device(next(iter(p.params.values()))))
+
+    def _transformer(self, tokens: Array, p: _Pass) -> Array:
+        """`transformer` on validated inputs: the cache's reserve and advance around the forward pass."""
+        if p.cache is None:
+            return self._forward(tokens, p)
+        S = shape(tokens)[1]
+        if p.positions is None:
+            p.positions = self._cache_positions(p, S)
+        p.cache.reserve(S)  # raises past capacity before anything is written
+        logits = self._forward(tokens, p)
+        p.cache.advance(S)
+        return logits
+
+    def _forward(self, tokens: Array, p: _Pass) -> Array:
+        c, w = p.config, p.params
+        x = self._k.embedding(w["embed"], tokens)  # (B, S, D)
+        for i in range(c.n_layers):
+            x = self._block(x, p, i)
+        n = self._norm(x, w["norm"], p)
+        if p.tape is not None:
+            p.tape.append({"x": x, "n": n})
+        return self._linear(n, _head(w, c), p)  # (B, S, V)
+
+    def _block(self, x: Array, p: _Pass, layer: int) -> Array:
+        pre = f"layers.{layer}."
+        a = self._norm(x, p.params[pre + "attn_norm"], p)
+        saved = None if p.tape is None else {"x": x, "a": a}
+        h = x + self._attention(a, p, layer, saved)
+        m = self._norm(h, p.params[pre + "mlp_norm"], p)
+        if saved is not None:
+            saved.update(h=h, m=m)
+            p.tape.append(saved)  # type: ignore[union-attr]
+        return h + self._mlp(m, p, layer)
+
+    def _attention(self, x: Array, p: _Pass, layer: int, saved: dict | None = None) -> Array:
+        xp, c = p.xp, p.config
+        pre = f"layers.{layer}."
+        B, S, D = shape(x)
+        N, K, H = c.n_heads, c.n_kv_heads, c.head_dim
+        q = xp.reshape(self._linear(x, xp.reshape(p.params[pre + "wq"], (D, N * H)), p), (B, S, N, H))
+        k = xp.reshape(self._linear(x, xp.reshape(p.params[pre + "wk"], (D, K * H)), p), (B, S, K, H))
+        v = xp.reshape(self._linear(x, xp.reshape(p.params[pre + "wv"], (D, K * H)), p), (B, S, K, H))
+        q, k = self._rope(q, p, 1.0), self._rope(k, p, 1.0)  # never v
+        scale = 1.0 / math.sqrt(H)
+        if p.cache is None:
+            y = self._run(self._k.attention, p.dtype, (q, k, v), True, None, scale)
+        else:
+            k_all, v_all = p.cache.update(layer, k, v)  # (B, T, K, H), keys stored after RoPE
+            if p.mask is None:  # one mask serves every layer of the step
+                mask = visible_mask(p.cache.lengths(), S, shape(k_all)[1])  # (B, 1, S, T)
+                p.mask = xp.asarray(mask, device=device(x))
+            y = self._run(self._k.attention, p.dtype, (q, k_all, v_all), False, p.mask, scale)
+        y = xp.reshape(y, (B, S, N * H))  # (B, S, N·H)
+        if saved is not None:
+            saved.update(q=q, k=k, v=v, y=y)
+        return self._linear(y, xp.reshape(p.params[pre + "wo"], (N * H, D)), p)  # (B, S, D)
+
+    def _mlp(self, x: Array, p: _Pass, layer: int) -> Array:
+        pre, act = f"layers.{layer}.", p.config.activation
+        weights = tuple(p.params[pre + n] for n in _mlp_names(p.config))
+        if act == "swiglu":
+            return self._run(self._k.swiglu, p.dtype, (x, *weights))
+        return self._run(self._k.mlp, p.dtype, (x, *weights), act)
+
+    def _linear(self, x: Array, w: Array, p: _Pass) -> Array:
+        return self._run(self._k.linear, p.dtype, (x, w, None))
+
+    def _norm(self, x: Array, weight: Array, p: _Pass) -> Array:
+        round_to = p.dtype if p.dtype in HALF else None
+        return self._run(self._k.rms_norm, p.dtype, (x, weight), p.config.norm_eps, round_to)
+
+    def _rope(self, x: Array, p: _Pass, sign: float) -> Array:
+        inv_freq, mscale, style, r = p.rope
+        return self._run(self._k.rope, p.dtype, (x,), p.positions, inv_freq, mscale, sign, style, r)
+
+
+def _mlp_names(config: TransformerConfig) -> tuple[str, ...]:
+    return _MLP.get(config.activation, ("w_in", "w_out"))
+
+
+def _head(params: Mapping[str, Array], config: TransformerConfig) -> Array:
+    return params["embed"].T if config.tie_embeddings else params["lm_head"]  # (D, V)
 
 
 #: The public names of the namespace, in the order the docs list them.
-NAMES = tuple(n for n in Layers.__dict__ if not n.startswith("_"))
+NAMES = (
+    "attention_layer",
+    "mlp_layer",
+    "block",
+    "transformer",
+    "generate",
+    "kv_cache",
+    "loss",
+    "value_and_grad",
+)

@@ -26,8 +26,9 @@ _DTYPES = {
 class NumpyBackend(ArrayBackend):
     name = "numpy"
     capabilities = CAPABILITIES
-    kernels = SimpleNamespace(**{k: v for k, v in vars(ops).items() if callable(v) and not k.startswith("_")})
-    layers = layers
+    kernels = SimpleNamespace(
+        **{k: v for m in (ops, layers) for k, v in vars(m).items() if callable(v) and not k.startswith("_")}
+    )
     parallel = parallel
     bench = bench
 

@@ -17,11 +17,11 @@ import numpy as np
 from tensorglot import TransformerConfig, init_params
 from tensorglot.bench import Row, time_median
 
-from . import layers, parallel
+from . import parallel
 from ._common import lazy_frontend
 from .bench_kernels import attention_rows
 
-ops, encodings = lazy_frontend("ops"), lazy_frontend("encodings")
+ops, encodings, layers = lazy_frontend("ops"), lazy_frontend("encodings"), lazy_frontend("layers")
 
 #: Forward + backward of one op, at a size for the full table and one for ``--quick``.
 OP_SIZES: dict[str, tuple[dict[str, int], dict[str, int]]] = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-DOC = Path(__file__).resolve().parents[3] / "docs" / "layers.md"
+DOC = Path(__file__).resolve().parents[1] / "docs" / "layers.md"
 
 
 def test_the_layers_example_runs():

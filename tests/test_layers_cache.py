@@ -1,4 +1,4 @@
-"""The spec's shared cache bookkeeping (`SlotMap`, `PagedSlotMap`) and the NumPy cache built on it."""
+"""The spec's KV cache on NumPy: the bookkeeping (`SlotMap`, `PagedSlotMap`, `visible_mask`) and `KVCache`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 
 import tensorglot
 from tensorglot import TransformerConfig, init_params
-from tensorglot.cache import PagedSlotMap, SlotMap, visible_mask
+from tensorglot.cache import KVCache, PagedSlotMap, SlotMap, visible_mask
 
 layers = tensorglot.get_backend("numpy").layers
 
@@ -83,3 +83,40 @@ def test_paged_and_contiguous_caches_give_the_same_logits():
         )
     np.testing.assert_allclose(outs[0], outs[1], rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(outs[0], layers.transformer(tokens, params, c), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("params_dtype", "batch", "error", "match"),
+    [("float16", 1, TypeError, "the cache stores float32"), ("float32", 2, ValueError, "batch 2")],
+)
+def test_a_refused_cache_takes_no_block(params_dtype, batch, error, match):
+    c = TransformerConfig(vocab_size=11, d_model=8, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=4, d_ff=8)
+    cache = layers.kv_cache(c, 1, 8, kind="paged", block_size=2, dtype="float32")
+    with pytest.raises(error, match=match):
+        layers.transformer(np.ones((batch, 3), dtype=np.int64), init_params(c, 0, dtype=params_dtype), c, cache=cache)
+    assert (cache.free_blocks(), cache.block_table(0), cache.lengths().tolist()) == (4, [], [0])
+
+
+def test_a_cache_of_another_backend_is_refused_by_name():
+    class Other:
+        name = "other"
+
+    c = TransformerConfig(vocab_size=11, d_model=8, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=4, d_ff=8)
+    foreign = KVCache(Other(), c, SlotMap(1, 4), "float32")
+    with pytest.raises(TypeError, match="made by the other backend; this is numpy"):
+        layers.transformer(np.array([[1, 2]]), init_params(c, 0), c, cache=foreign)
+
+
+def test_the_storage_is_made_on_the_first_write_and_contiguous_reads_are_views():
+    c = TransformerConfig(vocab_size=11, d_model=8, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=4, d_ff=8)
+    cache = layers.kv_cache(c, 2, 5, dtype="float64")
+    assert cache.k == [] and cache.device is None
+    cache.reserve(2)
+    k = np.arange(2 * 2 * 4, dtype=np.float64).reshape(2, 2, 1, 4)
+    k_all, v_all = cache.update(1, k, -k)
+    np.testing.assert_array_equal(v_all, -k)
+    assert [s.shape for s in cache.k] == [(10, 1, 4)] * 2  # (B·max_len, K, H) per layer
+    np.testing.assert_array_equal(k_all, k)
+    assert np.shares_memory(k_all, cache.k[1])
+    with pytest.raises(TypeError, match="k and v have dtypes float32, float32; the cache stores float64"):
+        cache.update(0, k.astype(np.float32), k.astype(np.float32))

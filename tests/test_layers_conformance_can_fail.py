@@ -1,6 +1,6 @@
 """The layers and cache conformance tests catch real mistakes: fake backends, each the NumPy reference
-with one classic transformer bug edited into a copy of its layers module, must fail them (and the
-reference must pass the same selection)."""
+with one classic transformer bug edited into a copy of one function of the spec's layers, must fail them
+(and the reference must pass the same selection)."""
 
 from __future__ import annotations
 
@@ -9,31 +9,50 @@ import pytest
 pytest_plugins = ["pytester"]
 
 FAKES = """
-import inspect, types
+import inspect, textwrap
 from tensorglot.hookspecs import hookimpl
 from tensorglot.registry import registry
-import tensorglot_numpy.layers as ref_layers
+import tensorglot.layers, tensorglot.training
 from tensorglot_numpy.backend import NumpyBackend
 
-SOURCE = inspect.getsource(ref_layers)
+# (module, function, the line as written, the bug): each fake edits one function of the spec.
 BUGS = {
     # a cached step rotates its new tokens as if they sat at positions 0 .. S-1
-    "bad-cache-positions": ("return cache.lengths()[:, None] + np.arange(S)", "return np.arange(S)"),
+    "bad-cache-positions": (
+        tensorglot.layers, "Layers._cache_positions",
+        "pos = p.cache.lengths()[:, None] + np.arange(S)", "pos = np.arange(S) + 0 * p.cache.lengths()[:, None]",
+    ),
     # the tied embedding's gradient forgets its use as the output head
-    "bad-tied-grad": ("dembed += dw.T", "pass"),
+    "bad-tied-grad": (tensorglot.training, "value_and_grad", "dembed = dembed + dhead.T", "pass"),
     # attention sees the future
-    "bad-causal": ("y = ops.attention(q, k, v, causal=True)", "y = ops.attention(q, k, v, causal=False)"),
+    "bad-causal": (
+        tensorglot.layers, "Layers._attention",
+        "self._k.attention, p.dtype, (q, k, v), True,", "self._k.attention, p.dtype, (q, k, v), False,",
+    ),
 }
 
 
+def edited(module, qualname, old, new):
+    owner, _, name = qualname.rpartition(".")
+    original = getattr(getattr(module, owner), name) if owner else getattr(module, name)
+    source = textwrap.dedent(inspect.getsource(original))
+    assert source.count(old) == 1, old
+    namespace = dict(vars(module))
+    code = "from __future__ import annotations\\n" + source.replace(old, new)  # the module's annotations stay text
+    exec(compile(code, f"fake {qualname}", "exec"), namespace)
+    return namespace[name]
+
+
 def make(name):
-    old, new = BUGS[name]
-    assert SOURCE.count(old) == 1, old
-    module = types.ModuleType("tensorglot_numpy.fake_layers")
-    module.__package__ = "tensorglot_numpy"
-    exec(compile(SOURCE.replace(old, new), "fake_layers", "exec"), module.__dict__)
+    module, qualname, old, new = BUGS[name]
+    fake = edited(module, qualname, old, new)
+    if module is tensorglot.training:
+        methods = {"value_and_grad": lambda self, *args: fake(self, *args)}
+    else:
+        methods = {qualname.rpartition(".")[2]: fake}
     backend = NumpyBackend()
-    backend.name, backend.layers = name, module
+    backend.name = name
+    backend.layers = type("FakeLayers", (tensorglot.layers.Layers,), methods)(backend)
     return backend
 
 
