@@ -13,15 +13,13 @@ from typing import Any
 import numpy as np
 from array_api_compat import array_namespace, device, is_array_api_obj
 
+from tensorglot import checks
 from tensorglot.backend import ArrayBackend
 
-from . import encodings, flash, ops
+from . import encodings, flash, layers, ops
 from .plugin import CAPABILITIES, namespace_name
 
-_DTYPE_NAMES = (
-    *("float64", "float32", "float16", "bfloat16", "bool"),
-    *("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"),
-)
+_DTYPE_NAMES = (*checks.FLOAT_DTYPES, *checks.INT_DTYPES, "bool")
 
 
 def load_namespace(name: str) -> ModuleType:
@@ -39,8 +37,7 @@ def load_namespace(name: str) -> ModuleType:
 
 class XpBackend(ArrayBackend):
     name = "xp"
-    kernels = SimpleNamespace(**{k: getattr(m, k) for m in (ops, flash, encodings) for k in m.__all__})
-    layers = None
+    kernels = SimpleNamespace(**{k: getattr(m, k) for m in (ops, flash, encodings, layers) for k in m.__all__})
     parallel = None
 
     def __init__(self, namespace: str | None = None) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from array_api_compat import array_namespace, device
 
-from .ops import group_queries, grouped_mask, kv_heads_first, ungroup_queries, visible
+from .ops import group_queries, grouped_mask, kv_grouped, kv_heads_first, ungroup_queries, visible
 
 __all__ = ["flash_attention", "flash_attention_backward"]
 
@@ -30,7 +30,7 @@ def _grouped(q, k, v, mask, scale):
     xp = array_namespace(q)
     K = k.shape[2]
     qg = group_queries(q * scale, K)
-    kh, vh = (kv_heads_first(a)[:, :, None, ...] for a in (k, v))
+    kh, vh = kv_grouped(k), kv_grouped(v)
     if mask is not None:
         mask = xp.broadcast_to(grouped_mask(mask, K), (*qg.shape[:4], k.shape[1]))
     return qg, kh, vh, mask
@@ -39,11 +39,10 @@ def _grouped(q, k, v, mask, scale):
 def _scores(qg, kh, mask, causal, rows, cols):
     """S_ij = Q_i K_jᵀ (B, K, G, br, bc), −inf where a query may not attend."""
     xp = array_namespace(qg)
-    at = device(qg)
+    S, T = qg.shape[3], kh.shape[3]
     s = xp.matmul(qg[:, :, :, rows, :], xp.matrix_transpose(kh[:, :, :, cols, :]))
-    tile_mask = None if mask is None else mask[:, :, :, rows, cols]
-    row_ids, col_ids = xp.arange(rows.start, rows.stop, device=at), xp.arange(cols.start, cols.stop, device=at)
-    allowed = visible(causal, tile_mask, row_ids, col_ids, kh.shape[3] - qg.shape[3])
+    ids = xp.arange(max(S, T), device=device(qg))
+    allowed = visible(causal, None if mask is None else mask[:, :, :, rows, cols], ids[rows], ids[cols], T - S)
     return s if allowed is None else xp.where(allowed, s, -xp.inf)
 
 

@@ -167,6 +167,11 @@ def kv_heads_first(x):
     return array_namespace(x).permute_dims(x, (0, 2, 1, 3))
 
 
+def kv_grouped(x):
+    """(B, T, K, H) → (B, K, 1, T, H), which broadcasts over the G query heads of each kv head."""
+    return kv_heads_first(x)[:, :, None, ...]
+
+
 def grouped_mask(mask, kv_heads):
     """A (B|1, N|1, S|1, T|1) mask as (B|1, K|1, G|1, S|1, T|1), so it broadcasts against grouped scores."""
     b, n, s, t = mask.shape
@@ -188,11 +193,9 @@ def _probs(q, k, causal, mask, scale):
     xp = array_namespace(q)
     S, T, K = q.shape[1], k.shape[1], k.shape[2]
     qg = group_queries(q * scale, K)
-    scores = xp.matmul(qg, xp.matrix_transpose(kv_heads_first(k))[:, :, None, ...])  # (B, K, G, S, T)
-    at = device(q)
-    allowed = visible(
-        causal, None if mask is None else grouped_mask(mask, K), xp.arange(S, device=at), xp.arange(T, device=at), T - S
-    )
+    scores = xp.matmul(qg, xp.matrix_transpose(kv_grouped(k)))  # (B, K, G, S, T)
+    ids = xp.arange(max(S, T), device=device(q))
+    allowed = visible(causal, None if mask is None else grouped_mask(mask, K), ids[:S], ids[:T], T - S)
     if allowed is not None:
         scores = xp.where(allowed, scores, -xp.inf)
     return qg, softmax(scores, -1)  # a query that sees nothing: zeros
@@ -200,14 +203,14 @@ def _probs(q, k, causal, mask, scale):
 
 def attention(q, k, v, causal, mask, scale):
     _, p = _probs(q, k, causal, mask, scale)
-    return ungroup_queries(array_namespace(q).matmul(p, kv_heads_first(v)[:, :, None, ...]))  # (B, S, N, H)
+    return ungroup_queries(array_namespace(q).matmul(p, kv_grouped(v)))  # (B, S, N, H)
 
 
 def attention_backward(q, k, v, dy, causal, mask, scale):
     xp = array_namespace(q)
     qg, p = _probs(q, k, causal, mask, scale)
     dyg = group_queries(dy, k.shape[2])  # (B, K, G, S, H)
-    kh, vh = kv_heads_first(k)[:, :, None, ...], kv_heads_first(v)[:, :, None, ...]  # (B, K, 1, T, H)
+    kh, vh = kv_grouped(k), kv_grouped(v)  # (B, K, 1, T, H)
     dv = xp.sum(xp.matmul(xp.matrix_transpose(p), dyg), axis=2)  # (B, K, T, H): the G heads of a kv head add up
     ds = softmax_backward(p, xp.matmul(dyg, xp.matrix_transpose(vh)), -1)  # (B, K, G, S, T)
     dq = xp.matmul(ds, kh) * scale

@@ -15,7 +15,7 @@ from tensorglot.hookspecs import hookimpl
 DEFAULT_NAMESPACE = "array_api_strict"
 #: What every namespace gives the backend. float16 is not in the standard: it is declared only for the
 #: namespaces known to carry it, and the loaded backend checks the namespace itself (``hasattr``).
-CAPABILITIES = frozenset({"float64", "flash"})
+CAPABILITIES = frozenset({"float64", "flash", "layers"})
 FLOAT16_NAMESPACES = frozenset({"numpy", "cupy", "torch", "jax.numpy", "dask.array"})
 
 
