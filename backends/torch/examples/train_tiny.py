@@ -21,7 +21,6 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from tensorglot import TransformerConfig
-from tensorglot_torch import layers
 from tensorglot_torch.nn import Transformer
 
 CONFIG = TransformerConfig(
@@ -88,7 +87,7 @@ def sample(model: Transformer, prompt: str, *, new: int, temperature: float = 0.
     """Sample ``new`` bytes after ``prompt``, feeding one byte a step through a KV cache."""
     g = torch.Generator().manual_seed(seed)
     tokens = torch.tensor([list(prompt.encode())])
-    cache = layers.kv_cache(model.config, 1, tokens.shape[1] + new, kind="paged")
+    cache = model.kv_cache(1, tokens.shape[1] + new, kind="paged")
     logits = model(tokens, cache=cache)
     out = list(prompt.encode())
     for _ in range(new):

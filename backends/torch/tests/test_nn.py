@@ -9,10 +9,11 @@ import torch
 
 import tensorglot
 from tensorglot import TransformerConfig, init_params
-from tensorglot_torch import layers, ops
 from tensorglot_torch.nn import MLP, Linear, MultiHeadAttention, RMSNorm, SwiGLU, Transformer
 
 REF = tensorglot.get_backend("numpy")
+layers = tensorglot.get_backend("torch").layers
+ops = tensorglot.get_backend("torch").ops
 
 CONFIGS = {
     "gqa-swiglu-neox-partial": dict(n_kv_heads=2, activation="swiglu", rope_style="neox", rotary_dim=2),
@@ -82,7 +83,7 @@ def test_module_gradients_equal_value_and_grad():
     loss.backward()
     want_loss, want = layers.value_and_grad(tokens, targets, {k: torch.from_numpy(v) for k, v in params.items()}, cfg)
     torch.testing.assert_close(loss.detach(), want_loss)
-    named = model._named()
+    named = model.spec_params()
     for k in params:
         torch.testing.assert_close(named[k].grad, want[k], rtol=1e-10, atol=1e-12)
 
@@ -112,7 +113,7 @@ def test_leaf_modules_compute_their_ops():
 def test_attention_module_equals_the_reference_attention_layer():
     cfg = config()
     params = init_params(cfg, 9, dtype="float64")
-    attn = MultiHeadAttention(cfg, dtype=torch.float64)
+    attn = MultiHeadAttention(cfg, layer=1, dtype=torch.float64)
     with torch.no_grad():
         for n in ("wq", "wk", "wv", "wo"):
             getattr(attn, n).copy_(torch.from_numpy(params[f"layers.1.{n}"]))
@@ -123,7 +124,7 @@ def test_attention_module_equals_the_reference_attention_layer():
 
 def test_bad_tokens_name_the_module():
     model = Transformer(config())
-    with pytest.raises(ValueError, match=r"Transformer: tokens must lie in \[0, vocab_size\)"):
+    with pytest.raises(ValueError, match=r"transformer: tokens must lie in \[0, vocab_size\)"):
         model(torch.tensor([[1, 19]]))
 
 

@@ -9,8 +9,8 @@ from array_api_compat import array_namespace
 
 from . import checks
 from .cache import KINDS
+from .forward import _Pass
 from .frontend import shape
-from .layers import _Pass
 
 if TYPE_CHECKING:
     from .layers import Layers

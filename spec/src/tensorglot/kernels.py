@@ -32,6 +32,23 @@ Arguments, as the front end passes them:
     ``float32(position) * inv_freq`` in float32, cos and sin in x's dtype, both times ``mscale``;
     ``sign`` is +1.0 (rope) or −1.0 (its backward, the inverse rotation); ``style`` interleaved pairs
     (2i, 2i + 1), neox pairs (i, i + r/2); features past ``rotary_dim`` pass through.
+
+The layers' kernels (`tensorglot.layers` composes the rest of the transformer from the ops' kernels and
+array-API operations; these are what the array API lacks). Arrays first, int arrays and sizes after:
+  * ``embedding(table, tokens)``: ``table[tokens]``, (V, D) and (B, S) ints → (B, S, D), in table's
+    dtype (a gather: the front end does not cast it). ``embedding_backward(dx, tokens, vocab)``: the
+    (vocab, D) scatter-add of dx's rows at their tokens — a token read twice gets both rows.
+  * ``cross_entropy(logits, targets)``: the 0-d mean over (B, S) of ``lse(logits) − logits[target]``,
+    the log-sum-exp max-subtracted. ``cross_entropy_backward(logits, dloss, targets)``: ``(softmax(logits)
+    − onehot(targets)) · dloss / (B·S)``; ``dloss`` is a 0-d array.
+  * ``cache_write(storage, slots, rows) -> storage``: rows (n, K, H) written at the int (n,) slots of a
+    cache's (slots, K, H) storage, and the storage returned: the same array written in place (NumPy,
+    torch, which writes detached rows: a cache holds no autograd graph) or a new one (JAX's ``.at[].set``).
+    A `tensorglot.cache.KVCache` allocates and reads its storage itself with the array API.
+  * With the ``grad`` capability, ``autograd_value_and_grad(fn, params) -> (value, grads)``: how the
+    backend differentiates a scalar function of a dict of arrays with its own autograd (torch.autograd
+    on fresh leaves, jax.value_and_grad). The conformance suite checks with it that autograd through
+    `Layers.loss` equals the explicit `Layers.value_and_grad`.
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 from array_api_compat import array_namespace, device
 
 from . import checks
+from .forward import _head, _mlp_names, _Pass
 from .frontend import shape
-from .layers import _head, _mlp_names, _Pass
 
 if TYPE_CHECKING:
     from .layers import Layers

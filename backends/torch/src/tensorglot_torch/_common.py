@@ -1,4 +1,4 @@
-"""Helpers shared by the torch modules: input coercion, dtype/device agreement, the compute dtype."""
+"""Helpers shared by the torch modules: dtype names, and (for layers not yet in the spec) input checks."""
 
 from __future__ import annotations
 
@@ -23,26 +23,11 @@ def dtype_name(x: torch.Tensor) -> str:
     return str(x.dtype).removeprefix("torch.")
 
 
-def as_float(fn: str, arg: str, x: Any) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        x = torch.as_tensor(x)
-    checks.check_float(fn, arg, dtype_name(x))
-    return x
-
-
 def as_int(fn: str, arg: str, x: Any, device: torch.device | None = None) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         x = torch.as_tensor(x, device=device)
     checks.check_int(fn, arg, dtype_name(x))
     return x
-
-
-def same_dtype(fn: str, **tensors: torch.Tensor | None) -> torch.dtype:
-    """The one dtype (and device) of every present tensor; a TypeError naming both otherwise."""
-    present = {k: v for k, v in tensors.items() if v is not None}
-    checks.check_same_dtype(fn, {k: dtype_name(v) for k, v in present.items()})
-    same_device(fn, **present)
-    return next(iter(present.values())).dtype
 
 
 def same_device(fn: str, **tensors: torch.Tensor | None) -> None:
@@ -57,6 +42,34 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def flat2d(x: torch.Tensor) -> torch.Tensor:
-    """(..., n) → (prod(...), n), for weight gradients that sum over every leading axis."""
-    return x.reshape(-1, x.shape[-1])
+class Frontend:
+    """``be.ops`` or ``be.encodings`` of the torch backend, looked up at each use (the backend imports
+    the modules that use it). Transitional: for the torch layers until the spec's layers replace them."""
+
+    def __init__(self, namespace: str) -> None:
+        self._namespace = namespace
+
+    def __getattr__(self, name: str) -> Any:
+        import tensorglot
+
+        return getattr(getattr(tensorglot.get_backend("torch"), self._namespace), name)
+
+
+class _Untracked:
+    """Stands in for ``ctx`` when autograd records nothing."""
+
+    def save_for_backward(self, *tensors: torch.Tensor) -> None:
+        pass
+
+
+def kernel(function: type[torch.autograd.Function]) -> Any:
+    """``function.apply``, or its forward alone when no input needs a gradient: apply's machinery costs
+    about 15 µs a call, which a decoding step pays once per op."""
+    forward = function.forward
+
+    def call(*args: Any) -> Any:
+        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            return function.apply(*args)
+        return forward(_Untracked(), *args)
+
+    return call

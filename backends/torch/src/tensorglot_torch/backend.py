@@ -1,4 +1,4 @@
-"""The torch backend object: its namespaces are this package's modules, named as the spec's.
+"""The torch backend: the kernels behind the spec's front ends, and torch's array adapter.
 
 Arrays made by `asarray` live on ``TENSORGLOT_TORCH_DEVICE`` (read when the backend loads; default cpu),
 so the conformance suite runs unchanged on a GPU.
@@ -7,26 +7,35 @@ so the conformance suite runs unchanged on a GPU.
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 
-from . import encodings, layers, ops, parallel
+from tensorglot.backend import ArrayBackend
+
+from . import layers, ops, parallel
 from ._common import DTYPES, dtype_name
 from .plugin import CAPABILITIES
 
 
-class TorchBackend:
+class TorchBackend(ArrayBackend):
     name = "torch"
     capabilities = CAPABILITIES
-    ops = ops
-    encodings = encodings
-    layers = layers
+    kernels = SimpleNamespace(
+        **{
+            k: v
+            for m in (ops, layers)
+            for k, v in vars(m).items()
+            if callable(v) and not k.startswith("_") and not isinstance(v, type)
+        }
+    )
     parallel = parallel
 
     def __init__(self, device: str | None = None) -> None:
-        self.device = torch.device(device or os.environ.get("TENSORGLOT_TORCH_DEVICE", "cpu"))
+        super().__init__()
+        self.default_device = torch.device(device or os.environ.get("TENSORGLOT_TORCH_DEVICE", "cpu"))
 
     @property
     def bench(self) -> Any:
@@ -37,8 +46,11 @@ class TorchBackend:
     def asarray(self, x: Any, /, dtype: str | None = None) -> torch.Tensor:
         if dtype is not None and dtype not in DTYPES:
             raise TypeError(f"asarray: the torch backend has no dtype {dtype!r} (it has {', '.join(DTYPES)})")
-        t = (x if isinstance(x, torch.Tensor) else torch.tensor(np.asarray(x))).to(self.device)
+        t = (x if isinstance(x, torch.Tensor) else torch.tensor(np.asarray(x))).to(self.default_device)
         return t if dtype is None else t.to(DTYPES[dtype])
+
+    def native(self, x: Any, /) -> torch.Tensor:
+        return x if isinstance(x, torch.Tensor) else torch.as_tensor(x, device=self.default_device)
 
     def to_numpy(self, x: Any, /) -> np.ndarray:
         if not isinstance(x, torch.Tensor):
@@ -51,5 +63,11 @@ class TorchBackend:
     def dtype_name(self, x: Any, /) -> str:
         return dtype_name(x) if isinstance(x, torch.Tensor) else str(np.asarray(x).dtype)
 
+    def astype(self, x: torch.Tensor, dtype: str, /) -> torch.Tensor:
+        return x.to(DTYPES[dtype])
+
+    def device(self, x: torch.Tensor, /) -> torch.device:
+        return x.device
+
     def __repr__(self) -> str:
-        return f"<tensorglot backend 'torch' on {self.device}>"
+        return f"<tensorglot backend 'torch' on {self.default_device}>"

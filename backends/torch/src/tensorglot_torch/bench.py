@@ -13,8 +13,10 @@ import torch.nn.functional as F
 from tensorglot.bench import Row, ratio_row, time_median
 from tensorglot.params import TransformerConfig, init_params
 
-from . import layers, ops
+from ._common import Frontend
 from .nn import Transformer
+
+ops, layers = Frontend("ops"), Frontend("layers")  # the spec's front ends of this backend
 
 OP_LIMIT = 1.3
 
@@ -121,7 +123,7 @@ def op_rows(*, quick: bool, device: torch.device) -> Iterable[Row]:
     v = _leaf(B, S, N, H, device=device, seed=8)
     dy = torch.randn(B, S, N, H, device=device)
     # SDPA's is_causal is top-left aligned; ours is bottom-right, so SDPA gets the explicit bottom-right mask.
-    mask = ops._causal_mask(S, S, device)
+    mask = ops.causal_mask(S, S).to(device)
 
     def sdpa(q, k, v):  # (B, S, N, H) ↔ SDPA's (B, N, S, H)
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)

@@ -12,7 +12,9 @@ import torch
 
 from tensorglot.bench import Row, paired_medians, ratio_row, time_median
 
-from . import ops
+from ._common import Frontend
+
+ops = Frontend("ops")  # the spec's front end of this backend
 
 
 def _rss_kib(field: str) -> int:
@@ -101,8 +103,7 @@ def compile_rows(quick: bool) -> Iterator[Row]:
     """One training step (loss and every gradient) of a small Transformer, eager vs ``torch.compile``."""
     import tensorglot
 
-    from . import layers
-
+    layers = tensorglot.get_backend("torch").layers
     cfg = tensorglot.TransformerConfig(
         vocab_size=256 if quick else 1024,
         d_model=64 if quick else 256,

@@ -1,4 +1,4 @@
-"""PyTorch blockwise (flash) attention: see the spec, `tensorglot.ops.flash_attention`.
+"""PyTorch blockwise (flash) attention kernels: see the spec, `tensorglot.ops.flash_attention`.
 
 One `torch.autograd.Function`: the forward keeps q, k, v (in the tile layout), the output and the
 log-sum-exp; the backward recomputes each tile's probabilities from them.
@@ -10,9 +10,7 @@ import math
 
 import torch
 
-from tensorglot import checks
-
-from ._common import as_float, compute_dtype, same_device, same_dtype
+from ._common import kernel
 
 # The G query heads of a kv head sit beside their query in the rows of a tile, (query, group), so one
 # bmm per tile serves them all and the kv gradients sum over G inside the bmm.
@@ -22,13 +20,12 @@ def _layout(q, k, v, mask, scale):
     B, S, N, H = q.shape
     K = k.shape[2]
     G = N // K
-    cd = compute_dtype(q.dtype)
-    qs = (q.to(cd) * scale).view(B, S, K, G, H).permute(0, 2, 1, 3, 4).contiguous()  # (B, K, S, G, H)
-    kh = k.to(cd).permute(0, 2, 1, 3).contiguous()  # (B, K, T, H)
-    vh = v.to(cd).permute(0, 2, 1, 3).contiguous()  # (B, K, T, H)
+    qs = (q * scale).view(B, S, K, G, H).permute(0, 2, 1, 3, 4).contiguous()  # (B, K, S, G, H)
+    kh = k.permute(0, 2, 1, 3).contiguous()  # (B, K, T, H)
+    vh = v.permute(0, 2, 1, 3).contiguous()  # (B, K, T, H)
     mg = None
     if mask is not None:
-        b, n, s, t = (1,) * (4 - mask.ndim) + tuple(mask.shape)
+        b, n, s, t = mask.shape
         mg = mask.reshape(b, K, G, s, t) if n != 1 else mask.reshape(b, 1, 1, s, t)
         mg = mg.permute(0, 1, 3, 2, 4)  # (B|1, K|1, S|1, G|1, T|1)
     return qs, kh, vh, mg
@@ -121,13 +118,14 @@ def _backward(qs, kh, vh, mg, causal, bs, out, lse, dyg, needs=(True, True, True
     return dq, dk, dv
 
 
-def _to_public(dq, dk, dv, scale, dtype):
+def _to_public(dq, dk, dv, scale):
     B, K, S, G, H = dq.shape
-    return (
-        (dq * scale).permute(0, 2, 1, 3, 4).reshape(B, S, K * G, H).to(dtype),  # (B, S, N, H)
-        dk.permute(0, 2, 1, 3).to(dtype),  # (B, T, K, H)
-        dv.permute(0, 2, 1, 3).to(dtype),
-    )
+    return dq.mul_(scale).permute(0, 2, 1, 3, 4).reshape(B, S, K * G, H), dk.transpose(1, 2), dv.transpose(1, 2)
+
+
+def _grouped(dy, K):
+    B, S, N, H = dy.shape
+    return dy.reshape(B, S, K, N // K, H).permute(0, 2, 1, 3, 4).contiguous()  # (B, K, S, G, H)
 
 
 class FlashAttention(torch.autograd.Function):
@@ -138,50 +136,23 @@ class FlashAttention(torch.autograd.Function):
         ctx.save_for_backward(qs, kh, vh, out, lse)
         ctx.mg, ctx.causal, ctx.scale, ctx.block_size = mg, causal, scale, block_size
         B, K, S, G, H = out.shape
-        return out.permute(0, 2, 1, 3, 4).reshape(B, S, K * G, H).to(q.dtype)  # (B, S, N, H)
+        return out.permute(0, 2, 1, 3, 4).reshape(B, S, K * G, H)  # (B, S, N, H)
 
     @staticmethod
     def backward(ctx, dy):
         qs, kh, vh, out, lse = ctx.saved_tensors
-        B, K, S, G, H = qs.shape
-        dyg = dy.to(qs.dtype).reshape(B, S, K, G, H).permute(0, 2, 1, 3, 4).contiguous()  # (B, K, S, G, H)
         needs = ctx.needs_input_grad[:3]
-        dq, dk, dv = _backward(qs, kh, vh, ctx.mg, ctx.causal, ctx.block_size, out, lse, dyg, needs)
-        dq, dk, dv = _to_public(dq, dk, dv, ctx.scale, dy.dtype)
-        return (*(g if n else None for g, n in zip((dq, dk, dv), needs)), None, None, None, None)
+        dq, dk, dv = _backward(
+            qs, kh, vh, ctx.mg, ctx.causal, ctx.block_size, out, lse, _grouped(dy, kh.shape[1]), needs
+        )
+        return *(g if n else None for g, n in zip(_to_public(dq, dk, dv, ctx.scale), needs)), None, None, None, None
 
 
-def _inputs(fn, q, k, v, causal, mask, scale, block_size):
-    q, k, v = as_float(fn, "q", q), as_float(fn, "k", k), as_float(fn, "v", v)
-    same_dtype(fn, q=q, k=k, v=v)
-    if mask is not None:
-        if not isinstance(mask, torch.Tensor):
-            mask = torch.as_tensor(mask, device=q.device)
-        checks.check_bool(fn, "mask", str(mask.dtype).removeprefix("torch."))
-        same_device(fn, q=q, mask=mask)
-    mshape = None if mask is None else tuple(mask.shape)
-    shape = checks.attention(fn, tuple(q.shape), tuple(k.shape), tuple(v.shape), mshape, scale)
-    if not isinstance(causal, bool):
-        raise TypeError(f"{fn}: causal must be a bool, got {type(causal).__name__}")
-    block_size = checks.check_positive_int(fn, "block_size", block_size)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return q, k, v, causal, mask, scale, block_size, shape
-
-
-def flash_attention(q, k, v, /, *, causal=False, mask=None, scale=None, block_size=128):
-    q, k, v, causal, mask, scale, block_size, _ = _inputs("flash_attention", q, k, v, causal, mask, scale, block_size)
-    return FlashAttention.apply(q, k, v, causal, mask, scale, block_size)
-
-
-def flash_attention_backward(q, k, v, dy, /, *, causal=False, mask=None, scale=None, block_size=128):
-    fn = "flash_attention_backward"
-    q, k, v, causal, mask, scale, block_size, shape = _inputs(fn, q, k, v, causal, mask, scale, block_size)
-    dy = as_float(fn, "dy", dy)
-    same_dtype(fn, q=q, dy=dy)
-    checks.check_same_shape(fn, "dy", tuple(dy.shape), tuple(q.shape), "q")
-    B, S, _, N, K, H = shape
+def flash_attention_backward(q, k, v, dy, causal, mask, scale, block_size):
     qs, kh, vh, mg = _layout(q, k, v, mask, scale)
     out, lse = _forward(qs, kh, vh, mg, causal, block_size)
-    dyg = dy.to(qs.dtype).reshape(B, S, K, N // K, H).permute(0, 2, 1, 3, 4).contiguous()  # (B, K, S, G, H)
-    dq, dk, dv = _backward(qs, kh, vh, mg, causal, block_size, out, lse, dyg)
-    return _to_public(dq, dk, dv, scale, q.dtype)
+    dq, dk, dv = _backward(qs, kh, vh, mg, causal, block_size, out, lse, _grouped(dy, k.shape[2]))
+    return _to_public(dq, dk, dv, scale)
+
+
+flash_attention = kernel(FlashAttention)

@@ -1,8 +1,10 @@
-"""`torch.nn.Module`s over the backend's autograd Functions: the spec's transformer as modules.
+"""`torch.nn.Module`s that hold the spec's parameters and compute with the spec's layers and ops.
 
 Weights are stored in the spec's layouts — Linear's weight is (in, out), not torch's (out, in); wq is
 (D, N, H) — so `Transformer.from_params` takes `tensorglot.init_params` output (or a checkpoint) as is
-and `to_params` gives back the same names; the logits equal `layers.transformer` on those params.
+and `to_params` gives back the same names. A module's forward is the torch backend's
+``layers.transformer`` (``block``, ``attention_layer``, ``ops.*``) on its own parameters, so the logits
+equal the functional layers' and autograd flows through the kernels' Functions to the parameters.
 
 >>> import tensorglot, torch
 >>> from tensorglot_torch.nn import Transformer
@@ -23,11 +25,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from tensorglot.cache import check_cache
+import tensorglot
 from tensorglot.params import TransformerConfig, check_params, init_params
 
-from . import layers, ops
-from .layers import CrossEntropy, Embedding
+from ._common import dtype_name
+
+
+def _backend() -> Any:
+    return tensorglot.get_backend("torch")
 
 
 def _param(*shape: int, std: float, device: Any = None, dtype: Any = None) -> nn.Parameter:
@@ -43,7 +48,7 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(d_out, device=device, dtype=dtype)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.linear(x, self.weight, self.bias)
+        return _backend().ops.linear(x, self.weight, self.bias)
 
 
 class MLP(nn.Module):
@@ -56,7 +61,7 @@ class MLP(nn.Module):
         self.w_out = _param(d_ff, d_model, std=d_ff**-0.5, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.mlp(x, self.w_in, self.w_out, activation=self.activation)
+        return _backend().ops.mlp(x, self.w_in, self.w_out, activation=self.activation)
 
 
 class SwiGLU(nn.Module):
@@ -69,7 +74,7 @@ class SwiGLU(nn.Module):
         self.w_down = _param(d_ff, d_model, std=d_ff**-0.5, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.swiglu(x, self.w_gate, self.w_up, self.w_down)
+        return _backend().ops.swiglu(x, self.w_gate, self.w_up, self.w_down)
 
 
 class RMSNorm(nn.Module):
@@ -79,54 +84,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.rms_norm(x, self.weight, eps=self.eps)
+        return _backend().ops.rms_norm(x, self.weight, eps=self.eps)
 
 
-class MultiHeadAttention(nn.Module):
-    """Grouped-query self-attention with RoPE on q and k (config's rope_*), causal, optional KV cache."""
-
-    def __init__(self, config: TransformerConfig, *, device: Any = None, dtype: Any = None) -> None:
-        super().__init__()
-        c = self.config = config
-        D, N, K, H = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim
-        self.wq = _param(D, N, H, std=D**-0.5, device=device, dtype=dtype)
-        self.wk = _param(D, K, H, std=D**-0.5, device=device, dtype=dtype)
-        self.wv = _param(D, K, H, std=D**-0.5, device=device, dtype=dtype)
-        self.wo = _param(N, H, D, std=(N * H) ** -0.5, device=device, dtype=dtype)
-
-    def forward(
-        self, x: torch.Tensor, positions: torch.Tensor | None = None, cache: Any = None, layer: int = 0
-    ) -> torch.Tensor:
-        """x (B, S, D) → (B, S, D); ``positions`` default arange(S); ``cache`` a `layers.kv_cache` on which
-        ``reserve(S)`` was called, written at ``layer``."""
-        if positions is None:
-            positions = torch.arange(x.shape[1], device=x.device)
-        return layers.attend(x, self.wq, self.wk, self.wv, self.wo, self.config, positions, cache, layer)
-
-
-class TransformerBlock(nn.Module):
-    """Pre-norm: ``h = x + attn(attn_norm(x))``, ``h + mlp(mlp_norm(h))``."""
-
-    def __init__(self, config: TransformerConfig, layer: int, *, device: Any = None, dtype: Any = None) -> None:
-        super().__init__()
-        self.layer = layer
-        kw = dict(device=device, dtype=dtype)
-        self.attn_norm = RMSNorm(config.d_model, eps=config.norm_eps, **kw)
-        self.attn = MultiHeadAttention(config, **kw)
-        self.mlp_norm = RMSNorm(config.d_model, eps=config.norm_eps, **kw)
-        self.mlp: nn.Module = (
-            SwiGLU(config.d_model, config.d_ff, **kw)
-            if config.activation == "swiglu"
-            else MLP(config.d_model, config.d_ff, activation=config.activation, **kw)
-        )
-
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, cache: Any = None) -> torch.Tensor:
-        h = x + self.attn(self.attn_norm(x), positions, cache, self.layer)
-        return h + self.mlp(self.mlp_norm(h))
-
-
-#: module attribute → spec parameter name, per block
-_BLOCK_NAMES = {
+#: module attribute → spec parameter name, within layer i (``layers.{i}.<name>``)
+_LAYER_NAMES = {
     "attn_norm.weight": "attn_norm",
     "attn.wq": "wq",
     "attn.wk": "wk",
@@ -141,6 +103,57 @@ _BLOCK_NAMES = {
 }
 
 
+class _Layer(nn.Module):
+    """A module of layer ``layer``: its parameters under their spec names, ``layers.{layer}.<name>``."""
+
+    layer: int
+
+    def spec_params(self, prefix: str = "") -> dict[str, nn.Parameter]:
+        return {f"layers.{self.layer}.{_LAYER_NAMES[prefix + attr]}": p for attr, p in self.named_parameters()}
+
+
+class MultiHeadAttention(_Layer):
+    """Grouped-query self-attention of layer ``layer`` (`tensorglot.layers.Layers.attention_layer`)."""
+
+    def __init__(self, config: TransformerConfig, *, layer: int = 0, device: Any = None, dtype: Any = None) -> None:
+        super().__init__()
+        c, self.config, self.layer = config, config, layer
+        D, N, K, H = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim
+        self.wq = _param(D, N, H, std=D**-0.5, device=device, dtype=dtype)
+        self.wk = _param(D, K, H, std=D**-0.5, device=device, dtype=dtype)
+        self.wv = _param(D, K, H, std=D**-0.5, device=device, dtype=dtype)
+        self.wo = _param(N, H, D, std=(N * H) ** -0.5, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, cache: Any = None) -> torch.Tensor:
+        """x (B, S, D) → (B, S, D); ``cache`` a ``layers.kv_cache`` on which ``reserve(S)`` was called."""
+        params = self.spec_params("attn.")
+        return _backend().layers.attention_layer(
+            x, params, self.config, layer=self.layer, positions=positions, cache=cache
+        )
+
+
+class TransformerBlock(_Layer):
+    """Pre-norm: ``h = x + attn(attn_norm(x))``, ``h + mlp(mlp_norm(h))`` (`Layers.block`)."""
+
+    def __init__(self, config: TransformerConfig, layer: int, *, device: Any = None, dtype: Any = None) -> None:
+        super().__init__()
+        self.config, self.layer = config, layer
+        kw = dict(device=device, dtype=dtype)
+        self.attn_norm = RMSNorm(config.d_model, eps=config.norm_eps, **kw)
+        self.attn = MultiHeadAttention(config, layer=layer, **kw)
+        self.mlp_norm = RMSNorm(config.d_model, eps=config.norm_eps, **kw)
+        self.mlp: nn.Module = (
+            SwiGLU(config.d_model, config.d_ff, **kw)
+            if config.activation == "swiglu"
+            else MLP(config.d_model, config.d_ff, activation=config.activation, **kw)
+        )
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, cache: Any = None) -> torch.Tensor:
+        return _backend().layers.block(
+            x, self.spec_params(), self.config, layer=self.layer, positions=positions, cache=cache
+        )
+
+
 class Transformer(nn.Module):
     """embed → blocks → norm → lm_head (or embed.T when tied); initialised as `tensorglot.init_params`."""
 
@@ -148,20 +161,21 @@ class Transformer(nn.Module):
         self, config: TransformerConfig, *, seed: int = 0, device: Any = None, dtype: torch.dtype = torch.float32
     ) -> None:
         super().__init__()
+        self._build(config, device=device, dtype=dtype)
+        self.load_params(init_params(config, seed, dtype="float64"))
+
+    def _build(self, config: TransformerConfig, **kw: Any) -> None:
         c = self.config = config
-        kw: dict[str, Any] = dict(device=device, dtype=dtype)
         self.embed = _param(c.vocab_size, c.d_model, std=c.d_model**-0.5, **kw)
         self.layers = nn.ModuleList(TransformerBlock(c, i, **kw) for i in range(c.n_layers))
         self.norm = RMSNorm(c.d_model, eps=c.norm_eps, **kw)
         self.lm_head = None if c.tie_embeddings else _param(c.d_model, c.vocab_size, std=c.d_model**-0.5, **kw)
-        self.load_params(init_params(c, seed, dtype="float64"))
 
-    def _named(self) -> dict[str, nn.Parameter]:
-        """Spec name → parameter."""
+    def spec_params(self) -> dict[str, nn.Parameter]:
+        """Spec name → this module's parameter (autograd flows to them)."""
         out = {"embed": self.embed}
-        for i, blk in enumerate(self.layers):
-            for attr, p in blk.named_parameters():
-                out[f"layers.{i}.{_BLOCK_NAMES[attr]}"] = p
+        for blk in self.layers:
+            out |= blk.spec_params()
         out["norm"] = self.norm.weight
         if self.lm_head is not None:
             out["lm_head"] = self.lm_head
@@ -169,13 +183,13 @@ class Transformer(nn.Module):
 
     def to_params(self) -> dict[str, torch.Tensor]:
         """The spec's flat dict (detached tensors that share this module's storage)."""
-        return {k: v.detach() for k, v in self._named().items()}
+        return {k: v.detach() for k, v in self.spec_params().items()}
 
     @torch.no_grad()
     def load_params(self, params: Mapping[str, Any]) -> None:
         """Copy a spec params dict (NumPy arrays or tensors) into this module, keeping its dtype and device."""
         check_params("Transformer.load_params", {k: tuple(v.shape) for k, v in params.items()}, self.config)
-        for name, p in self._named().items():
+        for name, p in self.spec_params().items():
             p.copy_(torch.as_tensor(params[name]))
 
     @classmethod
@@ -186,12 +200,7 @@ class Transformer(nn.Module):
         first = torch.as_tensor(params["embed"])
         model = cls.__new__(cls)
         nn.Module.__init__(model)
-        c = model.config = config
-        kw: dict[str, Any] = dict(device=device or first.device, dtype=dtype or first.dtype)
-        model.embed = _param(c.vocab_size, c.d_model, std=0.0, **kw)
-        model.layers = nn.ModuleList(TransformerBlock(c, i, **kw) for i in range(c.n_layers))
-        model.norm = RMSNorm(c.d_model, eps=c.norm_eps, **kw)
-        model.lm_head = None if c.tie_embeddings else _param(c.d_model, c.vocab_size, std=0.0, **kw)
+        model._build(config, device=device or first.device, dtype=dtype or first.dtype)
         model.load_params(params)
         return model
 
@@ -199,34 +208,22 @@ class Transformer(nn.Module):
         self, tokens: torch.Tensor, *, cache: Any = None, positions: torch.Tensor | None = None
     ) -> torch.Tensor:
         """tokens (B, S) ints → logits (B, S, V); a cache continues what it holds, as `layers.transformer`."""
-        fn, c = "Transformer", self.config
-        device = self.embed.device
-        if cache is not None:
-            check_cache(fn, cache, tokens.shape[0], c)
-        start = 0 if cache is None else int(cache.lengths().max())
-        tokens = layers._tokens(fn, "tokens", tokens, c, device, start)
-        B, S = tokens.shape
-        positions = layers._step_positions(fn, positions, cache, B, S, c, device)
-        if cache is not None:
-            cache.reserve(tokens.shape[1])  # raises past capacity before anything is written
-        x = Embedding.apply(tokens, self.embed)  # (B, S, D)
-        for blk in self.layers:
-            x = blk(x, positions, cache)
-        head = self.embed.T if self.lm_head is None else self.lm_head  # (D, V)
-        logits = ops.linear(self.norm(x), head)
-        if cache is not None:
-            cache.advance(tokens.shape[1])
-        return logits
+        return _backend().layers.transformer(tokens, self.spec_params(), self.config, cache=cache, positions=positions)
 
     def loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy of ``targets`` (B, S) given ``tokens`` (B, S)."""
-        targets = layers._tokens("Transformer.loss", "targets", targets, self.config, self.embed.device)
-        return CrossEntropy.apply(self(tokens), targets)
+        """Mean next-token cross-entropy of ``targets`` (B, S) given ``tokens`` (B, S) (`layers.loss`)."""
+        return _backend().layers.loss(tokens, targets, self.spec_params(), self.config)
+
+    def kv_cache(self, batch: int, max_len: int, **kw: Any) -> Any:
+        """`layers.kv_cache` for this model, in its dtype."""
+        return _backend().layers.kv_cache(self.config, batch, max_len, dtype=dtype_name(self.embed), **kw)
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, *, max_new_tokens: int, cache: str | None = "contiguous") -> torch.Tensor:
         """Greedy decoding, as `layers.generate` (the same tokens)."""
-        return layers.generate(self.to_params(), self.config, prompt, max_new_tokens=max_new_tokens, cache=cache)
+        return _backend().layers.generate(
+            self.to_params(), self.config, prompt, max_new_tokens=max_new_tokens, cache=cache
+        )
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

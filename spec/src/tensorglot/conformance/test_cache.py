@@ -208,6 +208,18 @@ def test_cache_of_another_batch_size_raises(harness, backend):
         backend.layers.transformer(harness.put(tokens((2, 1)), "float32"), params, config, cache=cache)
 
 
+def test_a_cache_of_another_dtype_raises_before_taking_a_block(harness, backend):
+    other = next((d for d in ("float64", "float16", "bfloat16") if d in backend.capabilities), None)
+    if other is None:
+        pytest.skip(f"backend {backend.name!r} lacks capability 'float64', 'float16' and 'bfloat16'")
+    config = tiny_config()
+    params = put_params(harness, init_params(config, 0, dtype="float64"), other)
+    cache = make_cache(backend, config, 2, 6, "float32", "paged")
+    with pytest.raises(TypeError, match=f"the params have dtype {other}; the cache stores float32"):
+        backend.layers.transformer(harness.put(tokens((2, 2)), other), params, config, cache=cache)
+    assert snapshot(cache) == ([0, 0], ([[], []], cache.num_blocks))
+
+
 def test_cache_longer_than_max_seq_len_raises(backend):
     with pytest.raises(ValueError, match="max_seq_len"):
         backend.layers.kv_cache(tiny_config(), 1, 17)

@@ -248,6 +248,83 @@ def test_gradient_matches_central_differences(harness, backend, config):
             assert abs(harness.get(grads[name])[idx] - numeric) <= 1e-7 + 1e-6 * abs(numeric), (name, idx)
 
 
+def test_loss_is_the_value_of_value_and_grad(harness, backend, config, dtype):
+    params = put_params(harness, init_params(config, 11, dtype="float64"), dtype)
+    tok, tgt = harness.put(tokens((2, 6), seed=10), dtype), harness.put(tokens((2, 6), seed=11), dtype)
+    loss = backend.layers.loss(tok, tgt, params, config)
+    assert backend.dtype_name(loss) == dtype and tuple(loss.shape) == ()
+    value, _ = backend.layers.value_and_grad(tok, tgt, params, config)
+    np.testing.assert_array_equal(harness.get(loss), harness.get(value))
+
+
+@pytest.mark.requires("grad")
+def test_autograd_of_the_loss_equals_the_explicit_backward(harness, backend, config):
+    """The backend's own autograd through `loss` (the transformer and the cross-entropy kernels) against
+    the spec's backward pass written from the ``*_backward`` kernels."""
+    dtype = best_dtype(backend)
+    params = put_params(harness, init_params(config, 12, dtype="float64"), dtype)
+    tok, tgt = harness.put(tokens((2, 6), seed=12), dtype), harness.put(tokens((2, 6), seed=13), dtype)
+    layers = backend.layers
+    value, grads = backend.kernels.autograd_value_and_grad(lambda p: layers.loss(tok, tgt, p, config), params)
+    want_value, want = layers.value_and_grad(tok, tgt, params, config)
+    assert_close(harness.get(value), harness.get(want_value), dtype, what="loss")
+    assert sorted(grads) == sorted(params)
+    for name in params:
+        assert_close(harness.get(grads[name]), harness.get(want[name]), dtype, scale=MODEL_SCALE[dtype], what=name)
+
+
+# -- a backend's overrides -------------------------------------------------------------------------
+
+
+def overrides(backend: Any) -> list[str]:
+    """The public methods of the backend's `Layers` subclass that replace the spec's."""
+    if not isinstance(backend.layers, spec_layers.Layers):
+        return []
+    return [n for n in spec_layers.NAMES if getattr(type(backend.layers), n) is not getattr(spec_layers.Layers, n)]
+
+
+#: The overrides the suite knows how to hold to the spec; any other fails `test_every_override_is_checked`.
+CHECKED_OVERRIDES = ("transformer", "generate")
+
+
+def test_every_override_is_checked(backend):
+    unchecked = sorted(set(overrides(backend)) - set(CHECKED_OVERRIDES))
+    assert not unchecked, f"{backend.name} overrides {unchecked}, which the suite does not compare with the spec"
+
+
+def spec_method(backend: Any, name: str) -> Any:
+    if name not in overrides(backend):
+        pytest.skip(f"backend {backend.name!r} does not override Layers.{name}")
+    return getattr(spec_layers.Layers, name).__get__(backend.layers)
+
+
+@pytest.mark.parametrize("cache", ["contiguous", "paged", None])
+def test_an_overridden_generate_gives_the_spec_tokens(harness, backend, config, cache):
+    spec_generate = spec_method(backend, "generate")
+    dtype = best_dtype(backend)
+    params = put_params(harness, init_params(config, 13, dtype="float64"), dtype)
+    prompt = harness.put(tokens((3, 4), seed=14), dtype)
+    got = backend.layers.generate(params, config, prompt, max_new_tokens=7, cache=cache)
+    want = spec_generate(params, config, prompt, max_new_tokens=7, cache=cache)
+    assert backend.dtype_name(got) == backend.dtype_name(want)
+    np.testing.assert_array_equal(as_ints(backend, got), as_ints(backend, want))
+
+
+@pytest.mark.parametrize("kind", ["contiguous", "paged", None])
+def test_an_overridden_transformer_gives_the_spec_logits(harness, backend, config, kind):
+    spec_transformer = spec_method(backend, "transformer")
+    dtype = best_dtype(backend)
+    params = put_params(harness, init_params(config, 14, dtype="float64"), dtype)
+    tok = tokens((2, 7), seed=15)
+    caches = [None if kind is None else backend.layers.kv_cache(config, 2, 8, kind=kind, dtype=dtype) for _ in "ab"]
+    for lo, hi in ((0, 5), (5, 6), (6, 7)) if kind else ((0, 7),):
+        step = harness.put(tok[:, lo:hi], dtype)
+        got = backend.layers.transformer(step, params, config, cache=caches[0])
+        want = spec_transformer(step, params, config, cache=caches[1])
+        assert_close(harness.get(got), harness.get(want), dtype, scale=MODEL_SCALE[dtype], what=f"logits {lo}:{hi}")
+    assert [[7, 7] if c is None else c.lengths().tolist() for c in caches] == [[7, 7]] * 2
+
+
 # -- errors ----------------------------------------------------------------------------------------
 
 
