@@ -15,8 +15,12 @@ ROOT = Path(__file__).parent
 nox.options.default_venv_backend = "virtualenv"
 nox.options.sessions = ["lint", "typecheck", "tests", "conformance"]
 
-ALL_BACKENDS = ["numpy", "torch", "jax"]
+ALL_BACKENDS = ["numpy", "torch", "jax", "xp"]
 BACKENDS = [b for b in ALL_BACKENDS if (ROOT / "backends" / b / "pyproject.toml").exists()]
+# xp has no benchmark table: it is the proof that the standard suffices, not a fast path.
+BENCH_BACKENDS = [b for b in BACKENDS if b != "xp"]
+# The namespaces the xp backend's conformance runs on (TENSORGLOT_XP_NAMESPACE): the bare standard, and NumPy.
+XP_NAMESPACES = ("array_api_strict", "numpy")
 HAS_PLOTS = (ROOT / "plots" / "pyproject.toml").exists()
 CONSTRAINTS = ("-c", "constraints.txt")
 TEST_DEPS = ("pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100")
@@ -47,18 +51,11 @@ def conformance(session: nox.Session, backend: str) -> None:
         session.env["JAX_ENABLE_X64"] = "1"
         session.env.update(FAKE_DEVICES)
     xfails = ROOT / "backends" / backend / "conformance-xfails.txt"
-    session.run(
-        "pytest",
-        "--pyargs",
-        "tensorglot.conformance",
-        "--backend",
-        backend,
-        "--xfails",
-        str(xfails),
-        "-p",
-        "no:cacheprovider",
-        *session.posargs,
-    )
+    suite = ("--pyargs", "tensorglot.conformance", "--backend", backend, "--xfails", str(xfails))
+    # xp runs once per namespace (tensorglot-xp depends on array-api-strict); the others once.
+    runs = [{"TENSORGLOT_XP_NAMESPACE": ns} for ns in XP_NAMESPACES] if backend == "xp" else [{}]
+    for env in runs:
+        session.run("pytest", *suite, "-p", "no:cacheprovider", *session.posargs, env=env)
 
 
 @nox.session
@@ -115,7 +112,7 @@ def plots(session: nox.Session, backend: str) -> None:
 
 
 @nox.session
-@nox.parametrize("backend", BACKENDS, ids=BACKENDS)
+@nox.parametrize("backend", BENCH_BACKENDS, ids=BENCH_BACKENDS)
 def bench(session: nox.Session, backend: str) -> None:
     """The benchmark table of one backend (ratios against built-ins measured in the same run)."""
     session.install(*CONSTRAINTS, *_packages(backend), "tqdm", "safetensors")

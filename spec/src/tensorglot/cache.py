@@ -274,7 +274,7 @@ class KVCache:
         self.v[layer] = cache_write(self.v[layer], write, xp.reshape(v, (B * n, K, H)))
         if read is None:  # contiguous: slot b·max_len + p is [b, p], so a reshape (a view) reads it
             view = (B, self.max_len, K, H)
-            return xp.reshape(self.k[layer], view)[:, :T], xp.reshape(self.v[layer], view)[:, :T]
+            return xp.reshape(self.k[layer], view)[:, :T, ...], xp.reshape(self.v[layer], view)[:, :T, ...]
         return (
             xp.reshape(xp.take(self.k[layer], read, axis=0), (B, T, K, H)),
             xp.reshape(xp.take(self.v[layer], read, axis=0), (B, T, K, H)),

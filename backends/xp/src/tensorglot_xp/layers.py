@@ -1,0 +1,67 @@
+"""Array API kernels of the layers: see `tensorglot.kernels` (the embedding, the cross-entropy, the cache's
+write); the spec composes the transformer from them and the ops' kernels.
+
+The standard has gathers (``take``, ``take_along_axis``) but no scatter: no ``add.at`` and no write at an
+int array of positions. So the scatter-add of `embedding_backward` is a one-hot product, and the write
+of `cache_write` a gather from the old storage and the new rows.
+"""
+
+from __future__ import annotations
+
+import math
+
+from array_api_compat import array_namespace, device
+
+__all__ = ["embedding", "embedding_backward", "cross_entropy", "cross_entropy_backward", "cache_write"]
+
+
+def _one_hot(indices, n, dtype):
+    """(m,) ints → (m, n), 1 at each index."""
+    xp = array_namespace(indices)
+    return xp.astype(indices[:, None] == xp.arange(n, device=device(indices))[None, :], dtype)
+
+
+def embedding(table, tokens):
+    xp = array_namespace(table)
+    rows = xp.take(table, xp.reshape(tokens, (-1,)), axis=0)  # the standard's take wants 1-D indices
+    return xp.reshape(rows, (*tokens.shape, table.shape[1]))  # (B, S, D)
+
+
+def embedding_backward(dx, tokens, vocab):
+    xp = array_namespace(dx)
+    D = dx.shape[-1]
+    # A token read at several positions sums their rows: onehotᵀ · dx adds exactly those (each term is
+    # 1·row or 0·row), at the price of a (B·S, V) matrix the scatter-add would not need.
+    onehot = _one_hot(xp.reshape(tokens, (-1,)), vocab, dx.dtype)  # (B·S, V)
+    return xp.matmul(xp.matrix_transpose(onehot), xp.reshape(dx, (-1, D)))  # (V, D)
+
+
+def _log_normaliser(z):
+    xp = array_namespace(z)
+    top = xp.max(z, axis=-1, keepdims=True)
+    return top + xp.log(xp.sum(xp.exp(z - top), axis=-1, keepdims=True))  # (..., 1), max-subtracted
+
+
+def cross_entropy(logits, targets):
+    xp = array_namespace(logits)
+    picked = xp.take_along_axis(logits, targets[..., None], axis=-1)  # (B, S, 1)
+    return xp.mean(_log_normaliser(logits) - picked)
+
+
+def cross_entropy_backward(logits, dloss, targets):
+    xp = array_namespace(logits)
+    V = logits.shape[-1]
+    onehot = xp.reshape(_one_hot(xp.reshape(targets, (-1,)), V, logits.dtype), logits.shape)  # (B, S, V)
+    return (xp.exp(logits - _log_normaliser(logits)) - onehot) * (dloss / math.prod(targets.shape))
+
+
+def cache_write(storage, slots, rows):
+    xp = array_namespace(storage)
+    at = device(storage)
+    n_slots = storage.shape[0]
+    # Slot s takes row i of ``rows`` where slots[i] = s (slots are distinct), else keeps its old row:
+    # a gather from [storage; rows] at those indices is the write, without writing in place.
+    keep = xp.arange(n_slots, device=at)
+    hit = slots[None, :] == keep[:, None]  # (n_slots, n)
+    source = xp.where(xp.any(hit, axis=1), n_slots + xp.argmax(xp.astype(hit, xp.int32), axis=1), keep)
+    return xp.take(xp.concat((storage, rows), axis=0), source, axis=0)

@@ -1,0 +1,218 @@
+"""Array API kernels: see the spec, `tensorglot.ops` (the front ends) and `tensorglot.kernels` (the rules).
+
+Every kernel takes its namespace from its first array (``array_namespace``) and uses only the standard's
+functions; the one gap, erf, is filled in `special`. Kernels build new arrays and never write into one
+(the standard leaves in-place updates optional; JAX has none).
+"""
+
+from __future__ import annotations
+
+import math
+
+from array_api_compat import array_namespace, device
+
+from .special import erf
+
+__all__ = [
+    *("softmax", "softmax_backward", "linear", "linear_backward", "mlp", "mlp_backward"),
+    *("swiglu", "swiglu_backward", "rms_norm", "rms_norm_backward", "attention", "attention_backward"),
+]
+
+
+def _weight_grad(a, b):
+    """``aᵀ b`` summed over every leading axis: (..., m), (..., n) → (m, n)."""
+    lead = tuple(range(a.ndim - 1))
+    return array_namespace(a).tensordot(a, b, axes=(lead, lead))
+
+
+# -- softmax ---------------------------------------------------------------------------------------
+
+
+def softmax(x, axis):
+    xp = array_namespace(x)
+    top = xp.max(x, axis=axis, keepdims=True)  # NaN anywhere makes it NaN, and so the row
+    # A +inf maximum: the limit weighs the +inf entries alike (exp(0)) and the rest 0 (exp(−inf)).
+    # An all −inf row: shifting by 0 leaves exp(−inf) = 0 everywhere, and the sum 0 gives zeros below.
+    limit = xp.where(x == xp.inf, xp.zeros_like(x), -xp.inf)
+    e = xp.exp(xp.where(top == xp.inf, limit, x - xp.where(xp.isinf(top), 0.0, top)))
+    total = xp.sum(e, axis=axis, keepdims=True)
+    return e / xp.where(total == 0.0, 1.0, total)
+
+
+def softmax_backward(y, dy, axis):
+    return y * (dy - array_namespace(y).sum(y * dy, axis=axis, keepdims=True))
+
+
+# -- linear ----------------------------------------------------------------------------------------
+
+
+def linear(x, w, b):
+    y = array_namespace(x).matmul(x, w)  # (..., out)
+    return y if b is None else y + b
+
+
+def linear_backward(x, w, dy, bias):
+    xp = array_namespace(x)
+    db = xp.sum(dy, axis=tuple(range(dy.ndim - 1))) if bias else None
+    return xp.matmul(dy, xp.matrix_transpose(w)), _weight_grad(x, dy), db
+
+
+# -- activations: each gives (act(h), act'(h)) -------------------------------------------------------
+
+
+def _sigmoid(h):
+    xp = array_namespace(h)
+    z = xp.exp(-xp.abs(h))  # never overflows: 1/(1 + e^−h) for h ≥ 0, e^h/(1 + e^h) below
+    return xp.where(h >= 0.0, 1.0, z) / (1.0 + z)
+
+
+def _relu(h):
+    xp = array_namespace(h)
+    return xp.maximum(h, 0.0), xp.astype(h > 0.0, h.dtype)  # the derivative at 0 is taken as 0
+
+
+def _gelu(h):
+    cdf = 0.5 * (1.0 + erf(h / math.sqrt(2.0)))
+    return h * cdf, cdf + h * array_namespace(h).exp(-0.5 * h * h) / math.sqrt(2.0 * math.pi)
+
+
+def _gelu_tanh(h):
+    c = math.sqrt(2.0 / math.pi)
+    t = array_namespace(h).tanh(c * (h + 0.044715 * h**3))
+    return 0.5 * h * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * c * (1.0 + 3 * 0.044715 * h * h)
+
+
+def _silu(h):
+    s = _sigmoid(h)
+    return h * s, s * (1.0 + h * (1.0 - s))
+
+
+_ACTIVATIONS = {"relu": _relu, "gelu": _gelu, "gelu_tanh": _gelu_tanh, "silu": _silu}
+
+
+# -- MLPs ------------------------------------------------------------------------------------------
+
+
+def mlp(x, w_in, w_out, activation):
+    xp = array_namespace(x)
+    a, _ = _ACTIVATIONS[activation](xp.matmul(x, w_in))  # (..., F)
+    return xp.matmul(a, w_out)
+
+
+def mlp_backward(x, w_in, w_out, dy, activation):
+    xp = array_namespace(x)
+    a, da = _ACTIVATIONS[activation](xp.matmul(x, w_in))  # the pre-activation, recomputed
+    dh = xp.matmul(dy, xp.matrix_transpose(w_out)) * da  # (..., F)
+    return xp.matmul(dh, xp.matrix_transpose(w_in)), _weight_grad(x, dh), _weight_grad(a, dy)
+
+
+def swiglu(x, w_gate, w_up, w_down):
+    xp = array_namespace(x)
+    s, _ = _silu(xp.matmul(x, w_gate))  # (..., F)
+    return xp.matmul(s * xp.matmul(x, w_up), w_down)
+
+
+def swiglu_backward(x, w_gate, w_up, w_down, dy):
+    xp = array_namespace(x)
+    up = xp.matmul(x, w_up)  # (..., F)
+    s, ds = _silu(xp.matmul(x, w_gate))
+    da = xp.matmul(dy, xp.matrix_transpose(w_down))
+    dg, du = da * up * ds, da * s
+    dx = xp.matmul(dg, xp.matrix_transpose(w_gate)) + xp.matmul(du, xp.matrix_transpose(w_up))
+    return dx, _weight_grad(x, dg), _weight_grad(x, du), _weight_grad(s * up, dy)
+
+
+# -- norms -----------------------------------------------------------------------------------------
+
+
+def _inv_rms(x, eps):
+    xp = array_namespace(x)
+    return 1.0 / xp.sqrt(xp.mean(x * x, axis=-1, keepdims=True) + eps)  # (..., 1)
+
+
+def rms_norm(x, weight, eps, round_to):
+    xp = array_namespace(x)
+    n = x * _inv_rms(x, eps)
+    if round_to is not None:  # Llama's cast order: the normalised x is rounded to the input dtype first
+        n = xp.astype(xp.astype(n, getattr(xp, round_to)), x.dtype)
+    return n * weight
+
+
+def rms_norm_backward(x, weight, dy, eps):
+    xp = array_namespace(x)
+    r = _inv_rms(x, eps)
+    n, g = x * r, dy * weight
+    return r * (g - n * xp.mean(g * n, axis=-1, keepdims=True)), xp.sum(dy * n, axis=tuple(range(x.ndim - 1)))
+
+
+# -- attention: heads grouped as (B, K, G, S, H), G = N // K query heads per kv head ------------------
+
+
+def group_queries(x, kv_heads):
+    """(B, S, N, H) → (B, K, G, S, H)."""
+    B, S, N, H = x.shape
+    xp = array_namespace(x)
+    return xp.permute_dims(xp.reshape(x, (B, S, kv_heads, N // kv_heads, H)), (0, 2, 3, 1, 4))
+
+
+def ungroup_queries(x):
+    """(B, K, G, S, H) → (B, S, N, H)."""
+    B, K, G, S, H = x.shape
+    xp = array_namespace(x)
+    return xp.reshape(xp.permute_dims(x, (0, 3, 1, 2, 4)), (B, S, K * G, H))
+
+
+def kv_heads_first(x):
+    """(B, T, K, H) ↔ (B, K, T, H)."""
+    return array_namespace(x).permute_dims(x, (0, 2, 1, 3))
+
+
+def kv_grouped(x):
+    """(B, T, K, H) → (B, K, 1, T, H), which broadcasts over the G query heads of each kv head."""
+    return kv_heads_first(x)[:, :, None, ...]
+
+
+def grouped_mask(mask, kv_heads):
+    """A (B|1, N|1, S|1, T|1) mask as (B|1, K|1, G|1, S|1, T|1), so it broadcasts against grouped scores."""
+    b, n, s, t = mask.shape
+    shape = (b, 1, 1, s, t) if n == 1 else (b, kv_heads, n // kv_heads, s, t)
+    return array_namespace(mask).reshape(mask, shape)
+
+
+def visible(causal, mask, rows, cols, offset):
+    """Where query ``rows[i]`` may attend key ``cols[j]`` (None: everywhere); causal is bottom-right,
+    ``offset`` = T − S."""
+    if not causal:
+        return mask
+    see = cols[None, :] <= rows[:, None] + offset  # (S, T)
+    return see if mask is None else see & mask
+
+
+def _probs(q, k, causal, mask, scale):
+    """qg (B, K, G, S, H) with the scale in it, and the probabilities (B, K, G, S, T)."""
+    xp = array_namespace(q)
+    S, T, K = q.shape[1], k.shape[1], k.shape[2]
+    qg = group_queries(q * scale, K)
+    scores = xp.matmul(qg, xp.matrix_transpose(kv_grouped(k)))  # (B, K, G, S, T)
+    ids = xp.arange(max(S, T), device=device(q))
+    allowed = visible(causal, None if mask is None else grouped_mask(mask, K), ids[:S], ids[:T], T - S)
+    if allowed is not None:
+        scores = xp.where(allowed, scores, -xp.inf)
+    return qg, softmax(scores, -1)  # a query that sees nothing: zeros
+
+
+def attention(q, k, v, causal, mask, scale):
+    _, p = _probs(q, k, causal, mask, scale)
+    return ungroup_queries(array_namespace(q).matmul(p, kv_grouped(v)))  # (B, S, N, H)
+
+
+def attention_backward(q, k, v, dy, causal, mask, scale):
+    xp = array_namespace(q)
+    qg, p = _probs(q, k, causal, mask, scale)
+    dyg = group_queries(dy, k.shape[2])  # (B, K, G, S, H)
+    kh, vh = kv_grouped(k), kv_grouped(v)  # (B, K, 1, T, H)
+    dv = xp.sum(xp.matmul(xp.matrix_transpose(p), dyg), axis=2)  # (B, K, T, H): the G heads of a kv head add up
+    ds = softmax_backward(p, xp.matmul(dyg, xp.matrix_transpose(vh)), -1)  # (B, K, G, S, T)
+    dq = xp.matmul(ds, kh) * scale
+    dk = xp.sum(xp.matmul(xp.matrix_transpose(ds), qg), axis=2)  # qg carries the scale
+    return ungroup_queries(dq), kv_heads_first(dk), kv_heads_first(dv)
