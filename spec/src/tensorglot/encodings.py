@@ -15,6 +15,7 @@ inverse frequencies with every scaling (linear, dynamic NTK, YaRN, Llama 3); bac
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Literal
 
@@ -159,12 +160,26 @@ class Encodings(FrontEnd):
         style, rotary_dim = self._static(fn, "style", style), self._static(fn, "rotary_dim", rotary_dim)
         r = checks.rope(fn, shape(x), None if positions is None else shape(positions), style, rotary_dim)
         theta = self._positive(fn, "theta", theta)
-        inv_freq = frequency_table(r, theta=theta, scaling=scaling).astype(np.float32)  # (r/2,)
+        try:
+            key = None if scaling is None else tuple(sorted(scaling.items()))
+            hash(key)
+        except (AttributeError, TypeError):  # not a dict of plain values: frequency_table says what is wrong
+            inv_freq = frequency_table(r, theta=theta, scaling=scaling).astype(np.float32)
+        else:
+            inv_freq = _float32_table(r, theta, key)  # (r/2,)
         mscale = yarn_attention_factor(scaling)
         return self._run(self._k.rope, dtype, (x,), positions, inv_freq, mscale, sign, style, r)
 
 
 NAMES = ("sinusoidal", "rope_frequencies", "rope", "rope_backward")
+
+
+@functools.lru_cache(maxsize=256)
+def _float32_table(r: int, theta: float, scaling: tuple[tuple[str, Any], ...] | None) -> np.ndarray:
+    """`frequency_table` in float32, kept per (r, theta, scaling): RoPE runs twice per layer per decode step."""
+    table = frequency_table(r, theta=theta, scaling=None if scaling is None else dict(scaling)).astype(np.float32)
+    table.flags.writeable = False  # shared between calls
+    return table
 
 
 def yarn_attention_factor(scaling: dict[str, Any] | None) -> float:

@@ -138,4 +138,4 @@ class FrontEnd:
 
 
 def shape(x: Array) -> tuple[int, ...]:
-    return tuple(int(s) for s in x.shape)
+    return tuple(x.shape)  # ints on every library; called several times per op, so kept cheap

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import jax
@@ -42,8 +43,8 @@ class JaxBackend(ArrayBackend):
         super().__init__()
         self.layers = JaxLayers(self)  # the spec's, with transformer and generate compiled
 
-    @property  # type: ignore[override]
-    def capabilities(self) -> frozenset[str]:
+    @property  # read-only here: it follows JAX's x64 flag
+    def capabilities(self) -> frozenset[str]:  # type: ignore[override]
         # Read at each access: x64 may be switched on with jax.config.update after the backend loaded.
         return CAPABILITIES | {"float64"} if x64_enabled() else CAPABILITIES
 

@@ -22,7 +22,7 @@ _DTYPES = {
     "bool": np.bool_,
 }
 
-_NAMES = {np.dtype(t): name for name, t in _DTYPES.items()}
+_NAMES: dict[Any, str] = {np.dtype(t): name for name, t in _DTYPES.items()}
 
 
 class NumpyBackend(ArrayBackend):
