@@ -88,13 +88,3 @@ def test_cli_table_prints_a_row_per_strategy(capsys):
 def test_cli_bad_input_is_a_clear_error(capsys, args, message):
     assert main(["parallel", "--backend", "numpy", *args]) == 2
     assert message in capsys.readouterr().err
-
-
-def test_bench_rows_report_ratio_and_model_bytes():
-    from tensorglot_numpy.parallel import parallel_rows
-
-    rows = list(parallel_rows(quick=True))
-    byte_rows = {r.name: r.value for r in rows if r.unit == "B"}
-    shape = P.MLPShape(layers=4, batch=32, d_model=64, d_ff=256)
-    assert byte_rows["parallel.fsdp.bytes_per_device"] == P.step_cost("fsdp", shape, 2).bytes_per_device
-    assert all(r.ratio is not None and r.ratio > 0 for r in rows if r.unit == "s")

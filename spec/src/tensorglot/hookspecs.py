@@ -25,3 +25,9 @@ def tensorglot_register_backends(register: Callable[..., None]) -> None:
 @hookspec
 def tensorglot_register_commands(register: Callable[..., Any]) -> None:
     """Call ``register(name, help, configure, run)`` to add a subcommand to the ``tensorglot`` CLI."""
+
+
+@hookspec
+def tensorglot_register_bench_baselines(register: Callable[..., None]) -> None:
+    """Call ``register(backend, loader)``; ``loader()`` returns the backend's bench baselines and probes
+    (a dict keyed by row name; see `tensorglot.bench`). It runs only when that backend is benchmarked."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 import statistics
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from functools import partial
 from typing import Any
 
@@ -450,33 +450,3 @@ def single_step(params: Mapping[str, Any], x: Any, dy: Any, /, *, lr: float = 0.
         shape.param_bytes,
         seconds,
     )
-
-
-def parallel_rows(quick: bool = False) -> Iterable[Any]:
-    """Bench rows: time per step per strategy on the mesh vs the same step on one device, bytes per device."""
-    from tensorglot.bench import Row
-
-    n = min(2, len(jax.devices()))
-    shape = spec.MLPShape(
-        layers=4, batch=32 if quick else 256, d_model=64 if quick else 512, d_ff=256 if quick else 2048
-    )
-    params, x, dy = spec.init_mlp(shape)
-    params = {k: v.astype(np.float32) for k, v in params.items()}
-    x, dy = x.astype(np.float32), dy.astype(np.float32)
-    base = spec.median_seconds(lambda: single_step(params, x, dy))
-    sizes = {"n": n, "L": shape.layers, "B": shape.batch, "D": shape.d_model, "F": shape.d_ff}
-    for strategy in spec.STRATEGIES:
-        kw: dict[str, Any] = {"microbatches": 4} if strategy == "pp" else {"microbatches": 1}
-        _step(params, x, dy, strategy=strategy, world_size=n, lr=0.1, schedule="1f1b", tp_size=None, **kw)
-        r = _step(
-            params, x, dy, strategy=strategy, world_size=n, lr=0.1, schedule="1f1b", tp_size=None, repeats=5, **kw
-        )
-        yield Row(
-            f"parallel.{strategy}.step_vs_one_device",
-            r.seconds,
-            "s",
-            ratio=r.seconds / base,
-            sizes=sizes,
-            note=f"{n} {jax.devices()[0].platform} devices; {r.bytes_per_device} bytes/device (from HLO)",
-        )
-        yield Row(f"parallel.{strategy}.bytes_per_device", float(r.bytes_per_device), "B", sizes=sizes)

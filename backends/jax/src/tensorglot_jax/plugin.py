@@ -33,3 +33,14 @@ def _load():
 def tensorglot_register_backends(register: Callable[..., None]) -> None:
     caps = CAPABILITIES | {"float64"} if x64_requested() else CAPABILITIES
     register("jax", _load, capabilities=caps, framework="jax")
+
+
+def _baselines() -> dict[str, object]:
+    from .bench import baselines
+
+    return baselines()
+
+
+@hookimpl
+def tensorglot_register_bench_baselines(register: Callable[..., None]) -> None:
+    register("jax", _baselines)

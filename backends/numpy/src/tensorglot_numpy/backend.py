@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from . import bench, encodings, layers, ops, parallel
+from . import encodings, layers, ops, parallel
 
 CAPABILITIES = frozenset({"float64", "float16", "layers", "dp", "tp", "fsdp", "pp", "flash"})
 
@@ -27,7 +27,6 @@ class NumpyBackend:
     encodings = encodings
     layers = layers
     parallel = parallel
-    bench = bench
 
     def asarray(self, x: Any, /, dtype: str | None = None) -> np.ndarray:
         if dtype is None:

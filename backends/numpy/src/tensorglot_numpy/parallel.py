@@ -9,8 +9,7 @@ real SPMD program would issue them, so the logs are the ones the torch and jax b
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
-from functools import partial
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -330,31 +329,3 @@ def _dp_tp(
     y = np.concatenate([hs[a * t] for a in range(d)])
     dx = np.concatenate([dys[a * t] for a in range(d)])
     return y, dx, grads, new, sum(w_in[l][0].nbytes + w_out[l][0].nbytes for l in range(L))
-
-
-def parallel_rows(quick: bool = False) -> Iterable[Any]:
-    """Bench rows: time per step of each strategy (simulated mesh) vs one device, and bytes per device."""
-    from tensorglot.bench import Row
-
-    n = 2
-    shape = spec.MLPShape(
-        layers=4, batch=32 if quick else 256, d_model=64 if quick else 512, d_ff=256 if quick else 2048
-    )
-    params, x, dy = spec.init_mlp(shape)
-    params = {k: v.astype(np.float32) for k, v in params.items()}
-    x, dy = x.astype(np.float32), dy.astype(np.float32)
-    base = spec.median_seconds(partial(single_step, params, x, dy))
-    sizes = {"n": n, "L": shape.layers, "B": shape.batch, "D": shape.d_model, "F": shape.d_ff}
-    for strategy in spec.STRATEGIES:
-        kw: dict[str, Any] = {"microbatches": 4} if strategy == "pp" else {}
-        ours = spec.median_seconds(partial(step, params, x, dy, strategy=strategy, world_size=n, **kw))
-        nbytes = spec.step_cost(strategy, shape, n, **kw).bytes_per_device
-        yield Row(
-            f"parallel.{strategy}.step_vs_one_device",
-            ours,
-            "s",
-            ratio=ours / base,
-            sizes=sizes,
-            note=f"simulated mesh in one process; {nbytes} bytes/device",
-        )
-        yield Row(f"parallel.{strategy}.bytes_per_device", float(nbytes), "B", sizes=sizes)

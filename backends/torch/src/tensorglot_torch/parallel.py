@@ -18,7 +18,7 @@ import statistics
 import sys
 import time
 import traceback
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -541,46 +541,6 @@ def single_step(params: Mapping[str, Any], x: Any, dy: Any, /, *, lr: float = 0.
         shape.param_bytes,
         seconds,
     )
-
-
-def parallel_rows(quick: bool = False) -> Iterable[Any]:
-    """Bench rows: time per step per strategy on real processes vs one process, and bytes per device."""
-    from tensorglot.bench import Row
-
-    n = 2
-    shape = spec.MLPShape(
-        layers=4, batch=32 if quick else 256, d_model=64 if quick else 512, d_ff=256 if quick else 2048
-    )
-    params, x, dy = spec.init_mlp(shape)
-    params = {k: v.astype(np.float32) for k, v in params.items()}
-    x, dy = x.astype(np.float32), dy.astype(np.float32)
-    base = spec.median_seconds(lambda: single_step(params, x, dy))
-    sizes = {"n": n, "L": shape.layers, "B": shape.batch, "D": shape.d_model, "F": shape.d_ff}
-    for strategy in spec.STRATEGIES:
-        kw: dict[str, Any] = {"microbatches": 4} if strategy == "pp" else {}
-        r = _step(
-            params,
-            x,
-            dy,
-            strategy=strategy,
-            world_size=n,
-            lr=0.1,
-            schedule="1f1b",
-            tp_size=None,
-            timeout=300.0,
-            repeats=5,
-            **{"microbatches": 1, **kw},
-        )
-        yield Row(
-            f"parallel.{strategy}.step_vs_one_process",
-            r.seconds,
-            "s",
-            ratio=r.seconds / base,
-            sizes=sizes,
-            note=f"{n} gloo processes, {max(1, torch.get_num_threads() // n)} threads each; "
-            f"{r.bytes_per_device} bytes/device",
-        )
-        yield Row(f"parallel.{strategy}.bytes_per_device", float(r.bytes_per_device), "B", sizes=sizes)
 
 
 # torchrun entry point: python -m tensorglot_torch.parallel --strategy fsdp [--world-size N]

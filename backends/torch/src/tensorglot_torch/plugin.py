@@ -20,3 +20,14 @@ def _load():
 @hookimpl
 def tensorglot_register_backends(register: Callable[..., None]) -> None:
     register("torch", _load, capabilities=CAPABILITIES, framework="torch")
+
+
+def _baselines() -> dict[str, object]:
+    from .bench import baselines
+
+    return baselines()
+
+
+@hookimpl
+def tensorglot_register_bench_baselines(register: Callable[..., None]) -> None:
+    register("torch", _baselines)
