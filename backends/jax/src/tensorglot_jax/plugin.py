@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from importlib import import_module
 
 from tensorglot.hookspecs import hookimpl
 
@@ -35,12 +36,6 @@ def tensorglot_register_backends(register: Callable[..., None]) -> None:
     register("jax", _load, capabilities=caps, framework="jax")
 
 
-def _baselines() -> dict[str, object]:
-    from .bench import baselines
-
-    return baselines()
-
-
 @hookimpl
 def tensorglot_register_bench_baselines(register: Callable[..., None]) -> None:
-    register("jax", _baselines)
+    register("jax", lambda: import_module(".bench", __package__).baselines())

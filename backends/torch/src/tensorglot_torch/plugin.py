@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from importlib import import_module
 
 from tensorglot.hookspecs import hookimpl
 
@@ -22,12 +23,6 @@ def tensorglot_register_backends(register: Callable[..., None]) -> None:
     register("torch", _load, capabilities=CAPABILITIES, framework="torch")
 
 
-def _baselines() -> dict[str, object]:
-    from .bench import baselines
-
-    return baselines()
-
-
 @hookimpl
 def tensorglot_register_bench_baselines(register: Callable[..., None]) -> None:
-    register("torch", _baselines)
+    register("torch", lambda: import_module(".bench", __package__).baselines())

@@ -36,8 +36,6 @@ from __future__ import annotations
 from .cli import configure as configure
 from .cli import run as run
 from .harness import Context as Context
-from .harness import Row as Row
 from .harness import measure_machine as measure_machine
-from .harness import paired_medians as paired_medians
 from .rows import generate_times as generate_times
 from .rows import mlp_times as mlp_times

@@ -60,23 +60,17 @@ def tracemalloc_peak(fn: Callable[..., Any], *args: Any) -> int:
         tracemalloc.stop()
 
 
-def load_baselines(backend: str) -> dict[str, Any]:
-    """What the plugins registered for ``backend`` through ``tensorglot_register_bench_baselines``."""
-    from ..registry import registry
-
-    found: dict[str, Any] = {}
-    hook = registry()._manager().hook.tensorglot_register_bench_baselines
-    hook(register=lambda name, loader: found.update(loader()) if name == backend else None)
-    return found
-
-
 class Context:
     """One run on ``backend`` with its plugin's baselines and probes; ``quick`` sizes are too small for the
     targets, so quick rows carry none."""
 
     def __init__(self, backend: Any, *, quick: bool = False) -> None:
+        from ..registry import registry
+
         self.be, self.quick, self.repeats = backend, quick, 5 if quick else 7
-        self.extra = load_baselines(backend.name)
+        self.extra: dict[str, Any] = {}
+        hook = registry()._manager().hook.tensorglot_register_bench_baselines  # what the plugins contribute
+        hook(register=lambda name, loader: self.extra.update(loader()) if name == backend.name else None)
         self.sync: Callable[[Any], Any] = self.extra.get("sync", lambda out: out)
         self.jit: Callable[[Callable[..., Any]], Callable[..., Any]] = self.extra.get("jit", lambda f: f)
         self.peak_memory: Callable[..., int] = self.extra.get("peak_memory", tracemalloc_peak)
