@@ -120,6 +120,8 @@ def test_baselines_come_from_the_hook_keyed_by_row_and_backend() -> None:
     broken = ctx.timed("ops.y.fwd_bwd", np.abs, x, target="<= 100")
     assert broken.baseline is None and broken.met is None and "no toolchain" in broken.details["baseline_error"]
     assert ctx.timed("ops.z.fwd_bwd", np.abs, x).baseline is None
+    assert ctx.row("r", 1.0, "s", baseline=("b", 2.0), target="<= 1").met is True
+    assert ctx.row("r", 1.0, "s", baseline=("b", 2.0), target="<= 1", same=False).met is False  # other tokens
 
 
 def test_a_backend_without_a_capability_gets_the_row_skipped_with_the_reason() -> None:

@@ -85,13 +85,14 @@ class Context:
         return lambda: self.sync(f(*args))
 
     def row(self, name: str, value: float, unit: str, *, baseline: tuple[str, float] | None = None,
-            target: str | None = None, **details: Any) -> Row:  # fmt: skip
+            target: str | None = None, same: bool = True, **details: Any) -> Row:  # fmt: skip
+        """A row; ``same=False`` (the two sides computed different results) fails it whatever the times."""
         ratio = value / baseline[1] if baseline and baseline[1] else None
         target = None if self.quick or ratio is None else target
         op, limit = (target or "<= inf").split()
         met = None if ratio is None or not target else (ratio <= float(limit) if op == "<=" else ratio >= float(limit))
         base = {"name": baseline[0], "value": baseline[1]} if baseline else None
-        return Row(name, value, unit, ratio, target, met, base, details)
+        return Row(name, value, unit, ratio, target, met if same else False, base, details)
 
     def timed(self, name: str, fn: Callable[..., Any], *args: Any, target: str | None = None, jit: bool = True,
               **details: Any) -> Row:  # fmt: skip
