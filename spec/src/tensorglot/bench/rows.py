@@ -71,7 +71,7 @@ def flash_rows(ctx: Context) -> Iterator[Row]:
     flash = functools.partial(ctx.be.ops.flash_attention, causal=True, block_size=bs)
     naive = functools.partial(ctx.be.ops.attention, causal=True)
     t_flash, t_naive = paired_medians(ctx.call(flash, q, k, v), ctx.call(naive, q, k, v), repeats=ctx.repeats)
-    dims = {"shapes": f"B={B} S=T={S} N={N} H={H} causal", "block_size": bs}
+    dims: dict[str, Any] = {"shapes": f"B={B} S=T={S} N={N} H={H} causal", "block_size": bs}
     yield ctx.row(names[0], t_flash, "s", baseline=("ops.attention", t_naive), target="<= 1.25", **dims)
     m_flash, m_naive = (ctx.peak_memory(f, q, k, v) / 2**20 for f in (flash, naive))
     yield ctx.row(names[1], m_flash, "MiB", baseline=("ops.attention", m_naive), target="<= 0.125", **dims)
