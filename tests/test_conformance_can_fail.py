@@ -16,36 +16,34 @@ import types
 import numpy as np
 from tensorglot.hookspecs import hookimpl
 from tensorglot.registry import registry
-from tensorglot import ops as spec_ops, encodings as spec_enc
-import tensorglot_numpy.ops as ref_ops
-import tensorglot_numpy.encodings as ref_enc
+from tensorglot.encodings import Encodings
+from tensorglot.ops import Ops
 from tensorglot_numpy.backend import NumpyBackend
 
+REF = NumpyBackend.kernels
 
-def softmax(x, /, *, axis=-1):
+
+def softmax(x, axis):
     e = np.exp(x)  # bug: no max subtraction, overflows for large inputs
     return e / e.sum(axis=axis, keepdims=True)
 
 
-def rope(x, /, *, positions=None, theta=10000.0, style="interleaved", rotary_dim=None, scaling=None):
+def rope(x, positions, inv_freq, mscale, sign, style, rotary_dim):
     swapped = "neox" if style == "interleaved" else "interleaved"  # bug: the other pairing
-    return ref_enc.rope(x, positions=positions, theta=theta, style=swapped, rotary_dim=rotary_dim, scaling=scaling)
+    return REF.rope(x, positions, inv_freq, mscale, sign, swapped, rotary_dim)
 
 
-def rms_norm_backward(x, weight, dy, /, *, eps=1e-6):
-    dx, dw = ref_ops.rms_norm_backward(x, weight, dy, eps=eps)
+def rms_norm_backward(x, weight, dy, eps):
+    dx, dw = REF.rms_norm_backward(x, weight, dy, eps)
     return -dx, dw  # bug: a sign error
 
 
 def make(name, **replaced):
+    # The reference with one kernel replaced: the spec front ends then run the buggy kernel.
     backend = NumpyBackend()
-    ops = {n: getattr(ref_ops, n) for n in spec_ops.NAMES}
-    enc = {n: getattr(ref_enc, n) for n in spec_enc.NAMES}
-    for n, f in replaced.items():
-        (ops if n in ops else enc)[n] = f
     backend.name = name
-    backend.ops = types.SimpleNamespace(**ops)
-    backend.encodings = types.SimpleNamespace(**enc)
+    backend.kernels = types.SimpleNamespace(**(vars(REF) | replaced))
+    backend.ops, backend.encodings = Ops(backend), Encodings(backend)
     return backend
 
 

@@ -124,3 +124,27 @@ print(json.dumps({"measured": got.bytes_per_device, "model": P.step_cost("dp", s
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["measured"] == 2 * r["model"]
     assert r["dtype"] == "float32"  # bfloat16 results come back widened, as the contract says
+
+
+@pytest.mark.timeout(120)
+def test_the_jax_plugin_prepares_host_devices_through_the_hook(run_python):
+    code = """
+import os, sys
+os.environ.pop("XLA_FLAGS", None)
+from tensorglot import parallel as P
+P.request_host_devices("numpy", 3)
+print("numpy", os.environ.get("XLA_FLAGS"))
+P.request_host_devices("jax", 3)
+import jax
+print("jax", len(jax.devices()))
+P.request_host_devices("jax", 5)  # too late: JAX has started, the flag stays
+print("again", os.environ["XLA_FLAGS"])
+"""
+    env = {"JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    out = run_python(code, env=env, timeout=100)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split("\n")[:3] == [
+        "numpy None",
+        "jax 3",
+        "again --xla_force_host_platform_device_count=3",
+    ]

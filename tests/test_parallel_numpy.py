@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -14,13 +15,18 @@ from tensorglot_numpy.parallel import Mesh, single_step, step
 
 def test_mesh_collectives_are_array_ops_that_log_what_each_rank_sends():
     mesh = Mesh(2)
-    a, b = np.ones(4, np.float32), np.full(4, 2.0, np.float32)
-    out = mesh.all_reduce([a, b], "g")
-    assert [o.tolist() for o in out] == [[3.0] * 4] * 2
-    gathered = mesh.all_gather([a, b], "w")
-    assert gathered[1].tolist() == [1.0] * 4 + [2.0] * 4
-    shards = mesh.reduce_scatter([np.arange(4.0, dtype=np.float32)] * 2, "dw")
-    assert [s.tolist() for s in shards] == [[0.0, 2.0], [4.0, 6.0]]
+    mine = [np.ones(4, np.float32), np.full(4, 2.0, np.float32)]
+
+    def program(comm):
+        total = comm.all_reduce(mine[comm.rank], tensor="g")
+        gathered = comm.all_gather(mine[comm.rank], tensor="w")
+        shard = comm.reduce_scatter(np.arange(4.0, dtype=np.float32), tensor="dw")
+        return total.tolist(), gathered.tolist(), shard.tolist()
+
+    got = mesh.run(program)
+    assert [g[0] for g in got] == [[3.0] * 4] * 2
+    assert got[1][1] == [1.0] * 4 + [2.0] * 4
+    assert [g[2] for g in got] == [[0.0, 2.0], [4.0, 6.0]]
     # 16-byte all-reduce over 2: 16 sent; 32-byte all-gather: 16; 16-byte reduce-scatter: 8
     assert [(c.kind, c.size_bytes, c.bytes_per_device) for c in mesh.log[0]] == [
         ("all_reduce", 16, 16),
@@ -31,12 +37,51 @@ def test_mesh_collectives_are_array_ops_that_log_what_each_rank_sends():
 
 
 def test_dp_tp_groups_reduce_only_inside_their_row_or_column():
-    mesh = Mesh(4)
-    xs = [np.full(1, float(r)) for r in range(4)]
-    rows = mesh.all_reduce(xs, "act", [[0, 1], [2, 3]])
-    cols = mesh.all_reduce(xs, "grad", [[0, 2], [1, 3]])
-    assert [float(r[0]) for r in rows] == [1.0, 1.0, 5.0, 5.0]
-    assert [float(c[0]) for c in cols] == [2.0, 4.0, 2.0, 4.0]
+    def program(comm):
+        x = np.full(1, float(comm.rank))
+        rows = comm.all_reduce(x, tensor="act", groups=[[0, 1], [2, 3]])
+        cols = comm.all_reduce(x, tensor="grad", groups=[[0, 2], [1, 3]])
+        return float(rows[0]), float(cols[0])
+
+    got = Mesh(4).run(program)
+    assert [r for r, _ in got] == [1.0, 1.0, 5.0, 5.0]
+    assert [c for _, c in got] == [2.0, 4.0, 2.0, 4.0]
+
+
+def test_a_send_arrives_at_its_receiver_and_only_the_sender_logs_it():
+    def program(comm):
+        if comm.rank == 0:
+            comm.send(np.arange(3.0), dst=1, tensor="act")
+            return None
+        return comm.recv(np.empty(3), src=0).tolist()
+
+    mesh = Mesh(2)
+    assert mesh.run(program) == [None, [0.0, 1.0, 2.0]]
+    assert [(c.kind, c.size_bytes) for c in mesh.log[0]] == [("send", 24)]
+    assert mesh.log[1] == []
+
+
+def test_a_failing_rank_raises_its_error_and_frees_the_rank_waiting_for_it():
+    def program(comm):
+        if comm.rank == 1:
+            raise RuntimeError("rank 1 broke")
+        return comm.all_reduce(np.ones(2), tensor="g")
+
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="rank 1 broke"):
+        Mesh(2, timeout=30).run(program)
+    assert time.monotonic() - start < 10  # not the barrier's 30 s
+
+
+def test_a_rank_that_never_arrives_is_a_timeout_naming_the_step():
+    def program(comm):
+        if comm.rank == 0:
+            return comm.recv(np.empty(2), src=1)  # rank 1 never sends
+        time.sleep(3)
+        return None
+
+    with pytest.raises(TimeoutError, match=r"parallel: pp on 2 simulated ranks did not finish in 0\.5 s"):
+        Mesh(2, timeout=0.5).run(program, what="parallel: pp")
 
 
 def test_a_step_with_lr_zero_leaves_params_and_gradients_match_the_one_device_step():

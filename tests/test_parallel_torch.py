@@ -15,6 +15,7 @@ from tensorglot import parallel as P
 
 torch = pytest.importorskip("torch")
 tp_ = pytest.importorskip("tensorglot_torch.parallel")
+launch = pytest.importorskip("tensorglot_torch.launch")
 
 pytestmark = pytest.mark.distributed
 SHAPE = P.MLPShape(layers=2, batch=8, d_model=4, d_ff=8)
@@ -26,7 +27,7 @@ def _inputs():
 
 
 def _alive(n: int) -> list[int]:
-    pool = tp_._POOLS.get(n)
+    pool = launch._POOLS.get(n)
     return [p.pid for p in pool.procs if p.is_alive()] if pool else []
 
 
@@ -34,7 +35,7 @@ def _alive(n: int) -> list[int]:
 def test_a_failing_rank_stops_every_rank_with_its_error(monkeypatch):
     params, x, dy = _inputs()
     tp_.step(params, x, dy, strategy="tp", world_size=2)  # the ranks are up
-    procs = list(tp_._POOLS[2].procs)
+    procs = list(launch._POOLS[2].procs)
     monkeypatch.setenv(tp_.FAIL_RANK_ENV, "1")
     start = time.monotonic()
     with pytest.raises(RuntimeError, match=r"rank 1 of 2 failed: RuntimeError: injected failure on rank 1"):
@@ -50,7 +51,7 @@ def test_a_failing_rank_stops_every_rank_with_its_error(monkeypatch):
 def test_a_hanging_rank_is_killed_at_the_timeout(monkeypatch):
     params, x, dy = _inputs()
     tp_.step(params, x, dy, strategy="tp", world_size=2)
-    procs = list(tp_._POOLS[2].procs)
+    procs = list(launch._POOLS[2].procs)
     monkeypatch.setenv(tp_.FAIL_RANK_ENV, "0:hang")
     start = time.monotonic()
     with pytest.raises(TimeoutError, match="did not finish in 5 s"):
@@ -67,7 +68,7 @@ def test_bad_input_raises_before_any_process_starts():
         tp_.step(params, x, dy, strategy="dp", world_size=3)
     with pytest.raises(ValueError, match="pp needs batch = 8 divisible by microbatches = 3"):
         tp_.step(params, x, dy, strategy="pp", world_size=2, microbatches=3)
-    assert tp_._POOLS == {}
+    assert launch._POOLS == {}
 
 
 @pytest.mark.timeout(180)
@@ -87,50 +88,33 @@ def _python_env() -> dict[str, str]:
     return env
 
 
+def _rows(stdout: str) -> list[dict]:
+    """The JSON list `tensorglot parallel --json` prints (after anything else on stdout)."""
+    return json.loads(stdout[stdout.index("[\n") :])
+
+
 @pytest.mark.timeout(240)
 def test_runs_unchanged_under_torchrun():
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "tensorglot_torch.parallel",
-        "--strategy",
-        "fsdp",
-        "--layers",
-        "2",
-        "--batch",
-        "8",
-    ]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd += ["-m", "tensorglot_torch.parallel", "--strategy", "fsdp", "--layers", "2", "--batch", "8", "--d-model", "4"]
+    cmd += ["--d-ff", "8", "--repeats", "1", "--json"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=200, env=_python_env(), check=False)
     assert out.returncode == 0, out.stderr[-3000:]
-    row = json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
+    [row] = _rows(out.stdout)  # rank 0 prints, rank 1 does not
     assert row["strategy"] == "fsdp" and row["world_size"] == 2
-    assert row["bytes_per_device_measured"] == row["bytes_per_device_model"]
+    assert (
+        row["bytes_per_device_measured"]
+        == row["bytes_per_device_model"]
+        == P.step_cost("fsdp", SHAPE, 2).bytes_per_device
+    )
     assert row["max_abs_error"] < 1e-5
 
 
 @pytest.mark.timeout(240)
 def test_module_launches_its_own_ranks_without_torchrun():
-    cmd = [
-        sys.executable,
-        "-m",
-        "tensorglot_torch.parallel",
-        "--strategy",
-        "pp",
-        "--world-size",
-        "2",
-        "--layers",
-        "2",
-        "--batch",
-        "8",
-        "--microbatches",
-        "4",
-    ]
+    cmd = [sys.executable, "-m", "tensorglot_torch.parallel", "--strategy", "pp", "--world-size", "2"]
+    cmd += ["--layers", "2", "--batch", "8", "--microbatches", "4", "--repeats", "1", "--json"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=200, env=_python_env(), check=False)
     assert out.returncode == 0, out.stderr[-3000:]
-    row = json.loads(out.stdout.strip().splitlines()[-1])
+    [row] = _rows(out.stdout)
     assert row["world_size"] == 2 and row["bytes_per_device_measured"] == row["bytes_per_device_model"]

@@ -1,7 +1,9 @@
 """The Backend protocol: what every array backend provides.
 
 A backend is four namespaces that mirror the spec modules (`ops`, `encodings`, `layers`, `parallel`)
-plus conversion to and from NumPy. Capabilities are declared, never discovered by failure: a test
+plus conversion to and from NumPy. A backend built on `ArrayBackend` writes only kernels
+(`tensorglot.kernels`) and a small array adapter; its ``ops`` and ``encodings`` are the spec's front ends
+bound to it. Capabilities are declared, never discovered by failure: a test
 that needs ``grad`` skips on a backend without it, with the capability as the reason.
 """
 
@@ -24,7 +26,6 @@ KNOWN_CAPABILITIES = frozenset(
         "tp",
         "fsdp",
         "pp",
-        "serving",
     }
 )
 
@@ -62,3 +63,54 @@ class Backend(Protocol):
     def dtype_name(self, x: Any, /) -> str:
         """The dtype of ``x`` as one of the names `asarray` takes."""
         ...
+
+
+class ArrayBackend:
+    """The base of a backend whose public functions are the spec's front ends.
+
+    A subclass sets ``name``, ``capabilities`` and ``kernels`` (a namespace of the functions
+    `tensorglot.kernels` describes) and writes the array adapter below: `asarray`, `native`, `to_numpy`,
+    `dtype_name`, `astype`, and where the library has them `device` and `is_traced`. ``ops`` and
+    ``encodings`` are then `tensorglot.ops.Ops` and `tensorglot.encodings.Encodings` bound to it.
+    """
+
+    name: str
+    capabilities: frozenset[str]
+    kernels: Any
+
+    def __init__(self) -> None:
+        from .encodings import Encodings
+        from .ops import Ops
+
+        self.ops = Ops(self)
+        self.encodings = Encodings(self)
+
+    # -- the array adapter ----------------------------------------------------------------------------
+
+    def asarray(self, x: Any, /, dtype: str | None = None) -> Any:
+        raise NotImplementedError
+
+    def native(self, x: Any, /) -> Any:
+        """``x`` itself when it is already this library's array, else ``asarray(x)`` (no copy, no cast)."""
+        raise NotImplementedError
+
+    def to_numpy(self, x: Any, /) -> Any:
+        raise NotImplementedError
+
+    def dtype_name(self, x: Any, /) -> str:
+        raise NotImplementedError
+
+    def astype(self, x: Any, dtype: str, /) -> Any:
+        """``x`` cast to the dtype named ``dtype`` (x itself when it has it already)."""
+        raise NotImplementedError
+
+    def device(self, x: Any, /) -> Any:
+        """Where ``x`` lives; arrays of one call must agree. One device unless the library has several."""
+        return None
+
+    def is_traced(self, x: Any, /) -> bool:
+        """Whether ``x`` is a placeholder of a tracing compiler (JAX), whose values are unknown."""
+        return False
+
+    def __repr__(self) -> str:
+        return f"<tensorglot backend {self.name!r}>"

@@ -1,8 +1,9 @@
 """The ``tensorglot`` command.
 
-Built-in subcommands: ``backends`` (what is installed, imports no framework) and ``bench``. Plugins
-add more through the ``tensorglot_register_commands`` hook (``tensorglot plots`` comes from
-tensorglot-plots), so the core needs neither matplotlib nor any framework. Each built-in lives in its
+Built-in subcommands: ``backends`` (what is installed, imports no framework), ``bench`` and
+``parallel``. Plugins add more through the ``tensorglot_register_commands`` hook (``tensorglot plots``
+comes from tensorglot-plots, ``tensorglot serve`` from tensorglot-torch, which provides its transport),
+so the core needs neither matplotlib nor any framework. Each built-in lives in its
 own module as ``configure(parser)`` and ``run(args) -> int``.
 """
 
@@ -17,7 +18,7 @@ from .registry import registry
 
 
 def _builtins() -> dict[str, tuple[str, object]]:
-    from . import bench, cli_backends, cli_parallel, cli_serve
+    from . import bench, cli_backends, cli_parallel
 
     return {
         "backends": (
@@ -29,7 +30,6 @@ def _builtins() -> dict[str, tuple[str, object]]:
             "run a backend's benchmark table (ratios against built-ins measured in the same run)",
             bench,
         ),
-        "serve": ("serve requests with prefill and decode workers (tensorglot-torch), print metrics", cli_serve),
     }
 
 

@@ -12,8 +12,6 @@ import json
 import statistics
 from typing import Any
 
-import numpy as np
-
 from . import parallel as spec
 from .registry import resolve_name
 
@@ -33,14 +31,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds before started ranks are killed")
     parser.add_argument("--repeats", type=int, default=5, help="steps timed after a warm-up (the median counts)")
     parser.add_argument("--json", action="store_true", help="print a JSON list, one object per strategy")
-
-
-def _max_abs_error(got: spec.StepResult, want: spec.StepResult) -> float:
-    pairs = [(got.output, want.output), (got.input_grad, want.input_grad)]
-    pairs += [(got.grads[k], want.grads[k]) for k in want.grads] + [
-        (got.params[k], want.params[k]) for k in want.params
-    ]
-    return max(float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)))) for a, b in pairs)
 
 
 def collect(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -80,7 +70,7 @@ def collect(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "strategy": s,
                 "world_size": args.world_size,
                 "dtype": args.dtype,
-                "max_abs_error": _max_abs_error(got, one),
+                "max_abs_error": spec.max_abs_difference(got, one),
                 "bytes_per_device_measured": got.bytes_per_device,
                 "bytes_per_device_model": model.bytes_per_device,
                 "bytes_by_rank_measured": list(got.bytes_by_rank),

@@ -16,17 +16,20 @@ inverse frequencies with every scaling (linear, dynamic NTK, YaRN, Llama 3); bac
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import numpy as np
 
 from . import checks
+from .frontend import FrontEnd, shape
 
 Array = Any
 RopeStyle = Literal["interleaved", "neox"]
 
 
-class Encodings(Protocol):
+class Encodings(FrontEnd):
+    """The encodings of one backend: ``Encodings(backend)`` is ``backend.encodings``."""
+
     def sinusoidal(self, seq_len: int, dim: int, /, *, base: float = 10000.0, dtype: str = "float32") -> Array:
         r"""The fixed encoding of "Attention Is All You Need" (arXiv:1706.03762), interleaved layout:
         ``PE[p, 2i] = sin(p / base^(2i/D))`` and ``PE[p, 2i+1] = cos(p / base^(2i/D))``.
@@ -42,7 +45,19 @@ class Encodings(Protocol):
         [[0.     1.     0.     1.    ]
          [0.8415 0.5403 0.01   1.    ]]
         """
-        ...
+        fn = "sinusoidal"
+        seq_len = self._index(fn, "seq_len", seq_len, allow_zero=True)
+        dim = self._index(fn, "dim", dim)
+        if dim % 2:
+            raise ValueError(f"{fn}: dim must be even (sin and cos interleave), got {dim}")
+        base = self._positive(fn, "base", base)
+        checks.check_choice(fn, "dtype", dtype, checks.FLOAT_DTYPES)
+        pos = np.arange(seq_len, dtype=np.float64)[:, None]  # (S, 1)
+        angle = pos / base ** (np.arange(0, dim, 2, dtype=np.float64) / dim)  # (S, D/2)
+        pe = np.empty((seq_len, dim), dtype=np.float64)
+        pe[:, 0::2] = np.sin(angle)
+        pe[:, 1::2] = np.cos(angle)
+        return self._be.asarray(pe, dtype)
 
     def rope_frequencies(
         self,
@@ -77,7 +92,10 @@ class Encodings(Protocol):
         >>> print(enc.rope_frequencies(4, theta=100.0, scaling={"type": "linear", "factor": 2.0}))
         [0.5  0.05]
         """
-        ...
+        fn = "rope_frequencies"
+        checks.check_choice(fn, "dtype", dtype, checks.FLOAT_DTYPES)
+        theta = self._positive(fn, "theta", theta)
+        return self._be.asarray(frequency_table(dim, theta=theta, scaling=scaling), dtype)
 
     def rope(
         self,
@@ -109,7 +127,7 @@ class Encodings(Protocol):
         >>> print(np.round(enc.rope(x, positions=np.array([1]), theta=1.0).ravel(), 4))
         [0.5403 0.8415]
         """
-        ...
+        return self._rotate("rope", "x", x, positions, theta, style, rotary_dim, scaling, 1.0)
 
     def rope_backward(
         self,
@@ -130,10 +148,23 @@ class Encodings(Protocol):
         >>> print(np.round(enc.rope_backward(dy, positions=np.array([1]), theta=1.0).ravel(), 4))
         [0.8415 0.5403]
         """
-        ...
+        # RoPE is a rotation R (times YaRN's factor m): the VJP is m·Rᵀ = m·R(−angle).
+        return self._rotate("rope_backward", "dy", dy, positions, theta, style, rotary_dim, scaling, -1.0)
+
+    def _rotate(self, fn, arg, x, positions, theta, style, rotary_dim, scaling, sign):
+        x, dtype = self._float(fn, arg, x)
+        if positions is not None:
+            positions = self._int(fn, "positions", positions)
+            self._same_device(fn, {arg: x, "positions": positions})
+        style, rotary_dim = self._static(fn, "style", style), self._static(fn, "rotary_dim", rotary_dim)
+        r = checks.rope(fn, shape(x), None if positions is None else shape(positions), style, rotary_dim)
+        theta = self._positive(fn, "theta", theta)
+        inv_freq = frequency_table(r, theta=theta, scaling=scaling).astype(np.float32)  # (r/2,)
+        mscale = yarn_attention_factor(scaling)
+        return self._run(self._k.rope, dtype, (x,), positions, inv_freq, mscale, sign, style, r)
 
 
-NAMES = tuple(n for n in Encodings.__dict__ if not n.startswith("_"))
+NAMES = ("sinusoidal", "rope_frequencies", "rope", "rope_backward")
 
 
 def yarn_attention_factor(scaling: dict[str, Any] | None) -> float:

@@ -1,8 +1,9 @@
 """The ops namespace: softmax, linear, MLPs, RMSNorm, attention, masks and their explicit VJPs.
 
-Every backend's ``ops`` module provides these functions with these signatures (a conformance test
-compares them). Arrays are positional-only, options keyword-only. Shapes: B batch, S query length,
-T key length, N query heads, K key/value heads, H head dim, D model dim, F hidden dim.
+Each function is written once, here: the front end of `tensorglot.frontend` validates, converts
+and casts, then calls the backend's kernel of the same name (`tensorglot.kernels`), so ``be.ops`` of
+every backend is an `Ops` bound to it. Arrays are positional-only, options keyword-only. Shapes: B batch,
+S query length, T key length, N query heads, K key/value heads, H head dim, D model dim, F hidden dim.
 
 Precision: float16 and bfloat16 inputs are computed in float32 inside and cast back; float32 stays
 float32 and float64 stays float64 (the reference). Each ``*_backward`` is the vector-Jacobian product
@@ -11,13 +12,20 @@ that torch's ``autograd.Function.backward`` and jax's ``custom_vjp`` bwd impleme
 
 from __future__ import annotations
 
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
+
+from . import checks
+from .attention import FLASH_NAMES as FLASH_NAMES
+from .attention import AttentionOps
+from .frontend import HALF, shape
 
 Array = Any
 Activation = Literal["relu", "gelu", "gelu_tanh", "silu"]
 
 
-class Ops(Protocol):
+class Ops(AttentionOps):
+    """The ops of one backend: ``Ops(backend)`` is ``backend.ops``."""
+
     def softmax(self, x: Array, /, *, axis: int = -1) -> Array:
         r"""Softmax along ``axis``: ``exp(x - max(x)) / sum(exp(x - max(x)))``.
 
@@ -39,7 +47,12 @@ class Ops(Protocol):
         >>> print(ops.softmax(np.array([-np.inf, -np.inf])))
         [0. 0.]
         """
-        ...
+        fn = "softmax"
+        x, dtype = self._float(fn, "x", x)
+        axis = self._axis(fn, axis, len(x.shape))
+        if x.shape[axis] == 0:
+            return x
+        return self._run(self._k.softmax, dtype, (x,), axis)
 
     def softmax_backward(self, y: Array, dy: Array, /, *, axis: int = -1) -> Array:
         r"""The VJP of softmax from its output: ``dx = y * (dy - sum(dy * y, axis))``.
@@ -50,7 +63,11 @@ class Ops(Protocol):
         >>> print(ops.softmax_backward(y, np.array([1.0, 0.0])))
         [ 0.25 -0.25]
         """
-        ...
+        fn = "softmax_backward"
+        (y, dy), dtype = self._floats(fn, y=y, dy=dy)
+        checks.check_same_shape(fn, "dy", shape(dy), shape(y), "y")
+        axis = self._axis(fn, axis, len(y.shape))
+        return self._run(self._k.softmax_backward, dtype, (y, dy), axis)
 
     def linear(self, x: Array, w: Array, b: Array | None = None, /) -> Array:
         r"""``x @ w + b`` with ``w`` stored (in, out), as in JAX/Flax (torch's nn.Linear stores (out, in)).
@@ -65,7 +82,10 @@ class Ops(Protocol):
         >>> print(ops.linear(np.array([[1.0, 2.0]]), np.array([[1.0], [1.0]]), np.array([0.5])))
         [[3.5]]
         """
-        ...
+        fn = "linear"
+        (x, w, b), dtype = self._floats(fn, x=x, w=w, b=b)
+        checks.linear(fn, shape(x), shape(w), None if b is None else shape(b))
+        return self._run(self._k.linear, dtype, (x, w, b))
 
     def linear_backward(self, x: Array, w: Array, dy: Array, /, *, bias: bool) -> tuple[Array, Array, Array | None]:
         r"""``(dx, dw, db)`` = ``(dy @ wᵀ, xᵀ @ dy, sum(dy))``, summed over all leading axes; db is None
@@ -77,7 +97,11 @@ class Ops(Protocol):
         >>> print(dx, dw.shape, db)
         [[3. 3.]] (2, 3) [1. 1. 1.]
         """
-        ...
+        fn = "linear_backward"
+        (x, w, dy), dtype = self._floats(fn, x=x, w=w, dy=dy)
+        checks.linear(fn, shape(x), shape(w), None)
+        checks.check_same_shape(fn, "dy", shape(dy), (*shape(x)[:-1], shape(w)[1]), "linear's output")
+        return self._run(self._k.linear_backward, dtype, (x, w, dy), self._bool_option(fn, "bias", bias))
 
     def mlp(self, x: Array, w_in: Array, w_out: Array, /, *, activation: Activation = "relu") -> Array:
         r"""``act(x @ w_in) @ w_out``, no biases.
@@ -95,7 +119,8 @@ class Ops(Protocol):
         >>> print(ops.mlp(np.array([[1.0, -1.0]]), np.eye(2), np.eye(2)))
         [[1. 0.]]
         """
-        ...
+        (x, w_in, w_out), dtype, activation = self._mlp_inputs("mlp", x, w_in, w_out, activation)
+        return self._run(self._k.mlp, dtype, (x, w_in, w_out), activation)
 
     def mlp_backward(
         self, x: Array, w_in: Array, w_out: Array, dy: Array, /, *, activation: Activation = "relu"
@@ -108,7 +133,9 @@ class Ops(Protocol):
         >>> print(dx)
         [[1. 0.]]
         """
-        ...
+        fn = "mlp_backward"
+        (x, w_in, w_out, dy), dtype, activation = self._mlp_inputs(fn, x, w_in, w_out, activation, dy)
+        return self._run(self._k.mlp_backward, dtype, (x, w_in, w_out, dy), activation)
 
     def swiglu(self, x: Array, w_gate: Array, w_up: Array, w_down: Array, /) -> Array:
         r"""The gated MLP of Llama: ``(silu(x @ w_gate) * (x @ w_up)) @ w_down`` (Shazeer 2020,
@@ -124,7 +151,8 @@ class Ops(Protocol):
         >>> print(np.round(ops.swiglu(np.array([[1.0]]), np.eye(1), np.eye(1), np.eye(1)), 4))
         [[0.7311]]
         """
-        ...
+        (x, w_gate, w_up, w_down), dtype = self._swiglu_inputs("swiglu", x, w_gate, w_up, w_down)
+        return self._run(self._k.swiglu, dtype, (x, w_gate, w_up, w_down))
 
     def swiglu_backward(
         self, x: Array, w_gate: Array, w_up: Array, w_down: Array, dy: Array, /
@@ -137,7 +165,8 @@ class Ops(Protocol):
         >>> print([np.round(g, 4).item() for g in grads])
         [1.6587, 0.9277, 0.7311, 0.7311]
         """
-        ...
+        arrays, dtype = self._swiglu_inputs("swiglu_backward", x, w_gate, w_up, w_down, dy)
+        return self._run(self._k.swiglu_backward, dtype, arrays)
 
     def rms_norm(self, x: Array, weight: Array, /, *, eps: float = 1e-6) -> Array:
         r"""``x * rsqrt(mean(x², -1) + eps)`` then ``* weight`` (Zhang & Sennrich 2019, arXiv:1910.07467).
@@ -155,7 +184,11 @@ class Ops(Protocol):
         >>> print(np.round(ops.rms_norm(np.array([3.0, 4.0]), np.ones(2), eps=1e-12), 4))
         [0.8485 1.1314]
         """
-        ...
+        fn = "rms_norm"
+        (x, weight), dtype = self._floats(fn, x=x, weight=weight)
+        eps = self._positive(fn, "eps", eps)
+        checks.rms_norm(fn, shape(x), shape(weight), eps)
+        return self._run(self._k.rms_norm, dtype, (x, weight), eps, dtype if dtype in HALF else None)
 
     def rms_norm_backward(self, x: Array, weight: Array, dy: Array, /, *, eps: float = 1e-6) -> tuple[Array, Array]:
         r"""``(dx, dweight)``: with r = rsqrt(mean(x²) + eps), n = x·r and g = dy·weight,
@@ -167,178 +200,49 @@ class Ops(Protocol):
         >>> print(np.round(dx, 4), np.round(dw, 4))
         [[ 0.181  -0.1358]] [0.8485 0.    ]
         """
-        ...
+        fn = "rms_norm_backward"
+        (x, weight, dy), dtype = self._floats(fn, x=x, weight=weight, dy=dy)
+        eps = self._positive(fn, "eps", eps)
+        checks.rms_norm(fn, shape(x), shape(weight), eps)
+        checks.check_same_shape(fn, "dy", shape(dy), shape(x), "x")
+        return self._run(self._k.rms_norm_backward, dtype, (x, weight, dy), eps)
 
-    def attention(
-        self,
-        q: Array,
-        k: Array,
-        v: Array,
-        /,
-        *,
-        causal: bool = False,
-        mask: Array | None = None,
-        scale: float | None = None,
-    ) -> Array:
-        r"""Scaled dot-product attention with grouped KV heads: ``softmax(q kᵀ · scale + bias) v``.
+    # -- shared validation ------------------------------------------------------------------------
 
-        Conventions (pinned):
-          * GQA: query head ``h`` reads kv head ``h // (N // K)``; N % K must be 0 (K = 1 is MQA).
-          * ``scale`` defaults to 1/√H.
-          * ``causal`` is bottom-right aligned: query i sees key j iff ``j <= i + T - S``, so the last
-            query sees every key — what decoding with a cache of T − S earlier keys needs.
-            ``torch.nn.functional.scaled_dot_product_attention(is_causal=True)`` is top-left aligned;
-            the two agree only when S == T.
-          * ``mask`` is bool, True = attend, broadcastable to (B, N, S, T); it combines with ``causal``
-            by logical and.
-          * A query that can see no key outputs zeros (and passes no gradient).
+    def _mlp_inputs(self, fn, x, w_in, w_out, activation, dy=None):
+        arrays, dtype = self._floats(fn, x=x, w_in=w_in, w_out=w_out, **({} if dy is None else {"dy": dy}))
+        x, w_in, w_out = arrays[:3]
+        checks.mlp(fn, shape(x), shape(w_in), shape(w_out))
+        if dy is not None:
+            checks.check_same_shape(fn, "dy", shape(arrays[3]), (*shape(x)[:-1], shape(w_out)[1]), "mlp's output")
+        activation = self._static(fn, "activation", activation)
+        checks.check_choice(fn, "activation", activation, checks.ACTIVATIONS)
+        return arrays, dtype, activation
 
-        Args:
-            q: (B, S, N, H).  k, v: (B, T, K, H).
-        Returns:
-            (B, S, N, H).
+    def _swiglu_inputs(self, fn, x, w_gate, w_up, w_down, dy=None):
+        named = {"x": x, "w_gate": w_gate, "w_up": w_up, "w_down": w_down} | ({} if dy is None else {"dy": dy})
+        arrays, dtype = self._floats(fn, **named)
+        checks.swiglu(fn, *(shape(a) for a in arrays[:4]))
+        if dy is not None:
+            want = (*shape(arrays[0])[:-1], shape(arrays[3])[1])
+            checks.check_same_shape(fn, "dy", shape(arrays[4]), want, "swiglu's output")
+        return arrays, dtype
 
-        Reference: Vaswani et al. 2017 (arXiv:1706.03762); GQA, Ainslie et al. 2023 (arXiv:2305.13245).
-
-        >>> import numpy as np, tensorglot
-        >>> ops = tensorglot.get_backend("numpy").ops
-        >>> q = np.zeros((1, 2, 1, 1)); k = np.zeros((1, 2, 1, 1)); v = np.array([1.0, 3.0]).reshape(1, 2, 1, 1)
-        >>> print(ops.attention(q, k, v, causal=True).ravel())
-        [1. 2.]
-        """
-        ...
-
-    def attention_backward(
-        self,
-        q: Array,
-        k: Array,
-        v: Array,
-        dy: Array,
-        /,
-        *,
-        causal: bool = False,
-        mask: Array | None = None,
-        scale: float | None = None,
-    ) -> tuple[Array, Array, Array]:
-        r"""``(dq, dk, dv)`` of `attention`. With P the attention probabilities and dP = dy vᵀ:
-        ``dv = Pᵀ dy``, ``dS = P ⊙ (dP − rowsum(dP ⊙ P))``, ``dq = dS k · scale``, ``dk = dSᵀ q · scale``;
-        the kv gradients sum over the N // K query heads that share each kv head.
-
-        >>> import numpy as np, tensorglot
-        >>> ops = tensorglot.get_backend("numpy").ops
-        >>> q = np.zeros((1, 2, 1, 1)); k = np.zeros((1, 2, 1, 1)); v = np.ones((1, 2, 1, 1))
-        >>> dq, dk, dv = ops.attention_backward(q, k, v, np.ones((1, 2, 1, 1)), causal=True)
-        >>> print(dv.ravel())
-        [1.5 0.5]
-        """
-        ...
-
-    def flash_attention(
-        self,
-        q: Array,
-        k: Array,
-        v: Array,
-        /,
-        *,
-        causal: bool = False,
-        mask: Array | None = None,
-        scale: float | None = None,
-        block_size: int = 128,
-    ) -> Array:
-        r"""`attention`, computed blockwise without the S × T score matrix (FlashAttention-2's forward).
-
-        Needs the ``"flash"`` capability. The result equals `attention`'s with the same arguments (up to
-        rounding: the sums run in another order); every convention is `attention`'s — GQA, scale 1/√H,
-        bottom-right causal, bool mask, a query that sees no key outputs zeros.
-
-        The algorithm: queries and keys are cut into tiles of ``block_size`` rows (the last tile may be
-        shorter). For a query tile Q_i, with a running row max m, row sum ℓ and accumulator A all
-        starting empty (m = −∞, ℓ = 0, A = 0), each key tile j does
-
-            S_ij = Q_i K_jᵀ · scale  (−∞ where masked),   m' = max(m, rowmax(S_ij)),
-            P_ij = exp(S_ij − m'),   ℓ ← e^{m − m'} ℓ + rowsum(P_ij),   A ← e^{m − m'} A + P_ij V_j,   m ← m'
-
-        and the tile's output is ``A / ℓ`` (zeros where ℓ = 0). Only O(block_size²) scores exist at a
-        time; the forward keeps the output and the log-sum-exp ``L = m + log ℓ`` per query for the
-        backward (`flash_attention_backward`). With ``causal``, key tiles that no query of the tile can
-        see are skipped, which halves the work at S = T.
-
-        Args:
-            q: (B, S, N, H).  k, v: (B, T, K, H).  mask: bool, broadcastable to (B, N, S, T).
-            block_size: rows per tile (queries and keys), a positive int; it need not divide S or T.
-        Returns:
-            (B, S, N, H), q's dtype.
-
-        Reference: Dao 2023, FlashAttention-2 (arXiv:2307.08691), Algorithm 1; Milakov & Gimelshein 2018
-        (arXiv:1805.02867) for the online softmax.
-
-        >>> import numpy as np, tensorglot
-        >>> ops = tensorglot.get_backend("numpy").ops
-        >>> q = np.zeros((1, 3, 1, 1)); k = np.zeros((1, 3, 1, 1)); v = np.array([1.0, 3.0, 5.0]).reshape(1, 3, 1, 1)
-        >>> print(ops.flash_attention(q, k, v, causal=True, block_size=2).ravel())
-        [1. 2. 3.]
-        """
-        ...
-
-    def flash_attention_backward(
-        self,
-        q: Array,
-        k: Array,
-        v: Array,
-        dy: Array,
-        /,
-        *,
-        causal: bool = False,
-        mask: Array | None = None,
-        scale: float | None = None,
-        block_size: int = 128,
-    ) -> tuple[Array, Array, Array]:
-        r"""``(dq, dk, dv)`` of `flash_attention` (= `attention_backward`'s), recomputing the tiles.
-
-        Needs the ``"flash"`` capability. From the forward's output O and log-sum-exp L, with
-        ``D = rowsum(dy ⊙ O)``, each pair of tiles recomputes ``P_ij = exp(Q_i K_jᵀ · scale − L_i)``
-        (0 where masked or where the query sees no key) and adds
-
-            dV_j += P_ijᵀ dY_i,   dS_ij = P_ij ⊙ (dY_i V_jᵀ − D_i),   dQ_i += dS_ij K_j · scale,
-            dK_j += dS_ijᵀ Q_i · scale
-
-        (Dao 2023, Algorithm 2); the kv gradients sum over the N // K query heads that share a kv head.
-        A standalone call runs the forward first to get O and L; the autograd backends' backward pass
-        reuses the ones its forward saved.
-
-        >>> import numpy as np, tensorglot
-        >>> ops = tensorglot.get_backend("numpy").ops
-        >>> q = np.zeros((1, 2, 1, 1)); k = np.zeros((1, 2, 1, 1)); v = np.ones((1, 2, 1, 1))
-        >>> dq, dk, dv = ops.flash_attention_backward(q, k, v, np.ones((1, 2, 1, 1)), causal=True, block_size=1)
-        >>> print(dv.ravel())
-        [1.5 0.5]
-        """
-        ...
-
-    def causal_mask(self, s: int, t: int, /) -> Array:
-        r"""The bottom-right aligned causal mask, bool (S, T): ``mask[i, j] = j <= i + t - s``.
-
-        >>> import tensorglot
-        >>> print(tensorglot.get_backend("numpy").ops.causal_mask(2, 3).astype(int))
-        [[1 1 0]
-         [1 1 1]]
-        """
-        ...
-
-    def padding_mask(self, lengths: Array, t: int, /) -> Array:
-        r"""Bool (B, 1, 1, T), True for the first ``lengths[b]`` keys of sequence b (right padding);
-        it broadcasts against (B, N, S, T) in `attention`.
-
-        >>> import numpy as np, tensorglot
-        >>> m = tensorglot.get_backend("numpy").ops.padding_mask(np.array([1, 3]), 3)
-        >>> print(m.shape, m[:, 0, 0].astype(int).tolist())
-        (2, 1, 1, 3) [[1, 0, 0], [1, 1, 1]]
-        """
-        ...
-
-
-#: The blockwise attention pair: only backends that declare the ``"flash"`` capability provide them.
-FLASH_NAMES = ("flash_attention", "flash_attention_backward")
 
 #: The public names every backend provides, in the order the docs list them.
-NAMES = tuple(n for n in Ops.__dict__ if not n.startswith("_") and n not in FLASH_NAMES)
+NAMES = (
+    "softmax",
+    "softmax_backward",
+    "linear",
+    "linear_backward",
+    "mlp",
+    "mlp_backward",
+    "swiglu",
+    "swiglu_backward",
+    "rms_norm",
+    "rms_norm_backward",
+    "attention",
+    "attention_backward",
+    "causal_mask",
+    "padding_mask",
+)

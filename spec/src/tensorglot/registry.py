@@ -74,6 +74,13 @@ class CommandInfo:
     plugin: str
 
 
+@dataclass
+class TransportInfo:
+    name: str
+    factory: Callable[..., Any]  # see `tensorglot.serving.transport.TransportFactory`
+    plugin: str
+
+
 def _entry_name(label: str) -> str:
     return label.split(" = ")[0]
 
@@ -91,6 +98,7 @@ class Registry:
         self._infos: dict[str, BackendInfo] = {}
         self._instances: dict[str, Backend] = {}
         self._commands: dict[str, CommandInfo] = {}
+        self._transports: dict[str, TransportInfo] = {}
         self.errors: list[LoadError] = []
         self._processed: set[str] = set()
 
@@ -182,9 +190,16 @@ class Registry:
                 return
             self._commands[name] = CommandInfo(name, help, configure, run, label)
 
+        def register_transport(name: str, factory: Callable[..., Any]) -> None:
+            if name in self._transports:
+                self._record(label, dist, f"transport {name!r} is already registered", None)
+                return
+            self._transports[name] = TransportInfo(name, factory, label)
+
         for hook, callback in (
             (pm.hook.tensorglot_register_backends, register),
             (pm.hook.tensorglot_register_commands, register_command),
+            (pm.hook.tensorglot_register_transports, register_transport),
         ):
             for impl in hook.get_hookimpls():
                 if impl.plugin is not plugin:
@@ -212,9 +227,17 @@ class Registry:
                 self._instances.pop(backend, None)
             for cmd in [c for c, info in self._commands.items() if info.plugin == name]:
                 del self._commands[cmd]
+            for t in [t for t, info in self._transports.items() if info.plugin == name]:
+                del self._transports[t]
             self.errors = [e for e in self.errors if e.plugin != name]
 
     # -- queries -----------------------------------------------------------------------------------
+    @property
+    def hook(self) -> Any:
+        """The plugins' hooks, for those the host calls when it needs them (``tensorglot_prepare_host_devices``)."""
+        with self._lock:
+            return self._manager().hook
+
     def infos(self) -> dict[str, BackendInfo]:
         with self._lock:
             self._manager()
@@ -224,6 +247,11 @@ class Registry:
         with self._lock:
             self._manager()
             return dict(self._commands)
+
+    def transports(self) -> dict[str, TransportInfo]:
+        with self._lock:
+            self._manager()
+            return dict(self._transports)
 
     def get(self, name: str | None = None) -> Backend:
         name = resolve_name(name)

@@ -14,9 +14,9 @@ builds the mesh over all of them, and each process feeds its addressable shards.
 from __future__ import annotations
 
 import re
-import statistics
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
@@ -32,33 +32,10 @@ from tensorglot.parallel import Collective, StepResult
 _DTYPES = {"float64": jnp.float64, "float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat16}
 
 
-# The layer, forward and backward, in float32 (float64 stays); outputs rounded to the step's dtype.
-
-
-def _layer_forward(x, w_in, w_out, dt):
-    ct = jnp.promote_types(dt, jnp.float32)
-    pre = x.astype(ct) @ w_in.astype(ct)  # (B, F)
-    h = jnp.maximum(pre, 0)
-    return (h @ w_out.astype(ct)).astype(dt), (x, pre)
-
-
-def _layer_backward(saved, w_in, w_out, dy, dt):
-    x, pre = saved
-    ct = pre.dtype
-    h, dy = jnp.maximum(pre, 0), dy.astype(ct)
-    dw_out = h.T @ dy  # (F, D)
-    dh = (dy @ w_out.astype(ct).T) * (pre > 0)  # (B, F)
-    return (dh @ w_in.astype(ct).T).astype(dt), (x.astype(ct).T @ dh).astype(dt), dw_out.astype(dt)
-
-
-def _sgd(w, g, lr):
-    return (w.astype(jnp.float32) - lr * g.astype(jnp.float32)).astype(w.dtype)
-
-
-def _forward_all(h, w_in, w_out, dt):
+def _forward_all(h, w_in, w_out):
     saved = []
     for l in range(w_in.shape[0]):
-        h, s = _layer_forward(h, w_in[l], w_out[l], dt)
+        h, s = spec.layer_forward(h, w_in[l], w_out[l])
         saved.append(s)
     return h, saved
 
@@ -66,70 +43,62 @@ def _forward_all(h, w_in, w_out, dt):
 # Per-device bodies. Params arrive stacked: w_in (L, D, F), w_out (L, F, D).
 
 
+def _done(y, g, gi, go, w_in, w_out, lr):
+    gi, go = jnp.stack(gi), jnp.stack(go)
+    return y, g, gi, go, spec.sgd(w_in, gi, lr), spec.sgd(w_out, go, lr)
+
+
 def _dp_body(w_in, w_out, x, dy, *, lr):
-    dt = x.dtype
-    y, saved = _forward_all(x, w_in, w_out, dt)
-    gi: list[Any] = [None] * w_in.shape[0]
-    go: list[Any] = [None] * w_in.shape[0]
-    g = dy
-    for l in reversed(range(w_in.shape[0])):
-        g, a, b = _layer_backward(saved[l], w_in[l], w_out[l], g, dt)
+    L = w_in.shape[0]
+    y, saved = _forward_all(x, w_in, w_out)
+    gi, go, g = [None] * L, [None] * L, dy
+    for l in reversed(range(L)):
+        g, a, b = spec.layer_backward(saved[l], w_in[l], w_out[l], g)
         go[l] = jax.lax.psum(b, "d")
         gi[l] = jax.lax.psum(a, "d")
-    gi_, go_ = jnp.stack(gi), jnp.stack(go)
-    return y, g, gi_, go_, _sgd(w_in, gi_, lr), _sgd(w_out, go_, lr)
+    return _done(y, g, gi, go, w_in, w_out, lr)
 
 
 def _tp_body(w_in, w_out, x, dy, *, lr, dp: bool):
     # w_in (L, D, F/t) columns, w_out (L, F/t, D) rows of this device's tp index
-    dt, L = x.dtype, w_in.shape[0]
+    L = w_in.shape[0]
     h, saved = x, []
     for l in range(L):
-        part, s = _layer_forward(h, w_in[l], w_out[l], dt)
+        part, s = spec.layer_forward(h, w_in[l], w_out[l])
         saved.append(s)
         h = jax.lax.psum(part, "t")
-    gi: list[Any] = [None] * L
-    go: list[Any] = [None] * L
-    g = dy
+    gi, go, g = [None] * L, [None] * L, dy
     for l in reversed(range(L)):
-        part, gi[l], go[l] = _layer_backward(saved[l], w_in[l], w_out[l], g, dt)
+        part, gi[l], go[l] = spec.layer_backward(saved[l], w_in[l], w_out[l], g)
         g = jax.lax.psum(part, "t")
     if dp:
         for l in reversed(range(L)):
             go[l] = jax.lax.psum(go[l], "d")
             gi[l] = jax.lax.psum(gi[l], "d")
-    gi_, go_ = jnp.stack(gi), jnp.stack(go)
-    return h, g, gi_, go_, _sgd(w_in, gi_, lr), _sgd(w_out, go_, lr)
+    return _done(h, g, gi, go, w_in, w_out, lr)
 
 
 def _fsdp_body(w_in, w_out, x, dy, *, lr):
     # w_in (L, D/n, F), w_out (L, F/n, D): this device's rows of every parameter
-    dt, L = x.dtype, w_in.shape[0]
+    L = w_in.shape[0]
 
     def gather(shard):
         return jax.lax.all_gather(shard, "d", axis=0, tiled=True)
 
     h, saved = x, []
     for l in range(L):
-        h, s = _layer_forward(h, gather(w_in[l]), gather(w_out[l]), dt)
+        h, s = spec.layer_forward(h, gather(w_in[l]), gather(w_out[l]))
         saved.append(s)
-    gi: list[Any] = [None] * L
-    go: list[Any] = [None] * L
-    g = dy
+    gi, go, g = [None] * L, [None] * L, dy
     for l in reversed(range(L)):
         # The barrier ties the shards to the backward's data, so XLA gathers them again here instead of
         # keeping the forward's full copies alive (ZeRO-3's point) or merging the two gathers.
         wi_s, wo_s, g = jax.lax.optimization_barrier((w_in[l], w_out[l], g))
-        x_l, pre = saved[l]
-        ct = pre.dtype
-        wo = gather(wo_s)
-        go[l] = jax.lax.psum_scatter((jnp.maximum(pre, 0).T @ g.astype(ct)).astype(dt), "d", tiled=True)
-        dh = (g.astype(ct) @ wo.astype(ct).T) * (pre > 0)  # (B/n, F)
-        wi = gather(wi_s)
-        gi[l] = jax.lax.psum_scatter((x_l.astype(ct).T @ dh).astype(dt), "d", tiled=True)
-        g = (dh @ wi.astype(ct).T).astype(dt)
-    gi_, go_ = jnp.stack(gi), jnp.stack(go)
-    return h, g, gi_, go_, _sgd(w_in, gi_, lr), _sgd(w_out, go_, lr)
+        dpre, b = spec.out_backward(saved[l], gather(wo_s), g)
+        go[l] = jax.lax.psum_scatter(b, "d", tiled=True)
+        g, a = spec.in_backward(saved[l], gather(wi_s), dpre)
+        gi[l] = jax.lax.psum_scatter(a, "d", tiled=True)
+    return _done(h, g, gi, go, w_in, w_out, lr)
 
 
 def _pp_body(w_in, w_out, x, dy, *, lr, p: int, m: int, schedule: str):
@@ -162,7 +131,7 @@ def _pp_body(w_in, w_out, x, dy, *, lr, p: int, m: int, schedule: str):
         st, h = dict(st), st["act"][j]
         for l in range(per):
             st["x"] = st["x"].at[l, j].set(h)
-            h, (_, pre) = _layer_forward(h, w_in[l], w_out[l], dt)
+            h, (_, pre) = spec.layer_forward(h, w_in[l], w_out[l])
             st["pre"] = st["pre"].at[l, j].set(pre)
         st["out"] = st["out"].at[j].set(h)
         return st, h
@@ -170,7 +139,7 @@ def _pp_body(w_in, w_out, x, dy, *, lr, p: int, m: int, schedule: str):
     def backward(st, j):
         st, g = dict(st), st["grad"][j]
         for l in reversed(range(per)):
-            g, a, b = _layer_backward((st["x"][l, j], st["pre"][l, j]), w_in[l], w_out[l], g, dt)
+            g, a, b = spec.layer_backward((st["x"][l, j], st["pre"][l, j]), w_in[l], w_out[l], g)
             st["gi"] = st["gi"].at[l].add(a.astype(ct))
             st["go"] = st["go"].at[l].add(b.astype(ct))
         st["dx"] = st["dx"].at[j].set(g)
@@ -193,7 +162,7 @@ def _pp_body(w_in, w_out, x, dy, *, lr, p: int, m: int, schedule: str):
             state[buffer] = state[buffer].at[slot].set(jnp.where(recv >= 0, got, state[buffer][slot]))
     gi, go = state["gi"].astype(dt), state["go"].astype(dt)
     y, dx = state["out"].reshape(x.shape), state["dx"].reshape(x.shape)
-    return y[None], dx[None], gi, go, _sgd(w_in, gi, lr), _sgd(w_out, go, lr)
+    return y[None], dx[None], gi, go, spec.sgd(w_in, gi, lr), spec.sgd(w_out, go, lr)
 
 
 # Building, compiling and measuring one strategy's program.
@@ -318,7 +287,7 @@ def hlo_collectives(text: str, n: int) -> list[list[Collective]]:
     return per_device
 
 
-def _prepare(fn: str, params: Mapping[str, Any], x: Any, dy: Any) -> tuple[dict[str, Any], Any, Any, str]:
+def _prepare(fn: str, params: Mapping[str, Any], x: Any, dy: Any):
     def arr(name: str, a: Any) -> Any:
         a = a if isinstance(a, jax.Array) else np.asarray(a)
         if not jnp.issubdtype(a.dtype, jnp.floating):
@@ -331,7 +300,8 @@ def _prepare(fn: str, params: Mapping[str, Any], x: Any, dy: Any) -> tuple[dict[
         raise TypeError(f"{fn}: x has dtype {dtype}, wanted one of {', '.join(_DTYPES)}")
     dt = _DTYPES[dtype]
     ps = {k: jnp.asarray(arr(k, v), dt) for k, v in params.items()}
-    return ps, jnp.asarray(x, dt), jnp.asarray(arr("dy", dy), dt), dtype
+    x, dy = jnp.asarray(x, dt), jnp.asarray(arr("dy", dy), dt)
+    return ps, x, dy, spec.mlp_shape(fn, ps, x, dy, dtype)
 
 
 def _host(a: Any) -> np.ndarray:
@@ -339,114 +309,56 @@ def _host(a: Any) -> np.ndarray:
     return a.astype(np.float32) if a.dtype == jnp.bfloat16 else a
 
 
-def step(
-    params: Mapping[str, Any],
-    x: Any,
-    dy: Any,
-    /,
-    *,
-    strategy: str,
-    world_size: int,
-    lr: float = 0.1,
-    microbatches: int = 1,
-    schedule: str = "gpipe",
-    tp_size: int | None = None,
-    timeout: float = 120.0,
-) -> StepResult:
-    return _step(
-        params,
-        x,
-        dy,
-        strategy=strategy,
-        world_size=world_size,
-        lr=lr,
-        microbatches=microbatches,
-        schedule=schedule,
-        tp_size=tp_size,
-    )
+_WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tensorglot-jax-step")
 
 
-def _step(
-    params: Mapping[str, Any],
-    x: Any,
-    dy: Any,
-    *,
-    strategy: str,
-    world_size: int,
-    lr: float,
-    microbatches: int,
-    schedule: str,
-    tp_size: int | None,
-    repeats: int = 1,
-) -> StepResult:
-    ps, x, dy, dtype = _prepare("step", params, x, dy)
-    shape = spec.mlp_shape("step", ps, x, dy, dtype)
-    spec.check_step(strategy, shape, world_size, microbatches=microbatches, tp_size=tp_size, schedule=schedule)
-    n, have = world_size, len(jax.devices())
+def _run_with_deadline(c: spec.StepConfig, ps: dict[str, Any], x: Any, dy: Any) -> StepResult:
+    n, have = c.world_size, len(jax.devices())
     if n > have:
         raise ValueError(
             f"step: world_size = {n} is more than the {have} JAX devices; on CPU set "
             f"XLA_FLAGS=--xla_force_host_platform_device_count={n} before JAX initialises"
         )
-    t = (spec.default_tp_size(n) if tp_size is None else tp_size) if strategy == "dp_tp" else n
-    L = shape.layers
+    # A compiled XLA computation cannot be interrupted: past the deadline the step raises, and the
+    # computation finishes in its worker thread (a later step waits for it).
+    future = _WORKER.submit(_run, c, ps, x, dy)
+    try:
+        return future.result(timeout=c.timeout)
+    except TimeoutError:
+        raise TimeoutError(f"parallel: {c.strategy} on {n} JAX devices did not finish in {c.timeout:g} s") from None
+
+
+def _run(c: spec.StepConfig, ps: dict[str, Any], x: Any, dy: Any) -> StepResult:
+    """Compile (once per shape) and run the step's program; its collectives come from the compiled HLO."""
+    L, n = len(ps) // 2, c.world_size
     w_in = jnp.stack([ps[f"layers.{l}.w_in"] for l in range(L)])  # (L, D, F)
     w_out = jnp.stack([ps[f"layers.{l}.w_out"] for l in range(L)])  # (L, F, D)
     args = (w_in, w_out, x, dy)
-    compiled, shardings, per_device = _compiled(strategy, n, t, lr, microbatches, schedule, args)
+    compiled, shardings, per_device = _compiled(c.strategy, n, c.tp, c.lr, c.microbatches, c.schedule, args)
     placed = tuple(jax.device_put(a, s) for a, s in zip(args, shardings))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = jax.block_until_ready(compiled(*placed))
-        times.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    out = jax.block_until_ready(compiled(*placed))
+    seconds = time.perf_counter() - start
     y, dx, gi, go, ni, no = (_host(a) for a in out)
-    if strategy == "pp":
+    if c.strategy == "pp":  # (n·B, D): every stage's buffer; the last stage's outputs, the first's input grads
         y, dx = y.reshape(n, *x.shape)[-1], dx.reshape(n, *x.shape)[0]
     grads, new = {}, {}
     for l in range(L):
         grads[f"layers.{l}.w_in"], grads[f"layers.{l}.w_out"] = gi[l], go[l]
         new[f"layers.{l}.w_in"], new[f"layers.{l}.w_out"] = ni[l], no[l]
-    by_rank = tuple(sum(c.bytes_per_device for c in log) for log in per_device)
-    busiest = max(range(n), key=lambda r: by_rank[r])
-    placed_w = placed[0]
-    param_bytes = 2 * placed_w.addressable_shards[0].data.nbytes
-    return StepResult(
-        strategy, n, y, dx, grads, new, tuple(per_device[busiest]), by_rank, param_bytes, statistics.median(times)
-    )
+    param_bytes = 2 * placed[0].addressable_shards[0].data.nbytes  # w_in's shard and w_out's, the same size
+    return spec.step_result(c, y, dx, grads, new, per_device, param_bytes, seconds)
 
 
-@partial(jax.jit, static_argnames=("lr",))
-def _single(ps, x, dy, *, lr):
-    L, dt = len(ps) // 2, x.dtype
-    w_in = jnp.stack([ps[f"layers.{l}.w_in"] for l in range(L)])  # (L, D, F)
-    w_out = jnp.stack([ps[f"layers.{l}.w_out"] for l in range(L)])  # (L, F, D)
-    y, saved = _forward_all(x, w_in, w_out, dt)
-    g, grads = dy, {}
-    for l in reversed(range(L)):
-        g, grads[f"layers.{l}.w_in"], grads[f"layers.{l}.w_out"] = _layer_backward(saved[l], w_in[l], w_out[l], g, dt)
-    return y, g, grads, {k: _sgd(v, grads[k], lr) for k, v in ps.items()}
+_single = jax.jit(spec.one_device_step, static_argnames=("lr",))
+
+
+def _one_device(ps: dict[str, Any], x: Any, dy: Any, *, lr: float) -> Any:
+    return jax.block_until_ready(_single(ps, x, dy, lr=lr))
+
+
+step, single_step = spec.parallel_functions(_prepare, _run_with_deadline, _one_device, _host)
 
 
 def max_world_size() -> int | None:
     return len(jax.devices())
-
-
-def single_step(params: Mapping[str, Any], x: Any, dy: Any, /, *, lr: float = 0.1) -> StepResult:
-    ps, x, dy, dtype = _prepare("single_step", params, x, dy)
-    shape = spec.mlp_shape("single_step", ps, x, dy, dtype)
-    start = time.perf_counter()
-    y, g, grads, new = jax.block_until_ready(_single(ps, x, dy, lr=lr))
-    seconds = time.perf_counter() - start
-    return StepResult(
-        "single",
-        1,
-        _host(y),
-        _host(g),
-        {k: _host(v) for k, v in grads.items()},
-        {k: _host(v) for k, v in new.items()},
-        (),
-        (0,),
-        shape.param_bytes,
-        seconds,
-    )

@@ -8,6 +8,7 @@ that flag changes the default dtype of every ``jnp.arange`` and Python float in 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from importlib import import_module
 
@@ -34,6 +35,15 @@ def _load():
 def tensorglot_register_backends(register: Callable[..., None]) -> None:
     caps = CAPABILITIES | {"float64"} if x64_requested() else CAPABILITIES
     register("jax", _load, capabilities=caps, framework="jax")
+
+
+@hookimpl
+def tensorglot_prepare_host_devices(backend: str, n: int) -> None:
+    """Ask XLA for ``n`` CPU devices if JAX has not started yet: it reads ``XLA_FLAGS`` once, when it
+    initialises (GPUs and TPUs ignore the flag). A flag the user set is left alone."""
+    flag = "--xla_force_host_platform_device_count"
+    if backend == "jax" and "jax" not in sys.modules and flag not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}={n}".strip()
 
 
 @hookimpl

@@ -38,3 +38,15 @@ def same_dtype(fn: str, **arrays: np.ndarray | None) -> np.dtype:
 def flat2d(x: np.ndarray) -> np.ndarray:
     """(..., n) → (prod(...), n), for weight gradients that sum over every leading axis."""
     return x.reshape(-1, x.shape[-1])
+
+
+def lazy_frontend(namespace: str) -> Any:
+    """The spec's front end ``namespace`` of the NumPy backend, looked up on first use (no import cycle)."""
+
+    class _Lazy:
+        def __getattr__(self, name: str) -> Any:
+            import tensorglot
+
+            return getattr(getattr(tensorglot.get_backend("numpy"), namespace), name)
+
+    return _Lazy()

@@ -1,12 +1,15 @@
-"""The NumPy backend object: its namespaces are this package's modules, named as the spec's."""
+"""The NumPy backend: the reference kernels behind the spec's front ends, and NumPy's array adapter."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 
-from . import encodings, layers, ops, parallel
+from tensorglot.backend import ArrayBackend
+
+from . import layers, ops, parallel
 
 CAPABILITIES = frozenset({"float64", "float16", "layers", "dp", "tp", "fsdp", "pp", "flash"})
 
@@ -19,12 +22,13 @@ _DTYPES = {
     "bool": np.bool_,
 }
 
+_NAMES = {np.dtype(t): name for name, t in _DTYPES.items()}
 
-class NumpyBackend:
+
+class NumpyBackend(ArrayBackend):
     name = "numpy"
     capabilities = CAPABILITIES
-    ops = ops
-    encodings = encodings
+    kernels = SimpleNamespace(**{k: v for k, v in vars(ops).items() if callable(v) and not k.startswith("_")})
     layers = layers
     parallel = parallel
 
@@ -35,11 +39,15 @@ class NumpyBackend:
             raise TypeError(f"asarray: the numpy backend has no dtype {dtype!r} (it has {', '.join(_DTYPES)})")
         return np.asarray(x, dtype=_DTYPES[dtype])
 
+    def native(self, x: Any, /) -> np.ndarray:
+        return np.asarray(x)
+
     def to_numpy(self, x: Any, /) -> np.ndarray:
         return np.asarray(x)
 
     def dtype_name(self, x: Any, /) -> str:
-        return str(np.asarray(x).dtype)
+        dtype = x.dtype if isinstance(x, np.ndarray | np.generic) else np.asarray(x).dtype
+        return _NAMES.get(dtype) or str(dtype)  # str(dtype) costs microseconds on every op call
 
-    def __repr__(self) -> str:
-        return "<tensorglot backend 'numpy'>"
+    def astype(self, x: Any, dtype: str, /) -> np.ndarray:
+        return x.astype(_DTYPES[dtype], copy=False)

@@ -10,33 +10,21 @@ import math
 
 import numpy as np
 
-from tensorglot import checks
 
-from ._common import as_float, compute_dtype, same_dtype
-
-
-def _inputs(fn, q, k, v, causal, mask, scale, block_size):
-    q, k, v = as_float(fn, "q", q), as_float(fn, "k", k), as_float(fn, "v", v)
-    dtype = same_dtype(fn, q=q, k=k, v=v)
-    if mask is not None:
-        mask = np.asarray(mask)
-        checks.check_bool(fn, "mask", str(mask.dtype))
-    B, S, T, N, K, H = checks.attention(fn, q.shape, k.shape, v.shape, None if mask is None else mask.shape, scale)
-    if not isinstance(causal, bool):
-        raise TypeError(f"{fn}: causal must be a bool, got {type(causal).__name__}")
-    block_size = checks.check_positive_int(fn, "block_size", block_size)
+def _inputs(q, k, v, mask, scale):
+    """Grouped, contiguous tiles: qg (B, K, G, S, H) carrying the scale (so dk = dSᵀ q needs no multiply),
+    kh, vh (B, K, 1, T, H) and the mask as (B|1, K|1, G|1, S|1, T|1)."""
+    B, S, N, H = q.shape
+    K = k.shape[2]
     G = N // K
-    scale = 1.0 / math.sqrt(H) if scale is None else float(scale)
-    cd = compute_dtype(dtype)
-    # q carries the scale, so dk = dSᵀ q needs no extra multiply.
-    qg = np.ascontiguousarray((q.astype(cd) * scale).reshape(B, S, K, G, H).transpose(0, 2, 3, 1, 4))  # (B, K, G, S, H)
-    kh = np.ascontiguousarray(k.astype(cd, copy=False).transpose(0, 2, 1, 3))[:, :, None]  # (B, K, 1, T, H)
-    vh = np.ascontiguousarray(v.astype(cd, copy=False).transpose(0, 2, 1, 3))[:, :, None]  # (B, K, 1, T, H)
+    qg = np.ascontiguousarray((q * scale).reshape(B, S, K, G, H).transpose(0, 2, 3, 1, 4))  # (B, K, G, S, H)
+    kh = np.ascontiguousarray(k.transpose(0, 2, 1, 3))[:, :, None]  # (B, K, 1, T, H)
+    vh = np.ascontiguousarray(v.transpose(0, 2, 1, 3))[:, :, None]  # (B, K, 1, T, H)
     mg = None
     if mask is not None:
-        b, n, s, t = (1,) * (4 - mask.ndim) + mask.shape
-        mg = mask.reshape(b, K, G, s, t) if n != 1 else mask.reshape(b, 1, 1, s, t)  # (B|1, K|1, G|1, S|1, T|1)
-    return dtype, scale, qg, kh, vh, mg, causal, block_size, (B, S, T, N, K, G, H)
+        b, n, s, t = mask.shape
+        mg = mask.reshape(b, K, G, s, t) if n != 1 else mask.reshape(b, 1, 1, s, t)
+    return qg, kh, vh, mg
 
 
 def _allowed(mg, causal, i0, i1, j0, j1, S, T):
@@ -132,28 +120,19 @@ def _backward(qg, kh, vh, mg, causal, bs, S, T, out, lse, dyg):
     return dq, dk, dv
 
 
-def flash_attention(q, k, v, /, *, causal=False, mask=None, scale=None, block_size=128):
-    dtype, _, qg, kh, vh, mg, causal, bs, (B, S, T, N, _, _, H) = _inputs(
-        "flash_attention", q, k, v, causal, mask, scale, block_size
-    )
-    out, _ = _forward(qg, kh, vh, mg, causal, bs, S, T)
-    return out.transpose(0, 3, 1, 2, 4).reshape(B, S, N, H).astype(dtype, copy=False)  # (B, S, N, H)
+def flash_attention(q, k, v, causal, mask, scale, block_size):
+    B, S, N, H = q.shape
+    qg, kh, vh, mg = _inputs(q, k, v, mask, scale)
+    out, _ = _forward(qg, kh, vh, mg, causal, block_size, S, k.shape[1])
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, S, N, H)  # (B, S, N, H)
 
 
-def flash_attention_backward(q, k, v, dy, /, *, causal=False, mask=None, scale=None, block_size=128):
-    fn = "flash_attention_backward"
-    dtype, scale, qg, kh, vh, mg, causal, bs, (B, S, T, N, K, G, H) = _inputs(
-        fn, q, k, v, causal, mask, scale, block_size
-    )
-    dy = as_float(fn, "dy", dy)
-    same_dtype(fn, q=np.asarray(q), dy=dy)
-    checks.check_same_shape(fn, "dy", dy.shape, (B, S, N, H), "q")
-    dyg = np.ascontiguousarray(dy.astype(qg.dtype).reshape(B, S, K, G, H).transpose(0, 2, 3, 1, 4))  # (B, K, G, S, H)
-    out, lse = _forward(qg, kh, vh, mg, causal, bs, S, T)
-    dq, dk, dv = _backward(qg, kh, vh, mg, causal, bs, S, T, out, lse, dyg)
+def flash_attention_backward(q, k, v, dy, causal, mask, scale, block_size):
+    B, S, N, H = q.shape
+    T, K = k.shape[1], k.shape[2]
+    qg, kh, vh, mg = _inputs(q, k, v, mask, scale)
+    dyg = np.ascontiguousarray(dy.reshape(B, S, K, N // K, H).transpose(0, 2, 3, 1, 4))  # (B, K, G, S, H)
+    out, lse = _forward(qg, kh, vh, mg, causal, block_size, S, T)
+    dq, dk, dv = _backward(qg, kh, vh, mg, causal, block_size, S, T, out, lse, dyg)
     dq *= scale
-    return (
-        dq.transpose(0, 3, 1, 2, 4).reshape(B, S, N, H).astype(dtype, copy=False),  # (B, S, N, H)
-        dk.transpose(0, 2, 1, 3).astype(dtype, copy=False),  # (B, T, K, H)
-        dv.transpose(0, 2, 1, 3).astype(dtype, copy=False),
-    )
+    return dq.transpose(0, 3, 1, 2, 4).reshape(B, S, N, H), dk.transpose(0, 2, 1, 3), dv.transpose(0, 2, 1, 3)

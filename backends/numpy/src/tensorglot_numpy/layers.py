@@ -9,9 +9,10 @@ from tensorglot import checks
 from tensorglot.cache import check_cache, visible_mask
 from tensorglot.params import TransformerConfig, check_params, check_tokens
 
-from . import encodings, ops
-from ._common import as_int, compute_dtype
+from ._common import as_int, compute_dtype, lazy_frontend
 from .cache import kv_cache
+
+ops, encodings = lazy_frontend("ops"), lazy_frontend("encodings")  # the spec's front ends of this backend
 
 __all__ = ["attention_layer", "mlp_layer", "block", "transformer", "generate", "kv_cache", "value_and_grad"]
 

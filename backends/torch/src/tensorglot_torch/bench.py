@@ -79,13 +79,6 @@ def peak_memory(fn: Callable[..., Any], *args: torch.Tensor) -> int:
         del os.environ["MALLOC_MMAP_THRESHOLD_"]
 
 
-def _serve(backend: str, config: dict[str, Any], requests: list[Any], *, colocated: bool) -> dict[str, Any]:
-    from .serving import Model, Request, serve
-
-    reqs = [Request(i, prompt, new, arrival_s=at) for i, (prompt, new, at) in enumerate(requests)]
-    return serve(reqs, Model(backend, config, seed=0), colocated=colocated)
-
-
 def baselines() -> dict[str, Any]:
     torch._logging.set_logs(dynamo=logging.ERROR)  # our checks' .item() breaks graphs: the row says what it costs
     compiled = torch.compile(layers.value_and_grad)
@@ -99,5 +92,4 @@ def baselines() -> dict[str, Any]:
         "train.value_and_grad": ("torch.compile", lambda *args: lambda: compiled(*args)),
         "sync": (lambda out: torch.cuda.synchronize()) if cuda else (lambda out: out),
         "peak_memory": peak_memory,
-        "serving": _serve,
     }

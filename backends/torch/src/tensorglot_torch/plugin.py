@@ -1,21 +1,27 @@
-"""Registers the torch backend. Imports no torch: the backend module loads on first use."""
+"""Registers the torch backend, the ``torch.distributed`` serving transport and the ``tensorglot serve``
+command that uses it. Imports no torch: the backend and the transport load on first use."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from importlib import import_module
+from typing import Any
 
 from tensorglot.hookspecs import hookimpl
 
-CAPABILITIES = frozenset(
-    {"float64", "float16", "bfloat16", "grad", "layers", "dp", "tp", "fsdp", "pp", "serving", "flash"}
-)
+CAPABILITIES = frozenset({"float64", "float16", "bfloat16", "grad", "layers", "dp", "tp", "fsdp", "pp", "flash"})
 
 
 def _load():
     from .backend import TorchBackend
 
     return TorchBackend()
+
+
+def _transport(rank: int, world_size: int, **options: Any) -> Any:
+    from .serving.transport import TorchTransport
+
+    return TorchTransport(rank, world_size, **options)
 
 
 @hookimpl
@@ -26,3 +32,14 @@ def tensorglot_register_backends(register: Callable[..., None]) -> None:
 @hookimpl
 def tensorglot_register_bench_baselines(register: Callable[..., None]) -> None:
     register("torch", lambda: import_module(".bench", __package__).baselines())
+
+
+def tensorglot_register_transports(register: Callable[..., Any]) -> None:
+    register("torch", _transport)
+
+
+@hookimpl
+def tensorglot_register_commands(register: Callable[..., Any]) -> None:
+    from tensorglot.serving import cli
+
+    register("serve", cli.HELP, cli.configure, cli.run)

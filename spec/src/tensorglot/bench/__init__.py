@@ -15,8 +15,7 @@ A backend's plugin contributes only baselines and probes, through the hook
     callable running the baseline once (``ops.softmax.fwd_bwd -> ("torch.softmax", ...)``);
   * ``"sync"``: ``sync(out)`` waits for ``out`` (asynchronous frameworks); ``"jit"``: how the framework
     compiles a function (applied to ours in the op rows); ``"peak_memory"``: ``probe(fn, *args) -> bytes``
-    allocated at the peak of ``fn(*args)`` (default: tracemalloc, which NumPy reports to);
-  * ``"serving"``: ``serve(backend, config, requests, colocated=) -> {"requests", "summary"}``.
+    allocated at the peak of ``fn(*args)`` (default: tracemalloc, which NumPy reports to).
 
 JSON (``--json PATH``, schema ``tensorglot.bench/1``)::
 

@@ -149,18 +149,21 @@ SERVING = (("ttft_p50_s", "ttft_p50", "s", None), ("tpot_p99_s", "tpot_p99", "s"
 
 def serving_rows(ctx: Context) -> Iterator[Row]:
     """Short chats decoding while long prompts arrive (a colocated server stalls them for each prefill)."""
-    serve = ctx.extra.get("serving")  # TODO(serving refactor): tensorglot.serving, for every backend
-    if serve is None:
-        for _, label, _, _ in SERVING:
-            yield ctx.skipped(f"serving.{label}.disagg_vs_coloc", f"no serving transport for {ctx.be.name!r}")
-        return
-    from ..cli_serve import DEMO_MODEL
+    from .. import serving
+    from ..registry import registry
 
-    rng, V = np.random.default_rng(0), DEMO_MODEL["vocab_size"]
+    why = "no serving transport is installed" if not registry().transports() else None
+    if "layers" not in ctx.be.capabilities or why:
+        for _, label, _, _ in SERVING:
+            yield ctx.skipped(f"serving.{label}.disagg_vs_coloc", why or "the backend lacks the capability 'layers'")
+        return
+    rng, V = np.random.default_rng(0), serving.DEMO_MODEL["vocab_size"]
     chats, longs, long_len, new = (4, 2, 192, 24) if ctx.quick else (8, 4, 384, 48)
-    requests = [(rng.integers(0, V, 16), new, 0.0) for _ in range(chats)]
-    requests += [(rng.integers(0, V, long_len), 4, 0.05 * (j + 1)) for j in range(longs)]
-    d, c = (serve(ctx.be.name, DEMO_MODEL, requests, colocated=mode) for mode in (False, True))
+    prompts = [(rng.integers(0, V, 16), new, 0.0) for _ in range(chats)]
+    prompts += [(rng.integers(0, V, long_len), 4, 0.05 * (j + 1)) for j in range(longs)]
+    requests = [serving.Request(i, p, n, arrival_s=at) for i, (p, n, at) in enumerate(prompts)]
+    model = serving.Model(ctx.be.name, serving.DEMO_MODEL, seed=0)
+    d, c = (serving.serve(requests, model, colocated=mode) for mode in (False, True))
     same = [r["tokens"] for r in d["requests"]] == [r["tokens"] for r in c["requests"]]
     for key, label, unit, target in SERVING:
         yield ctx.row(f"serving.{label}.disagg_vs_coloc", d["summary"][key], unit, target=target,

@@ -200,3 +200,19 @@ def test_bad_param_shape_names_the_parameter(backend, harness):
     params["layers.1.w_out"] = harness.put(np.zeros((SHAPE.d_ff + 1, SHAPE.d_model)), "float32")
     with pytest.raises(ValueError, match=r"layers\.1\.w_out has shape \(17, 8\), wanted \(F, D\) = \(16, 8\)"):
         backend.parallel.step(params, x, dy, strategy="dp", world_size=2)
+
+
+def test_a_timeout_that_is_not_positive_raises_before_starting(backend, harness):
+    _any_parallel(backend)
+    params, x, dy = _inputs(harness, "float32")
+    with pytest.raises(ValueError, match=r"parallel: timeout must be a positive number of seconds, got 0"):
+        backend.parallel.step(params, x, dy, strategy="dp", world_size=2, timeout=0)
+
+
+@pytest.mark.timeout(120)
+def test_a_step_past_its_timeout_raises_naming_the_strategy(backend, harness):
+    _need(backend, "fsdp", 2)
+    params, x, dy = _inputs(harness, "float32")
+    # A microsecond: no backend starts, compiles or runs a step in it, so the deadline always passes first.
+    with pytest.raises(TimeoutError, match=r"parallel: fsdp on 2 .* did not finish in 1e-06 s"):
+        backend.parallel.step(params, x, dy, strategy="fsdp", world_size=2, timeout=1e-6)

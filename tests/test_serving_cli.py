@@ -1,4 +1,5 @@
-"""`tensorglot serve`: the JSON shape, --prompts, --checkpoint (a tiny offline Llama), and errors."""
+"""`tensorglot serve`: every backend's tokens equal `generate`, the JSON shape, --prompts, --checkpoint
+(a tiny offline Llama), errors; the command comes from the plugin that provides the transport."""
 
 from __future__ import annotations
 
@@ -8,9 +9,38 @@ import numpy as np
 import pytest
 
 import tensorglot
-from tensorglot.cli import main
+from tensorglot.cli import _builtins, main
+from tensorglot.registry import registry
+from tensorglot.serving import DEMO_MODEL, Model
 
-pytest.importorskip("torch", reason="serving's transport is torch.distributed")
+pytestmark = pytest.mark.skipif(
+    "serve" not in registry().commands(), reason="needs a serving transport plugin (tensorglot-torch)"
+)
+BACKENDS = [b for b in ("numpy", "torch", "jax") if b in tensorglot.available_backends()]
+
+
+def test_serve_is_a_plugin_command_not_a_builtin():
+    assert "serve" not in _builtins()
+    assert registry().commands()["serve"].plugin == "torch = tensorglot_torch.plugin"
+    assert "torch" in registry().transports()
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_serve_gives_the_tokens_of_generate_on_every_backend(backend, tmp_path, capsys):
+    prompts = [[5, 17, 300, 42], [7, 7, 1, 511]]  # one length: jax compiles once
+    (tmp_path / "p.json").write_text(json.dumps(prompts))
+    argv = ["serve", "--backend", backend, "--prompts", str(tmp_path / "p.json"), "--max-new-tokens", "5", "--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    be, params, config = Model(backend, DEMO_MODEL, seed=0).load()
+    want = be.to_numpy(
+        be.layers.generate(params, config, be.asarray(np.array(prompts), dtype="int64"), max_new_tokens=5)
+    )
+    assert [r["tokens"] for r in out["requests"]] == want[:, 4:].tolist()
+    assert out["summary"]["mode"] == "disaggregated (1 prefill + 1 decode)"
+    assert all(r["kv_digest_ok"] and r["worker"] == 1 for r in out["requests"])
 
 
 @pytest.mark.timeout(120)
@@ -31,15 +61,15 @@ def test_serve_json_with_prompts_file(tmp_path, capsys):
     assert (s["completed"], s["rejected"]) == (2, 1)
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
 def test_serve_a_hugging_face_checkpoint_gives_generate_tokens(tmp_path, capsys):
     transformers = pytest.importorskip("transformers", reason="the checkpoint is built with transformers")
+    torch = pytest.importorskip("torch", reason="transformers builds the checkpoint with torch")
     cfg = transformers.LlamaConfig(
         vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64,
     )  # fmt: skip
-    import torch
-
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "ckpt", safe_serialization=True)
     prompts = [[3, 1, 4, 1, 5], [9, 2, 6]]

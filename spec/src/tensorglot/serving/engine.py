@@ -1,6 +1,6 @@
-"""The model side of serving, written against the spec's public API of whichever backend is passed:
-`prefill` (a prompt → its first token and its KV) and `DecodeEngine` (continuous batching over a
-`PagedKVPool`). No transport here: `workers` moves what these produce."""
+"""The model side of serving, through any backend's public layers API: `prefill` (a prompt → its first
+token and its KV) and `DecodeEngine` (continuous batching over a `PagedKVPool`). No transport here:
+`tensorglot.serving.workers` moves what these produce."""
 
 from __future__ import annotations
 
@@ -10,71 +10,52 @@ from typing import Any
 
 import numpy as np
 
-from tensorglot.params import TransformerConfig
-
-from .paged import PagedKVPool
-
-
-class _Recorder:
-    """A `tensorglot.cache.KVCache` that forwards to ``inner`` and keeps what each layer wrote."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.kind, self.batch, self.max_len = inner.kind, inner.batch, inner.max_len
-        self.n_layers, self.n_kv_heads, self.head_dim = inner.n_layers, inner.n_kv_heads, inner.head_dim
-        self.k: list[Any] = [None] * inner.n_layers
-        self.v: list[Any] = [None] * inner.n_layers
-
-    def lengths(self) -> np.ndarray:
-        return self.inner.lengths()
-
-    def reserve(self, n: int, /) -> None:
-        self.inner.reserve(n)
-
-    def update(self, layer: int, k: Any, v: Any, /) -> tuple[Any, Any]:
-        self.k[layer], self.v[layer] = k, v  # (1, P, K, H), keys after RoPE
-        return self.inner.update(layer, k, v)
-
-    def advance(self, n: int, /) -> None:
-        self.inner.advance(n)
-
-    def free(self, seq: int, /) -> None:
-        self.inner.free(seq)
-
-    def reset(self) -> None:
-        self.inner.reset()
+from ..params import TransformerConfig
+from .pool import PagedKVPool
 
 
 @dataclass
 class Prefilled:
     first_token: int
-    k: list[np.ndarray]  # per layer (P, K, H)
+    k: list[np.ndarray]  # per layer (P, K, H), keys after RoPE
     v: list[np.ndarray]
     seconds: float
 
     @property
+    def arrays(self) -> list[np.ndarray]:
+        """k_0, v_0, k_1, v_1, ...: the order they travel in."""
+        return [a for kv in zip(self.k, self.v) for a in kv]
+
+    @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v)
+        return sum(a.nbytes for a in self.arrays)
 
 
 def prefill(be: Any, params: Any, config: TransformerConfig, prompt: np.ndarray) -> Prefilled:
-    """Run ``prompt`` (P,) as `generate` does its first step (a contiguous cache of one sequence):
-    the greedy first token and every layer's keys (after RoPE) and values."""
+    """Run ``prompt`` (P,) as `generate` runs its first step (a contiguous cache of one sequence): the
+    greedy first token and every layer's keys (after RoPE) and values, read back through the cache
+    protocol (one more reserved token, whose ``update`` returns what each layer holds; never advanced)."""
     start = time.perf_counter()
     P = int(prompt.shape[0])
     dtype = be.dtype_name(params["embed"])
-    cache = _Recorder(be.layers.kv_cache(config, 1, P, kind="contiguous", dtype=dtype))
+    cache = be.layers.kv_cache(config, 1, P + 1, kind="contiguous", dtype=dtype)
     tokens = be.asarray(np.asarray(prompt, dtype=np.int64)[None], dtype="int64")  # (1, P)
     logits = be.layers.transformer(tokens, params, config, cache=cache)
     first = int(np.argmax(be.to_numpy(logits)[0, -1]))
-    k = [np.ascontiguousarray(be.to_numpy(x)[0]) for x in cache.k]  # (P, K, H)
-    v = [np.ascontiguousarray(be.to_numpy(x)[0]) for x in cache.v]
+    cache.reserve(1)
+    zeros = be.asarray(np.zeros((1, 1, config.n_kv_heads, config.head_dim)), dtype=dtype)  # (1, 1, K, H)
+    k, v = [], []
+    for layer in range(config.n_layers):
+        k_all, v_all = cache.update(layer, zeros, zeros)  # (1, T, K, H), T > P
+        k.append(np.ascontiguousarray(be.to_numpy(k_all)[0, :P]))  # (P, K, H)
+        v.append(np.ascontiguousarray(be.to_numpy(v_all)[0, :P]))
     return Prefilled(first, k, v, time.perf_counter() - start)
 
 
 @dataclass
 class Sequence:
     rid: int
+    prompt_len: int
     max_new: int
     tokens: list[int]  # generated so far, the prefill's first token included
     t_first: float  # wall clock (time.time) when the first token was available on the decode side
@@ -97,10 +78,12 @@ class DecodeEngine:
         num_blocks: int | None = None,
     ) -> None:
         self.be, self.params, self.config, self.max_batch = be, params, config, max_batch
-        dtype = be.dtype_name(params["embed"])
         if num_blocks is None:
             num_blocks = max_batch * -(-config.max_seq_len // block_size)
-        self.pool = PagedKVPool(be, config, num_blocks=num_blocks, block_size=block_size, dtype=dtype)
+        dtype = be.dtype_name(params["embed"])
+        self.pool = PagedKVPool(
+            be, config, max_batch=max_batch, block_size=block_size, num_blocks=num_blocks, dtype=dtype
+        )
         self.active: dict[int, Sequence] = {}
         self.steps = 0
         self.step_seconds: list[float] = []
@@ -108,16 +91,17 @@ class DecodeEngine:
     def warm_up(self) -> None:
         """One prefill and one decode step of a throwaway request, so first-call costs are not timed."""
         pre = prefill(self.be, self.params, self.config, np.zeros(2, dtype=np.int64))
-        self.admit(Sequence(-1, 2, [pre.first_token], 0.0), pre.k, pre.v)
+        self.admit(Sequence(-1, 2, 2, [pre.first_token], 0.0), pre.k, pre.v)
         self.step()
         self.steps, self.step_seconds = 0, []
 
+    def _final_blocks(self, seq: Sequence) -> int:
+        # The last token is never fed back, so a sequence ends holding prompt + max_new − 1 tokens.
+        return self.pool.blocks_for(seq.prompt_len + seq.max_new - 1)
+
     def can_admit(self, prompt_len: int, max_new: int) -> bool:
         # Reserve a request's whole budget on admission so a step never runs out of blocks.
-        committed = sum(
-            self.pool.blocks_for(len(s.tokens) - 1 + s.max_new) - len(self.pool.tables[s.rid])
-            for s in self.active.values()
-        )
+        committed = sum(self._final_blocks(s) - len(self.pool.table(s.rid)) for s in self.active.values())
         need = self.pool.blocks_for(prompt_len + max_new - 1)
         return len(self.active) < self.max_batch and need + committed <= self.pool.free_blocks()
 
@@ -126,26 +110,28 @@ class DecodeEngine:
         if seq.max_new <= len(seq.tokens):
             seq.t_last = seq.t_first
             return [seq]
-        self.pool.insert(seq.rid, k, v)
+        self.pool.write({seq.rid: (k, v)})
         self.active[seq.rid] = seq
         return []
 
     def step(self) -> list[Sequence]:
-        """One decode step over every active sequence; returns the ones that finished."""
+        """One decode step over every row (idle rows feed token 0 and are ignored); returns the finished."""
         start = time.perf_counter()
-        rids = list(self.active)
-        last = np.array([[self.active[r].tokens[-1]] for r in rids], dtype=np.int64)  # (B, 1)
-        view = self.pool.view(rids)
-        logits = self.be.layers.transformer(self.be.asarray(last, dtype="int64"), self.params, self.config, cache=view)
+        rows = {rid: self.pool.rows[rid] for rid in self.active}
+        last = np.zeros((self.max_batch, 1), dtype=np.int64)  # (B, 1)
+        for rid, row in rows.items():
+            last[row, 0] = self.active[rid].tokens[-1]
+        tokens = self.be.asarray(last, dtype="int64")
+        logits = self.be.layers.transformer(tokens, self.params, self.config, cache=self.pool.cache)
         nxt = np.argmax(self.be.to_numpy(logits)[:, -1], axis=-1)  # (B,), the first maximum on ties
         now, done = time.time(), []
-        for r, t in zip(rids, nxt.tolist()):
-            seq = self.active[r]
-            seq.tokens.append(int(t))
+        for rid, row in rows.items():
+            seq = self.active[rid]
+            seq.tokens.append(int(nxt[row]))
             if len(seq.tokens) >= seq.max_new:
                 seq.t_last = now
-                done.append(self.active.pop(r))
-                self.pool.free(r)
+                done.append(self.active.pop(rid))
+                self.pool.release(rid)
         self.steps += 1
         self.step_seconds.append(time.perf_counter() - start)
         return done

@@ -1,9 +1,9 @@
 """``tensorglot serve``: disaggregated (or colocated) serving of a batch of requests, with metrics.
 
-The work is done by ``tensorglot_torch.serving`` (torch.distributed is the transport whatever the
-backend), imported only when the command runs. Without ``--checkpoint`` a seeded random model of the
-size `DEMO_MODEL` states is served; prompts are random ids of lengths drawn from ``--prompt-len A:B``
-unless ``--prompts FILE`` (a JSON list of token-id lists) gives them.
+A plugin that provides a transport registers this command (tensorglot-torch does, through
+``tensorglot_register_commands``); the model runs on ``--backend``, whatever the transport. Without
+``--checkpoint`` the seeded random model `DEMO_MODEL` is served; prompts are random ids of lengths
+drawn from ``--prompt-len A:B`` unless ``--prompts FILE`` (a JSON list of token-id lists) gives them.
 """
 
 from __future__ import annotations
@@ -15,19 +15,11 @@ from typing import Any
 
 import numpy as np
 
-#: The random model served without --checkpoint (a Llama-shaped toy: swiglu, GQA, NeoX RoPE).
-DEMO_MODEL: dict[str, Any] = {
-    "vocab_size": 512,
-    "d_model": 128,
-    "n_layers": 4,
-    "n_heads": 8,
-    "n_kv_heads": 2,
-    "head_dim": 16,
-    "d_ff": 384,
-    "activation": "swiglu",
-    "rope_style": "neox",
-    "max_seq_len": 512,
-}
+from . import serve
+from .admission import Request
+from .model import DEMO_MODEL, Model
+
+HELP = "serve requests with prefill and decode workers over a plugin's transport, print metrics"
 
 
 def _range(text: str, name: str) -> tuple[int, int]:
@@ -57,6 +49,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", metavar="FILE", help="a JSON list of token-id lists (instead of random)")
     parser.add_argument("--colocated", action="store_true", help="prefill and decode interleaved in one process")
     parser.add_argument("--arrival-interval", type=float, default=0.0, metavar="S", help="seconds between arrivals")
+    parser.add_argument("--transport", default=None, help="a registered transport (default: torch's)")
     parser.add_argument("--timeout", type=float, default=30.0, metavar="S", help="per-transfer timeout (s)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64", "float16"))
     parser.add_argument("--seed", type=int, default=0, help="seeds the random model and prompts")
@@ -64,16 +57,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        from tensorglot_torch.serving import Model, Request, serve
-    except ImportError as exc:
-        raise RuntimeError(f"serve needs tensorglot-torch (pip install tensorglot-torch): {exc}") from None
     rng = np.random.default_rng(args.seed)
     if args.checkpoint:
         model = Model(args.backend, checkpoint=args.checkpoint, dtype=args.dtype)
-        from .checkpoints import load_llama
-
-        vocab = load_llama(args.checkpoint)[1].vocab_size
+        vocab = model.load_config().vocab_size
         described = f"checkpoint {args.checkpoint}"
     else:
         model = Model(args.backend, DEMO_MODEL, seed=args.seed, dtype=args.dtype)
@@ -96,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
             model,
             prefill_workers=args.prefill_workers,
             colocated=args.colocated,
+            transport=args.transport,
             timeout_s=args.timeout,
             on_progress=lambda n: bar.update(n - bar.n),
         )

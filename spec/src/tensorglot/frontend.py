@@ -1,0 +1,141 @@
+"""The machinery every front end shares: converting, validating and casting inputs before a kernel runs.
+
+A public function of the spec (``be.ops.softmax``, ``be.encodings.rope``, ...) is written once, as a
+method of a front-end class (`tensorglot.ops.Ops`, `tensorglot.encodings.Encodings`) bound to one
+backend. It converts its inputs to the backend's arrays, validates them with `tensorglot.checks`,
+normalises its options (a NumPy scalar is a number; an axis is normalised once), picks the compute
+dtype and calls the backend's kernel (`tensorglot.kernels`). So every backend raises the same error
+for the same bad input and applies one dtype rule, by construction:
+
+  * every floating array input of one call — ``dy`` included — has one dtype, or a TypeError names them;
+  * float16 and bfloat16 are computed in float32 inside (the kernel sees float32) and cast back;
+    float32 and float64 are computed as they are.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from . import checks
+from .backend import ArrayBackend
+
+Array = Any
+HALF = ("float16", "bfloat16")
+
+
+def compute_dtype(dtype: str) -> str:
+    """The dtype a kernel computes in: half precision in float32, the rest as it is."""
+    return "float32" if dtype in HALF else dtype
+
+
+def number(fn: str, arg: str, value: Any) -> Any:
+    """A NumPy scalar option becomes the Python number it holds (bools stay bools, arrays are refused)."""
+    if isinstance(value, np.generic) and not isinstance(value, np.ndarray):
+        return value.item()
+    return value
+
+
+class FrontEnd:
+    """Bound to one backend: its kernels (``backend.kernels``) and its array adapter (the backend object)."""
+
+    def __init__(self, backend: Any) -> None:
+        self._be = backend
+        self._k = backend.kernels
+        # Only a library with several devices needs the device check (it costs on every call).
+        self._devices = getattr(type(backend), "device", ArrayBackend.device) is not ArrayBackend.device
+
+    def __repr__(self) -> str:
+        return f"<tensorglot {type(self).__name__.lower()} of backend {self._be.name!r}>"
+
+    # -- inputs -------------------------------------------------------------------------------------
+
+    def _array(self, x: Any) -> Array:
+        return self._be.native(x)
+
+    def _float(self, fn: str, arg: str, x: Any) -> tuple[Array, str]:
+        x = self._be.native(x)
+        dtype = self._be.dtype_name(x)
+        checks.check_float(fn, arg, dtype)
+        return x, dtype
+
+    def _floats(self, fn: str, **arrays: Any) -> tuple[list[Array | None], str]:
+        """Convert and check every present array; they must share one float dtype (and device)."""
+        out: list[Array | None] = []
+        dtypes: dict[str, str] = {}
+        for arg, x in arrays.items():
+            if x is None:
+                out.append(None)
+                continue
+            x, dtypes[arg] = self._float(fn, arg, x)
+            out.append(x)
+        checks.check_same_dtype(fn, dtypes)
+        self._same_device(fn, {a: x for a, x in zip(arrays, out) if x is not None})
+        return out, next(iter(dtypes.values()))
+
+    def _int(self, fn: str, arg: str, x: Any) -> Array:
+        x = self._be.native(x)
+        checks.check_int(fn, arg, self._be.dtype_name(x))
+        return x
+
+    def _bool(self, fn: str, arg: str, x: Any) -> Array:
+        x = self._be.native(x)
+        checks.check_bool(fn, arg, self._be.dtype_name(x))
+        return x
+
+    def _same_device(self, fn: str, arrays: dict[str, Array]) -> None:
+        if not self._devices:
+            return
+        devices = {arg: self._be.device(x) for arg, x in arrays.items()}
+        if len(set(devices.values())) > 1:
+            got = ", ".join(f"{k}={d}" for k, d in devices.items())
+            raise TypeError(f"{fn}: inputs must be on one device, got {got}")
+
+    # -- options ------------------------------------------------------------------------------------
+
+    def _static(self, fn: str, arg: str, value: Any) -> Any:
+        """Options select the computation, so they are Python values, never traced arrays (JAX)."""
+        if self._be.is_traced(value):
+            raise TypeError(
+                f"{fn}: {arg} is an option and must be a static Python value, got a traced array; close "
+                f"over it or mark it static: jax.jit(f, static_argnames=('{arg}',))"
+            )
+        return number(fn, arg, value)
+
+    def _bool_option(self, fn: str, arg: str, value: Any) -> bool:
+        value = self._static(fn, arg, value)
+        if not isinstance(value, bool):
+            raise TypeError(f"{fn}: {arg} must be a bool, got {type(value).__name__}")
+        return value
+
+    def _index(self, fn: str, arg: str, value: Any, *, allow_zero: bool = False) -> int:
+        return checks.check_positive_int(fn, arg, self._static(fn, arg, value), allow_zero=allow_zero)
+
+    def _positive(self, fn: str, arg: str, value: Any) -> float:
+        return checks.check_positive_float(fn, arg, self._static(fn, arg, value))
+
+    def _axis(self, fn: str, axis: Any, ndim: int) -> int:
+        axis = self._static(fn, "axis", axis)
+        if isinstance(axis, bool) or not isinstance(axis, int):
+            raise TypeError(f"{fn}: axis must be an int, got {type(axis).__name__}")
+        return checks.normalize_axis(fn, operator.index(axis), ndim)
+
+    # -- the call -----------------------------------------------------------------------------------
+
+    def _run(self, kernel: Callable[..., Any], dtype: str, arrays: Sequence[Array | None], *options: Any) -> Any:
+        """Call ``kernel(*arrays, *options)`` in the compute dtype and cast its outputs back to ``dtype``."""
+        cd = compute_dtype(dtype)
+        if cd == dtype:
+            return kernel(*arrays, *options)
+        astype = self._be.astype
+        out = kernel(*(None if a is None else astype(a, cd) for a in arrays), *options)
+        if isinstance(out, tuple):
+            return tuple(None if o is None else astype(o, dtype) for o in out)
+        return astype(out, dtype)
+
+
+def shape(x: Array) -> tuple[int, ...]:
+    return tuple(int(s) for s in x.shape)

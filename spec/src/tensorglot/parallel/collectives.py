@@ -1,0 +1,82 @@
+"""The collectives a rank's step calls: the interface between the spec's step and a backend's transport.
+
+`Collectives` is one rank's view of n ranks. Its public methods log each collective the way the cost
+model counts it (kind, the full tensor's bytes V in the step's dtype, group size), then hand the tensor
+to the transport, which a backend writes: NumPy's simulated mesh (threads meeting at barriers), torch's
+process group (gloo, NCCL). A subclass implements ``_all_reduce``, ``_all_gather``, ``_reduce_scatter``,
+``_send`` and ``_recv``; nothing else.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from array_api_compat import array_namespace
+
+from .cost import Collective
+
+#: The ranks split into groups, each rank in exactly one; None is one group of every rank.
+Groups = tuple[tuple[int, ...], ...] | None
+
+
+def nbytes(x: Any, /) -> int:
+    """The bytes of an array of any array-API namespace."""
+    return math.prod(x.shape) * array_namespace(x).finfo(x.dtype).bits // 8
+
+
+class Collectives:
+    """One rank's collectives over ``world_size`` ranks; ``log`` holds what it took part in, in order."""
+
+    def __init__(self, rank: int, world_size: int) -> None:
+        self.rank, self.world_size = rank, world_size
+        self.log: list[Collective] = []
+
+    def group_of(self, groups: Groups, /) -> tuple[int, ...]:
+        """This rank's group in ``groups``."""
+        if groups is None:
+            return tuple(range(self.world_size))
+        return next(g for g in groups if self.rank in g)
+
+    def all_reduce(self, x: Any, /, *, tensor: str, groups: Sequence[Sequence[int]] | None = None) -> Any:
+        """The sum of ``x`` over this rank's group; ``groups`` partitions the ranks (None: one group of all)."""
+        parts = None if groups is None or len(groups) == 1 else tuple(tuple(g) for g in groups)
+        self.log.append(Collective("all_reduce", tensor, nbytes(x), len(self.group_of(parts))))
+        return self._all_reduce(x, parts)
+
+    def all_gather(self, shard: Any, /, *, tensor: str) -> Any:
+        """Every rank's ``shard`` concatenated on axis 0, in rank order; V is the gathered tensor."""
+        self.log.append(Collective("all_gather", tensor, nbytes(shard) * self.world_size, self.world_size))
+        return self._all_gather(shard)
+
+    def reduce_scatter(self, x: Any, /, *, tensor: str) -> Any:
+        """This rank's 1/n (on axis 0) of the sum of every rank's ``x``; V is ``x``."""
+        self.log.append(Collective("reduce_scatter", tensor, nbytes(x), self.world_size))
+        return self._reduce_scatter(x)
+
+    def send(self, x: Any, /, *, dst: int, tensor: str) -> None:
+        """Send ``x`` to rank ``dst`` without waiting for it to be received."""
+        self.log.append(Collective("send", tensor, nbytes(x), 2))
+        self._send(x, dst)
+
+    def recv(self, like: Any, /, *, src: int) -> Any:
+        """The next array rank ``src`` sends this rank, shaped and typed like ``like`` (the sender logs it)."""
+        return self._recv(like, src)
+
+    # The transport: a backend's subclass writes these.
+
+    def _all_reduce(self, x: Any, groups: Groups, /) -> Any:
+        raise NotImplementedError
+
+    def _all_gather(self, shard: Any, /) -> Any:
+        raise NotImplementedError
+
+    def _reduce_scatter(self, x: Any, /) -> Any:
+        raise NotImplementedError
+
+    def _send(self, x: Any, dst: int, /) -> None:
+        raise NotImplementedError
+
+    def _recv(self, like: Any, src: int, /) -> Any:
+        raise NotImplementedError

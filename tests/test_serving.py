@@ -1,0 +1,164 @@
+"""`tensorglot.serving`: tokens equal `generate` on every backend with layers, the paged pool keeps what
+prefill computed and gives every block back, KV arrives bit for bit, faults are recomputed.
+
+The engine and the colocated loop need no transport; the disaggregated runs use the installed one
+(tensorglot-torch's ``torch.distributed``) and skip, naming it, without. Models are tiny: the point
+is the bookkeeping.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+import tensorglot
+from tensorglot.registry import registry
+from tensorglot.serving import DecodeEngine, Fault, Model, Request, Sequence, prefill, serve
+from tensorglot.serving.transport import digest
+
+CONFIG = tensorglot.TransformerConfig(
+    vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64, max_seq_len=48
+)
+BACKENDS = [b for b in ("numpy", "torch", "jax") if b in tensorglot.available_backends()]
+needs_transport = pytest.mark.skipif(
+    not registry().transports(), reason="needs a serving transport (tensorglot-torch provides one)"
+)
+
+
+def _model(backend: str):
+    be = tensorglot.get_backend(backend)
+    return be, {k: be.asarray(v) for k, v in tensorglot.init_params(CONFIG, 0).items()}
+
+
+def _reference(backend: str, prompt: np.ndarray, n: int) -> list[int]:
+    be, params = _model(backend)
+    out = be.to_numpy(be.layers.generate(params, CONFIG, be.asarray(prompt[None], dtype="int64"), max_new_tokens=n))
+    return out[0, len(prompt) :].tolist()
+
+
+def _workload(n: int, seed: int = 0, lengths: tuple[int, ...] | None = None) -> list[Request]:
+    rng = np.random.default_rng(seed)
+    reqs = []
+    for i in range(n):
+        P = int(rng.choice(lengths)) if lengths else int(rng.integers(1, 24))
+        new = int(rng.integers(1, 12))
+        reqs.append(Request(i, rng.integers(0, CONFIG.vocab_size, size=P), new, arrival_s=0.003 * i))
+    return reqs
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_continuous_batching_on_the_paged_pool_equals_generate(backend):
+    """Requests of different lengths join and leave the decode batch between steps."""
+    be, params = _model(backend)
+    engine = DecodeEngine(be, params, CONFIG, max_batch=4, block_size=4)
+    reqs = _workload(7, seed=1, lengths=(3, 11, 17) if backend == "jax" else None)  # jax compiles per length
+    pending, done = list(reqs), {}
+    while pending or engine.active:
+        if pending and engine.can_admit(len(pending[0].prompt), pending[0].max_new_tokens):
+            req = pending.pop(0)  # one joins per step: the batch holds sequences of different lengths
+            pre = prefill(be, params, CONFIG, req.prompt)
+            seq = Sequence(req.rid, len(req.prompt), req.max_new_tokens, [pre.first_token], 0.0)
+            for s in engine.admit(seq, pre.k, pre.v):
+                done[s.rid] = s.tokens
+        if engine.active:
+            assert len(engine.active) <= 4
+            for s in engine.step():
+                done[s.rid] = s.tokens
+    for req in reqs:
+        assert done[req.rid] == _reference(backend, req.prompt, req.max_new_tokens), req.rid
+    assert engine.pool.free_blocks() == engine.pool.num_blocks  # every block came back
+    assert not engine.pool.rows
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pool_stores_what_prefill_computed_and_idle_rows_hold_no_block(backend):
+    be, params = _model(backend)
+    engine = DecodeEngine(be, params, CONFIG, max_batch=3, block_size=4)
+    pre = prefill(be, params, CONFIG, np.arange(10))
+    engine.admit(Sequence(7, 10, 5, [pre.first_token], 0.0), pre.k, pre.v)
+    k, v = engine.pool.read(7)
+    assert all(np.array_equal(a, b) for a, b in zip(k + v, pre.k + pre.v))
+    assert engine.pool.table(7) == [0, 1, 2]  # ceil(10 / 4) blocks, lowest first
+    engine.step()  # two idle rows run too, writing only to the scratch block
+    assert engine.pool.map.lengths().tolist() == [11, 0, 0]
+    assert engine.pool.free_blocks() == engine.pool.num_blocks - 3
+    k2, _ = engine.pool.read(7)
+    assert all(np.array_equal(a[:10], b) for a, b in zip(k2, pre.k))  # the prompt's keys are untouched
+
+
+def test_pool_write_past_its_blocks_raises_and_changes_nothing():
+    be, params = _model("numpy")
+    engine = DecodeEngine(be, params, CONFIG, max_batch=2, block_size=4, num_blocks=3)
+    pre = prefill(be, params, CONFIG, np.arange(13))  # 4 blocks of 4 > 3
+    with pytest.raises(ValueError, match="4 new blocks of 4 needed but only 3 of 3 are free"):
+        engine.pool.write({0: (pre.k, pre.v)})
+    assert engine.pool.free_blocks() == 3 and not engine.pool.rows and engine.pool.map.staged is None
+    assert not engine.can_admit(13, 1)
+
+
+@pytest.mark.timeout(120)
+def test_colocated_tokens_equal_generate_and_long_requests_are_rejected():
+    reqs = [*_workload(4), Request(4, np.arange(40), 9)]  # 40 + 9 > max_seq_len = 48
+    out = serve(reqs, Model("numpy", CONFIG.to_dict(), seed=0), colocated=True)
+    for req, rec in zip(reqs[:4], out["requests"]):
+        assert rec["tokens"] == _reference("numpy", req.prompt, req.max_new_tokens)
+    assert out["requests"][4]["tokens"] == []
+    assert "longer than the model's context (max_seq_len = 48)" in out["requests"][4]["error"]
+    assert out["summary"]["completed"] == 4 and out["summary"]["rejected"] == 1
+
+
+@needs_transport
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_disaggregated_tokens_equal_generate_and_kv_arrives_bit_for_bit(backend):
+    reqs = [*_workload(6, lengths=(5, 12) if backend == "jax" else None), Request(6, np.arange(45) % 64, 10)]
+    reqs[2].max_new_tokens = 1  # done by prefill alone
+    out = serve(reqs, Model(backend, CONFIG.to_dict(), seed=0), prefill_workers=2, timeout_s=60)
+    for req, rec in zip(reqs[:6], out["requests"]):
+        assert rec["error"] is None
+        assert rec["tokens"] == _reference(backend, req.prompt, req.max_new_tokens), req.rid
+        assert rec["kv_digest_ok"]  # decode's bytes == prefill's bytes
+        assert rec["kv_bytes"] == 2 * CONFIG.n_layers * len(req.prompt) * 2 * 8 * 4
+        assert rec["worker"] in (1, 2) and rec["ttft_s"] > rec["transfer_s"] > 0
+    assert out["requests"][6]["error"] and out["requests"][6]["tokens"] == []
+    s = out["summary"]
+    assert (s["completed"], s["rejected"], s["recomputed"]) == (6, 1, 0)
+    assert s["ttft_p50_s"] <= s["ttft_p99_s"] and s["tokens_per_s"] > 0
+
+
+@needs_transport
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
+def test_kv_digest_is_the_digest_of_what_prefill_computes():
+    reqs = _workload(3)
+    out = serve(reqs, Model("numpy", CONFIG.to_dict(), seed=0), timeout_s=60)
+    be, params = _model("numpy")
+    for req, rec in zip(reqs, out["requests"]):
+        assert rec["kv_digest"] == digest(prefill(be, params, CONFIG, req.prompt).arrays)
+
+
+@needs_transport
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
+def test_dead_and_hung_prefill_workers_are_recomputed_with_the_same_tokens(caplog):
+    reqs = _workload(6)
+    # rank 1 dies at its second request, rank 2 hangs at its second: the decode rank recomputes the rest
+    faults = [Fault(1, "die", after=1), Fault(2, "hang", after=1)]
+    with caplog.at_level(logging.WARNING, logger="tensorglot.serving"):
+        out = serve(reqs, Model("numpy", CONFIG.to_dict(), seed=0), prefill_workers=2, timeout_s=3, faults=faults)
+    for req, rec in zip(reqs, out["requests"]):
+        assert rec["tokens"] == _reference("numpy", req.prompt, req.max_new_tokens), req.rid
+    assert out["summary"]["recomputed"] >= 2
+    assert any(r["worker"] == 3 for r in out["requests"])  # recomputed on the decode rank
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    assert "prefill worker rank 1" in logged and "prefill worker rank 2" in logged and "recomputing" in logged
+
+
+def test_an_unknown_transport_names_the_installed_ones():
+    with pytest.raises(ValueError, match="unknown transport 'pigeon'; installed transports:"):
+        serve([Request(0, np.arange(3), 2)], Model("numpy", CONFIG.to_dict()), transport="pigeon")
