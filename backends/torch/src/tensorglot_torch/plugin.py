@@ -34,6 +34,7 @@ def tensorglot_register_bench_baselines(register: Callable[..., None]) -> None:
     register("torch", lambda: import_module(".bench", __package__).baselines())
 
 
+@hookimpl
 def tensorglot_register_transports(register: Callable[..., Any]) -> None:
     register("torch", _transport)
 
