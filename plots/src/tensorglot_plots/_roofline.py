@@ -12,10 +12,6 @@ activation, so it can only sit under the roof, and one that did not would mean a
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-from typing import Any
-
 import numpy as np
 
 from tensorglot.bench import measure_machine
@@ -26,13 +22,6 @@ PRESETS = {
     "H200, bf16": (989e12, 4.8e12),
     "TPU v5e, bf16": (197e12, 819e9),
 }
-
-
-def timed(fn: Callable[..., Any], *args: Any) -> float:
-    """Wall seconds of one call ``fn(*args)``."""
-    start = time.perf_counter()
-    fn(*args)
-    return time.perf_counter() - start
 
 
 class MachineRoof:

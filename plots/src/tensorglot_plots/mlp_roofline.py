@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from . import style
-from ._roofline import PRESETS, MachineRoof, roof, timed
+from ._roofline import PRESETS, MachineRoof, roof
 
 MEASURED = frozenset({"achieved_flops", "machine"})
 #: 32 MiB of float32 weights
@@ -34,37 +34,15 @@ def mlp_bytes(batch: int, d_model: int, d_ff: int, itemsize: int) -> int:
 
 
 def data(backend: Any) -> dict[str, Any]:
-    rng = np.random.default_rng(style.SEED)
-    scale = 1 / np.sqrt(D_MODEL)
-    w_in = backend.asarray((rng.standard_normal((D_MODEL, D_FF)) * scale).astype(np.float32), "float32")
-    w_out = backend.asarray((rng.standard_normal((D_FF, D_MODEL)) * scale).astype(np.float32), "float32")
+    from tensorglot import bench
+
     flops = np.array([mlp_flops(b, D_MODEL, D_FF) for b in BATCHES], np.float64)
     nbytes = np.array([mlp_bytes(b, D_MODEL, D_FF, ITEMSIZE) for b in BATCHES], np.float64)
-    machine = MachineRoof()
-    ops, to_numpy = backend.ops, backend.to_numpy
-
-    # to_numpy waits for asynchronous backends, so each time covers the whole computation
-    def run_mlp(x: Any) -> Any:
-        return to_numpy(ops.mlp(x, w_in, w_out))
-
-    def run_in(x: Any) -> Any:
-        return to_numpy(ops.linear(x, w_in))
-
-    def run_out(h: Any) -> Any:
-        return to_numpy(ops.linear(h, w_out))
-
-    achieved = []
-    for b in BATCHES:
-        x = backend.asarray(rng.standard_normal((b, D_MODEL)).astype(np.float32), "float32")
-        h = ops.linear(x, w_in)  # (B, F): the second product's input, for its probe
-        point, probe_in, probe_out = [], [], []
-        for rep in range(1 + REPEATS):  # the first round warms up
-            t_point, t_in, t_out = timed(run_mlp, x), timed(run_in, x), timed(run_out, h)
-            if rep:
-                point.append(t_point)
-                probe_in.append(t_in)
-                probe_out.append(t_out)
-        achieved.append(mlp_flops(b, D_MODEL, D_FF) / float(np.median(point)))
+    machine, ctx, achieved = MachineRoof(), bench.Context(backend), []
+    for b, f in zip(BATCHES, flops):
+        # the bench's mlp row measurement, forward only: the MLP, then its two products alone, alternated
+        point, probe_in, probe_out = bench.mlp_times(ctx, b, D_MODEL, D_FF, backward=False, repeats=REPEATS)
+        achieved.append(f / float(np.median(point)))
         machine.add_product((b, D_MODEL, D_FF), min(probe_in))
         machine.add_product((b, D_FF, D_MODEL), min(probe_out))
     return {

@@ -36,3 +36,9 @@ def tensorglot_prepare_host_devices(backend: str, n: int) -> None:
 def tensorglot_register_transports(register: Callable[..., Any]) -> None:
     """Call ``register(name, factory)`` once per serving transport: ``factory(rank, world_size, **options)``
     returns a `tensorglot.serving.transport.Transport` and imports its framework only when called."""
+
+
+@hookspec
+def tensorglot_register_bench_baselines(register: Callable[..., None]) -> None:
+    """Call ``register(backend, loader)``; ``loader()`` returns the backend's bench baselines and probes
+    (a dict keyed by row name; see `tensorglot.bench`). It runs only when that backend is benchmarked."""

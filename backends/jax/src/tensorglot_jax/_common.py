@@ -25,16 +25,3 @@ def flat2d(x: jax.Array) -> jax.Array:
 
 def is_traced(x: Any) -> bool:
     return isinstance(x, jax.core.Tracer)
-
-
-class lazy_frontend:
-    """The spec's front end ``namespace`` of the JAX backend, for modules that call ``ops.X(..., option=)``
-    (bench.py); looked up on first use, so importing them needs no backend object."""
-
-    def __init__(self, namespace: str) -> None:
-        self._namespace = namespace
-
-    def __getattr__(self, name: str) -> Any:
-        import tensorglot
-
-        return getattr(getattr(tensorglot.get_backend("jax"), self._namespace), name)

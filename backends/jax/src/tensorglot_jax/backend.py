@@ -48,12 +48,6 @@ class JaxBackend(ArrayBackend):
         # Read at each access: x64 may be switched on with jax.config.update after the backend loaded.
         return CAPABILITIES | {"float64"} if x64_enabled() else CAPABILITIES
 
-    @property
-    def bench(self) -> Any:
-        from . import bench
-
-        return bench
-
     def asarray(self, x: Any, /, dtype: str | None = None) -> jax.Array:
         if dtype is None:
             return jnp.asarray(x)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
+from importlib import import_module
 
 from tensorglot.hookspecs import hookimpl
 
@@ -43,3 +44,8 @@ def tensorglot_prepare_host_devices(backend: str, n: int) -> None:
     flag = "--xla_force_host_platform_device_count"
     if backend == "jax" and "jax" not in sys.modules and flag not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}={n}".strip()
+
+
+@hookimpl
+def tensorglot_register_bench_baselines(register: Callable[..., None]) -> None:
+    register("jax", lambda: import_module(".bench", __package__).baselines())

@@ -9,7 +9,7 @@ import numpy as np
 
 from tensorglot.backend import ArrayBackend
 
-from . import bench, layers, ops, parallel
+from . import layers, ops, parallel
 
 CAPABILITIES = frozenset({"float64", "float16", "layers", "dp", "tp", "fsdp", "pp", "flash"})
 
@@ -32,7 +32,6 @@ class NumpyBackend(ArrayBackend):
         **{k: v for m in (ops, layers) for k, v in vars(m).items() if callable(v) and not k.startswith("_")}
     )
     parallel = parallel
-    bench = bench
 
     def asarray(self, x: Any, /, dtype: str | None = None) -> np.ndarray:
         if dtype is None:

@@ -1,4 +1,4 @@
-"""Helpers shared by the torch modules: dtype names, the kernel wrapper and the lazy front ends."""
+"""Helpers shared by the torch modules: dtype names and the kernels' autograd wrapper."""
 
 from __future__ import annotations
 
@@ -29,21 +29,6 @@ def as_float(fn: str, arg: str, x: Any) -> torch.Tensor:
         x = torch.as_tensor(x)
     checks.check_float(fn, arg, dtype_name(x))
     return x
-
-
-class Frontend:
-    """``be.ops`` or ``be.encodings`` of the torch backend, found at first use (the backend imports the
-    modules that use it). Transitional: for the torch layers until the spec's layers replace them."""
-
-    def __init__(self, namespace: str) -> None:
-        self._namespace, self._target = namespace, None
-
-    def __getattr__(self, name: str) -> Any:
-        if self._target is None:  # then kept: the registry's lock would break a torch.compile graph
-            import tensorglot
-
-            self._target = getattr(tensorglot.get_backend("torch"), self._namespace)
-        return getattr(self._target, name)
 
 
 class _Untracked:

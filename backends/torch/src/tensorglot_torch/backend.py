@@ -37,12 +37,6 @@ class TorchBackend(ArrayBackend):
         super().__init__()
         self.default_device = torch.device(device or os.environ.get("TENSORGLOT_TORCH_DEVICE", "cpu"))
 
-    @property
-    def bench(self) -> Any:
-        import importlib
-
-        return importlib.import_module(".bench", __package__)
-
     def asarray(self, x: Any, /, dtype: str | None = None) -> torch.Tensor:
         if dtype is not None and dtype not in DTYPES:
             raise TypeError(f"asarray: the torch backend has no dtype {dtype!r} (it has {', '.join(DTYPES)})")

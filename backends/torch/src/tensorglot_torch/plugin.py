@@ -4,6 +4,7 @@ command that uses it. Imports no torch: the backend and the transport load on fi
 from __future__ import annotations
 
 from collections.abc import Callable
+from importlib import import_module
 from typing import Any
 
 from tensorglot.hookspecs import hookimpl
@@ -26,6 +27,11 @@ def _transport(rank: int, world_size: int, **options: Any) -> Any:
 @hookimpl
 def tensorglot_register_backends(register: Callable[..., None]) -> None:
     register("torch", _load, capabilities=CAPABILITIES, framework="torch")
+
+
+@hookimpl
+def tensorglot_register_bench_baselines(register: Callable[..., None]) -> None:
+    register("torch", lambda: import_module(".bench", __package__).baselines())
 
 
 @hookimpl
