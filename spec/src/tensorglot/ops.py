@@ -207,6 +207,51 @@ class Ops(AttentionOps):
         checks.check_same_shape(fn, "dy", shape(dy), shape(x), "x")
         return self._run(self._k.rms_norm_backward, dtype, (x, weight, dy), eps)
 
+    def layer_norm(self, x: Array, weight: Array, bias: Array | None = None, /, *, eps: float = 1e-5) -> Array:
+        r"""Layer normalisation over the last axis (Ba et al. 2016, arXiv:1607.06450):
+        ``(x − mean(x)) · rsqrt(var(x) + eps) · weight + bias``, the variance biased (divided by D), as
+        ``torch.nn.functional.layer_norm``.
+
+        Cast order (pinned, torch's): a half input is computed in float32 — the normalisation, the weight
+        and the bias — and only the result is cast back (`rms_norm` casts before the weight instead).
+
+        Args:
+            x: (..., D).  weight: (D,).  bias: (D,) or None.  eps: > 0.
+        Returns:
+            x's shape and dtype.
+
+        >>> import numpy as np, tensorglot
+        >>> ops = tensorglot.get_backend("numpy").ops
+        >>> print(np.round(ops.layer_norm(np.array([1.0, 3.0]), np.ones(2), np.array([0.5, 0.5])), 4))
+        [-0.5  1.5]
+        """
+        fn = "layer_norm"
+        (x, weight, bias), dtype = self._floats(fn, x=x, weight=weight, bias=bias)
+        eps = self._positive(fn, "eps", eps)
+        self._norm_shapes(fn, x, weight, bias)
+        return self._run(self._k.layer_norm, dtype, (x, weight, bias), eps)
+
+    def layer_norm_backward(
+        self, x: Array, weight: Array, dy: Array, /, *, eps: float = 1e-5, bias: bool
+    ) -> tuple[Array, Array, Array | None]:
+        r"""``(dx, dweight, dbias)`` of `layer_norm`: with n the normalised x, r = rsqrt(var + eps) and
+        g = dy·weight, ``dx = r · (g − mean(g) − n · mean(g·n))``, ``dweight = sum(dy · n)`` and
+        ``dbias = sum(dy)`` over all leading axes; dbias is None unless ``bias``.
+
+        >>> import numpy as np, tensorglot
+        >>> ops = tensorglot.get_backend("numpy").ops
+        >>> x = np.array([[0.0, 1.0, 5.0]])
+        >>> dx, dw, db = ops.layer_norm_backward(x, np.ones(3), np.array([[1.0, 0.0, 0.0]]), bias=True)
+        >>> print(np.round(dx, 4), np.round(dw, 4), db)
+        [[ 0.1763 -0.2204  0.0441]] [-0.9258  0.      0.    ] [1. 0. 0.]
+        """
+        fn = "layer_norm_backward"
+        (x, weight, dy), dtype = self._floats(fn, x=x, weight=weight, dy=dy)
+        eps = self._positive(fn, "eps", eps)
+        self._norm_shapes(fn, x, weight, None)
+        checks.check_same_shape(fn, "dy", shape(dy), shape(x), "x")
+        return self._run(self._k.layer_norm_backward, dtype, (x, weight, dy), eps, self._bool_option(fn, "bias", bias))
+
     # -- shared validation ------------------------------------------------------------------------
 
     def _mlp_inputs(self, fn, x, w_in, w_out, activation, dy=None):
@@ -218,6 +263,12 @@ class Ops(AttentionOps):
         activation = self._static(fn, "activation", activation)
         checks.check_choice(fn, "activation", activation, checks.ACTIVATIONS)
         return arrays, dtype, activation
+
+    def _norm_shapes(self, fn, x, weight, bias):
+        checks.check_min_rank(fn, "x", shape(x), 1, "(..., D)")
+        for arg, a in (("weight", weight), ("bias", bias)):
+            if a is not None and shape(a) != shape(x)[-1:]:
+                raise checks.bad_shape(fn, arg, shape(a), f"({shape(x)[-1]},), x's last axis")
 
     def _swiglu_inputs(self, fn, x, w_gate, w_up, w_down, dy=None):
         named = {"x": x, "w_gate": w_gate, "w_up": w_up, "w_down": w_down} | ({} if dy is None else {"dy": dy})
@@ -241,6 +292,8 @@ NAMES = (
     "swiglu_backward",
     "rms_norm",
     "rms_norm_backward",
+    "layer_norm",
+    "layer_norm_backward",
     "attention",
     "attention_backward",
     "causal_mask",

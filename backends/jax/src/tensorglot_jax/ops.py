@@ -150,6 +150,33 @@ def rms_norm_backward(x, weight, dy, eps):
     return _rms_norm_grads(dy, x, weight, _rsqrt_ms(x, eps))
 
 
+# -- LayerNorm -------------------------------------------------------------------------------------
+
+
+def _standardise(x, eps):
+    xc = x - jnp.mean(x, axis=-1, keepdims=True)
+    r = jax.lax.rsqrt(jnp.mean(xc * xc, axis=-1, keepdims=True) + eps)  # (..., 1)
+    return xc * r, r
+
+
+def _layer_norm_grads(dy, x, weight, eps, bias):
+    n, r = _standardise(x, eps)
+    g = dy * weight
+    dx = r * (g - jnp.mean(g, axis=-1, keepdims=True) - n * jnp.mean(g * n, axis=-1, keepdims=True))
+    return dx, flat2d(dy * n).sum(axis=0), flat2d(dy).sum(axis=0) if bias else None
+
+
+def _layer_norm_fwd(x, weight, bias, eps):
+    y = _standardise(x, eps)[0] * weight
+    return (y if bias is None else y + bias), (x, weight, bias)
+
+
+layer_norm = vjp_kernel(
+    _layer_norm_fwd, lambda eps, res, dy: _layer_norm_grads(dy, res[0], res[1], eps, res[2] is not None), (3,)
+)
+layer_norm_backward = jax.jit(lambda x, w, dy, eps, bias: _layer_norm_grads(dy, x, w, eps, bias), static_argnums=(3, 4))
+
+
 # -- attention -------------------------------------------------------------------------------------
 
 

@@ -135,6 +135,25 @@ def rms_norm_backward(x, weight, dy, eps):
     return dx, _flat2d(dy * n).sum(axis=0)
 
 
+def _standardise(x, eps):
+    """((x − mean) · r, r) with r = rsqrt(biased var + eps), over the last axis."""
+    xc = x - np.mean(x, axis=-1, keepdims=True)
+    r = 1.0 / np.sqrt(np.mean(xc * xc, axis=-1, keepdims=True) + eps)  # (..., 1)
+    return xc * r, r
+
+
+def layer_norm(x, weight, bias, eps):
+    y = _standardise(x, eps)[0] * weight
+    return y if bias is None else y + bias
+
+
+def layer_norm_backward(x, weight, dy, eps, bias):
+    n, r = _standardise(x, eps)
+    g = dy * weight
+    dx = r * (g - np.mean(g, axis=-1, keepdims=True) - n * np.mean(g * n, axis=-1, keepdims=True))
+    return dx, _flat2d(dy * n).sum(axis=0), _flat2d(dy).sum(axis=0) if bias else None
+
+
 # -- attention -------------------------------------------------------------------------------------
 
 

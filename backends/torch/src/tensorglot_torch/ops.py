@@ -211,6 +211,38 @@ class RMSNorm(torch.autograd.Function):
         return *rms_norm_backward(x, weight, dy, None, r, ctx.needs_input_grad), None, None
 
 
+# -- LayerNorm -------------------------------------------------------------------------------------
+
+
+def _standardise(x, eps):
+    """((x − mean) · r, r), r = rsqrt(biased variance + eps), over the last axis."""
+    xc = x - x.mean(-1, keepdim=True)
+    r = torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+    return xc.mul_(r), r
+
+
+def layer_norm_backward(x, weight, dy, eps, bias, needs=ALL):
+    n, r = _standardise(x, eps)
+    g = dy * weight
+    dx = r * (g - g.mean(-1, keepdim=True) - n * (g * n).mean(-1, keepdim=True)) if needs[0] else None
+    dw = _flat2d(dy * n).sum(0) if needs[1] else None
+    return dx, dw, _flat2d(dy).sum(0) if bias and needs[2] else None
+
+
+class LayerNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        ctx.save_for_backward(x, weight)
+        ctx.eps, ctx.bias = eps, bias is not None
+        y = _standardise(x, eps)[0].mul_(weight)
+        return y if bias is None else y.add_(bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        return *layer_norm_backward(x, weight, dy, ctx.eps, ctx.bias, ctx.needs_input_grad), None
+
+
 # -- attention -------------------------------------------------------------------------------------
 
 #: Causal attention runs in blocks of query rows: a block reads only the keys some row of it can see,
@@ -309,7 +341,7 @@ def attention_backward(q, k, v, dy, causal, mask, scale):
 
 
 softmax, linear, mlp, swiglu = _kernel(Softmax), _kernel(Linear), _kernel(MLP), _kernel(SwiGLU)
-rms_norm, _attention_function = _kernel(RMSNorm), _kernel(Attention)
+rms_norm, layer_norm, _attention_function = _kernel(RMSNorm), _kernel(LayerNorm), _kernel(Attention)
 
 
 def attention(q, k, v, causal, mask, scale):

@@ -16,6 +16,7 @@ from .special import erf
 __all__ = [
     *("softmax", "softmax_backward", "linear", "linear_backward", "mlp", "mlp_backward"),
     *("swiglu", "swiglu_backward", "rms_norm", "rms_norm_backward", "attention", "attention_backward"),
+    *("layer_norm", "layer_norm_backward"),
 ]
 
 
@@ -143,6 +144,27 @@ def rms_norm_backward(x, weight, dy, eps):
     r = _inv_rms(x, eps)
     n, g = x * r, dy * weight
     return r * (g - n * xp.mean(g * n, axis=-1, keepdims=True)), xp.sum(dy * n, axis=tuple(range(x.ndim - 1)))
+
+
+def _standardised(x, eps):
+    """The centred x times r = 1/sqrt(biased variance + eps), and r."""
+    xp = array_namespace(x)
+    centred = x - xp.mean(x, axis=-1, keepdims=True)
+    r = 1.0 / xp.sqrt(xp.mean(centred * centred, axis=-1, keepdims=True) + eps)
+    return centred * r, r
+
+
+def layer_norm(x, weight, bias, eps):
+    y = _standardised(x, eps)[0] * weight
+    return y if bias is None else y + bias
+
+
+def layer_norm_backward(x, weight, dy, eps, bias):
+    xp = array_namespace(x)
+    n, r = _standardised(x, eps)
+    g, lead = dy * weight, tuple(range(x.ndim - 1))
+    mean = lambda a: xp.mean(a, axis=-1, keepdims=True)  # noqa: E731
+    return r * (g - mean(g) - n * mean(g * n)), xp.sum(dy * n, axis=lead), xp.sum(dy, axis=lead) if bias else None
 
 
 # -- attention: heads grouped as (B, K, G, S, H), G = N // K query heads per kv head ------------------

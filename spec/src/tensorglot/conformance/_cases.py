@@ -158,6 +158,17 @@ CASES: list[Case] = [
         (0, 1),
         lambda f, a, kw, y, dy: f("rms_norm_backward")(a[0], a[1], dy, eps=kw["eps"]),
     ),
+    *[
+        Case(
+            f"layer_norm-{'bias' if with_bias else 'nobias'}",
+            "ops",
+            "layer_norm",
+            lambda rng, b=with_bias: ([_n(rng, 2, 3, 8) * 2 + 1, 1 + 0.1 * _n(rng, 8)] + [0.1 * _n(rng, 8)] * b, {}),
+            (0, 1, 2) if with_bias else (0, 1),
+            lambda f, a, kw, y, dy: f("layer_norm_backward")(a[0], a[1], dy, bias=len(a) == 3)[: len(a)],
+        )
+        for with_bias in (True, False)
+    ],
     _attention_case("attention-mha", 2, 3, 3, 2, 2, 4),
     _attention_case("attention-gqa-causal-decode", 1, 2, 5, 4, 2, 3, causal=True),
     _attention_case("attention-mqa-causal", 2, 4, 4, 3, 1, 4, causal=True),
