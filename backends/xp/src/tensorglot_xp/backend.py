@@ -35,9 +35,15 @@ def load_namespace(name: str) -> ModuleType:
     return array_namespace(module.asarray(0.0))
 
 
+def _defined_in(value: Any, module: ModuleType) -> bool:
+    return callable(value) and getattr(value, "__module__", None) == module.__name__ and value.__name__[0] != "_"
+
+
 class XpBackend(ArrayBackend):
     name = "xp"
-    kernels = SimpleNamespace(**{k: getattr(m, k) for m in (ops, flash, encodings, layers) for k in m.__all__})
+    kernels = SimpleNamespace(
+        **{k: v for m in (ops, flash, encodings, layers) for k, v in vars(m).items() if _defined_in(v, m)}
+    )
     parallel = None
 
     def __init__(self, namespace: str | None = None) -> None:

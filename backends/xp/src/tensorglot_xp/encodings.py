@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from array_api_compat import array_namespace, device
 
-__all__ = ["rope"]
-
 
 def rope(x, positions, inv_freq, mscale, sign, style, r):
     xp = array_namespace(x)

@@ -10,8 +10,6 @@ from array_api_compat import array_namespace, device
 
 from .ops import group_queries, grouped_mask, kv_grouped, kv_heads_first, ungroup_queries, visible
 
-__all__ = ["flash_attention", "flash_attention_backward"]
-
 
 def _tiles(n, bs):
     """Slices of ``bs`` rows covering range(n); one empty slice when n = 0, so every concat has a part."""

@@ -12,8 +12,6 @@ import math
 
 from array_api_compat import array_namespace, device
 
-__all__ = ["embedding", "embedding_backward", "cross_entropy", "cross_entropy_backward", "cache_write"]
-
 
 def _one_hot(indices, n, dtype):
     """(m,) ints → (m, n), 1 at each index."""

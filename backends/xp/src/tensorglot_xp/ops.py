@@ -13,12 +13,6 @@ from array_api_compat import array_namespace, device
 
 from .special import erf
 
-__all__ = [
-    *("softmax", "softmax_backward", "linear", "linear_backward", "mlp", "mlp_backward"),
-    *("swiglu", "swiglu_backward", "rms_norm", "rms_norm_backward", "attention", "attention_backward"),
-    *("layer_norm", "layer_norm_backward"),
-]
-
 
 def _weight_grad(a, b):
     """``aᵀ b`` summed over every leading axis: (..., m), (..., n) → (m, n)."""
@@ -147,10 +141,9 @@ def rms_norm_backward(x, weight, dy, eps):
 
 
 def _standardised(x, eps):
-    """The centred x times r = 1/sqrt(biased variance + eps), and r."""
     xp = array_namespace(x)
     centred = x - xp.mean(x, axis=-1, keepdims=True)
-    r = 1.0 / xp.sqrt(xp.mean(centred * centred, axis=-1, keepdims=True) + eps)
+    r = 1.0 / xp.sqrt(xp.mean(centred * centred, axis=-1, keepdims=True) + eps)  # (..., 1)
     return centred * r, r
 
 
@@ -160,11 +153,9 @@ def layer_norm(x, weight, bias, eps):
 
 
 def layer_norm_backward(x, weight, dy, eps, bias):
-    xp = array_namespace(x)
-    n, r = _standardised(x, eps)
-    g, lead = dy * weight, tuple(range(x.ndim - 1))
-    mean = lambda a: xp.mean(a, axis=-1, keepdims=True)  # noqa: E731
-    return r * (g - mean(g) - n * mean(g * n)), xp.sum(dy * n, axis=lead), xp.sum(dy, axis=lead) if bias else None
+    xp, (n, r), g, lead = array_namespace(x), _standardised(x, eps), dy * weight, tuple(range(x.ndim - 1))
+    dx = r * (g - xp.mean(g, axis=-1, keepdims=True) - n * xp.mean(g * n, axis=-1, keepdims=True))
+    return dx, xp.sum(dy * n, axis=lead), xp.sum(dy, axis=lead) if bias else None
 
 
 # -- attention: heads grouped as (B, K, G, S, H), G = N // K query heads per kv head ------------------
