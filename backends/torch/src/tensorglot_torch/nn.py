@@ -20,7 +20,7 @@ True
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -175,7 +175,7 @@ class Transformer(nn.Module):
         """Spec name → this module's parameter (autograd flows to them)."""
         out = {"embed": self.embed}
         for blk in self.layers:
-            out |= blk.spec_params()
+            out |= cast(TransformerBlock, blk).spec_params()
         out["norm"] = self.norm.weight
         if self.lm_head is not None:
             out["lm_head"] = self.lm_head
