@@ -324,3 +324,12 @@ def test_rope_tables_made_in_inference_mode_stay_out_of_autograd():
         be.encodings.rope(x.detach())
     be.encodings.rope(x).sum().backward()  # saving an inference tensor for backward would raise
     assert x.grad is not None
+
+
+def test_softmax_keeps_its_rules_in_the_branch_free_form_that_compiled_graphs_take(monkeypatch):
+    inf, nan = float("inf"), float("nan")
+    x = torch.tensor([[1.0, 2.0, 3.0], [-inf, -inf, -inf], [inf, 0.0, inf], [nan, 0.0, 1.0]], dtype=F64)
+    want = torch.cat([torch.softmax(x[:1], 1), torch.tensor([[0.0, 0, 0], [0.5, 0, 0.5], [nan, nan, nan]], dtype=F64)])
+    torch.testing.assert_close(ops.softmax(x, 1), want, equal_nan=True, rtol=0, atol=0)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    torch.testing.assert_close(ops.softmax(x, 1), want, equal_nan=True, rtol=0, atol=0)

@@ -1,4 +1,5 @@
-"""Helpers shared by the torch modules: dtype names, the kernel wrapper and the lazy front ends."""
+"""Helpers shared by the torch modules: dtype names, the kernels' autograd wrapper, the lazy front ends,
+and the input check of parallel.py (which does not go through the spec's front ends yet)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,6 @@ def dtype_name(x: torch.Tensor) -> str:
 
 
 def as_float(fn: str, arg: str, x: Any) -> torch.Tensor:
-    """For parallel.py, which checks its inputs itself."""
     if not isinstance(x, torch.Tensor):
         x = torch.as_tensor(x)
     checks.check_float(fn, arg, dtype_name(x))
@@ -32,16 +32,18 @@ def as_float(fn: str, arg: str, x: Any) -> torch.Tensor:
 
 
 class Frontend:
-    """``be.ops``, ``be.encodings`` or ``be.layers`` of the torch backend, looked up at each use (for the
+    """``be.ops``, ``be.encodings`` or ``be.layers`` of the torch backend, found at first use (for the
     bench modules, which the backend imports)."""
 
     def __init__(self, namespace: str) -> None:
-        self._namespace = namespace
+        self._namespace, self._target = namespace, None
 
     def __getattr__(self, name: str) -> Any:
-        import tensorglot
+        if self._target is None:  # then kept: the registry's lock would break a torch.compile graph
+            import tensorglot
 
-        return getattr(getattr(tensorglot.get_backend("torch"), self._namespace), name)
+            self._target = getattr(tensorglot.get_backend("torch"), self._namespace)
+        return getattr(self._target, name)
 
 
 class _Untracked:

@@ -55,10 +55,7 @@ class TorchBackend(ArrayBackend):
     def to_numpy(self, x: Any, /) -> np.ndarray:
         if not isinstance(x, torch.Tensor):
             return np.asarray(x)
-        x = x.detach()
-        if x.dtype == torch.bfloat16:
-            x = x.to(torch.float32)
-        return x.cpu().numpy()
+        return x.detach().to(torch.float32 if x.dtype == torch.bfloat16 else x.dtype).cpu().numpy()
 
     def dtype_name(self, x: Any, /) -> str:
         return dtype_name(x) if isinstance(x, torch.Tensor) else str(np.asarray(x).dtype)

@@ -15,7 +15,8 @@ _TABLES: dict[tuple, tuple] = {}
 def _cos_sin(x, positions, inv_freq, mscale):
     """mscale·cos and mscale·sin of the angles, (B|1, S, 1, r/2) in x's dtype (the angles in float32)."""
     key = None
-    if positions is None or not positions.is_inference():  # an inference tensor keeps no version to key on
+    # a compiled graph computes the tables itself; an inference tensor keeps no version to key on
+    if not torch.compiler.is_compiling() and (positions is None or not positions.is_inference()):
         which = x.shape[1] if positions is None else (id(positions), positions._version)
         key = (which, inv_freq.tobytes(), mscale, x.dtype, x.device, torch.is_inference_mode_enabled())
         hit = _TABLES.get(key)
@@ -23,7 +24,7 @@ def _cos_sin(x, positions, inv_freq, mscale):
             return hit[1:]
     p = torch.arange(x.shape[1], device=x.device) if positions is None else positions
     p = p[None] if p.ndim == 1 else p  # (B|1, S)
-    angle = (p.to(torch.float32)[..., None] * torch.from_numpy(inv_freq).to(x.device)).to(x.dtype)  # (B|1, S, r/2)
+    angle = (p.to(torch.float32)[..., None] * torch.tensor(inv_freq, device=x.device)).to(x.dtype)  # (B|1, S, r/2)
     cos, sin = (torch.cos(angle) * mscale)[:, :, None], (torch.sin(angle) * mscale)[:, :, None]
     if key is not None:
         if len(_TABLES) >= 32:

@@ -32,8 +32,11 @@ def _flat2d(x):
 def _softmax(x, axis):
     y = torch.softmax(x, axis)
     # torch.softmax gives a NaN row where the row maximum is ±inf (or x has a NaN), and such a row is NaN
-    # in its first entry: only then (usually never) are the rows fixed. Meta tensors hold no values to fix.
-    if y.shape[axis] and not y.is_meta and math.isnan(y.select(axis, 0).sum()):
+    # in its first entry: only then (usually never) are the rows fixed. Meta tensors hold no values to fix;
+    # a compiled graph fixes them always (no branch on data, and the compiler fuses the fix).
+    if not y.shape[axis] or y.is_meta:
+        return y
+    if torch.compiler.is_compiling() or math.isnan(y.select(axis, 0).sum()):
         m = x.amax(axis, keepdim=True)  # NaN where x has a NaN: such a row stays NaN
         top = (x == math.inf).to(x.dtype)  # a +inf maximum: the limit gives the +inf entries equal weight
         y = torch.where(m == math.inf, top / top.sum(axis, keepdim=True), y.masked_fill(m == -math.inf, 0.0))
@@ -280,10 +283,8 @@ def _attention_grads(saved, dy, scale, needs=ALL):
     dq = torch.cat(dqs, 1).mul_(scale).view(B, N, S, H).transpose(1, 2) if needs[0] else None
 
     def kv(g, need):  # (B·N, T, H) → (B, T, K, H): the G query heads of a kv head add up
-        if not need:
-            return None
         g = g.view(B, K, N // K, T, H)
-        return (g[:, :, 0] if N == K else g.sum(2)).transpose(1, 2)
+        return (g[:, :, 0] if N == K else g.sum(2)).transpose(1, 2) if need else None
 
     return dq, kv(dk, needs[1]), kv(dv, needs[2])
 
