@@ -48,3 +48,19 @@ def test_runs_inside_a_jitted_caller():
     expected = jnp.sum(ops.attention(q, k, v, causal=True) ** 2)
     np.testing.assert_allclose(value, expected, rtol=1e-5)
     assert np.all(np.asarray(grads[0])[:, :2] == 0.0)  # causal with S > T: the first two queries see nothing
+
+
+def test_traced_block_size_is_refused_naming_the_option():
+    q, k, v = _inputs()
+    with pytest.raises(
+        TypeError, match=r"flash_attention: block_size is an option .* static_argnames=\('block_size',\)"
+    ):
+        jax.jit(lambda q, bs: ops.flash_attention(q, k, v, block_size=bs))(q, 4)
+
+
+def test_kernel_traces_under_jit_with_the_options_static():
+    """The kernel the front end calls is jitted with its options static: inside a caller's jit it inlines."""
+    q, k, v = _inputs()
+    kernel = tensorglot.get_backend("jax").kernels.flash_attention
+    got = jax.jit(lambda q, k, v: kernel(q, k, v, True, None, 0.5, 3))(q, k, v)
+    np.testing.assert_allclose(got, ops.attention(q, k, v, causal=True, scale=0.5), rtol=1e-5, atol=1e-6)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any
 
 import jax
@@ -11,7 +10,7 @@ import numpy as np
 
 from tensorglot.backend import ArrayBackend
 
-from . import layers, ops, parallel
+from . import ops, parallel
 from ._common import is_traced
 from .generate import JaxLayers
 from .plugin import CAPABILITIES
@@ -25,6 +24,7 @@ _DTYPES = {
     "int64": jnp.int64,
     "bool": jnp.bool_,
 }
+_NAMES: dict[Any, str] = {jnp.dtype(t): name for name, t in _DTYPES.items()}
 
 
 def x64_enabled() -> bool:
@@ -33,17 +33,15 @@ def x64_enabled() -> bool:
 
 class JaxBackend(ArrayBackend):
     name = "jax"
-    kernels = SimpleNamespace(
-        **{k: v for m in (ops, layers) for k, v in vars(m).items() if callable(v) and not k.startswith("_")}
-    )
+    kernels = ops  # the module is the namespace: ops.py gathers every kernel, flash's, rope's and the layers'
     parallel = parallel
 
     def __init__(self) -> None:
         super().__init__()
         self.layers = JaxLayers(self)  # the spec's, with transformer and generate compiled
 
-    @property  # type: ignore[override]
-    def capabilities(self) -> frozenset[str]:
+    @property
+    def capabilities(self) -> frozenset[str]:  # type: ignore[override]
         # Read at each access: x64 may be switched on with jax.config.update after the backend loaded.
         return CAPABILITIES | {"float64"} if x64_enabled() else CAPABILITIES
 
@@ -77,7 +75,8 @@ class JaxBackend(ArrayBackend):
         return out.astype(np.float32) if out.dtype == jnp.bfloat16 else out
 
     def dtype_name(self, x: Any, /) -> str:
-        return str(x.dtype) if isinstance(x, jax.Array) else str(jnp.asarray(x).dtype)
+        dtype = x.dtype if isinstance(x, jax.Array) else jnp.asarray(x).dtype
+        return _NAMES.get(dtype) or str(dtype)  # str(dtype) costs microseconds on every op call
 
     def astype(self, x: Any, dtype: str, /) -> jax.Array:
         return x.astype(_DTYPES[dtype])

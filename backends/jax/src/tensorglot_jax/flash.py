@@ -16,17 +16,13 @@ from jax import lax
 from ._common import vjp_kernel
 
 
-def _tiles(n, bs):
-    return max(1, -(-n // bs))
-
-
 def _prep(q, k, v, mask, scale, bs):
     """The padded tile layout: q (B, K, G, Sp, H) carrying the scale, k and v (B, K, Tp, H), the mask
     (B|1, K|1, G|1, Sp|1, Tp|1) or None."""
     B, S, N, H = q.shape
     T, K = k.shape[1], k.shape[2]
     G = N // K
-    Sp, Tp = _tiles(S, bs) * bs, _tiles(T, bs) * bs
+    Sp, Tp = (max(1, -(-n // bs)) * bs for n in (S, T))  # whole tiles, at least one
     qg = (q * scale).reshape(B, S, K, G, H).transpose(0, 2, 3, 1, 4)  # (B, K, G, S, H)
     qg = jnp.pad(qg, ((0, 0), (0, 0), (0, 0), (0, Sp - S), (0, 0)))
     kh = jnp.pad(k.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, Tp - T), (0, 0)))  # (B, K, Tp, H)

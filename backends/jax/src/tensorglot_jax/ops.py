@@ -18,6 +18,12 @@ from ._common import flat2d, vjp_kernel
 from .encodings import rope as rope
 from .flash import flash_attention as flash_attention
 from .flash import flash_attention_backward as flash_attention_backward
+from .layers import autograd_value_and_grad as autograd_value_and_grad
+from .layers import cache_write as cache_write
+from .layers import cross_entropy as cross_entropy
+from .layers import cross_entropy_backward as cross_entropy_backward
+from .layers import embedding as embedding
+from .layers import embedding_backward as embedding_backward
 
 # -- softmax ---------------------------------------------------------------------------------------
 
@@ -82,7 +88,7 @@ def _activation(h, name):
 # -- MLPs ------------------------------------------------------------------------------------------
 
 
-def _mlp_grads(x, w_in, w_out, h, dy, activation):
+def _mlp_grads(dy, activation, x, w_in, w_out, h):
     a, da_dh = _activation(h, activation)
     dh = (dy @ w_out.T) * da_dh  # (..., F)
     return dh @ w_in.T, flat2d(x).T @ flat2d(dh), flat2d(a).T @ flat2d(dy)
@@ -93,15 +99,15 @@ def _mlp_fwd(x, w_in, w_out, activation):
     return _activation(h, activation)[0] @ w_out, (x, w_in, w_out, h)
 
 
-mlp = vjp_kernel(_mlp_fwd, lambda activation, res, dy: _mlp_grads(*res, dy, activation), (3,))
+mlp = vjp_kernel(_mlp_fwd, lambda activation, res, dy: _mlp_grads(dy, activation, *res), (3,))
 
 
 @partial(jax.jit, static_argnums=4)
 def mlp_backward(x, w_in, w_out, dy, activation):
-    return _mlp_grads(x, w_in, w_out, x @ w_in, dy, activation)
+    return _mlp_grads(dy, activation, x, w_in, w_out, x @ w_in)
 
 
-def _swiglu_grads(x, w_gate, w_up, w_down, g, u, dy):
+def _swiglu_grads(dy, x, w_gate, w_up, w_down, g, u):
     s, ds_dg = _activation(g, "silu")
     da = dy @ w_down.T  # (..., F)
     dg, du = da * u * ds_dg, da * s
@@ -114,12 +120,12 @@ def _swiglu_fwd(x, w_gate, w_up, w_down):
     return (jax.nn.silu(g) * u) @ w_down, (x, w_gate, w_up, w_down, g, u)
 
 
-swiglu = vjp_kernel(_swiglu_fwd, lambda res, dy: _swiglu_grads(*res, dy), ())
+swiglu = vjp_kernel(_swiglu_fwd, lambda res, dy: _swiglu_grads(dy, *res), ())
 
 
 @jax.jit
 def swiglu_backward(x, w_gate, w_up, w_down, dy):
-    return _swiglu_grads(x, w_gate, w_up, w_down, x @ w_gate, x @ w_up, dy)
+    return _swiglu_grads(dy, x, w_gate, w_up, w_down, x @ w_gate, x @ w_up)
 
 
 # -- RMSNorm ---------------------------------------------------------------------------------------
@@ -129,7 +135,7 @@ def _rsqrt_ms(x, eps):
     return jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)  # (..., 1)
 
 
-def _rms_norm_grads(x, weight, r, dy):
+def _rms_norm_grads(dy, x, weight, r):
     n, g = x * r, dy * weight
     return r * (g - n * jnp.mean(g * n, axis=-1, keepdims=True)), flat2d(dy * n).sum(axis=0)
 
@@ -142,57 +148,62 @@ def _rms_norm_fwd(x, weight, eps, round_to):
     return n * weight, (x, weight, r)
 
 
-rms_norm = vjp_kernel(_rms_norm_fwd, lambda eps, round_to, res, dy: _rms_norm_grads(*res, dy), (2, 3))
+rms_norm = vjp_kernel(_rms_norm_fwd, lambda eps, round_to, res, dy: _rms_norm_grads(dy, *res), (2, 3))
 
 
 @partial(jax.jit, static_argnums=3)
 def rms_norm_backward(x, weight, dy, eps):
-    return _rms_norm_grads(x, weight, _rsqrt_ms(x, eps), dy)
+    return _rms_norm_grads(dy, x, weight, _rsqrt_ms(x, eps))
 
 
 # -- attention -------------------------------------------------------------------------------------
 
 
+# Scores are laid out (B, K, S, G, T), the order XLA's batched matmul of (B, S, K, G, H) by (B, T, K, H)
+# produces, so no (S, T)-sized transpose is ever made (about 1.2× faster on CPU than (B, K, G, S, T)).
+
+
 def _probs(q, k, causal, mask, scale):
-    """qg (B, S, K, G, H) carrying the scale and the probabilities p (B, K, G, S, T)."""
+    """qg (B, S, K, G, H) carrying the scale and the probabilities p (B, K, S, G, T)."""
     B, S, N, H = q.shape
     T, K = k.shape[1], k.shape[2]
     qg = (q * scale).reshape(B, S, K, N // K, H)  # (B, S, K, G, H)
-    scores = jnp.einsum("bskgh,btkh->bkgst", qg, k)  # an overflow is +inf, which softmax's rule handles
+    scores = jnp.einsum("bskgh,btkh->bksgt", qg, k)  # an overflow is +inf, which softmax's rule handles
     allowed = None
     if mask is not None:
         b, n, s, t = mask.shape
-        allowed = mask[:, None] if n == 1 else mask.reshape(b, K, N // K, s, t)  # (B|1, K|1, G|1, S|1, T|1)
+        grouped = mask.reshape(b, K, N // K, s, t).transpose(0, 1, 3, 2, 4) if n > 1 else mask[:, :, :, None]
+        allowed = grouped  # (B|1, K|1, S|1, G|1, T|1)
     if causal:
-        c = jnp.arange(T)[None, :] <= jnp.arange(S)[:, None] + (T - S)  # (S, T), bottom-right
+        c = (jnp.arange(T)[None, :] <= jnp.arange(S)[:, None] + (T - S))[:, None, :]  # (S, 1, T), bottom-right
         allowed = c if allowed is None else allowed & c
     if allowed is not None:
         scores = jnp.where(allowed, scores, -jnp.inf)
     return qg, _softmax(scores, -1)  # a query that sees nothing: zeros
 
 
-def _attention_grads(qg, k, v, p, dy, scale):
+def _attention_grads(dy, scale, qg, k, v, p):
     B, S, K, G, H = qg.shape
     dyg = dy.reshape(B, S, K, G, H)  # (B, S, K, G, H)
-    dv = jnp.einsum("bkgst,bskgh->btkh", p, dyg)  # the G query heads of a kv head add up
-    dp = jnp.einsum("bskgh,btkh->bkgst", dyg, v)  # (B, K, G, S, T)
+    dv = jnp.einsum("bksgt,bskgh->btkh", p, dyg)  # the G query heads of a kv head add up
+    dp = jnp.einsum("bskgh,btkh->bksgt", dyg, v)  # (B, K, S, G, T)
     ds = p * (dp - jnp.sum(dp * p, axis=-1, keepdims=True))
-    dq = jnp.einsum("bkgst,btkh->bskgh", ds, k) * scale
-    dk = jnp.einsum("bkgst,bskgh->btkh", ds, qg)  # qg carries the scale
+    dq = jnp.einsum("bksgt,btkh->bskgh", ds, k) * scale
+    dk = jnp.einsum("bksgt,bskgh->btkh", ds, qg)  # qg carries the scale
     return dq.reshape(B, S, K * G, H), dk, dv
 
 
 def _attention_fwd(q, k, v, causal, mask, scale):
     qg, p = _probs(q, k, causal, mask, scale)
-    return jnp.einsum("bkgst,btkh->bskgh", p, v).reshape(q.shape), (qg, k, v, p)
+    return jnp.einsum("bksgt,btkh->bskgh", p, v).reshape(q.shape), (qg, k, v, p)
 
 
 attention = vjp_kernel(
-    _attention_fwd, lambda causal, scale, res, dy: (*_attention_grads(*res, dy, scale), None), (3, 5)
+    _attention_fwd, lambda causal, scale, res, dy: (*_attention_grads(dy, scale, *res), None), (3, 5)
 )
 
 
 @partial(jax.jit, static_argnums=(4, 6))
 def attention_backward(q, k, v, dy, causal, mask, scale):
     qg, p = _probs(q, k, causal, mask, scale)
-    return _attention_grads(qg, k, v, p, dy, scale)
+    return _attention_grads(dy, scale, qg, k, v, p)
