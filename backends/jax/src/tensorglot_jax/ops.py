@@ -18,6 +18,12 @@ from ._common import flat2d, vjp_kernel
 from .encodings import rope as rope
 from .flash import flash_attention as flash_attention
 from .flash import flash_attention_backward as flash_attention_backward
+from .layers import autograd_value_and_grad as autograd_value_and_grad
+from .layers import cache_write as cache_write
+from .layers import cross_entropy as cross_entropy
+from .layers import cross_entropy_backward as cross_entropy_backward
+from .layers import embedding as embedding
+from .layers import embedding_backward as embedding_backward
 
 # -- softmax ---------------------------------------------------------------------------------------
 
