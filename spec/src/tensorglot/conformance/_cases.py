@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -135,6 +136,10 @@ def _rope_case(id: str, shape: tuple[int, ...], **options: Any) -> Case:
     )
 
 
+def _layer_norm_inputs(rng: np.random.Generator, *, bias: bool) -> tuple[list[Any], dict[str, Any]]:
+    return [_n(rng, 2, 3, 8) * 2 + 1, 1 + 0.1 * _n(rng, 8)] + [0.1 * _n(rng, 8)] * bias, {}
+
+
 CASES: list[Case] = [
     _softmax_case("softmax-last", (3, 7), -1),
     _softmax_case("softmax-axis0", (4, 3, 2), 0),
@@ -163,7 +168,7 @@ CASES: list[Case] = [
             f"layer_norm-{'bias' if with_bias else 'nobias'}",
             "ops",
             "layer_norm",
-            lambda rng, b=with_bias: ([_n(rng, 2, 3, 8) * 2 + 1, 1 + 0.1 * _n(rng, 8)] + [0.1 * _n(rng, 8)] * b, {}),
+            partial(_layer_norm_inputs, bias=with_bias),
             (0, 1, 2) if with_bias else (0, 1),
             lambda f, a, kw, y, dy: f("layer_norm_backward")(a[0], a[1], dy, bias=len(a) == 3)[: len(a)],
         )
