@@ -28,14 +28,10 @@ Layouts:
     ``table[b][p // block_size]`` at offset ``p % block_size``. `free` (a sequence ended) returns its
     blocks to the free list; after a batch finishes and every sequence is freed, no block is leaked.
 
-What is the spec's and what is a backend's: the bookkeeping (lengths, block tables, the free list, the
-capacity check, the slot of each token) is plain Python and NumPy (`SlotMap`, `PagedSlotMap`); the
-storage is, per layer, one (slots, K, H) array of the backend, allocated with the array API's
-``zeros`` on the device of the first keys written and read with ``take`` (or, contiguous, a reshape
-that is a view). The one thing the array API lacks is writing rows at integer indices into an
-array that JAX cannot mutate, so that is the backend's kernel ``cache_write(storage, slots, rows) ->
-storage`` (in place on NumPy and torch, a functional ``.at[].set`` on JAX). A backend writes nothing
-else for its caches.
+The spec keeps the bookkeeping (lengths, block tables, the free list, the capacity check, each token's
+slot: `SlotMap`, `PagedSlotMap`) and the storage, per layer one (slots, K, H) array made with the array
+API's ``zeros`` and read with ``take``. The backend writes one kernel, ``cache_write(storage, slots,
+rows) -> storage`` (in place on NumPy and torch, ``.at[].set`` on JAX): the array API cannot do it.
 
 >>> import numpy as np, tensorglot
 >>> cfg = tensorglot.TransformerConfig(vocab_size=16, d_model=8, n_layers=1, n_heads=2, n_kv_heads=1,
