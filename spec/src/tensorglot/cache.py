@@ -310,13 +310,8 @@ class PagedKVCache(KVCache):
 
     map: PagedSlotMap
 
-    @property
-    def block_size(self) -> int:
-        return self.map.block_size
-
-    @property
-    def num_blocks(self) -> int:
-        return self.map.num_blocks
+    block_size = property(lambda self: self.map.block_size)
+    num_blocks = property(lambda self: self.map.num_blocks)
 
     def block_table(self, seq: int, /) -> list[int]:
         """The block ids sequence ``seq`` holds, in position order."""
