@@ -56,7 +56,9 @@ class Mesh:
             t.start()
         for t in threads:
             t.join(max(0.0, deadline - time.monotonic()))
-        if any(t.is_alive() for t in threads):
+        # Only broken barriers or an empty mailbox, and no other error: a rank waited past the timeout.
+        waited = errors and all(isinstance(e, threading.BrokenBarrierError | queue.Empty) for e in errors)
+        if any(t.is_alive() for t in threads) or waited:
             self.barrier.abort()
             raise TimeoutError(f"{what} on {self.n} simulated ranks did not finish in {self.timeout:g} s")
         if errors:
