@@ -18,7 +18,6 @@ nox.options.sessions = ["lint", "typecheck", "tests", "conformance"]
 ALL_BACKENDS = ["numpy", "torch", "jax", "xp"]
 BACKENDS = [b for b in ALL_BACKENDS if (ROOT / "backends" / b / "pyproject.toml").exists()]
 # xp has no benchmark table: it is the proof that the standard suffices, not a fast path.
-BENCH_BACKENDS = [b for b in BACKENDS if b != "xp"]
 # The namespaces the xp backend's conformance runs on (TENSORGLOT_XP_NAMESPACE): the bare standard, and NumPy.
 XP_NAMESPACES = ("array_api_strict", "numpy")
 HAS_PLOTS = (ROOT / "plots" / "pyproject.toml").exists()
@@ -112,7 +111,7 @@ def plots(session: nox.Session, backend: str) -> None:
 
 
 @nox.session
-@nox.parametrize("backend", BENCH_BACKENDS, ids=BENCH_BACKENDS)
+@nox.parametrize("backend", BACKENDS, ids=BACKENDS)
 def bench(session: nox.Session, backend: str) -> None:
     """The benchmark table of one backend (ratios against built-ins measured in the same run)."""
     session.install(*CONSTRAINTS, *_packages(backend), "tqdm", "safetensors")

@@ -122,6 +122,10 @@ def layer_rows(ctx: Context) -> Iterator[Row]:
 
 
 def parallel_rows(ctx: Context, n: int = 2) -> Iterator[Row]:
+    if ctx.be.parallel is None:  # a backend without strategies (xp): every row says so
+        for s in parallel.STRATEGIES:
+            yield ctx.skipped(f"parallel.{s}.step_vs_single", "the backend has no parallel strategies")
+        return
     q = ctx.quick
     shape = parallel.MLPShape(layers=4, batch=32 if q else 256, d_model=64 if q else 512, d_ff=256 if q else 2048)
     raw, x, dy = parallel.init_mlp(shape)
