@@ -65,6 +65,31 @@ def test_rms_norm_gradcheck():
     gradcheck(lambda x, w: ops.RMSNorm.apply(x, w, 1e-6, None), randn(2, 3, 5), randn(5))
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_layer_norm_gradcheck(bias):
+    b = [randn(5)] if bias else []
+    gradcheck(lambda x, w, *b: ops.LayerNorm.apply(x, w, b[0] if b else None, 1e-5), randn(2, 3, 5), randn(5), *b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_layer_norm_equals_torch_layer_norm(dtype, bias):
+    """An oracle nobody here wrote: F.layer_norm, forward and autograd (half computed in float32 inside)."""
+    x, w, b = randn(3, 4, 16, dtype=dtype, seed=1), randn(16, dtype=dtype, seed=2), randn(16, dtype=dtype, seed=3)
+    dy = randn(3, 4, 16, dtype=dtype, seed=4).detach()
+    ours, theirs = (
+        be.ops.layer_norm(x, w, b if bias else None),
+        torch.nn.functional.layer_norm(x.float(), (16,), w.float(), b.float() if bias else None).to(dtype),
+    )
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    torch.testing.assert_close(ours, theirs, **tol)
+    args = (x, w, b) if bias else (x, w)
+    want = torch.autograd.grad(theirs, args, dy)
+    got = be.ops.layer_norm_backward(x.detach(), w.detach(), dy, bias=bias)
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e, **tol)
+
+
 def test_rms_norm_rounds_the_normalised_x_before_the_weight():
     x, w = randn(4, 64, dtype=torch.float32).detach(), randn(64, dtype=torch.float32).detach()
     n = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
