@@ -28,14 +28,11 @@ Layouts:
     ``table[b][p // block_size]`` at offset ``p % block_size``. `free` (a sequence ended) returns its
     blocks to the free list; after a batch finishes and every sequence is freed, no block is leaked.
 
-What is the spec's and what is a backend's: the bookkeeping (lengths, block tables, the free list, the
-capacity check, the slot of each token) is plain Python and NumPy (`SlotMap`, `PagedSlotMap`); the
-storage is, per layer, one (slots, K, H) array of the backend, allocated with the array API's
-``zeros`` on the device of the first keys written and read with ``take`` (or, contiguous, a reshape
-that is a view). The one thing the array API lacks is writing rows at integer indices into an
-array that JAX cannot mutate, so that is the backend's kernel ``cache_write(storage, slots, rows) ->
-storage`` (in place on NumPy and torch, a functional ``.at[].set`` on JAX). A backend writes nothing
-else for its caches.
+The spec's: the bookkeeping (lengths, block tables, the free list, the capacity check, each token's
+slot) in plain Python and NumPy (`SlotMap`, `PagedSlotMap`), and per layer one (slots, K, H) storage
+array, made with the array API's ``zeros`` where the first keys are and read with ``take`` (contiguous:
+a reshape, a view). The backend's: ``cache_write(storage, slots, rows) -> storage``, the one thing the
+array API lacks (in place on NumPy and torch, ``.at[].set`` on JAX, whose arrays are immutable).
 
 >>> import numpy as np, tensorglot
 >>> cfg = tensorglot.TransformerConfig(vocab_size=16, d_model=8, n_layers=1, n_heads=2, n_kv_heads=1,
@@ -210,12 +207,9 @@ class PagedSlotMap(SlotMap):
 
 
 class KVCache:
-    """The KV cache of one backend: a `SlotMap` for the bookkeeping, per layer a (slots, K, H) array.
-
-    Made by ``backend.layers.kv_cache`` (`kv_cache`). Attributes: ``kind``, ``batch`` (B), ``max_len``,
-    ``n_layers``, ``n_kv_heads`` (K), ``head_dim`` (H), ``dtype`` (the storage dtype's name) and
-    ``device`` (None until the first `update`, then the keys' device).
-    """
+    """The KV cache of one backend (made by ``be.layers.kv_cache``): a `SlotMap` ``map``, per layer a (slots,
+    K, H) array; ``kind``, ``batch``, ``max_len``, ``n_layers``, ``n_kv_heads``, ``head_dim``, ``dtype``
+    (a name) and ``device`` (None until the first `update` or `allocate`)."""
 
     def __init__(self, backend: Any, config: Any, slot_map: SlotMap, dtype: str) -> None:
         self._be = backend
