@@ -51,6 +51,14 @@ class FrontEnd:
     def __repr__(self) -> str:
         return f"<tensorglot {type(self).__name__.lower()} of backend {self._be.name!r}>"
 
+    def __reduce__(self) -> tuple[Any, tuple[str, str]]:
+        # A front end goes to another process by name (its kernels may be closures, which do not pickle):
+        # there it is the same namespace of that process's own backend.
+        for namespace in ("ops", "encodings", "layers"):
+            if getattr(self._be, namespace, None) is self:
+                return _namespace_of, (self._be.name, namespace)
+        raise TypeError(f"{self!r} is no namespace of its backend, so it cannot be pickled")
+
     # -- inputs -------------------------------------------------------------------------------------
 
     def _array(self, x: Any) -> Array:
@@ -135,6 +143,12 @@ class FrontEnd:
         if isinstance(out, tuple):
             return tuple(None if o is None else astype(o, dtype) for o in out)
         return astype(out, dtype)
+
+
+def _namespace_of(backend: str, namespace: str) -> Any:
+    from .registry import get_backend
+
+    return getattr(get_backend(backend), namespace)
 
 
 def shape(x: Array) -> tuple[int, ...]:
