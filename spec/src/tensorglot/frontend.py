@@ -32,13 +32,6 @@ def compute_dtype(dtype: str) -> str:
     return "float32" if dtype in HALF else dtype
 
 
-def number(fn: str, arg: str, value: Any) -> Any:
-    """A NumPy scalar option becomes the Python number it holds (bools stay bools, arrays are refused)."""
-    if isinstance(value, np.generic) and not isinstance(value, np.ndarray):
-        return value.item()
-    return value
-
-
 class FrontEnd:
     """Bound to one backend: its kernels (``backend.kernels``) and its array adapter (the backend object)."""
 
@@ -111,7 +104,7 @@ class FrontEnd:
                 f"{fn}: {arg} is an option and must be a static Python value, got a traced array; close "
                 f"over it or mark it static: jax.jit(f, static_argnames=('{arg}',))"
             )
-        return number(fn, arg, value)
+        return value.item() if isinstance(value, np.generic) else value  # a NumPy scalar is the number it holds
 
     def _bool_option(self, fn: str, arg: str, value: Any) -> bool:
         value = self._static(fn, arg, value)
