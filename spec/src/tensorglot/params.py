@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -40,6 +40,48 @@ from . import checks
 MLP_ACTIVATIONS = (*checks.ACTIVATIONS, "swiglu")
 #: The float dtypes `init_params` can return.
 PARAM_DTYPES = ("float64", "float32", "float16")
+
+
+class RopeScaling(Mapping[str, Any]):
+    """An immutable, hashable ``rope_scaling`` mapping: a frozen config cannot change under a jit key.
+
+    `TransformerConfig` turns the dict it is given into one (its items sorted); it reads like the dict,
+    equals it, pickles, and ``dict(scaling)`` gives the dict back (`TransformerConfig.to_dict` does).
+    """
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Mapping[str, Any]) -> None:
+        self._items = tuple(sorted(dict(items).items()))
+        try:
+            hash(self._items)
+        except TypeError:
+            wanted = "numbers or strings"
+            raise TypeError(f"TransformerConfig: rope_scaling values must be {wanted}, got {dict(items)}") from None
+
+    def __getitem__(self, key: str) -> Any:
+        for k, v in self._items:
+            if k == key:
+                return v
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return (k for k, _ in self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(self._items)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Mapping) and dict(self._items) == dict(other)
+
+    def __reduce__(self) -> tuple[Any, tuple[dict[str, Any]]]:
+        return RopeScaling, (dict(self._items),)
+
+    def __repr__(self) -> str:
+        return f"RopeScaling({dict(self._items)!r})"
 
 
 @dataclass(frozen=True)
@@ -56,7 +98,8 @@ class TransformerConfig:
         activation: relu, gelu, gelu_tanh, silu (a plain MLP) or swiglu (the gated MLP).
         norm_eps: RMSNorm's epsilon.
         rope_theta, rope_style, rotary_dim, rope_scaling: passed to `Encodings.rope` for q and k;
-            ``rotary_dim`` None rotates all of H (partial rotary: an even number < H).
+            ``rotary_dim`` None rotates all of H (partial rotary: an even number < H); a
+            ``rope_scaling`` dict is stored as an immutable `RopeScaling` (the config is hashed).
         max_seq_len: the largest position a token may take (positions are in [0, max_seq_len)).
         tie_embeddings: the output projection is ``embed.T`` and ``lm_head`` is absent.
     """
@@ -73,7 +116,7 @@ class TransformerConfig:
     rope_theta: float = 10000.0
     rope_style: str = "interleaved"
     rotary_dim: int | None = None
-    rope_scaling: dict[str, Any] | None = None
+    rope_scaling: Mapping[str, Any] | None = None
     max_seq_len: int = 2048
     tie_embeddings: bool = False
 
@@ -103,12 +146,10 @@ class TransformerConfig:
         if r % 2 or r > self.head_dim:
             raise ValueError(f"{fn}: rotary_dim must be even and <= head_dim = {self.head_dim}, got {r}")
         checks.rope_scaling(fn, self.rope_scaling)
+        if self.rope_scaling is not None:
+            object.__setattr__(self, "rope_scaling", RopeScaling(self.rope_scaling))
         if not isinstance(self.tie_embeddings, bool):
             raise TypeError(f"{fn}: tie_embeddings must be a bool, got {type(self.tie_embeddings).__name__}")
-
-    def __hash__(self) -> int:
-        # rope_scaling is a dict; hash the JSON form so a config can be a static argument (jax.jit).
-        return hash(json.dumps(self.to_dict(), sort_keys=True))
 
     @property
     def group_size(self) -> int:
@@ -116,7 +157,10 @@ class TransformerConfig:
         return self.n_heads // self.n_kv_heads
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields as plain JSON values (``rope_scaling`` a dict); `from_dict` reads it back."""
+        out = asdict(self)
+        out["rope_scaling"] = None if self.rope_scaling is None else dict(self.rope_scaling)
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TransformerConfig:
