@@ -41,6 +41,18 @@ def check_int(fn: str, arg: str, dtype: str) -> None:
         raise TypeError(f"{fn}: {arg} has dtype {dtype}, wanted an integer dtype")
 
 
+def check_ids(fn: str, arg: str, dtype: str, vocab_size: int) -> None:
+    """Token ids: an integer dtype that holds every id in [0, vocab_size), so the ids `generate` appends
+    in the prompt's dtype are never wrapped (uint8 holds a vocabulary of 256, int8 of 128)."""
+    check_int(fn, arg, dtype)
+    top = int(np.iinfo(dtype).max)
+    if top < vocab_size - 1:
+        raise TypeError(
+            f"{fn}: {arg} (token ids) has dtype {dtype}, which holds ids up to {top} but vocab_size - 1 = "
+            f"{vocab_size - 1}; wanted an integer dtype that holds every id in [0, {vocab_size}), e.g. int32 or int64"
+        )
+
+
 def check_bool(fn: str, arg: str, dtype: str) -> None:
     if dtype != "bool":
         raise TypeError(f"{fn}: {arg} has dtype {dtype}, wanted bool (True = attend)")

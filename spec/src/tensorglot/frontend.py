@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+from array_api_compat import array_namespace
 
 from . import checks
 from .backend import ArrayBackend
@@ -142,6 +143,13 @@ def _namespace_of(backend: str, namespace: str) -> Any:
     from .registry import get_backend
 
     return getattr(get_backend(backend), namespace)
+
+
+def index_ids(ids: Array) -> Array:
+    """Validated token ids as an index dtype (int32 unless int32 or int64): every library gathers with
+    them, and torch would read uint8 as a bool mask."""
+    xp = array_namespace(ids)
+    return ids if ids.dtype in (xp.int32, xp.int64) else xp.astype(ids, xp.int32)
 
 
 def shape(x: Array) -> tuple[int, ...]:
