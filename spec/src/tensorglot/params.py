@@ -320,10 +320,19 @@ def save_params(
     """Write ``params`` (NumPy arrays) to ``.npz`` or ``.safetensors`` (chosen by the suffix).
 
     The config, when given, is stored as JSON beside them (a string array in ``.npz``, the metadata in
-    safetensors). Nothing is pickled; safetensors needs the ``safetensors`` package.
+    safetensors). Nothing is pickled: an array that is not bool, int or float (an object array) is a
+    TypeError; safetensors needs the ``safetensors`` package.
     """
     path = os.fspath(path)
     arrays = {k: np.ascontiguousarray(np.asarray(v)) for k, v in params.items()}
+    for k, v in arrays.items():
+        if v.dtype.kind not in "biuf":  # an object or string array would be pickled (npz) or unreadable
+            raise TypeError(
+                f"save_params: params[{k!r}] has dtype {v.dtype}; wanted a numeric dtype (bool, int, float): "
+                "nothing is pickled"
+            )
+    if _CONFIG_KEY in arrays:
+        raise ValueError(f"save_params: {_CONFIG_KEY!r} is reserved for the config, not a parameter name")
     meta = None if config is None else json.dumps(config.to_dict())
     if path.endswith(".safetensors"):
         from safetensors.numpy import save_file
