@@ -56,3 +56,12 @@ def test_config_round_trips_through_pickle_json_and_a_jit_key():
 def test_unhashable_scaling_values_are_refused():
     with pytest.raises((TypeError, ValueError), match="TransformerConfig"):
         _config(rope_scaling={"type": "linear", "factor": [2.0]})
+
+
+def test_numpy_scalars_in_a_config_are_the_numbers_they_hold():
+    import numpy as np
+
+    config = _config(vocab_size=np.int64(16), norm_eps=np.float32(1e-5), rope_theta=np.float64(500.0))
+    assert type(config.vocab_size) is int and type(config.norm_eps) is float
+    assert config == _config(norm_eps=float(np.float32(1e-5)), rope_theta=500.0)
+    assert json.loads(json.dumps(config.to_dict()))["vocab_size"] == 16

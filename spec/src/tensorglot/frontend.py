@@ -79,9 +79,19 @@ class FrontEnd:
         return out, next(iter(dtypes.values()))
 
     def _int(self, fn: str, arg: str, x: Any) -> Array:
-        x = self._be.native(x)
+        x = self._ints(fn, arg, x)
         checks.check_int(fn, arg, self._be.dtype_name(x))
         return x
+
+    def _ints(self, fn: str, arg: str, x: Any) -> Array:
+        """x as this backend's array; a Python list goes through NumPy first, so one with an int too large
+        for int64 (an object array) or with floats is refused alike on every backend, never a framework's
+        overflow."""
+        if isinstance(x, list | tuple):
+            x = np.asarray(x)
+            if x.dtype.kind not in "iu":
+                checks.check_int(fn, arg, x.dtype.name)
+        return self._be.native(x)
 
     def _bool(self, fn: str, arg: str, x: Any) -> Array:
         x = self._be.native(x)

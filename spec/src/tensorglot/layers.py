@@ -276,7 +276,7 @@ class Layers(Forward):
         return params, dtypes.pop()
 
     def _tokens(self, fn, arg, tokens, config, params, start=0):
-        tokens = self._be.native(tokens)
+        tokens = self._ints(fn, arg, tokens)
         checks.check_ids(fn, arg, self._be.dtype_name(tokens), config.vocab_size)
         lo = hi = 0
         if math.prod(shape(tokens)) and not self._be.is_traced(tokens):  # a traced token has no value

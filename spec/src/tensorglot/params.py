@@ -131,18 +131,20 @@ class TransformerConfig:
             "head_dim",
             "d_ff",
             "max_seq_len",
-        ):
-            checks.check_positive_int(fn, name, getattr(self, name))
+        ):  # stored as the int it holds: a NumPy scalar would not survive to_dict's JSON
+            object.__setattr__(self, name, checks.check_positive_int(fn, name, getattr(self, name)))
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"{fn}: n_heads = {self.n_heads} must be a multiple of n_kv_heads = {self.n_kv_heads} "
                 "(each kv head serves n_heads // n_kv_heads query heads)"
             )
         checks.check_choice(fn, "activation", self.activation, MLP_ACTIVATIONS)
-        checks.check_positive_float(fn, "norm_eps", self.norm_eps)
-        checks.check_positive_float(fn, "rope_theta", self.rope_theta)
+        object.__setattr__(self, "norm_eps", checks.check_positive_float(fn, "norm_eps", self.norm_eps))
+        object.__setattr__(self, "rope_theta", checks.check_positive_float(fn, "rope_theta", self.rope_theta))
         checks.check_choice(fn, "rope_style", self.rope_style, checks.ROPE_STYLES)
-        r = self.head_dim if self.rotary_dim is None else checks.check_positive_int(fn, "rotary_dim", self.rotary_dim)
+        if self.rotary_dim is not None:
+            object.__setattr__(self, "rotary_dim", checks.check_positive_int(fn, "rotary_dim", self.rotary_dim))
+        r = self.head_dim if self.rotary_dim is None else self.rotary_dim
         if r % 2 or r > self.head_dim:
             raise ValueError(f"{fn}: rotary_dim must be even and <= head_dim = {self.head_dim}, got {r}")
         checks.rope_scaling(fn, self.rope_scaling)
