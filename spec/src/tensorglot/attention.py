@@ -40,7 +40,11 @@ class AttentionOps(FrontEnd):
             the two agree only when S == T.
           * ``mask`` is bool, True = attend, broadcastable to (B, N, S, T); it combines with ``causal``
             by logical and.
-          * A query that can see no key outputs zeros (and passes no gradient).
+          * A query that can see no key outputs zeros (and passes no gradient); so T = 0 gives zeros, and
+            S = 0 an empty (B, 0, N, H) output; H = 0 an empty (B, S, N, 0) one.
+          * A key that no query of its sequence sees (through ``mask`` and ``causal``: padding, an
+            unwritten cache slot) may hold anything, NaN and inf included: it reaches no output and no
+            gradient (the front end zeroes it with ``where`` before the kernel).
 
         Args:
             q: (B, S, N, H).  k, v: (B, T, K, H).
