@@ -121,8 +121,9 @@ def test_broken_and_duplicate_plugins_are_reported_and_others_work(fake_distribu
     errors = {e["plugin"].split(" = ")[0]: e for e in out["data"]["errors"]}
     assert errors["broken"]["distribution"] == "tensorglot-broken"
     assert "this plugin is broken on purpose" in errors["broken"]["error"]
-    # Whatever the load order, the numpy entry point owns the name and the impostor is reported.
-    assert "belongs to numpy = tensorglot_numpy.plugin (tensorglot-numpy)" in errors["dupe"]["error"]
+    # Whatever the load order, tensorglot-numpy owns the name and the impostor is reported.
+    assert "'numpy' belongs to the distribution tensorglot-numpy" in errors["dupe"]["error"]
+    assert "dupe = tg_dupe (tensorglot-broken)" in errors["dupe"]["error"]
     assert "hook exploded" in errors["exploding"]["error"]
     names = [b["name"] for b in out["data"]["backends"]]
     assert "numpy" in names and "extra" in names  # the duplicate's other backend still registers
@@ -164,3 +165,75 @@ def test_backends_command_table_and_json(capsys):
 def test_cli_reports_errors_cleanly(capsys):
     assert main(["bench", "--backend", "nope"]) == 2
     assert "unknown backend 'nope'" in capsys.readouterr().err
+
+
+IMPOSTOR = """
+from tensorglot.hookspecs import hookimpl
+
+@hookimpl
+def tensorglot_register_backends(register):
+    register("numpy", lambda: None, capabilities={"grad"})
+"""
+OWN_NAME = """
+from tensorglot.hookspecs import hookimpl
+
+@hookimpl
+def tensorglot_register_backends(register):
+    register("fancy", lambda: "{dist}")
+"""
+_WHO = (
+    "import json, numpy as np, tensorglot\n"
+    "r = tensorglot.registry.registry()\n"
+    "print(json.dumps({'dist': r.infos()['numpy'].distribution, 'works': "
+    "float(tensorglot.get_backend('numpy').ops.softmax(np.zeros(2))[0]), "
+    "'errors': [e.plugin + ' ' + e.message for e in r.errors]}))\n"
+)
+
+
+@pytest.mark.parametrize("dist", ["aaa-impostor", "zzz-impostor"], ids=["sorts-first", "sorts-last"])
+def test_an_entry_point_named_numpy_from_another_distribution_cannot_take_the_name(fake_distribution, run_python, dist):
+    # An entry point called `numpy` used to own the name by that alone, so whichever loaded first won.
+    path = fake_distribution(dist, {"numpy": "tg_impostor"}, {"tg_impostor": IMPOSTOR})
+    result = run_python(_WHO, env={"PYTHONPATH": str(path)})
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["dist"] == "tensorglot-numpy" and out["works"] == 0.5
+    [error] = [e for e in out["errors"] if "tg_impostor" in e]
+    assert f"numpy = tg_impostor ({dist}) may not register it" in error
+    assert "belongs to the distribution tensorglot-numpy" in error
+
+
+def test_two_distributions_with_one_new_name_keep_a_fixed_owner_and_name_both(fake_distribution, run_python):
+    # Written in reverse order: the owner is the first distribution by name, not the first on the path.
+    path = fake_distribution("zzz-fancy", {"fancy": "tg_fancy_z"}, {"tg_fancy_z": OWN_NAME.format(dist="zzz")})
+    fake_distribution("aaa-fancy", {"fancy": "tg_fancy_a"}, {"tg_fancy_a": OWN_NAME.format(dist="aaa")})
+    code = (
+        "import tensorglot\n"
+        "r = tensorglot.registry.registry()\n"
+        "print(tensorglot.get_backend('fancy'), r.infos()['fancy'].distribution)\n"
+        "print([e.message for e in r.errors if 'fancy' in e.message])\n"
+    )
+    result = run_python(code, env={"PYTHONPATH": str(path)})
+    assert result.returncode == 0, result.stderr
+    first, errors = result.stdout.splitlines()
+    assert first == "aaa aaa-fancy"
+    assert "already registered by fancy = tg_fancy_a (aaa-fancy)" in errors
+
+
+def test_strict_mode_raises_once_and_leaves_a_working_registry(fake_distribution, run_python):
+    path = fake_distribution("tensorglot-broken", {"broken": "tg_broken"}, {"tg_broken": BROKEN})
+    code = (
+        "import os, numpy as np, tensorglot\n"
+        "try:\n"
+        "    tensorglot.get_backend('numpy')\n"
+        "except RuntimeError as exc:\n"
+        "    print('STRICT', exc)\n"
+        "os.environ['TENSORGLOT_STRICT'] = '0'\n"
+        "be = tensorglot.get_backend('numpy')\n"
+        "print('WORKS', float(be.ops.softmax(np.zeros(2))[0]), tensorglot.available_backends())\n"
+    )
+    result = run_python(code, env={"PYTHONPATH": str(path), "TENSORGLOT_STRICT": "1"})
+    assert result.returncode == 0, result.stderr
+    strict, works = result.stdout.splitlines()
+    assert "broken on purpose" in strict and "tensorglot-broken" in strict
+    assert works.startswith("WORKS 0.5") and "'numpy'" in works

@@ -40,7 +40,11 @@ class AttentionOps(FrontEnd):
             the two agree only when S == T.
           * ``mask`` is bool, True = attend, broadcastable to (B, N, S, T); it combines with ``causal``
             by logical and.
-          * A query that can see no key outputs zeros (and passes no gradient).
+          * A query that can see no key outputs zeros (and passes no gradient); so T = 0 gives zeros, and
+            S = 0 an empty (B, 0, N, H) output; H = 0 an empty (B, S, N, 0) one.
+          * A key that no query of its sequence sees (through ``mask`` and ``causal``: padding, an
+            unwritten cache slot) may hold anything, NaN and inf included: it reaches no output and no
+            gradient (the front end zeroes it with ``where`` before the kernel).
 
         Args:
             q: (B, S, N, H).  k, v: (B, T, K, H).
@@ -219,11 +223,35 @@ class AttentionOps(FrontEnd):
         if dy is not None:
             checks.check_same_shape(fn, "dy", shape(arrays[3]), shape(q), "q")
         causal = self._bool_option(fn, "causal", causal)
-        if mask is not None and len(mask.shape) < 4:
-            mask = mask[(None,) * (4 - len(mask.shape))]  # (B|1, N|1, S|1, T|1), as kernels take it
+        if mask is not None:
+            if len(mask.shape) < 4:
+                mask = mask[(None,) * (4 - len(mask.shape)) + (...,)]  # (B|1, N|1, S|1, T|1), as kernels take it
+            arrays[1], arrays[2] = _hide_unseen(arrays[1], arrays[2], mask, causal, shape(q)[1], shape(q)[2])
         if scale is None:
             scale = 1.0 / math.sqrt(H) if H else 1.0  # H = 0: no features, any scale gives the same zeros
         return arrays, dtype, causal, mask, float(scale)
+
+
+def _hide_unseen(k: Array, v: Array, mask: Array, causal: bool, S: int, N: int) -> tuple[Array, Array]:
+    """k and v with zeros at the keys no query of their sequence and kv head sees.
+
+    Such a key (padding, an unwritten slot) may hold anything, NaN and inf included; its probability is
+    0, but 0 · NaN is NaN, so a kernel's products would carry it into every output and gradient. Selected
+    away here, once for every kernel, with ``where`` (never a multiplication by zero); a key some query
+    sees keeps its value.
+    """
+    xp = array_namespace(k)
+    T, K = shape(k)[1], shape(k)[2]
+    seen = mask  # (B|1, N|1, S|1, T|1)
+    if causal:
+        keys, rows = xp.arange(T, device=device(k)), xp.arange(S, device=device(k))
+        seen = xp.logical_and(seen, (keys[None, :] <= rows[:, None] + (T - S))[None, None, ...])  # (B|1, N|1, S, T)
+    seen = xp.any(seen, axis=2)  # (B|1, N|1, T|1): some query sees the key
+    b, n, t = shape(seen)
+    if n != 1:
+        seen = xp.any(xp.reshape(seen, (b, K, N // K, t)), axis=2)  # (B|1, K, T|1): query head h reads h // G
+    seen = xp.permute_dims(seen, (0, 2, 1))[..., None]  # (B|1, T|1, K|1, 1), against (B, T, K, H)
+    return xp.where(seen, k, xp.zeros_like(k)), xp.where(seen, v, xp.zeros_like(v))
 
 
 #: The blockwise attention pair: only backends that declare the ``"flash"`` capability provide them.

@@ -79,6 +79,7 @@ class SlotMap:
         self.max_len = checks.check_positive_int("kv_cache", "max_len", max_len)
         self._lengths = np.zeros(self.batch, dtype=np.int64)
         self.pending = 0  # tokens reserved but not yet advanced
+        self._taken = [0] * self.batch  # blocks the pending reserve took per sequence (paged), for `cancel`
 
     @property
     def num_slots(self) -> int:
@@ -101,6 +102,10 @@ class SlotMap:
     def reserve(self, n: int, /) -> None:
         self.pending = self._check_room(n)
 
+    def cancel(self) -> None:
+        """Undo the pending `reserve` (the step failed before `advance`): the map is as it was before."""
+        self.pending = 0
+
     def slots(self) -> np.ndarray:
         """(B, pending) int64: the slot of each reserved token."""
         pos = self._lengths[:, None] + np.arange(self.pending)  # (B, n)
@@ -119,6 +124,7 @@ class SlotMap:
             raise ValueError(f"kv_cache.advance: {n} tokens advanced but {self.pending} were reserved")
         self._lengths += n
         self.pending = 0
+        self._taken = [0] * self.batch  # the step is done: nothing left to cancel
 
     def _check_seq(self, seq: int) -> int:
         seq = checks.check_positive_int("kv_cache.free", "seq", seq, allow_zero=True)
@@ -180,7 +186,16 @@ class PagedSlotMap(SlotMap):
         for table, k in zip(self.tables, need):
             table.extend(self._free[:k])
             del self._free[:k]
+        self._taken = need
         self.pending = n
+
+    def cancel(self) -> None:
+        for table, k in zip(self.tables, self._taken):
+            if k:
+                self._free.extend(table[-k:])
+                del table[-k:]
+        self._taken = [0] * self.batch
+        super().cancel()
 
     def _slot(self, seq: int, pos: np.ndarray) -> np.ndarray:
         table = np.asarray(self.tables[seq] or [0], dtype=np.int64)
@@ -199,6 +214,7 @@ class PagedSlotMap(SlotMap):
         seq = self._check_seq(seq)
         self._free.extend(self.tables[seq])
         self.tables[seq] = []
+        self._taken[seq] = 0
         self._lengths[seq] = 0
 
 
@@ -235,6 +251,13 @@ class KVCache:
         list). Raises ValueError — and changes nothing — when a sequence would pass ``max_len`` or the
         pool has too few free blocks."""
         self.map.reserve(n)
+        self._step = None
+
+    def cancel(self) -> None:
+        """Undo the last `reserve` when its step fails before `advance`: the lengths, block tables and
+        free list are as they were (what the failed step wrote sits past the lengths, so it is never
+        read). `tensorglot.layers.Layers.transformer` calls it, so a failed call changes no cache."""
+        self.map.cancel()
         self._step = None
 
     def update(self, layer: int, k: Array, v: Array, /) -> tuple[Array, Array]:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -41,7 +42,8 @@ import numpy as np
 
 from .params import TransformerConfig, check_params
 
-_ACTIVATIONS = {"silu": "swiglu"}  # a Llama MLP is always gated; hidden_act names the gate's activation
+_ACTIVATIONS = {"silu": "swiglu"}
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")  # a Llama MLP is always gated; hidden_act names the gate's activation
 
 
 def hf_config_to_config(hf: Mapping[str, Any], /) -> TransformerConfig:
@@ -105,6 +107,12 @@ def hf_state_to_params(
         params[p + "w_up"] = get(hf + "mlp.up_proj.weight").T  # (D, F)
         params[p + "w_down"] = get(hf + "mlp.down_proj.weight").T  # (F, D)
     params["norm"] = get("model.norm.weight")
+    past = sorted({int(m.group(1)) for k in state if (m := _LAYER.match(k)) and int(m.group(1)) >= c.n_layers})
+    if past:  # a config that undercounts would silently run a shallower model
+        raise ValueError(
+            f"{fn}: the checkpoint holds layers {past} past num_hidden_layers = {c.n_layers}; the config and "
+            "the weights disagree (no layer is dropped)"
+        )
     if not c.tie_embeddings:
         params["lm_head"] = get("lm_head.weight").T  # (D, V)
     check_params(fn, {k: v.shape for k, v in params.items()}, c)
@@ -118,6 +126,9 @@ def load_llama(
     """``(params, config)`` from a Hugging Face Llama directory: ``config.json`` and ``model.safetensors``
     (or the shards a ``model.safetensors.index.json`` lists). bfloat16 weights are widened to float32
     first (NumPy has no bfloat16); ``dtype`` None keeps the stored dtype.
+
+    Refused with ValueError: weights of layers past ``num_hidden_layers`` (never dropped) and an index
+    naming a shard outside ``path``.
     """
     fn = "checkpoints.load_llama"
     root = os.fspath(path)
@@ -134,11 +145,24 @@ def load_llama(
         files = ["model.safetensors"]
     state: dict[str, np.ndarray] = {}
     for name in files:
-        file = os.path.join(root, name)
+        file = _inside(fn, root, name)
         if not os.path.isfile(file):
             raise ValueError(f"{fn}: {file!r} is missing")
         state |= _read_safetensors(file)
     return hf_state_to_params(state, config, dtype=dtype), config
+
+
+def _inside(fn: str, root: str, name: Any) -> str:
+    """``root/name``, refused unless the name stays inside ``root`` (no absolute path, no ``..`` out of
+    it): an index names files of its own directory. Symlinks are followed as they are (the Hugging Face
+    cache links each file to a blob elsewhere)."""
+    top = os.path.normpath(os.path.abspath(root))
+    if not isinstance(name, str) or not name or os.path.isabs(name):
+        raise ValueError(f"{fn}: the index names shard {name!r}; wanted a file name relative to {root!r}")
+    file = os.path.normpath(os.path.join(top, name))
+    if os.path.commonpath([top, file]) != top:
+        raise ValueError(f"{fn}: the index names shard {name!r}, which lies outside the model directory {root!r}")
+    return file
 
 
 def _read_safetensors(file: str) -> dict[str, np.ndarray]:

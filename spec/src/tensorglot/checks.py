@@ -7,6 +7,7 @@ the argument, what it got and what it wanted.
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -38,6 +39,18 @@ def check_float(fn: str, arg: str, dtype: str) -> None:
 def check_int(fn: str, arg: str, dtype: str) -> None:
     if dtype not in INT_DTYPES:
         raise TypeError(f"{fn}: {arg} has dtype {dtype}, wanted an integer dtype")
+
+
+def check_ids(fn: str, arg: str, dtype: str, vocab_size: int) -> None:
+    """Token ids: an integer dtype that holds every id in [0, vocab_size), so the ids `generate` appends
+    in the prompt's dtype are never wrapped (uint8 holds a vocabulary of 256, int8 of 128)."""
+    check_int(fn, arg, dtype)
+    top = int(np.iinfo(dtype).max)
+    if top < vocab_size - 1:
+        raise TypeError(
+            f"{fn}: {arg} (token ids) has dtype {dtype}, which holds ids up to {top} but vocab_size - 1 = "
+            f"{vocab_size - 1}; wanted an integer dtype that holds every id in [0, {vocab_size}), e.g. int32 or int64"
+        )
 
 
 def check_bool(fn: str, arg: str, dtype: str) -> None:
@@ -90,12 +103,15 @@ def check_positive_int(fn: str, arg: str, value: Any, *, allow_zero: bool = Fals
     return value
 
 
-def check_positive_float(fn: str, arg: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
+def check_positive_float(fn: str, arg: str, value: Any, *, allow_zero: bool = False) -> float:
+    """A finite number > 0 (>= 0 with ``allow_zero``) as a float: inf and nan are refused, since no
+    scale, epsilon or frequency is infinite; a NumPy scalar is the number it holds."""
+    if isinstance(value, bool | np.bool_) or not isinstance(value, int | float | np.integer | np.floating):
         raise TypeError(f"{fn}: {arg} must be a number, got {type(value).__name__}")
-    if not value > 0:
-        raise ValueError(f"{fn}: {arg} must be > 0, got {value}")
-    return float(value)
+    value = float(value)
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{fn}: {arg} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value}")
+    return value
 
 
 # -- per-op checks: each returns the sizes the op needs --------------------------------------------
@@ -117,8 +133,8 @@ def mlp(fn: str, x: Shape, w_in: Shape, w_out: Shape) -> None:
     check_rank(fn, "w_out", w_out, "(F, D)")
     if w_in[0] != x[-1]:
         raise bad_shape(fn, "w_in", w_in, f"({x[-1]}, F) to match x's last axis {x[-1]}")
-    if w_out[0] != w_in[1]:
-        raise bad_shape(fn, "w_out", w_out, f"({w_in[1]}, D) to match w_in's F = {w_in[1]}")
+    if tuple(w_out) != (w_in[1], x[-1]):
+        raise bad_shape(fn, "w_out", w_out, f"({w_in[1]}, {x[-1]}): w_in's F = {w_in[1]} by x's D = {x[-1]}")
 
 
 def swiglu(fn: str, x: Shape, w_gate: Shape, w_up: Shape, w_down: Shape) -> None:
@@ -128,8 +144,8 @@ def swiglu(fn: str, x: Shape, w_gate: Shape, w_up: Shape, w_down: Shape) -> None
         raise bad_shape(fn, "w_gate", w_gate, f"({x[-1]}, F) to match x's last axis {x[-1]}")
     check_same_shape(fn, "w_up", w_up, w_gate, "w_gate")
     check_rank(fn, "w_down", w_down, "(F, D)")
-    if w_down[0] != w_gate[1]:
-        raise bad_shape(fn, "w_down", w_down, f"({w_gate[1]}, D) to match w_gate's F = {w_gate[1]}")
+    if tuple(w_down) != (w_gate[1], x[-1]):
+        raise bad_shape(fn, "w_down", w_down, f"({w_gate[1]}, {x[-1]}): w_gate's F = {w_gate[1]} by x's D = {x[-1]}")
 
 
 def rms_norm(fn: str, x: Shape, weight: Shape, eps: Any) -> None:
@@ -182,17 +198,27 @@ def rope(fn: str, x: Shape, positions: Shape | None, style: Any, rotary_dim: Any
 
 
 def rope_scaling(fn: str, scaling: Any) -> dict[str, Any] | None:
-    """Validate a Hugging Face style ``rope_scaling`` dict and return it with defaults filled."""
+    """Validate a Hugging Face style ``rope_scaling`` dict and return it with defaults filled.
+
+    Every number must lie in the domain its formula needs, so a bad one is a ValueError naming the key
+    here, never a ``math domain error`` or a division by zero later: ``factor`` > 0, the original
+    context >= 1, llama3's 0 < low_freq_factor < high_freq_factor, YaRN's betas > 0 and its optional
+    mscale, mscale_all_dim >= 0 and attention_factor > 0, all finite.
+    """
     if scaling is None:
         return None
     if not isinstance(scaling, Mapping):
         raise TypeError(f"{fn}: scaling must be None or a dict with a 'type', got {type(scaling).__name__}")
     kind = scaling.get("type", scaling.get("rope_type"))
     check_choice(fn, "scaling type", kind, ROPE_SCALINGS)
-    out: dict[str, Any] = {"type": kind, "factor": scaling.get("factor")}
+
+    def number(key: str, default: Any = None, *, allow_zero: bool = False) -> Any:
+        value = scaling.get(key, default)
+        return None if value is None else check_positive_float(fn, f"scaling[{key!r}]", value, allow_zero=allow_zero)
+
+    out: dict[str, Any] = {"type": kind, "factor": number("factor")}
     if out["factor"] is None:
         raise ValueError(f"{fn}: scaling {kind!r} needs 'factor'")
-    check_positive_float(fn, "scaling['factor']", out["factor"])
     if kind in ("dynamic", "yarn", "llama3"):
         orig = scaling.get("original_max_position_embeddings")
         if orig is None:
@@ -202,18 +228,23 @@ def rope_scaling(fn: str, scaling: Any) -> dict[str, Any] | None:
         )
     if kind == "dynamic":
         # The sequence length the NTK base is stretched for; HF computes it per forward from the input.
-        out["seq_len"] = int(scaling.get("seq_len", out["original_max_position_embeddings"]))
+        out["seq_len"] = check_positive_int(
+            fn, "scaling['seq_len']", scaling.get("seq_len", out["original_max_position_embeddings"])
+        )
     if kind == "llama3":
-        out["low_freq_factor"] = float(scaling.get("low_freq_factor", 1.0))
-        out["high_freq_factor"] = float(scaling.get("high_freq_factor", 4.0))
+        out["low_freq_factor"] = number("low_freq_factor", 1.0)
+        out["high_freq_factor"] = number("high_freq_factor", 4.0)
         if not out["high_freq_factor"] > out["low_freq_factor"]:
-            raise ValueError(f"{fn}: llama3 scaling needs high_freq_factor > low_freq_factor")
+            raise ValueError(
+                f"{fn}: llama3 scaling needs high_freq_factor > low_freq_factor, got "
+                f"{out['high_freq_factor']} and {out['low_freq_factor']}"
+            )
     if kind == "yarn":
-        out["beta_fast"] = float(scaling.get("beta_fast", 32.0))
-        out["beta_slow"] = float(scaling.get("beta_slow", 1.0))
-        out["mscale"] = scaling.get("mscale")
-        out["mscale_all_dim"] = scaling.get("mscale_all_dim")
-        out["attention_factor"] = scaling.get("attention_factor")
+        out["beta_fast"] = number("beta_fast", 32.0)
+        out["beta_slow"] = number("beta_slow", 1.0)
+        out["mscale"] = number("mscale", allow_zero=True)
+        out["mscale_all_dim"] = number("mscale_all_dim", allow_zero=True)
+        out["attention_factor"] = number("attention_factor")
     unknown = set(scaling) - set(out) - {"rope_type", "type"}
     if unknown:
         raise ValueError(f"{fn}: scaling {kind!r} got unknown keys {sorted(unknown)}")

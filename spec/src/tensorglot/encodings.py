@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import numpy as np
@@ -66,7 +67,7 @@ class Encodings(FrontEnd):
         /,
         *,
         theta: float = 10000.0,
-        scaling: dict[str, Any] | None = None,
+        scaling: Mapping[str, Any] | None = None,
         dtype: str = "float32",
     ) -> Array:
         r"""Inverse frequencies ``θ_i = theta^(-2i/dim)``, i < dim/2, optionally scaled.
@@ -107,7 +108,7 @@ class Encodings(FrontEnd):
         theta: float = 10000.0,
         style: RopeStyle = "interleaved",
         rotary_dim: int | None = None,
-        scaling: dict[str, Any] | None = None,
+        scaling: Mapping[str, Any] | None = None,
     ) -> Array:
         r"""Rotary position embedding (Su et al. 2021, arXiv:2104.09864).
 
@@ -139,7 +140,7 @@ class Encodings(FrontEnd):
         theta: float = 10000.0,
         style: RopeStyle = "interleaved",
         rotary_dim: int | None = None,
-        scaling: dict[str, Any] | None = None,
+        scaling: Mapping[str, Any] | None = None,
     ) -> Array:
         r"""The VJP of `rope`: RoPE is linear in x, so dx is dy rotated by −angle (times YaRN's factor).
 
@@ -182,7 +183,7 @@ def _float32_table(r: int, theta: float, scaling: tuple[tuple[str, Any], ...] | 
     return table
 
 
-def yarn_attention_factor(scaling: dict[str, Any] | None) -> float:
+def yarn_attention_factor(scaling: Mapping[str, Any] | None) -> float:
     """YaRN's ``mscale``: the factor on cos and sin, 1 for every other scaling (HF's rules).
 
     >>> round(yarn_attention_factor({"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}), 4)
@@ -203,7 +204,7 @@ def yarn_attention_factor(scaling: dict[str, Any] | None) -> float:
     return get_mscale(factor)
 
 
-def frequency_table(dim: int, /, *, theta: float = 10000.0, scaling: dict[str, Any] | None = None) -> np.ndarray:
+def frequency_table(dim: int, /, *, theta: float = 10000.0, scaling: Mapping[str, Any] | None = None) -> np.ndarray:
     """`Encodings.rope_frequencies` in float64 NumPy; every backend casts this (it depends on no input array).
 
     >>> print(frequency_table(4, theta=100.0))

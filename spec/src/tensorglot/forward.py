@@ -21,7 +21,7 @@ from array_api_compat import array_namespace, device
 
 from .cache import KVCache, visible_mask
 from .encodings import frequency_table, yarn_attention_factor
-from .frontend import HALF, FrontEnd, shape
+from .frontend import HALF, FrontEnd, index_ids, shape
 from .params import TransformerConfig
 
 Array = Any
@@ -75,13 +75,17 @@ class Forward(FrontEnd):
         if p.positions is None:
             p.positions = self._cache_positions(p, S)
         p.cache.reserve(S)  # raises past capacity before anything is written
-        logits = self._forward(tokens, p)
+        try:
+            logits = self._forward(tokens, p)
+        except BaseException:
+            p.cache.cancel()  # a failed call changes no cache
+            raise
         p.cache.advance(S)
         return logits
 
     def _forward(self, tokens: Array, p: _Pass) -> Array:
         c, w = p.config, p.params
-        x = self._k.embedding(w["embed"], tokens)  # (B, S, D)
+        x = self._k.embedding(w["embed"], index_ids(tokens))  # (B, S, D)
         for i in range(c.n_layers):
             x = self._block(x, p, i)
         n = self._norm(x, w["norm"], p)

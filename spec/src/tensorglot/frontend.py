@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+from array_api_compat import array_namespace
 
 from . import checks
 from .backend import ArrayBackend
@@ -78,9 +79,19 @@ class FrontEnd:
         return out, next(iter(dtypes.values()))
 
     def _int(self, fn: str, arg: str, x: Any) -> Array:
-        x = self._be.native(x)
+        x = self._ints(fn, arg, x)
         checks.check_int(fn, arg, self._be.dtype_name(x))
         return x
+
+    def _ints(self, fn: str, arg: str, x: Any) -> Array:
+        """x as this backend's array; a Python list goes through NumPy first, so one with an int too large
+        for int64 (an object array) or with floats is refused alike on every backend, never a framework's
+        overflow."""
+        if isinstance(x, list | tuple):
+            x = np.asarray(x)
+            if x.dtype.kind not in "iu":
+                checks.check_int(fn, arg, x.dtype.name)
+        return self._be.native(x)
 
     def _bool(self, fn: str, arg: str, x: Any) -> Array:
         x = self._be.native(x)
@@ -142,6 +153,13 @@ def _namespace_of(backend: str, namespace: str) -> Any:
     from .registry import get_backend
 
     return getattr(get_backend(backend), namespace)
+
+
+def index_ids(ids: Array) -> Array:
+    """Validated token ids as an index dtype (int32 unless int32 or int64): every library gathers with
+    them, and torch would read uint8 as a bool mask."""
+    xp = array_namespace(ids)
+    return ids if ids.dtype in (xp.int32, xp.int64) else xp.astype(ids, xp.int32)
 
 
 def shape(x: Array) -> tuple[int, ...]:

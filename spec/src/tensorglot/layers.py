@@ -30,7 +30,9 @@ The model (pinned):
 
 Errors: params that do not match the config (a missing, unexpected or misshapen array), tokens that are
 not ints of shape (B, S), out of [0, vocab_size), or past ``max_seq_len`` raise ValueError/TypeError
-naming the function and what was wrong. ``transformer``, ``generate``, ``loss`` and ``value_and_grad``
+naming the function and what was wrong. Token ids may have any integer dtype that holds vocab_size − 1
+(so `generate`'s ids fit the prompt's dtype; uint8 holds a vocabulary of up to 256): a narrower one is
+a TypeError, never a wrapped id. ``transformer``, ``generate``, ``loss`` and ``value_and_grad``
 check every parameter; a layer function checks the ones it reads, so a module holding one layer's
 weights can call it.
 
@@ -177,7 +179,9 @@ class Layers(Forward):
         recomputed ones up to rounding).
 
         Args:
-            prompt: (B, P) ints, every prompt of the batch the same length P >= 1.
+            prompt: (B, P) ints, every prompt of the batch the same length P >= 1, in an integer dtype
+            that holds vocab_size − 1 (the generated ids are returned in it; a narrower dtype, such as
+            uint8 for a vocabulary over 256, is refused with TypeError rather than wrapping them).
             max_new_tokens: >= 0; ``P + max_new_tokens <= max_seq_len``.
         Returns:
             (B, P + max_new_tokens) ints, the prompt's dtype: the prompt followed by the generated tokens.
@@ -272,7 +276,8 @@ class Layers(Forward):
         return params, dtypes.pop()
 
     def _tokens(self, fn, arg, tokens, config, params, start=0):
-        tokens = self._int(fn, arg, tokens)
+        tokens = self._ints(fn, arg, tokens)
+        checks.check_ids(fn, arg, self._be.dtype_name(tokens), config.vocab_size)
         lo = hi = 0
         if math.prod(shape(tokens)) and not self._be.is_traced(tokens):  # a traced token has no value
             xp = array_namespace(tokens)

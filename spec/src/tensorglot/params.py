@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -40,6 +40,48 @@ from . import checks
 MLP_ACTIVATIONS = (*checks.ACTIVATIONS, "swiglu")
 #: The float dtypes `init_params` can return.
 PARAM_DTYPES = ("float64", "float32", "float16")
+
+
+class RopeScaling(Mapping[str, Any]):
+    """An immutable, hashable ``rope_scaling`` mapping: a frozen config cannot change under a jit key.
+
+    `TransformerConfig` turns the dict it is given into one (its items sorted); it reads like the dict,
+    equals it, pickles, and ``dict(scaling)`` gives the dict back (`TransformerConfig.to_dict` does).
+    """
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Mapping[str, Any]) -> None:
+        self._items = tuple(sorted(dict(items).items()))
+        try:
+            hash(self._items)
+        except TypeError:
+            wanted = "numbers or strings"
+            raise TypeError(f"TransformerConfig: rope_scaling values must be {wanted}, got {dict(items)}") from None
+
+    def __getitem__(self, key: str) -> Any:
+        for k, v in self._items:
+            if k == key:
+                return v
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return (k for k, _ in self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(self._items)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Mapping) and dict(self._items) == dict(other)
+
+    def __reduce__(self) -> tuple[Any, tuple[dict[str, Any]]]:
+        return RopeScaling, (dict(self._items),)
+
+    def __repr__(self) -> str:
+        return f"RopeScaling({dict(self._items)!r})"
 
 
 @dataclass(frozen=True)
@@ -56,7 +98,8 @@ class TransformerConfig:
         activation: relu, gelu, gelu_tanh, silu (a plain MLP) or swiglu (the gated MLP).
         norm_eps: RMSNorm's epsilon.
         rope_theta, rope_style, rotary_dim, rope_scaling: passed to `Encodings.rope` for q and k;
-            ``rotary_dim`` None rotates all of H (partial rotary: an even number < H).
+            ``rotary_dim`` None rotates all of H (partial rotary: an even number < H); a
+            ``rope_scaling`` dict is stored as an immutable `RopeScaling` (the config is hashed).
         max_seq_len: the largest position a token may take (positions are in [0, max_seq_len)).
         tie_embeddings: the output projection is ``embed.T`` and ``lm_head`` is absent.
     """
@@ -73,7 +116,7 @@ class TransformerConfig:
     rope_theta: float = 10000.0
     rope_style: str = "interleaved"
     rotary_dim: int | None = None
-    rope_scaling: dict[str, Any] | None = None
+    rope_scaling: Mapping[str, Any] | None = None
     max_seq_len: int = 2048
     tie_embeddings: bool = False
 
@@ -88,27 +131,27 @@ class TransformerConfig:
             "head_dim",
             "d_ff",
             "max_seq_len",
-        ):
-            checks.check_positive_int(fn, name, getattr(self, name))
+        ):  # stored as the int it holds: a NumPy scalar would not survive to_dict's JSON
+            object.__setattr__(self, name, checks.check_positive_int(fn, name, getattr(self, name)))
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"{fn}: n_heads = {self.n_heads} must be a multiple of n_kv_heads = {self.n_kv_heads} "
                 "(each kv head serves n_heads // n_kv_heads query heads)"
             )
         checks.check_choice(fn, "activation", self.activation, MLP_ACTIVATIONS)
-        checks.check_positive_float(fn, "norm_eps", self.norm_eps)
-        checks.check_positive_float(fn, "rope_theta", self.rope_theta)
+        object.__setattr__(self, "norm_eps", checks.check_positive_float(fn, "norm_eps", self.norm_eps))
+        object.__setattr__(self, "rope_theta", checks.check_positive_float(fn, "rope_theta", self.rope_theta))
         checks.check_choice(fn, "rope_style", self.rope_style, checks.ROPE_STYLES)
-        r = self.head_dim if self.rotary_dim is None else checks.check_positive_int(fn, "rotary_dim", self.rotary_dim)
+        if self.rotary_dim is not None:
+            object.__setattr__(self, "rotary_dim", checks.check_positive_int(fn, "rotary_dim", self.rotary_dim))
+        r = self.head_dim if self.rotary_dim is None else self.rotary_dim
         if r % 2 or r > self.head_dim:
             raise ValueError(f"{fn}: rotary_dim must be even and <= head_dim = {self.head_dim}, got {r}")
         checks.rope_scaling(fn, self.rope_scaling)
+        if self.rope_scaling is not None:
+            object.__setattr__(self, "rope_scaling", RopeScaling(self.rope_scaling))
         if not isinstance(self.tie_embeddings, bool):
             raise TypeError(f"{fn}: tie_embeddings must be a bool, got {type(self.tie_embeddings).__name__}")
-
-    def __hash__(self) -> int:
-        # rope_scaling is a dict; hash the JSON form so a config can be a static argument (jax.jit).
-        return hash(json.dumps(self.to_dict(), sort_keys=True))
 
     @property
     def group_size(self) -> int:
@@ -116,7 +159,10 @@ class TransformerConfig:
         return self.n_heads // self.n_kv_heads
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields as plain JSON values (``rope_scaling`` a dict); `from_dict` reads it back."""
+        out = asdict(self)
+        out["rope_scaling"] = None if self.rope_scaling is None else dict(self.rope_scaling)
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TransformerConfig:
@@ -276,10 +322,19 @@ def save_params(
     """Write ``params`` (NumPy arrays) to ``.npz`` or ``.safetensors`` (chosen by the suffix).
 
     The config, when given, is stored as JSON beside them (a string array in ``.npz``, the metadata in
-    safetensors). Nothing is pickled; safetensors needs the ``safetensors`` package.
+    safetensors). Nothing is pickled: an array that is not bool, int or float (an object array) is a
+    TypeError; safetensors needs the ``safetensors`` package.
     """
     path = os.fspath(path)
     arrays = {k: np.ascontiguousarray(np.asarray(v)) for k, v in params.items()}
+    for k, v in arrays.items():
+        if v.dtype.kind not in "biuf":  # an object or string array would be pickled (npz) or unreadable
+            raise TypeError(
+                f"save_params: params[{k!r}] has dtype {v.dtype}; wanted a numeric dtype (bool, int, float): "
+                "nothing is pickled"
+            )
+    if _CONFIG_KEY in arrays:
+        raise ValueError(f"save_params: {_CONFIG_KEY!r} is reserved for the config, not a parameter name")
     meta = None if config is None else json.dumps(config.to_dict())
     if path.endswith(".safetensors"):
         from safetensors.numpy import save_file

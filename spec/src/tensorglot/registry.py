@@ -3,7 +3,15 @@
 Discovery is lazy: nothing is looked up at import, and listing backends imports only the small plugin
 modules (never torch or jax). Each plugin's hook is called on its own, so one plugin that raises, or that
 registers a name another plugin already holds, is recorded with its entry point and distribution while
-the others keep working. ``TENSORGLOT_STRICT=1`` turns those records back into exceptions.
+the others keep working. ``TENSORGLOT_STRICT=1`` turns those records back into exceptions: discovery
+always runs to the end, and then each query raises the first record while strict mode is on (turning it
+off leaves a working registry).
+
+Who owns a name: a name of `KNOWN_PROVIDERS` (``numpy``, ``torch``, ...) belongs to the distribution this
+project publishes it in, and any other distribution's registration of it is refused, whatever its
+entry point is called or the order plugins load in. Any other name belongs to the plugin whose entry
+point carries it; between two such, or two without, the first in (entry-point name, distribution)
+order keeps it and the other is refused with an error naming both.
 
 Selection precedence: explicit name > ``with tensorglot.use(name):`` > ``TENSORGLOT_BACKEND`` (read at
 call time) > ``"numpy"``.
@@ -28,7 +36,13 @@ from .backend import KNOWN_CAPABILITIES, Backend
 ENTRY_POINT_GROUP = "tensorglot"
 DEFAULT_BACKEND = "numpy"
 #: Backends this project publishes, so an unknown name can say what to install.
-KNOWN_PROVIDERS = {"numpy": "tensorglot-numpy", "torch": "tensorglot-torch", "jax": "tensorglot-jax"}
+#: Only that distribution may register the name (a plugin from another one is refused, see the module).
+KNOWN_PROVIDERS = {
+    "numpy": "tensorglot-numpy",
+    "torch": "tensorglot-torch",
+    "jax": "tensorglot-jax",
+    "xp": "tensorglot-xp",
+}
 
 _selected: contextvars.ContextVar[str | None] = contextvars.ContextVar("tensorglot_backend", default=None)
 
@@ -89,6 +103,11 @@ def _strict() -> bool:
     return os.environ.get("TENSORGLOT_STRICT", "") not in ("", "0", "false", "False")
 
 
+def _canonical(distribution: str | None) -> str | None:
+    """A distribution name as packaging compares them: ``Tensorglot_NumPy`` is ``tensorglot-numpy``."""
+    return None if distribution is None else distribution.lower().replace("_", "-").replace(".", "-")
+
+
 class Registry:
     """The plugin manager plus what its plugins registered. One instance lives in this module."""
 
@@ -105,7 +124,12 @@ class Registry:
     # -- discovery ---------------------------------------------------------------------------------
     @staticmethod
     def entry_points() -> list[md.EntryPoint]:
-        return sorted(md.entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name)
+        """The group's entry points in a fixed order (name, distribution, value), whatever the path order."""
+
+        def key(ep: md.EntryPoint) -> tuple[str, str, str]:
+            return ep.name, (ep.dist.name if ep.dist is not None else ""), ep.value
+
+        return sorted(md.entry_points(group=ENTRY_POINT_GROUP), key=key)
 
     def available(self) -> list[str]:
         """Backend names from entry-point metadata (and plugins registered in-process); imports nothing."""
@@ -118,14 +142,22 @@ class Registry:
             pm = pluggy.PluginManager("tensorglot")
             pm.add_hookspecs(hookspecs)
             self._pm = pm
-            for ep in self.entry_points():
+            for ep in self.entry_points():  # records, never raises: every plugin gets its turn
                 self._load_entry_point(pm, ep)
+        if _strict():
+            self._raise_first(self.errors)
         return self._pm
+
+    @staticmethod
+    def _raise_first(errors: list[LoadError]) -> None:
+        if errors:
+            e = errors[0]
+            raise RuntimeError(
+                f"tensorglot plugin {e.plugin} ({e.distribution}): {e.message} (TENSORGLOT_STRICT is set)"
+            ) from e.exception
 
     def _record(self, plugin: str, distribution: str | None, message: str, exc: BaseException | None) -> None:
         self.errors.append(LoadError(plugin, distribution, message, exc))
-        if _strict():
-            raise RuntimeError(f"tensorglot plugin {plugin} ({distribution}): {message}") from exc
 
     def _load_entry_point(self, pm: pluggy.PluginManager, ep: md.EntryPoint) -> None:
         label = f"{ep.name} = {ep.value}"
@@ -161,6 +193,16 @@ class Registry:
             unknown = set(capabilities) - KNOWN_CAPABILITIES
             if unknown:
                 raise ValueError(f"register: unknown capabilities {sorted(unknown)} for backend {name!r}")
+            owner = KNOWN_PROVIDERS.get(name)
+            if owner is not None and _canonical(dist) != owner:
+                self._record(
+                    label,
+                    dist,
+                    f"backend {name!r} belongs to the distribution {owner}; {label} ({dist}) may not "
+                    "register it; this registration is ignored",
+                    None,
+                )
+                return
             if name in self._infos:
                 held = self._infos[name]
                 # The plugin whose entry point carries the backend's name owns it, whatever the load order.
@@ -214,7 +256,10 @@ class Registry:
         with self._lock:
             pm = self._manager()
             pm.register(plugin, name=name)
+            before = len(self.errors)
             self._process(pm, name, distribution, None)
+            if _strict():
+                self._raise_first(self.errors[before:])
 
     def unregister_plugin(self, name: str) -> None:
         with self._lock:

@@ -17,7 +17,7 @@ from array_api_compat import array_namespace, device
 
 from . import checks
 from .forward import _head, _mlp_names, _Pass
-from .frontend import shape
+from .frontend import index_ids, shape
 
 if TYPE_CHECKING:
     from .layers import Layers
@@ -27,8 +27,8 @@ Array = Any
 
 def _inputs(layers: Layers, fn: str, tokens: Any, targets: Any, params: Any, config: Any) -> Any:
     params, dtype = layers._model(fn, params, config)
-    tokens = layers._tokens(fn, "tokens", tokens, config, params)
-    targets = layers._tokens(fn, "targets", targets, config, params)
+    tokens = index_ids(layers._tokens(fn, "tokens", tokens, config, params))
+    targets = index_ids(layers._tokens(fn, "targets", targets, config, params))
     checks.check_same_shape(fn, "targets", shape(targets), shape(tokens), "tokens")
     return _Pass(params, dtype, config, array_namespace(tokens)), tokens, targets
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +34,10 @@ def x64_enabled() -> bool:
 
 class JaxBackend(ArrayBackend):
     name = "jax"
+    #: How to get a capability this process lacks (the conformance suite's skip reasons say it).
+    capability_hints: ClassVar[dict[str, str]] = {
+        "float64": "JAX computes in float64 only with JAX_ENABLE_X64=1 set before it starts"
+    }
     kernels = SimpleNamespace(
         **{k: v for m in (ops, layers) for k, v in vars(m).items() if callable(v) and not k.startswith("_")}
     )

@@ -67,9 +67,13 @@ class JaxLayers(Layers):
             cache.allocate(p.params["embed"])
         table = jnp.asarray(cache.map.gather(cache.max_len), jnp.int32)  # (B, max_len)
         lengths = jnp.asarray(cache.lengths(), jnp.int32)
-        logits, cache.k, cache.v = _cached(
-            self, tokens, p.params, p.positions, cache.k, cache.v, lengths, table, config=config, kind=cache.kind
-        )
+        try:
+            logits, cache.k, cache.v = _cached(
+                self, tokens, p.params, p.positions, cache.k, cache.v, lengths, table, config=config, kind=cache.kind
+            )
+        except BaseException:
+            cache.cancel()  # a failed call changes no cache
+            raise
         cache.advance(S)
         return logits
 

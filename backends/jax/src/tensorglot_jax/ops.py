@@ -29,6 +29,8 @@ from .layers import embedding_backward as embedding_backward
 
 
 def _softmax(x, axis):
+    if x.shape[axis] == 0:  # no key (T = 0): nothing to normalise, and max has no identity
+        return x
     m = jnp.max(x, axis=axis, keepdims=True)
     e = jnp.exp(x - jnp.where(jnp.isinf(m), 0.0, m))  # an all −inf row: exp(−inf) = 0 everywhere
     e = jnp.where(m == jnp.inf, (x == jnp.inf).astype(x.dtype), e)  # a +inf maximum: its +inf entries share

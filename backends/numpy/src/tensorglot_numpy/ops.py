@@ -24,6 +24,8 @@ def _flat2d(x):
 
 
 def softmax(x, axis):
+    if x.shape[axis] == 0:  # no key (T = 0): nothing to normalise, and max has no identity
+        return x
     m = np.max(x, axis=axis, keepdims=True)
     top = np.isposinf(m)
     m = np.where(np.isinf(m), 0.0, m)  # an all −inf row: exp(−inf) = 0 everywhere, handled below

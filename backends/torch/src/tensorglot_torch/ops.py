@@ -252,7 +252,7 @@ _BLOCK = 64
 
 def _blocks(S, T, causal):
     """(i0, i1, t1): query rows [i0, i1) and the keys [0, t1) any of them can see."""
-    if not causal:
+    if not causal or S == 0:  # S = 0: one empty block, so the output is (B, 0, N, H)
         return [(0, S, T)]
     return [(i0, min(S, i0 + _BLOCK), max(0, min(T, i0 + _BLOCK + T - S))) for i0 in range(0, S, _BLOCK)]
 

@@ -24,6 +24,8 @@ def _weight_grad(a, b):
 
 
 def softmax(x, axis):
+    if x.shape[axis] == 0:  # no key (T = 0): nothing to normalise, and max has no identity
+        return x
     xp = array_namespace(x)
     top = xp.max(x, axis=axis, keepdims=True)  # NaN anywhere makes it NaN, and so the row
     # A +inf maximum: the limit weighs the +inf entries alike (exp(0)) and the rest 0 (exp(−inf)).

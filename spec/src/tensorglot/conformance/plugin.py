@@ -64,8 +64,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+#: The most devices a test of the suite asks for (`test_parallel.WORLD_SIZES`).
+HOST_DEVICES = 4
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "requires(capability): skip unless the backend declares the capability")
+    if _runs_suite(config):
+        # Before any test imports the framework: a backend that simulates devices on this host (JAX's
+        # plugin sets XLA_FLAGS) prepares them now, so the suite needs no environment variable.
+        from tensorglot.parallel import request_host_devices
+
+        request_host_devices(_backend_name(config), HOST_DEVICES)
     try:
         from hypothesis import HealthCheck, settings
     except ImportError:  # the suite's extra is not installed: its tests will say so when collected
@@ -92,8 +102,18 @@ def _in_suite(item: pytest.Item) -> bool:
     return SUITE_PACKAGE in str(item.path).replace(os.sep, "/")
 
 
+def _runs_suite(config: pytest.Config) -> bool:
+    return any(SUITE_PACKAGE.rstrip("/") in str(a).replace(".", "/") for a in config.args)
+
+
+def _lacks(backend: Any, capability: str) -> str:
+    """The skip reason for a missing capability, with the backend's hint on how to get it, if it has one."""
+    hint = getattr(backend, "capability_hints", {}).get(capability)
+    return f"backend {backend.name!r} lacks capability {capability!r}" + (f" ({hint})" if hint else "")
+
+
 def pytest_report_header(config: pytest.Config) -> list[str] | None:
-    if not any(SUITE_PACKAGE.rstrip("/") in str(a).replace(".", "/") for a in config.args):
+    if not _runs_suite(config):
         return None
     import tensorglot
     from tensorglot.registry import registry
@@ -138,11 +158,11 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     marks = list(item.iter_markers("requires"))
     if not marks:
         return
-    caps = _backend(item.config).capabilities
+    backend = _backend(item.config)
     for mark in marks:
         for cap in mark.args:
-            if cap not in caps:
-                pytest.skip(f"backend {_backend_name(item.config)!r} lacks capability {cap!r}")
+            if cap not in backend.capabilities:
+                pytest.skip(_lacks(backend, cap))
 
 
 _BACKENDS: dict[str, Any] = {}
@@ -185,5 +205,5 @@ def dtype(request: pytest.FixtureRequest, backend: Any) -> str:
 
     cap = DTYPE_CAPABILITY.get(request.param)
     if cap is not None and cap not in backend.capabilities:
-        pytest.skip(f"backend {backend.name!r} lacks capability {cap!r}")
+        pytest.skip(_lacks(backend, cap))
     return str(request.param)

@@ -203,6 +203,81 @@ BAD = [
         ValueError,
         ["rope_frequencies", "original_max_position_embeddings"],
     ),
+    # Options outside their domain (issue 14): no infinite scale or epsilon, no division by zero later.
+    *[
+        (
+            f"attn-scale-{v}",
+            "ops",
+            "attention",
+            [f32(1, 2, 2, 4)] * 3,
+            {"scale": v},
+            ValueError,
+            ["attention", "scale", w],
+        )
+        for v, w in ((float("inf"), "inf"), (float("nan"), "nan"), (-1.0, "-1.0"))
+    ],
+    *[
+        (f"{op}-eps-{v}", "ops", op, [f32(2, 4), f32(4)], {"eps": v}, ValueError, [op, "eps", w, "finite"])
+        for op in ("rms_norm", "layer_norm")
+        for v, w in ((float("inf"), "inf"), (float("nan"), "nan"), (-1e-6, "-1e-06"))
+    ],
+    (
+        "mlp-out-width",
+        "ops",
+        "mlp",
+        [f32(2, 3), f32(3, 4), f32(4, 5)],
+        {},
+        ValueError,
+        ["mlp", "w_out", "(4, 5)", "(4, 3)"],
+    ),
+    (
+        "swiglu-down-width",
+        "ops",
+        "swiglu",
+        [f32(2, 3), f32(3, 4), f32(3, 4), f32(4, 5)],
+        {},
+        ValueError,
+        ["swiglu", "w_down", "(4, 5)", "(4, 3)"],
+    ),
+    ("rope-theta-inf", "encodings", "rope", [f32(1, 2, 1, 4)], {"theta": float("inf")}, ValueError, ["theta", "inf"]),
+    *[
+        (f"rope-scaling-{key}", "encodings", "rope", [f32(1, 2, 1, 8)], {"scaling": scaling}, ValueError, ["rope", key])
+        for key, scaling in (
+            ("factor", {"type": "linear", "factor": 0.0}),
+            ("factor", {"type": "dynamic", "factor": float("inf"), "original_max_position_embeddings": 8}),
+            (
+                "original_max_position_embeddings",
+                {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 0},
+            ),
+            ("beta_fast", {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 0.0}),
+            ("beta_slow", {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_slow": -1.0}),
+            (
+                "mscale_all_dim",
+                {
+                    "type": "yarn",
+                    "factor": 4.0,
+                    "original_max_position_embeddings": 64,
+                    "mscale": 1.0,
+                    "mscale_all_dim": -20.0,
+                },
+            ),
+            ("seq_len", {"type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 64, "seq_len": -5}),
+            (
+                "high_freq_factor",
+                {
+                    "type": "llama3",
+                    "factor": 8.0,
+                    "original_max_position_embeddings": 64,
+                    "low_freq_factor": 2.0,
+                    "high_freq_factor": 2.0,
+                },
+            ),
+            (
+                "low_freq_factor",
+                {"type": "llama3", "factor": 8.0, "original_max_position_embeddings": 64, "low_freq_factor": 0.0},
+            ),
+        )
+    ],
 ]
 
 
