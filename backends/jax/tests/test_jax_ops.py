@@ -36,7 +36,9 @@ def _cases():
             for a in ("relu", "gelu", "gelu_tanh", "silu")
         ],
         ("swiglu", ops.swiglu, [(2, 3, 4), (4, 6), (4, 6), (6, 4)]),
+        ("geglu", ops.geglu, [(2, 3, 4), (4, 6), (4, 6), (6, 4)]),
         ("rms_norm", lambda x, w: ops.rms_norm(x, w, eps=1e-5), [(2, 3, 8), (8,)]),
+        ("rms_norm_offset", lambda x, w: ops.rms_norm(x, w, eps=1e-5, offset=1.0), [(2, 3, 8), (8,)]),
         (
             "attention_gqa_causal",
             lambda q, k, v: ops.attention(q, k, v, causal=True),
@@ -104,6 +106,13 @@ def _backward_cases():
             for a in ("relu", "gelu", "gelu_tanh", "silu")
         ],
         ("swiglu", ops.swiglu, ops.swiglu_backward, [(2, 3, 4), (4, 6), (4, 6), (6, 4)]),
+        ("geglu", ops.geglu, ops.geglu_backward, [(2, 3, 4), (4, 6), (4, 6), (6, 4)]),
+        (
+            "rms_norm_offset",
+            lambda x, w: ops.rms_norm(x, w, offset=1.0),
+            lambda x, w, dy: ops.rms_norm_backward(x, w, dy, offset=1.0),
+            [(2, 3, 8), (8,)],
+        ),
         (
             "rms_norm",
             lambda x, w: ops.rms_norm(x, w, eps=1e-5),

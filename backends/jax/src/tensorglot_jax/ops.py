@@ -107,25 +107,41 @@ def mlp_backward(x, w_in, w_out, dy, activation):
     return _mlp_grads(dy, activation, x, w_in, w_out, x @ w_in)
 
 
-def _swiglu_grads(dy, x, w_gate, w_up, w_down, g, u):
-    s, ds_dg = _activation(g, "silu")
+def _gated_grads(activation, dy, x, w_gate, w_up, w_down, g, u):
+    s, ds_dg = _activation(g, activation)
     da = dy @ w_down.T  # (..., F)
     dg, du = da * u * ds_dg, da * s
     dx = dg @ w_gate.T + du @ w_up.T  # (..., D)
     return dx, flat2d(x).T @ flat2d(dg), flat2d(x).T @ flat2d(du), flat2d(s * u).T @ flat2d(dy)
 
 
-def _swiglu_fwd(x, w_gate, w_up, w_down):
+def _gated_fwd(x, w_gate, w_up, w_down, activation):
     g, u = x @ w_gate, x @ w_up  # (..., F)
-    return (jax.nn.silu(g) * u) @ w_down, (x, w_gate, w_up, w_down, g, u)
+    return (_activation(g, activation)[0] * u) @ w_down, (x, w_gate, w_up, w_down, g, u)
 
 
-swiglu = vjp_kernel(_swiglu_fwd, lambda res, dy: _swiglu_grads(dy, *res), ())
+_gated = vjp_kernel(_gated_fwd, lambda activation, res, dy: _gated_grads(activation, dy, *res), (4,))
 
 
-@jax.jit
+@partial(jax.jit, static_argnums=5)
+def _gated_backward(x, w_gate, w_up, w_down, dy, activation):
+    return _gated_grads(activation, dy, x, w_gate, w_up, w_down, x @ w_gate, x @ w_up)
+
+
+def swiglu(x, w_gate, w_up, w_down):
+    return _gated(x, w_gate, w_up, w_down, "silu")
+
+
 def swiglu_backward(x, w_gate, w_up, w_down, dy):
-    return _swiglu_grads(dy, x, w_gate, w_up, w_down, x @ w_gate, x @ w_up)
+    return _gated_backward(x, w_gate, w_up, w_down, dy, "silu")
+
+
+def geglu(x, w_gate, w_up, w_down):
+    return _gated(x, w_gate, w_up, w_down, "gelu_tanh")
+
+
+def geglu_backward(x, w_gate, w_up, w_down, dy):
+    return _gated_backward(x, w_gate, w_up, w_down, dy, "gelu_tanh")
 
 
 # -- RMSNorm ---------------------------------------------------------------------------------------
@@ -135,25 +151,35 @@ def _rsqrt_ms(x, eps):
     return jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)  # (..., 1)
 
 
-def _rms_norm_grads(dy, x, weight, r):
-    n, g = x * r, dy * weight
+def _rms_norm_grads(dy, x, weight, offset, r):
+    n, g = x * r, dy * (weight + offset if offset else weight)
     return r * (g - n * jnp.mean(g * n, axis=-1, keepdims=True)), flat2d(dy * n).sum(axis=0)
 
 
-def _rms_norm_fwd(x, weight, eps, round_to):
+def _rms_norm_fwd(x, weight, eps, round_to, offset):
     r = _rsqrt_ms(x, eps)
     n = x * r
     if round_to is not None:  # Llama's cast order: the normalised x is rounded to the input dtype first
         n = n.astype(round_to).astype(x.dtype)
-    return n * weight, (x, weight, r)
+    return n * (weight + offset if offset else weight), (x, weight, r)
 
 
-rms_norm = vjp_kernel(_rms_norm_fwd, lambda eps, round_to, res, dy: _rms_norm_grads(dy, *res), (2, 3))
+_rms_norm = vjp_kernel(
+    _rms_norm_fwd, lambda eps, round_to, offset, res, dy: _rms_norm_grads(dy, res[0], res[1], offset, res[2]), (2, 3, 4)
+)
 
 
-@partial(jax.jit, static_argnums=3)
-def rms_norm_backward(x, weight, dy, eps):
-    return _rms_norm_grads(dy, x, weight, _rsqrt_ms(x, eps))
+def rms_norm(x, weight, eps, round_to, offset=0.0):
+    return _rms_norm(x, weight, eps, round_to, offset)
+
+
+@partial(jax.jit, static_argnums=(3, 4))
+def _rms_norm_backward(x, weight, dy, eps, offset):
+    return _rms_norm_grads(dy, x, weight, offset, _rsqrt_ms(x, eps))
+
+
+def rms_norm_backward(x, weight, dy, eps, offset=0.0):
+    return _rms_norm_backward(x, weight, dy, eps, offset)
 
 
 # -- LayerNorm -------------------------------------------------------------------------------------

@@ -100,18 +100,34 @@ def mlp_backward(x, w_in, w_out, dy, activation):
     return dh @ w_in.T, _flat2d(x).T @ _flat2d(dh), dw_out
 
 
-def swiglu(x, w_gate, w_up, w_down):
+def _gated(x, w_gate, w_up, w_down, activation):
     g = x @ w_gate  # (..., F)
-    return (g * _sigmoid(g) * (x @ w_up)) @ w_down
+    return (_activation(g, activation)[0] * (x @ w_up)) @ w_down
 
 
-def swiglu_backward(x, w_gate, w_up, w_down, dy):
+def _gated_backward(x, w_gate, w_up, w_down, dy, activation):
     g, u = x @ w_gate, x @ w_up  # (..., F)
-    s, ds_dg = _activation(g, "silu")
+    s, ds_dg = _activation(g, activation)
     da = dy @ w_down.T
     dg, du = da * u * ds_dg, da * s
     dx = dg @ w_gate.T + du @ w_up.T
     return dx, _flat2d(x).T @ _flat2d(dg), _flat2d(x).T @ _flat2d(du), _flat2d(s * u).T @ _flat2d(dy)
+
+
+def swiglu(x, w_gate, w_up, w_down):
+    return _gated(x, w_gate, w_up, w_down, "silu")
+
+
+def swiglu_backward(x, w_gate, w_up, w_down, dy):
+    return _gated_backward(x, w_gate, w_up, w_down, dy, "silu")
+
+
+def geglu(x, w_gate, w_up, w_down):
+    return _gated(x, w_gate, w_up, w_down, "gelu_tanh")
+
+
+def geglu_backward(x, w_gate, w_up, w_down, dy):
+    return _gated_backward(x, w_gate, w_up, w_down, dy, "gelu_tanh")
 
 
 # -- norms -----------------------------------------------------------------------------------------
@@ -121,16 +137,16 @@ def _rsqrt_ms(x, eps):
     return 1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)  # (..., 1)
 
 
-def rms_norm(x, weight, eps, round_to):
+def rms_norm(x, weight, eps, round_to, offset=0.0):
     n = x * _rsqrt_ms(x, eps)
     if round_to is not None:  # Llama's cast order: the normalised x is rounded to the input dtype first
         n = n.astype(round_to).astype(x.dtype)
-    return n * weight
+    return n * (weight + offset if offset else weight)
 
 
-def rms_norm_backward(x, weight, dy, eps):
+def rms_norm_backward(x, weight, dy, eps, offset=0.0):
     r = _rsqrt_ms(x, eps)
-    n, g = x * r, dy * weight
+    n, g = x * r, dy * (weight + offset if offset else weight)
     dx = r * (g - n * np.mean(g * n, axis=-1, keepdims=True))
     return dx, _flat2d(dy * n).sum(axis=0)
 

@@ -147,36 +147,58 @@ class MLP(torch.autograd.Function):
         return *mlp_backward(x, w_in, w_out, dy, ctx.activation, saved, ctx.needs_input_grad), None
 
 
-def _swiglu(x, w_gate, w_up, w_down):
+def _gated(x, w_gate, w_up, w_down, activation):
     x2 = _flat2d(x)  # (M, D)
     g, u = x2 @ w_gate, x2 @ w_up  # (M, F)
-    return (F.silu(g).mul_(u) @ w_down).reshape(*x.shape[:-1], w_down.shape[1]), g, u
+    return (_ACT[activation](g).mul_(u) @ w_down).reshape(*x.shape[:-1], w_down.shape[1]), g, u
 
 
-def swiglu_backward(x, w_gate, w_up, w_down, dy, gu=None, needs=ALL):
+def _gated_backward(x, w_gate, w_up, w_down, dy, activation, gu=None, needs=ALL):
     """``gu``: the forward's (x @ w_gate, x @ w_up), recomputed when None."""
-    g, u = _swiglu(x, w_gate, w_up, w_down)[1:] if gu is None else gu
+    g, u = _gated(x, w_gate, w_up, w_down, activation)[1:] if gu is None else gu
     x2, dy2 = _flat2d(x), _flat2d(dy)
-    s = F.silu(g)
+    s = _ACT[activation](g)
     da = dy2 @ w_down.T  # (M, F)
-    dg, du = da * u * _act_grad(g, "silu"), da.mul_(s)
+    dg, du = da * u * _act_grad(g, activation), da.mul_(s)
     dx = torch.addmm(dg @ w_gate.T, du, w_up.T).reshape(x.shape) if needs[0] else None
     dw_gate = x2.T @ dg if needs[1] else None
     dw_up = x2.T @ du if needs[2] else None
     return dx, dw_gate, dw_up, s.mul_(u).T @ dy2 if needs[3] else None
 
 
-class SwiGLU(torch.autograd.Function):
+class GatedMLP(torch.autograd.Function):
+    """``(act(x @ w_gate) * (x @ w_up)) @ w_down``: SwiGLU with silu, GeGLU with gelu_tanh."""
+
     @staticmethod
-    def forward(ctx, x, w_gate, w_up, w_down):
-        y, g, u = _swiglu(x, w_gate, w_up, w_down)
+    def forward(ctx, x, w_gate, w_up, w_down, activation):
+        y, g, u = _gated(x, w_gate, w_up, w_down, activation)
         ctx.save_for_backward(x, w_gate, w_up, w_down, g, u)
+        ctx.activation = activation
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, w_gate, w_up, w_down, g, u = ctx.saved_tensors
-        return swiglu_backward(x, w_gate, w_up, w_down, dy, (g, u), ctx.needs_input_grad)
+        return *_gated_backward(x, w_gate, w_up, w_down, dy, ctx.activation, (g, u), ctx.needs_input_grad), None
+
+
+_gated_mlp = _kernel(GatedMLP)
+
+
+def swiglu(x, w_gate, w_up, w_down):
+    return _gated_mlp(x, w_gate, w_up, w_down, "silu")
+
+
+def swiglu_backward(x, w_gate, w_up, w_down, dy):
+    return _gated_backward(x, w_gate, w_up, w_down, dy, "silu")
+
+
+def geglu(x, w_gate, w_up, w_down):
+    return _gated_mlp(x, w_gate, w_up, w_down, "gelu_tanh")
+
+
+def geglu_backward(x, w_gate, w_up, w_down, dy):
+    return _gated_backward(x, w_gate, w_up, w_down, dy, "gelu_tanh")
 
 
 # -- RMSNorm ---------------------------------------------------------------------------------------
@@ -186,29 +208,30 @@ def _rsqrt_ms(x, eps):
     return torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
 
 
-def rms_norm_backward(x, weight, dy, eps, r=None, needs=ALL):
+def rms_norm_backward(x, weight, dy, eps, offset=0.0, r=None, needs=ALL):
     """``r``: the forward's rsqrt(mean(x²) + eps), recomputed when None."""
     r = _rsqrt_ms(x, eps) if r is None else r
     n = x * r
-    g = dy * weight
+    g = dy * (weight + offset if offset else weight)
     dx = r * (g - n * (g * n).mean(-1, keepdim=True)) if needs[0] else None
     return dx, _flat2d(dy * n).sum(0) if needs[1] else None
 
 
 class RMSNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, eps, round_to):
+    def forward(ctx, x, weight, eps, round_to, offset=0.0):
         r = _rsqrt_ms(x, eps)
         ctx.save_for_backward(x, weight, r)
+        ctx.offset = offset
         n = x * r
         if round_to is not None:  # Llama's cast order: the normalised x is rounded to the input dtype first
             n = n.to(DTYPES[round_to]).to(x.dtype)
-        return n.mul_(weight)
+        return n.mul_(weight + offset if offset else weight)
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, r = ctx.saved_tensors
-        return *rms_norm_backward(x, weight, dy, None, r, ctx.needs_input_grad), None, None
+        return *rms_norm_backward(x, weight, dy, None, ctx.offset, r, ctx.needs_input_grad), None, None, None
 
 
 # -- LayerNorm -------------------------------------------------------------------------------------
@@ -340,7 +363,7 @@ def attention_backward(q, k, v, dy, causal, mask, scale):
     return _attention_grads(_attention(q, k, v, causal, mask, scale)[1], dy, scale)
 
 
-softmax, linear, mlp, swiglu = _kernel(Softmax), _kernel(Linear), _kernel(MLP), _kernel(SwiGLU)
+softmax, linear, mlp = _kernel(Softmax), _kernel(Linear), _kernel(MLP)
 rms_norm, layer_norm, _attention_function = _kernel(RMSNorm), _kernel(LayerNorm), _kernel(Attention)
 
 

@@ -101,20 +101,36 @@ def mlp_backward(x, w_in, w_out, dy, activation):
     return xp.matmul(dh, xp.matrix_transpose(w_in)), _weight_grad(x, dh), _weight_grad(a, dy)
 
 
-def swiglu(x, w_gate, w_up, w_down):
+def _gated(x, w_gate, w_up, w_down, activation):
     xp = array_namespace(x)
-    s, _ = _silu(xp.matmul(x, w_gate))  # (..., F)
-    return xp.matmul(s * xp.matmul(x, w_up), w_down)
+    a, _ = _ACTIVATIONS[activation](xp.matmul(x, w_gate))  # (..., F)
+    return xp.matmul(a * xp.matmul(x, w_up), w_down)
 
 
-def swiglu_backward(x, w_gate, w_up, w_down, dy):
+def _gated_backward(x, w_gate, w_up, w_down, dy, activation):
     xp = array_namespace(x)
     up = xp.matmul(x, w_up)  # (..., F)
-    s, ds = _silu(xp.matmul(x, w_gate))
+    s, ds = _ACTIVATIONS[activation](xp.matmul(x, w_gate))
     da = xp.matmul(dy, xp.matrix_transpose(w_down))
     dg, du = da * up * ds, da * s
     dx = xp.matmul(dg, xp.matrix_transpose(w_gate)) + xp.matmul(du, xp.matrix_transpose(w_up))
     return dx, _weight_grad(x, dg), _weight_grad(x, du), _weight_grad(s * up, dy)
+
+
+def swiglu(x, w_gate, w_up, w_down):
+    return _gated(x, w_gate, w_up, w_down, "silu")
+
+
+def swiglu_backward(x, w_gate, w_up, w_down, dy):
+    return _gated_backward(x, w_gate, w_up, w_down, dy, "silu")
+
+
+def geglu(x, w_gate, w_up, w_down):
+    return _gated(x, w_gate, w_up, w_down, "gelu_tanh")
+
+
+def geglu_backward(x, w_gate, w_up, w_down, dy):
+    return _gated_backward(x, w_gate, w_up, w_down, dy, "gelu_tanh")
 
 
 # -- norms -----------------------------------------------------------------------------------------
@@ -125,18 +141,18 @@ def _inv_rms(x, eps):
     return 1.0 / xp.sqrt(xp.mean(x * x, axis=-1, keepdims=True) + eps)  # (..., 1)
 
 
-def rms_norm(x, weight, eps, round_to):
+def rms_norm(x, weight, eps, round_to, offset=0.0):
     xp = array_namespace(x)
     n = x * _inv_rms(x, eps)
     if round_to is not None:  # Llama's cast order: the normalised x is rounded to the input dtype first
         n = xp.astype(xp.astype(n, getattr(xp, round_to)), x.dtype)
-    return n * weight
+    return n * (weight + offset if offset else weight)
 
 
-def rms_norm_backward(x, weight, dy, eps):
+def rms_norm_backward(x, weight, dy, eps, offset=0.0):
     xp = array_namespace(x)
     r = _inv_rms(x, eps)
-    n, g = x * r, dy * weight
+    n, g = x * r, dy * (weight + offset if offset else weight)
     return r * (g - n * xp.mean(g * n, axis=-1, keepdims=True)), xp.sum(dy * n, axis=tuple(range(x.ndim - 1)))
 
 

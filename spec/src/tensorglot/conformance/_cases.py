@@ -146,23 +146,29 @@ CASES: list[Case] = [
     _linear_case("linear-bias", (2, 3, 5), 4, True),
     _linear_case("linear-nobias", (4, 64), 8, False),
     *[_mlp_case(a) for a in ("relu", "gelu", "gelu_tanh", "silu")],
-    Case(
-        "swiglu",
-        "ops",
-        "swiglu",
-        lambda rng: ([_n(rng, 3, 6), _n(rng, 6, 8) / 2.5, _n(rng, 6, 8) / 2.5, _n(rng, 8, 6) / 2.8], {}),
-        (0, 1, 2, 3),
-        lambda f, a, kw, y, dy: f("swiglu_backward")(a[0], a[1], a[2], a[3], dy),
-        scale=2.0,  # three matmuls and a product of two of them
-    ),
-    Case(
-        "rms_norm",
-        "ops",
-        "rms_norm",
-        lambda rng: ([_n(rng, 2, 3, 8) * 2, 1 + 0.1 * _n(rng, 8)], {"eps": 1e-6}),
-        (0, 1),
-        lambda f, a, kw, y, dy: f("rms_norm_backward")(a[0], a[1], dy, eps=kw["eps"]),
-    ),
+    *[
+        Case(
+            name,
+            "ops",
+            name,
+            lambda rng: ([_n(rng, 3, 6), _n(rng, 6, 8) / 2.5, _n(rng, 6, 8) / 2.5, _n(rng, 8, 6) / 2.8], {}),
+            (0, 1, 2, 3),
+            lambda f, a, kw, y, dy, name=name: f(f"{name}_backward")(a[0], a[1], a[2], a[3], dy),
+            scale=2.0,  # three matmuls and a product of two of them
+        )
+        for name in ("swiglu", "geglu")
+    ],
+    *[
+        Case(
+            "rms_norm" if offset == 0 else "rms_norm-offset1",
+            "ops",
+            "rms_norm",
+            lambda rng, o=offset: ([_n(rng, 2, 3, 8) * 2, 1 - o + 0.1 * _n(rng, 8)], {"eps": 1e-6, "offset": o}),
+            (0, 1),
+            lambda f, a, kw, y, dy: f("rms_norm_backward")(a[0], a[1], dy, **kw),
+        )
+        for offset in (0.0, 1.0)  # 1.0: Gemma's (1 + w), its weights near 0
+    ],
     *[
         Case(
             f"layer_norm-{'bias' if with_bias else 'nobias'}",

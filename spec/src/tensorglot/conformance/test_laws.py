@@ -81,6 +81,31 @@ def test_rms_norm_casts_before_weight(backend):
     np.testing.assert_array_equal(np.asarray(got, dtype=np.float16), expected)
 
 
+def test_rms_norm_with_an_offset_casts_after_the_weight(backend):
+    """Gemma's order (HF ``x_norm_fp32 * (1.0 + w.float())``, then cast): offset + w and the product stay in
+    float32 and only the result is rounded to float16, which here differs from Llama's order in 3 places."""
+    if "float16" not in backend.capabilities:
+        pytest.skip(f"backend {backend.name!r} lacks capability 'float16'")
+    x = np.array([[1.0, 2.0, 3.0, 4.0], [0.3, -1.7, 2.2, 0.9]], dtype=np.float16)
+    w = np.array([0.1, -0.3, 0.9, 1.3], dtype=np.float16)
+    x32 = x.astype(np.float32)
+    normalised = x32 / np.sqrt(np.mean(x32 * x32, -1, keepdims=True) + 1e-6)
+    expected = (normalised * (np.float32(1.0) + w.astype(np.float32))).astype(np.float16)
+    xs, ws = backend.asarray(x, "float16"), backend.asarray(w, "float16")
+    got = np.asarray(backend.to_numpy(backend.ops.rms_norm(xs, ws, offset=1.0)), dtype=np.float16)
+    np.testing.assert_array_equal(got, expected)
+    assert not np.array_equal(expected, normalised.astype(np.float16) * (np.float16(1.0) + w))  # Llama's order
+
+
+@given(seed=seeds, offset=st.sampled_from([1.0, -0.5, 3.0]))
+def test_rms_norm_offset_is_added_to_the_weight(backend, seed, offset):
+    rng = np.random.default_rng(seed)
+    x, w = backend.asarray(rng.standard_normal((3, 8)), "float32"), rng.standard_normal(8)
+    got = _get(backend, backend.ops.rms_norm(x, backend.asarray(w, "float32"), offset=offset))
+    want = _get(backend, backend.ops.rms_norm(x, backend.asarray(offset + w, "float32")))
+    assert_close(got, want, "float32", scale=2, what=f"rms_norm(x, w, offset={offset}) == rms_norm(x, offset + w)")
+
+
 # -- rope ------------------------------------------------------------------------------------------
 
 
