@@ -173,8 +173,26 @@ def layer_norm_backward(x, weight, dy, eps, bias):
 # -- attention -------------------------------------------------------------------------------------
 
 
-def _probs(q, k, v, causal, mask, scale):
-    """The grouped inputs and probabilities: qg (B, K, G, S, H) carrying the scale, kh, vh, p (B, K, G, S, T)."""
+def _visible(S, T, causal, window):
+    """(S, T) bool, where query i may see key j (bottom-right causal, the window counting back), or None."""
+    if not causal:
+        return None
+    diagonal = np.arange(S)[:, None] + (T - S)  # (S, 1): query i sees keys j <= i + T − S
+    allowed = np.arange(T)[None, :] <= diagonal
+    return allowed if window is None else allowed & (np.arange(T)[None, :] > diagonal - window)
+
+
+def _capped(scores, softcap):
+    """(softcap · tanh(scores / softcap), its derivative 1 − tanh²), or (scores, None) without a cap."""
+    if softcap is None:
+        return scores, None
+    t = np.tanh(scores / softcap)
+    return softcap * t, 1.0 - t * t
+
+
+def _probs(q, k, v, causal, mask, scale, softcap, window):
+    """The grouped inputs, probabilities and the cap's derivative: qg (B, K, G, S, H) carrying the scale,
+    kh, vh, p (B, K, G, S, T), dcap (like p, or None)."""
     B, S, N, H = q.shape
     T, K = k.shape[1], k.shape[2]
     G = N // K
@@ -182,32 +200,32 @@ def _probs(q, k, v, causal, mask, scale):
     kh = k.transpose(0, 2, 1, 3)[:, :, None]  # (B, K, 1, T, H)
     vh = v.transpose(0, 2, 1, 3)[:, :, None]
     with np.errstate(over="ignore"):  # an overflow is +inf, which softmax's rule handles
-        scores = qg @ kh.swapaxes(-1, -2)  # (B, K, G, S, T)
-    allowed = None
-    if causal:
-        allowed = np.arange(T)[None, :] <= np.arange(S)[:, None] + (T - S)  # (S, T), bottom-right
+        scores, dcap = _capped(qg @ kh.swapaxes(-1, -2), softcap)  # (B, K, G, S, T)
+    allowed = _visible(S, T, causal, window)
     if mask is not None:
         m = np.broadcast_to(mask, (B, N, S, T)).reshape(B, K, G, S, T)
         allowed = m if allowed is None else (m & allowed)
     if allowed is not None:
         scores = np.where(allowed, scores, -np.inf)
-    return qg, kh, vh, softmax(scores, -1)  # a query that sees nothing: zeros
+    return qg, kh, vh, softmax(scores, -1), dcap  # a query that sees nothing: zeros
 
 
-def attention(q, k, v, causal, mask, scale):
+def attention(q, k, v, causal, mask, scale, softcap=None, window=None):
     B, S, N, H = q.shape
-    _, _, vh, p = _probs(q, k, v, causal, mask, scale)
+    _, _, vh, p, _ = _probs(q, k, v, causal, mask, scale, softcap, window)
     return (p @ vh).transpose(0, 3, 1, 2, 4).reshape(B, S, N, H)  # (B, S, N, H)
 
 
-def attention_backward(q, k, v, dy, causal, mask, scale):
+def attention_backward(q, k, v, dy, causal, mask, scale, softcap=None, window=None):
     B, S, N, H = q.shape
     K = k.shape[2]
-    qg, kh, vh, p = _probs(q, k, v, causal, mask, scale)
+    qg, kh, vh, p, dcap = _probs(q, k, v, causal, mask, scale, softcap, window)
     dyg = dy.reshape(B, S, K, N // K, H).transpose(0, 2, 3, 1, 4)  # (B, K, G, S, H)
     dv = (p.swapaxes(-1, -2) @ dyg).sum(axis=2)  # (B, K, T, H): the G query heads of a kv head add up
     dp = dyg @ vh.swapaxes(-1, -2)  # (B, K, G, S, T)
     ds = p * (dp - np.sum(dp * p, axis=-1, keepdims=True))
+    if dcap is not None:
+        ds *= dcap  # through the cap to the raw scores
     dq = (ds @ kh) * scale  # (B, K, G, S, H)
     dk = (ds.swapaxes(-1, -2) @ qg).sum(axis=2)  # (B, K, T, H); qg carries the scale
     return dq.transpose(0, 3, 1, 2, 4).reshape(B, S, N, H), dk.transpose(0, 2, 1, 3), dv.transpose(0, 2, 1, 3)

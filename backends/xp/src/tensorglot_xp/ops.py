@@ -208,40 +208,53 @@ def grouped_mask(mask, kv_heads):
     return array_namespace(mask).reshape(mask, shape)
 
 
-def visible(causal, mask, rows, cols, offset):
+def visible(causal, mask, rows, cols, offset, window=None):
     """Where query ``rows[i]`` may attend key ``cols[j]`` (None: everywhere); causal is bottom-right,
-    ``offset`` = T − S."""
+    ``offset`` = T − S, and a ``window`` W also hides the keys at or before the diagonal minus W."""
     if not causal:
         return mask
-    see = cols[None, :] <= rows[:, None] + offset  # (S, T)
+    diagonal = rows[:, None] + offset  # (S, 1)
+    see = cols[None, :] <= diagonal  # (S, T)
+    if window is not None:
+        see = see & (cols[None, :] > diagonal - window)
     return see if mask is None else see & mask
 
 
-def _probs(q, k, causal, mask, scale):
-    """qg (B, K, G, S, H) with the scale in it, and the probabilities (B, K, G, S, T)."""
+def capped(scores, softcap):
+    """(softcap · tanh(scores / softcap), its derivative 1 − tanh²), or (scores, None) without a cap."""
+    if softcap is None:
+        return scores, None
+    t = array_namespace(scores).tanh(scores / softcap)
+    return softcap * t, 1.0 - t * t
+
+
+def _probs(q, k, causal, mask, scale, softcap, window):
+    """qg (B, K, G, S, H) with the scale in it, the probabilities (B, K, G, S, T) and the cap's derivative."""
     xp = array_namespace(q)
     S, T, K = q.shape[1], k.shape[1], k.shape[2]
     qg = group_queries(q * scale, K)
-    scores = xp.matmul(qg, xp.matrix_transpose(kv_grouped(k)))  # (B, K, G, S, T)
+    scores, dcap = capped(xp.matmul(qg, xp.matrix_transpose(kv_grouped(k))), softcap)  # (B, K, G, S, T)
     ids = xp.arange(max(S, T), device=device(q))
-    allowed = visible(causal, None if mask is None else grouped_mask(mask, K), ids[:S], ids[:T], T - S)
+    allowed = visible(causal, None if mask is None else grouped_mask(mask, K), ids[:S], ids[:T], T - S, window)
     if allowed is not None:
         scores = xp.where(allowed, scores, -xp.inf)
-    return qg, softmax(scores, -1)  # a query that sees nothing: zeros
+    return qg, softmax(scores, -1), dcap  # a query that sees nothing: zeros
 
 
-def attention(q, k, v, causal, mask, scale):
-    _, p = _probs(q, k, causal, mask, scale)
+def attention(q, k, v, causal, mask, scale, softcap=None, window=None):
+    _, p, _ = _probs(q, k, causal, mask, scale, softcap, window)
     return ungroup_queries(array_namespace(q).matmul(p, kv_grouped(v)))  # (B, S, N, H)
 
 
-def attention_backward(q, k, v, dy, causal, mask, scale):
+def attention_backward(q, k, v, dy, causal, mask, scale, softcap=None, window=None):
     xp = array_namespace(q)
-    qg, p = _probs(q, k, causal, mask, scale)
+    qg, p, dcap = _probs(q, k, causal, mask, scale, softcap, window)
     dyg = group_queries(dy, k.shape[2])  # (B, K, G, S, H)
     kh, vh = kv_grouped(k), kv_grouped(v)  # (B, K, 1, T, H)
     dv = xp.sum(xp.matmul(xp.matrix_transpose(p), dyg), axis=2)  # (B, K, T, H): the G heads of a kv head add up
     ds = softmax_backward(p, xp.matmul(dyg, xp.matrix_transpose(vh)), -1)  # (B, K, G, S, T)
+    if dcap is not None:
+        ds = ds * dcap  # through the cap to the raw scores
     dq = xp.matmul(ds, kh) * scale
     dk = xp.sum(xp.matmul(xp.matrix_transpose(ds), qg), axis=2)  # qg carries the scale
     return ungroup_queries(dq), kv_heads_first(dk), kv_heads_first(dv)

@@ -94,9 +94,10 @@ def _attention_case(
     causal: bool = False,
     mask: str | None = None,
     scale: float | None = None,
+    **options: Any,  # softcap, window
 ) -> Case:
     def make(rng: np.random.Generator) -> tuple[list[Any], dict[str, Any]]:
-        kw: dict[str, Any] = {"causal": causal}
+        kw: dict[str, Any] = {"causal": causal, **options}
         if mask == "random":
             kw["mask"] = rng.random((B, 1, S, T)) < 0.7
         elif mask == "padding":
@@ -186,6 +187,12 @@ CASES: list[Case] = [
     _attention_case("attention-causal-s-gt-t", 1, 4, 2, 2, 1, 3, causal=True),  # first queries see nothing
     _attention_case("attention-mask", 2, 3, 4, 2, 2, 3, mask="random"),
     _attention_case("attention-padding-causal-scale", 2, 3, 3, 2, 1, 4, causal=True, mask="padding", scale=0.3),
+    _attention_case("attention-softcap", 2, 3, 4, 2, 1, 3, softcap=0.7),  # scores ~ 1: the cap bends them
+    _attention_case("attention-window-gqa-decode", 1, 3, 7, 4, 2, 3, causal=True, window=3),
+    _attention_case("attention-window-s-gt-t", 1, 5, 3, 2, 1, 2, causal=True, window=2),
+    _attention_case(
+        "attention-window-softcap-padding", 2, 5, 5, 2, 2, 3, causal=True, mask="padding", window=2, softcap=1.5
+    ),
     _rope_case("rope-interleaved", (2, 5, 2, 8)),
     _rope_case("rope-neox-partial", (1, 4, 3, 8), style="neox", rotary_dim=4),
     _rope_case("rope-batch-positions", (2, 3, 1, 6), batch_positions=True, theta=500.0),
