@@ -50,6 +50,16 @@ def _cases():
             [(2, 3, 4, 4), (2, 5, 1, 4), (2, 5, 1, 4)],
         ),
         (
+            "attention_window_softcap",
+            lambda q, k, v: ops.attention(q, k, v, causal=True, window=2, softcap=0.8),
+            [(2, 3, 4, 4), (2, 5, 2, 4), (2, 5, 2, 4)],
+        ),
+        (
+            "flash_window_softcap",
+            lambda q, k, v: ops.flash_attention(q, k, v, causal=True, window=3, softcap=1.2, block_size=2),
+            [(1, 7, 2, 4), (1, 7, 1, 4), (1, 7, 1, 4)],
+        ),
+        (
             "rope_interleaved",
             lambda x: enc.rope(x, positions=jnp.array([3, 1, 4]), theta=100.0),
             [(2, 3, 2, 6)],
@@ -123,6 +133,18 @@ def _backward_cases():
             "attention",
             lambda q, k, v: ops.attention(q, k, v, **att),
             lambda q, k, v, dy: ops.attention_backward(q, k, v, dy, **att),
+            [(2, 3, 4, 4), (2, 5, 2, 4), (2, 5, 2, 4)],
+        ),
+        (
+            "attention_window_softcap",
+            lambda q, k, v: ops.attention(q, k, v, **att, window=2, softcap=0.8),
+            lambda q, k, v, dy: ops.attention_backward(q, k, v, dy, **att, window=2, softcap=0.8),
+            [(2, 3, 4, 4), (2, 5, 2, 4), (2, 5, 2, 4)],
+        ),
+        (
+            "flash_window_softcap",
+            lambda q, k, v: ops.flash_attention(q, k, v, **att, window=2, softcap=0.8, block_size=2),
+            lambda q, k, v, dy: ops.flash_attention_backward(q, k, v, dy, **att, window=2, softcap=0.8, block_size=2),
             [(2, 3, 4, 4), (2, 5, 2, 4), (2, 5, 2, 4)],
         ),
         ("rope", lambda x: enc.rope(x, **rope), lambda x, dy: (enc.rope_backward(dy, **rope),), [(2, 3, 2, 6)]),

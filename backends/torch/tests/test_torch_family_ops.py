@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import tensorglot
-from tensorglot_torch import ops
+from tensorglot_torch import flash, ops
 
 gemma2 = pytest.importorskip("transformers.models.gemma2.modeling_gemma2", reason="needs transformers' Gemma 2")
 gemma3 = pytest.importorskip("transformers.models.gemma3.modeling_gemma3", reason="needs transformers' Gemma 3")
@@ -108,3 +108,113 @@ def test_geglu_autograd_equals_its_backward():
     want = be.ops.geglu_backward(*(t.detach() for t in inputs), dy)
     for g, e in zip(got, want):
         torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-6)
+
+
+# -- softcapped and sliding-window attention ----------------------------------------------------------------
+
+
+def window_mask(s, t, w):
+    """Mistral's and HF's sliding window, bottom-right: query i (at i + t − s) sees key j iff i − w < j ≤ i."""
+    i = torch.arange(s)[:, None] + (t - s)
+    j = torch.arange(t)[None, :]
+    return (j <= i) & (j > i - w)
+
+
+def sdpa(q, k, v, mask):
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # (B, N|K, L, H)
+    return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=True).transpose(1, 2)
+
+
+@pytest.fixture(params=[64, 2], ids=["one-block", "blocks-of-2"])
+def block(request, monkeypatch):
+    monkeypatch.setattr(ops, "_BLOCK", request.param)
+
+
+@pytest.mark.parametrize("s,t,w", [(7, 7, 3), (3, 9, 4), (1, 9, 4), (6, 6, 1), (5, 5, 9)])
+def test_window_equals_sdpa_with_an_explicit_window_mask(s, t, w, block):
+    q, k, v = randn(2, s, 4, 8, seed=1), randn(2, t, 2, 8, seed=2), randn(2, t, 2, 8, seed=3)
+    dy = randn(2, s, 4, 8, seed=4)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    want = sdpa(*leaves, window_mask(s, t, w))
+    dwant = torch.autograd.grad(want, leaves, dy)
+    torch.testing.assert_close(be.ops.attention(q, k, v, causal=True, window=w), want.detach())  # s = 1: decode path
+    for g, e in zip(be.ops.attention_backward(q, k, v, dy, causal=True, window=w), dwant):
+        torch.testing.assert_close(g, e)
+    out = be.ops.flash_attention(q, k, v, causal=True, window=w, block_size=3)
+    torch.testing.assert_close(out, want.detach())
+    for g, e in zip(be.ops.flash_attention_backward(q, k, v, dy, causal=True, window=w, block_size=3), dwant):
+        torch.testing.assert_close(g, e)
+
+
+def hf_eager(q, k, v, mask, softcap, scale):
+    """transformers' Gemma 2 eager attention, its additive mask from our bool one."""
+    module = SimpleNamespace(num_key_value_groups=q.shape[2] // k.shape[2], training=False, head_dim=q.shape[3])
+    additive = torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, -torch.inf)
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+    return gemma2.eager_attention_forward(module, qt, kt, vt, additive, scaling=scale, softcap=softcap)[0]
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_softcap_equals_gemma2s_eager_attention(window, block):
+    # float32: HF's eager softmax runs in float32 whatever the input
+    s, t, cap, f32 = 6, 8, 0.9, torch.float32
+    q, k, v = (
+        randn(2, s, 4, 8, dtype=f32, seed=5) * 2,
+        randn(2, t, 2, 8, dtype=f32, seed=6),
+        randn(2, t, 2, 8, dtype=f32, seed=7),
+    )
+    mask = window_mask(s, t, window or t)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    want = hf_eager(*leaves, mask, cap, 0.3)  # (B, S, N, H)
+    dy = randn(*want.shape, dtype=f32, seed=8)
+    dwant = torch.autograd.grad(want, leaves, dy)
+    kw = dict(causal=True, window=window, softcap=cap, scale=0.3)
+    tol = dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(be.ops.attention(q, k, v, **kw), want.detach(), **tol)
+    for g, e in zip(be.ops.attention_backward(q, k, v, dy, **kw), dwant):
+        torch.testing.assert_close(g, e, **tol)
+    for g, e in zip(be.ops.flash_attention_backward(q, k, v, dy, **kw, block_size=4), dwant):
+        torch.testing.assert_close(g, e, **tol)
+
+
+def test_softcap_in_a_decoding_step_equals_the_blocked_path():
+    q, k, v = randn(2, 1, 4, 8, seed=9) * 3, randn(2, 9, 2, 8, seed=10), randn(2, 9, 2, 8, seed=11)
+    mask = torch.ones(1, 1, 1, 9, dtype=torch.bool)  # a mask sends the step through the blocked path
+    for window in (None, 4):
+        kw = dict(causal=True, softcap=1.5, window=window)
+        torch.testing.assert_close(be.ops.attention(q, k, v, **kw), be.ops.attention(q, k, v, mask=mask, **kw))
+
+
+@pytest.mark.parametrize(
+    "causal,mask,softcap,window", [(True, False, 0.8, 2), (False, True, 1.3, None), (True, True, None, 3)]
+)
+def test_attention_with_softcap_and_window_gradcheck(causal, mask, softcap, window, block):
+    m = torch.rand(2, 1, 4, 5, generator=torch.Generator().manual_seed(2)) > 0.3 if mask else None
+    gradcheck(
+        lambda q, k, v: ops.Attention.apply(q, k, v, causal, m, 0.7, softcap, window),
+        randn(2, 4, 4, 3, seed=1),
+        randn(2, 5, 2, 3, seed=2),
+        randn(2, 5, 2, 3, seed=3),
+    )
+    gradcheck(
+        lambda q, k, v: flash.FlashAttention.apply(q, k, v, causal, m, 0.7, 2, softcap, window),
+        randn(2, 4, 4, 3, seed=1),
+        randn(2, 5, 2, 3, seed=2),
+        randn(2, 5, 2, 3, seed=3),
+    )
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_attention_autograd_with_softcap_and_window_equals_backward(window, block):
+    inputs = [randn(2, 5, 4, 8, dtype=torch.float32, seed=n) for n in (1,)]
+    inputs += [randn(2, 6, 2, 8, dtype=torch.float32, seed=n) for n in (2, 3)]
+    dy = randn(2, 5, 4, 8, dtype=torch.float32, seed=4)
+    kw = dict(causal=True, softcap=1.1, window=window)
+    leaves = [t.requires_grad_() for t in inputs]
+    for fwd, bwd in (
+        (be.ops.attention, be.ops.attention_backward),
+        (be.ops.flash_attention, be.ops.flash_attention_backward),
+    ):
+        got = torch.autograd.grad(fwd(*leaves, **kw), leaves, dy)
+        for g, e in zip(got, bwd(*(t.detach() for t in inputs), dy, **kw)):
+            torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-6)
