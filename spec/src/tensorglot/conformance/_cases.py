@@ -137,6 +137,20 @@ def _rope_case(id: str, shape: tuple[int, ...], **options: Any) -> Case:
     )
 
 
+def _gated_case(name: str) -> Case:
+    def make(rng: np.random.Generator) -> tuple[list[Any], dict[str, Any]]:
+        return [_n(rng, 3, 6), _n(rng, 6, 8) / 2.5, _n(rng, 6, 8) / 2.5, _n(rng, 8, 6) / 2.8], {}
+
+    def backward(f: Any, a: list[Any], kw: dict[str, Any], y: Any, dy: Any) -> tuple[Any, ...]:
+        return tuple(f(f"{name}_backward")(a[0], a[1], a[2], a[3], dy))
+
+    return Case(name, "ops", name, make, (0, 1, 2, 3), backward, scale=2.0)  # three matmuls, a product of two
+
+
+def _rms_norm_inputs(rng: np.random.Generator, *, offset: float) -> tuple[list[Any], dict[str, Any]]:
+    return [_n(rng, 2, 3, 8) * 2, 1 - offset + 0.1 * _n(rng, 8)], {"eps": 1e-6, "offset": offset}
+
+
 def _layer_norm_inputs(rng: np.random.Generator, *, bias: bool) -> tuple[list[Any], dict[str, Any]]:
     return [_n(rng, 2, 3, 8) * 2 + 1, 1 + 0.1 * _n(rng, 8)] + [0.1 * _n(rng, 8)] * bias, {}
 
@@ -147,24 +161,13 @@ CASES: list[Case] = [
     _linear_case("linear-bias", (2, 3, 5), 4, True),
     _linear_case("linear-nobias", (4, 64), 8, False),
     *[_mlp_case(a) for a in ("relu", "gelu", "gelu_tanh", "silu")],
-    *[
-        Case(
-            name,
-            "ops",
-            name,
-            lambda rng: ([_n(rng, 3, 6), _n(rng, 6, 8) / 2.5, _n(rng, 6, 8) / 2.5, _n(rng, 8, 6) / 2.8], {}),
-            (0, 1, 2, 3),
-            lambda f, a, kw, y, dy, name=name: f(f"{name}_backward")(a[0], a[1], a[2], a[3], dy),
-            scale=2.0,  # three matmuls and a product of two of them
-        )
-        for name in ("swiglu", "geglu")
-    ],
+    *[_gated_case(name) for name in ("swiglu", "geglu")],
     *[
         Case(
             "rms_norm" if offset == 0 else "rms_norm-offset1",
             "ops",
             "rms_norm",
-            lambda rng, o=offset: ([_n(rng, 2, 3, 8) * 2, 1 - o + 0.1 * _n(rng, 8)], {"eps": 1e-6, "offset": o}),
+            partial(_rms_norm_inputs, offset=offset),
             (0, 1),
             lambda f, a, kw, y, dy: f("rms_norm_backward")(a[0], a[1], dy, **kw),
         )
