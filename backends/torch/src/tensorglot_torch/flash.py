@@ -54,6 +54,16 @@ def _tiles(lo, hi, bs):
     return range(lo // bs * bs, hi, bs)
 
 
+def _exp_masked(s, allowed, shape):
+    """exp_ of a tile whose hidden entries are −inf. ATen's CPU exp takes a slow path for −inf (about 4× on
+    half-hidden tiles, which every window tile is), so hidden entries are clamped to −80 and zeroed after;
+    a visible entry below −80 (weight < 2e-35 against the row's maximum, 1) changes nothing measurable."""
+    if allowed is None:
+        return s.exp_()
+    s.clamp_min_(-80.0).exp_().view(shape).masked_fill_(~allowed, 0.0)
+    return s
+
+
 def _cap(s, softcap):
     """s ← softcap · tanh(s / softcap) in place; returns the derivative 1 − tanh² (None without a cap)."""
     if softcap is None:
@@ -88,7 +98,7 @@ def _forward(qs, kh, vh, mg, causal, bs, softcap=None, window=None):
                 s.view(B, K, br, G, j1 - j0).masked_fill_(~allowed, -math.inf)
             m_new = torch.maximum(m, s.amax(-1))
             m_safe = m_new.masked_fill(m_new == -math.inf, 0.0)  # a row that has seen no key keeps weight 0
-            s.sub_(m_safe[..., None]).exp_()  # P_ij
+            _exp_masked(s.sub_(m_safe[..., None]), allowed, (B, K, br, G, j1 - j0))  # P_ij
             alpha = (m - m_safe).exp_()  # rescales what was summed under the old max
             ell.mul_(alpha).add_(s.sum(-1))
             acc.mul_(alpha[..., None]).baddbmm_(s, vf[:, j0:j1])
@@ -124,7 +134,7 @@ def _backward(qs, kh, vh, mg, causal, bs, out, lse, dyg, needs=(True, True, True
             allowed = _allowed(mg, causal, window, i0, i1, j0, j1, S, T, qs.device)
             if allowed is not None:
                 p.view(B, K, br, G, j1 - j0).masked_fill_(~allowed, -math.inf)
-            p.sub_(lse[:, :, i0:i1].reshape(B * K, br * G, 1)).exp_()  # P_ij, recomputed from L
+            _exp_masked(p.sub_(lse[:, :, i0:i1].reshape(B * K, br * G, 1)), allowed, (B, K, br, G, j1 - j0))  # P_ij
             if needs[2]:
                 dvj.baddbmm_(p.transpose(1, 2), dyi)
             ds = torch.bmm(dyi, vj.transpose(1, 2))  # dP_ij
