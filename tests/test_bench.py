@@ -43,6 +43,7 @@ def test_quick_run_on_numpy_follows_the_schema_with_every_row(quick_numpy: dict[
     assert len(names) == len(set(names)) and all(set(r) == ROW_KEYS for r in run["rows"])
     expected = [f"ops.{op}.fwd_bwd" for op in ("softmax", "linear", "mlp", "swiglu", "rms_norm", "attention", "rope")]
     expected += ["mlp.flops_vs_matmul", "flash.time_vs_naive", "flash.peak_memory_vs_naive"]
+    expected += ["flash.window.time_vs_causal", "flash.window.peak_memory_vs_causal"]
     expected += ["generate.cached_vs_recompute", "train.value_and_grad"]
     expected += [f"parallel.{s}.step_vs_single" for s in parallel.STRATEGIES]
     assert set(expected) <= set(names)

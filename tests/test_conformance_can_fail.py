@@ -33,8 +33,8 @@ def rope(x, positions, inv_freq, mscale, sign, style, rotary_dim):
     return REF.rope(x, positions, inv_freq, mscale, sign, swapped, rotary_dim)
 
 
-def rms_norm_backward(x, weight, dy, eps):
-    dx, dw = REF.rms_norm_backward(x, weight, dy, eps)
+def rms_norm_backward(x, weight, dy, eps, offset):
+    dx, dw = REF.rms_norm_backward(x, weight, dy, eps, offset)
     return -dx, dw  # bug: a sign error
 
 

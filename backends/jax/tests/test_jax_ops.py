@@ -36,7 +36,9 @@ def _cases():
             for a in ("relu", "gelu", "gelu_tanh", "silu")
         ],
         ("swiglu", ops.swiglu, [(2, 3, 4), (4, 6), (4, 6), (6, 4)]),
+        ("geglu", ops.geglu, [(2, 3, 4), (4, 6), (4, 6), (6, 4)]),
         ("rms_norm", lambda x, w: ops.rms_norm(x, w, eps=1e-5), [(2, 3, 8), (8,)]),
+        ("rms_norm_offset", lambda x, w: ops.rms_norm(x, w, eps=1e-5, offset=1.0), [(2, 3, 8), (8,)]),
         (
             "attention_gqa_causal",
             lambda q, k, v: ops.attention(q, k, v, causal=True),
@@ -46,6 +48,16 @@ def _cases():
             "attention_mask",
             lambda q, k, v: ops.attention(q, k, v, mask=jnp.asarray(mask), scale=0.3),
             [(2, 3, 4, 4), (2, 5, 1, 4), (2, 5, 1, 4)],
+        ),
+        (
+            "attention_window_softcap",
+            lambda q, k, v: ops.attention(q, k, v, causal=True, window=2, softcap=0.8),
+            [(2, 3, 4, 4), (2, 5, 2, 4), (2, 5, 2, 4)],
+        ),
+        (
+            "flash_window_softcap",
+            lambda q, k, v: ops.flash_attention(q, k, v, causal=True, window=3, softcap=1.2, block_size=2),
+            [(1, 7, 2, 4), (1, 7, 1, 4), (1, 7, 1, 4)],
         ),
         (
             "rope_interleaved",
@@ -104,6 +116,13 @@ def _backward_cases():
             for a in ("relu", "gelu", "gelu_tanh", "silu")
         ],
         ("swiglu", ops.swiglu, ops.swiglu_backward, [(2, 3, 4), (4, 6), (4, 6), (6, 4)]),
+        ("geglu", ops.geglu, ops.geglu_backward, [(2, 3, 4), (4, 6), (4, 6), (6, 4)]),
+        (
+            "rms_norm_offset",
+            lambda x, w: ops.rms_norm(x, w, offset=1.0),
+            lambda x, w, dy: ops.rms_norm_backward(x, w, dy, offset=1.0),
+            [(2, 3, 8), (8,)],
+        ),
         (
             "rms_norm",
             lambda x, w: ops.rms_norm(x, w, eps=1e-5),
@@ -114,6 +133,18 @@ def _backward_cases():
             "attention",
             lambda q, k, v: ops.attention(q, k, v, **att),
             lambda q, k, v, dy: ops.attention_backward(q, k, v, dy, **att),
+            [(2, 3, 4, 4), (2, 5, 2, 4), (2, 5, 2, 4)],
+        ),
+        (
+            "attention_window_softcap",
+            lambda q, k, v: ops.attention(q, k, v, **att, window=2, softcap=0.8),
+            lambda q, k, v, dy: ops.attention_backward(q, k, v, dy, **att, window=2, softcap=0.8),
+            [(2, 3, 4, 4), (2, 5, 2, 4), (2, 5, 2, 4)],
+        ),
+        (
+            "flash_window_softcap",
+            lambda q, k, v: ops.flash_attention(q, k, v, **att, window=2, softcap=0.8, block_size=2),
+            lambda q, k, v, dy: ops.flash_attention_backward(q, k, v, dy, **att, window=2, softcap=0.8, block_size=2),
             [(2, 3, 4, 4), (2, 5, 2, 4), (2, 5, 2, 4)],
         ),
         ("rope", lambda x: enc.rope(x, **rope), lambda x, dy: (enc.rope_backward(dy, **rope),), [(2, 3, 2, 6)]),

@@ -28,6 +28,8 @@ class AttentionOps(FrontEnd):
         causal: bool = False,
         mask: Array | None = None,
         scale: float | None = None,
+        softcap: float | None = None,
+        window: int | None = None,
     ) -> Array:
         r"""Scaled dot-product attention with grouped KV heads: ``softmax(q kᵀ · scale + bias) v``.
 
@@ -39,7 +41,12 @@ class AttentionOps(FrontEnd):
             ``torch.nn.functional.scaled_dot_product_attention(is_causal=True)`` is top-left aligned;
             the two agree only when S == T.
           * ``mask`` is bool, True = attend, broadcastable to (B, N, S, T); it combines with ``causal``
-            by logical and.
+            (and ``window``) by logical and.
+          * ``softcap`` (Gemma 2): the scaled logits s become ``softcap · tanh(s / softcap)`` before any
+            masking, so every logit lies in (−softcap, softcap) and keeps its order.
+          * ``window`` W (Mistral, Gemma 2's local layers; needs ``causal``): a sliding window in the
+            same bottom-right positions, query i sees key j iff ``i + T − S − W < j ≤ i + T − S`` — its own
+            position and the W − 1 before it. W ≥ T is plain causal attention, W = 1 the diagonal alone.
           * A query that can see no key outputs zeros (and passes no gradient); so T = 0 gives zeros, and
             S = 0 an empty (B, 0, N, H) output; H = 0 an empty (B, S, N, 0) one.
           * A key that no query of its sequence sees (through ``mask`` and ``causal``: padding, an
@@ -47,20 +54,26 @@ class AttentionOps(FrontEnd):
             gradient (the front end zeroes it with ``where`` before the kernel).
 
         Args:
-            q: (B, S, N, H).  k, v: (B, T, K, H).
+            q: (B, S, N, H).  k, v: (B, T, K, H).  softcap: > 0 or None.  window: an int ≥ 1 or None.
         Returns:
             (B, S, N, H).
 
-        Reference: Vaswani et al. 2017 (arXiv:1706.03762); GQA, Ainslie et al. 2023 (arXiv:2305.13245).
+        Reference: Vaswani et al. 2017 (arXiv:1706.03762); GQA, Ainslie et al. 2023 (arXiv:2305.13245);
+        softcapping, Gemma Team 2024 (arXiv:2408.00118); sliding windows, Beltagy et al. 2020
+        (arXiv:2004.05150) and Jiang et al. 2023 (arXiv:2310.06825).
 
         >>> import numpy as np, tensorglot
         >>> ops = tensorglot.get_backend("numpy").ops
         >>> q = np.zeros((1, 2, 1, 1)); k = np.zeros((1, 2, 1, 1)); v = np.array([1.0, 3.0]).reshape(1, 2, 1, 1)
         >>> print(ops.attention(q, k, v, causal=True).ravel())
         [1. 2.]
+        >>> print(ops.attention(q, k, v, causal=True, window=1).ravel())
+        [1. 3.]
         """
-        (q, k, v), dtype, causal, mask, scale = self._attention_inputs("attention", q, k, v, None, causal, mask, scale)
-        return self._run(self._k.attention, dtype, (q, k, v), causal, mask, scale)
+        (q, k, v), dtype, *options = self._attention_inputs(
+            "attention", q, k, v, None, causal, mask, scale, softcap, window
+        )
+        return self._run(self._k.attention, dtype, (q, k, v), *options)
 
     def attention_backward(
         self,
@@ -73,10 +86,13 @@ class AttentionOps(FrontEnd):
         causal: bool = False,
         mask: Array | None = None,
         scale: float | None = None,
+        softcap: float | None = None,
+        window: int | None = None,
     ) -> tuple[Array, Array, Array]:
         r"""``(dq, dk, dv)`` of `attention`. With P the attention probabilities and dP = dy vᵀ:
         ``dv = Pᵀ dy``, ``dS = P ⊙ (dP − rowsum(dP ⊙ P))``, ``dq = dS k · scale``, ``dk = dSᵀ q · scale``;
-        the kv gradients sum over the N // K query heads that share each kv head.
+        the kv gradients sum over the N // K query heads that share each kv head. With ``softcap`` dS is
+        first multiplied by the cap's derivative ``1 − tanh²(s / softcap)``.
 
         >>> import numpy as np, tensorglot
         >>> ops = tensorglot.get_backend("numpy").ops
@@ -86,8 +102,8 @@ class AttentionOps(FrontEnd):
         [1.5 0.5]
         """
         fn = "attention_backward"
-        arrays, dtype, causal, mask, scale = self._attention_inputs(fn, q, k, v, dy, causal, mask, scale)
-        return self._run(self._k.attention_backward, dtype, arrays, causal, mask, scale)
+        arrays, dtype, *options = self._attention_inputs(fn, q, k, v, dy, causal, mask, scale, softcap, window)
+        return self._run(self._k.attention_backward, dtype, arrays, *options)
 
     def flash_attention(
         self,
@@ -99,6 +115,8 @@ class AttentionOps(FrontEnd):
         causal: bool = False,
         mask: Array | None = None,
         scale: float | None = None,
+        softcap: float | None = None,
+        window: int | None = None,
         block_size: int = 128,
     ) -> Array:
         r"""`attention`, computed blockwise without the S × T score matrix (FlashAttention-2's forward).
@@ -117,7 +135,9 @@ class AttentionOps(FrontEnd):
         and the tile's output is ``A / ℓ`` (zeros where ℓ = 0). Only O(block_size²) scores exist at a
         time; the forward keeps the output and the log-sum-exp ``L = m + log ℓ`` per query for the
         backward (`flash_attention_backward`). With ``causal``, key tiles that no query of the tile can
-        see are skipped, which halves the work at S = T.
+        see are skipped, which halves the work at S = T; with ``window`` W the tiles wholly before the
+        window are skipped too, so the work grows as S·W instead of S·T. ``softcap`` caps each tile's
+        scores before the mask.
 
         Args:
             q: (B, S, N, H).  k, v: (B, T, K, H).  mask: bool, broadcastable to (B, N, S, T).
@@ -135,9 +155,11 @@ class AttentionOps(FrontEnd):
         [1. 2. 3.]
         """
         fn = "flash_attention"
-        (q, k, v), dtype, causal, mask, scale = self._attention_inputs(fn, q, k, v, None, causal, mask, scale)
+        (q, k, v), dtype, causal, mask, scale, softcap, window = self._attention_inputs(
+            fn, q, k, v, None, causal, mask, scale, softcap, window
+        )
         block_size = self._index(fn, "block_size", block_size)
-        return self._run(self._k.flash_attention, dtype, (q, k, v), causal, mask, scale, block_size)
+        return self._run(self._k.flash_attention, dtype, (q, k, v), causal, mask, scale, block_size, softcap, window)
 
     def flash_attention_backward(
         self,
@@ -150,6 +172,8 @@ class AttentionOps(FrontEnd):
         causal: bool = False,
         mask: Array | None = None,
         scale: float | None = None,
+        softcap: float | None = None,
+        window: int | None = None,
         block_size: int = 128,
     ) -> tuple[Array, Array, Array]:
         r"""``(dq, dk, dv)`` of `flash_attention` (= `attention_backward`'s), recomputing the tiles.
@@ -161,7 +185,9 @@ class AttentionOps(FrontEnd):
             dV_j += P_ijᵀ dY_i,   dS_ij = P_ij ⊙ (dY_i V_jᵀ − D_i),   dQ_i += dS_ij K_j · scale,
             dK_j += dS_ijᵀ Q_i · scale
 
-        (Dao 2023, Algorithm 2); the kv gradients sum over the N // K query heads that share a kv head.
+        (Dao 2023, Algorithm 2), dS times ``1 − tanh²(s / softcap)`` with ``softcap``; the kv gradients
+        sum over the N // K query heads that share a kv head. Tiles the causal mask or the window hides
+        are skipped as in the forward.
         A standalone call runs the forward first to get O and L; the autograd backends' backward pass
         reuses the ones its forward saved.
 
@@ -173,22 +199,34 @@ class AttentionOps(FrontEnd):
         [1.5 0.5]
         """
         fn = "flash_attention_backward"
-        arrays, dtype, causal, mask, scale = self._attention_inputs(fn, q, k, v, dy, causal, mask, scale)
+        arrays, dtype, causal, mask, scale, softcap, window = self._attention_inputs(
+            fn, q, k, v, dy, causal, mask, scale, softcap, window
+        )
         block_size = self._index(fn, "block_size", block_size)
-        return self._run(self._k.flash_attention_backward, dtype, arrays, causal, mask, scale, block_size)
+        kernel = self._k.flash_attention_backward
+        return self._run(kernel, dtype, arrays, causal, mask, scale, block_size, softcap, window)
 
-    def causal_mask(self, s: int, t: int, /) -> Array:
-        r"""The bottom-right aligned causal mask, bool (S, T): ``mask[i, j] = j <= i + t - s``.
+    def causal_mask(self, s: int, t: int, /, *, window: int | None = None) -> Array:
+        r"""The bottom-right aligned causal mask, bool (S, T): ``mask[i, j] = j <= i + t - s``, and with a
+        sliding ``window`` W also ``j > i + t - s - W`` (what `attention`'s ``window`` attends to).
 
         >>> import tensorglot
         >>> print(tensorglot.get_backend("numpy").ops.causal_mask(2, 3).astype(int))
         [[1 1 0]
          [1 1 1]]
+        >>> print(tensorglot.get_backend("numpy").ops.causal_mask(2, 3, window=2).astype(int))
+        [[1 1 0]
+         [0 1 1]]
         """
         s = self._index("causal_mask", "s", s, allow_zero=True)
         t = self._index("causal_mask", "t", t, allow_zero=True)
         # Bottom-right: query i sees keys j <= i + t - s, so the last query sees all t keys.
-        return self._be.asarray(np.arange(t)[None, :] <= np.arange(s)[:, None] + (t - s), "bool")  # (S, T)
+        diagonal = np.arange(s)[:, None] + (t - s)  # (S, 1)
+        keys = np.arange(t)[None, :]  # (1, T)
+        mask = keys <= diagonal
+        if window is not None:
+            mask &= keys > diagonal - self._index("causal_mask", "window", window)
+        return self._be.asarray(mask, "bool")  # (S, T)
 
     def padding_mask(self, lengths: Array, t: int, /) -> Array:
         r"""Bool (B, 1, 1, T), True for the first ``lengths[b]`` keys of sequence b (right padding);
@@ -211,8 +249,9 @@ class AttentionOps(FrontEnd):
         keys = xp.arange(t, device=device(lengths))
         return (keys[None, :] < lengths[:, None])[:, None, None, :]  # (B, 1, 1, T)
 
-    def _attention_inputs(self, fn, q, k, v, dy, causal, mask, scale):
-        """The validated arrays (q, k, v[, dy]), their dtype, and the options as the kernels take them."""
+    def _attention_inputs(self, fn, q, k, v, dy, causal, mask, scale, softcap, window):
+        """The validated arrays (q, k, v[, dy]), their dtype, and the options as the kernels take them:
+        causal, mask, scale, softcap, window."""
         arrays, dtype = self._floats(fn, q=q, k=k, v=v, **({} if dy is None else {"dy": dy}))
         q, k, v = arrays[:3]
         if mask is not None:
@@ -229,7 +268,12 @@ class AttentionOps(FrontEnd):
             arrays[1], arrays[2] = _hide_unseen(arrays[1], arrays[2], mask, causal, shape(q)[1], shape(q)[2])
         if scale is None:
             scale = 1.0 / math.sqrt(H) if H else 1.0  # H = 0: no features, any scale gives the same zeros
-        return arrays, dtype, causal, mask, float(scale)
+        softcap = None if softcap is None else self._positive(fn, "softcap", softcap)
+        if window is not None:
+            window = self._index(fn, "window", window)
+            if not causal:
+                raise ValueError(f"{fn}: window counts back from each query's causal diagonal, so it needs causal=True")
+        return arrays, dtype, causal, mask, float(scale), softcap, window
 
 
 def _hide_unseen(k: Array, v: Array, mask: Array, causal: bool, S: int, N: int) -> tuple[Array, Array]:

@@ -14,6 +14,7 @@ for the same bad input and applies one dtype rule, by construction:
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -128,6 +129,14 @@ class FrontEnd:
 
     def _positive(self, fn: str, arg: str, value: Any) -> float:
         return checks.check_positive_float(fn, arg, self._static(fn, arg, value))
+
+    def _finite(self, fn: str, arg: str, value: Any) -> float:
+        value = self._static(fn, arg, value)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(f"{fn}: {arg} must be a number, got {type(value).__name__}")
+        if not math.isfinite(value):
+            raise ValueError(f"{fn}: {arg} must be finite, got {value}")
+        return float(value)
 
     def _axis(self, fn: str, axis: Any, ndim: int) -> int:
         axis = self._static(fn, "axis", axis)

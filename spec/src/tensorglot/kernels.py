@@ -17,7 +17,9 @@ Numerical rules every kernel keeps (the conformance suite checks each on every b
   * attention scales q before the product, ``(q · scale) kᵀ``, and its probabilities follow softmax's
     rules above; a query that sees no key gives zeros.
   * rms_norm normalises in the compute dtype; with ``round_to`` (the input's half dtype) the normalised
-    x is rounded to it before the weight multiplies (Llama's cast order).
+    x is rounded to it before the weight multiplies (Llama's cast order). Its last option, ``offset``
+    (default 0.0), is added to the weight: ``n · (offset + weight)``; the front end passes ``round_to``
+    None when ``offset`` ≠ 0, so Gemma's product stays in float32 and only the result is cast.
 
 Each front-end method calls its kernel by the same name (``Ops.softmax`` calls ``kernels.softmax(x,
 axis)``): the call there is the kernel's signature, arrays first, then options, all positional. The
@@ -25,7 +27,12 @@ backward kernels return a tuple with one gradient per array input (None for an a
 
 Arguments, as the front end passes them:
   * ``mask``: a bool array of rank 4, (B|1, N|1, S|1, T|1), True = attend; combine with ``causal``
-    (bottom-right: query i sees key j iff j <= i + T − S).
+    (bottom-right: query i sees key j iff j <= i + T − S) and ``window``.
+  * attention's options after ``scale``: ``softcap`` (a float or None) caps the scaled scores,
+    ``softcap · tanh(s / softcap)``, before masking; ``window`` (an int W or None, only with causal) also
+    hides key j from query i where ``j <= i + T − S − W``. The flash kernels take ``block_size`` before
+    them: ``flash_attention(q, k, v, causal, mask, scale, block_size, softcap, window)``. Both default to
+    None. Blockwise kernels skip the tiles `visible_keys` and `visible_queries` leave out.
   * ``scale``: a float (1/√H filled in).  ``activation``: one of relu, gelu, gelu_tanh, silu.
   * ``rope``: ``positions`` is an int array (S,) or (B, S), or None for arange(S); ``inv_freq`` a NumPy
     float32 (r/2,) table (`tensorglot.encodings.frequency_table`); angles are
@@ -55,3 +62,23 @@ from __future__ import annotations
 
 #: The blockwise attention pair, provided only with the "flash" capability.
 FLASH = ("flash_attention", "flash_attention_backward")
+
+
+def visible_keys(i0: int, i1: int, s: int, t: int, causal: bool, window: int | None) -> tuple[int, int]:
+    """The keys ``[lo, hi)`` that some query of ``[i0, i1)`` may see (bottom-right causal, sliding window),
+    ``(0, 0)`` when none: a blockwise kernel visits only the key tiles that meet this range."""
+    if not causal:
+        return 0, t
+    hi = min(t, i1 + t - s)  # the last query sees keys j <= i1 − 1 + T − S
+    lo = 0 if window is None else max(0, i0 + t - s - window + 1)  # the first sees j > i0 + T − S − W
+    return (lo, hi) if lo < hi else (0, 0)
+
+
+def visible_queries(j0: int, j1: int, s: int, t: int, causal: bool, window: int | None) -> tuple[int, int]:
+    """The queries ``[lo, hi)`` that see some key of ``[j0, j1)``, ``(0, 0)`` when none: the query tiles a
+    key tile's backward visits."""
+    if not causal:
+        return 0, s
+    lo = max(0, j0 - (t - s))  # key j is seen from query j − (T − S) on
+    hi = s if window is None else min(s, j1 - 1 - (t - s) + window)  # until query j − (T − S) + W − 1
+    return (lo, hi) if lo < hi else (0, 0)

@@ -1,4 +1,4 @@
-"""The ops namespace: softmax, linear, MLPs, RMSNorm, attention, masks and their explicit VJPs.
+"""The ops namespace: softmax, linear, MLPs (plain, SwiGLU, GeGLU), the norms, attention, masks, their VJPs.
 
 Each function is written once, here: the front end of `tensorglot.frontend` validates, converts
 and casts, then calls the backend's kernel of the same name (`tensorglot.kernels`), so ``be.ops`` of
@@ -151,7 +151,7 @@ class Ops(AttentionOps):
         >>> print(np.round(ops.swiglu(np.array([[1.0]]), np.eye(1), np.eye(1), np.eye(1)), 4))
         [[0.7311]]
         """
-        (x, w_gate, w_up, w_down), dtype = self._swiglu_inputs("swiglu", x, w_gate, w_up, w_down)
+        (x, w_gate, w_up, w_down), dtype = self._gated_inputs("swiglu", x, w_gate, w_up, w_down)
         return self._run(self._k.swiglu, dtype, (x, w_gate, w_up, w_down))
 
     def swiglu_backward(
@@ -165,17 +165,54 @@ class Ops(AttentionOps):
         >>> print([np.round(g, 4).item() for g in grads])
         [1.6587, 0.9277, 0.7311, 0.7311]
         """
-        arrays, dtype = self._swiglu_inputs("swiglu_backward", x, w_gate, w_up, w_down, dy)
+        arrays, dtype = self._gated_inputs("swiglu_backward", x, w_gate, w_up, w_down, dy)
         return self._run(self._k.swiglu_backward, dtype, arrays)
 
-    def rms_norm(self, x: Array, weight: Array, /, *, eps: float = 1e-6) -> Array:
-        r"""``x * rsqrt(mean(x², -1) + eps)`` then ``* weight`` (Zhang & Sennrich 2019, arXiv:1910.07467).
-
-        Cast order (Llama's, pinned): the normalisation runs in float32 (float64 for float64 input),
-        the normalised x is cast back to x.dtype, and only then multiplied by ``weight``.
+    def geglu(self, x: Array, w_gate: Array, w_up: Array, w_down: Array, /) -> Array:
+        r"""The gated MLP of Gemma: ``(gelu_tanh(x @ w_gate) * (x @ w_up)) @ w_down`` (Shazeer 2020,
+        arXiv:2002.05202), `swiglu` with the tanh-approximated GELU of `mlp` as the gate
+        (HF ``hidden_activation="gelu_pytorch_tanh"``).
 
         Args:
-            x: (..., D).  weight: (D,).  eps: > 0.
+            x: (..., D).  w_gate, w_up: (D, F).  w_down: (F, D).
+        Returns:
+            (..., D).
+
+        >>> import numpy as np, tensorglot
+        >>> ops = tensorglot.get_backend("numpy").ops
+        >>> print(np.round(ops.geglu(np.array([[1.0]]), np.eye(1), np.eye(1), np.eye(1)), 4))
+        [[0.8412]]
+        """
+        (x, w_gate, w_up, w_down), dtype = self._gated_inputs("geglu", x, w_gate, w_up, w_down)
+        return self._run(self._k.geglu, dtype, (x, w_gate, w_up, w_down))
+
+    def geglu_backward(
+        self, x: Array, w_gate: Array, w_up: Array, w_down: Array, dy: Array, /
+    ) -> tuple[Array, Array, Array, Array]:
+        r"""``(dx, dw_gate, dw_up, dw_down)`` of `geglu`.
+
+        >>> import numpy as np, tensorglot
+        >>> ops = tensorglot.get_backend("numpy").ops
+        >>> grads = ops.geglu_backward(np.ones((1, 1)), np.eye(1), np.eye(1), np.eye(1), np.ones((1, 1)))
+        >>> print([np.round(g, 4).item() for g in grads])
+        [1.9242, 1.083, 0.8412, 0.8412]
+        """
+        arrays, dtype = self._gated_inputs("geglu_backward", x, w_gate, w_up, w_down, dy)
+        return self._run(self._k.geglu_backward, dtype, arrays)
+
+    def rms_norm(self, x: Array, weight: Array, /, *, eps: float = 1e-6, offset: float = 0.0) -> Array:
+        r"""``x * rsqrt(mean(x², -1) + eps)`` then ``* (offset + weight)`` (Zhang & Sennrich 2019,
+        arXiv:1910.07467). ``offset=1.0`` is Gemma's RMSNorm, whose weights are stored as ``w`` with
+        ``1 + w`` applied (so a zero-initialised weight is the identity scale).
+
+        Cast order (pinned, each as its family's Hugging Face code): the normalisation runs in float32
+        (float64 for float64 input). With ``offset = 0`` (Llama's order) the normalised x is cast back to
+        x.dtype and only then multiplied by ``weight``; with ``offset ≠ 0`` (Gemma's order, HF
+        ``x_norm_fp32 * (1.0 + w.float())``) ``offset + weight`` and the product are computed in float32
+        and only the result is cast back.
+
+        Args:
+            x: (..., D).  weight: (D,).  eps: > 0.  offset: a finite number added to the weight.
         Returns:
             x's shape and dtype.
 
@@ -183,15 +220,20 @@ class Ops(AttentionOps):
         >>> ops = tensorglot.get_backend("numpy").ops
         >>> print(np.round(ops.rms_norm(np.array([3.0, 4.0]), np.ones(2), eps=1e-12), 4))
         [0.8485 1.1314]
+        >>> print(np.round(ops.rms_norm(np.array([3.0, 4.0]), np.zeros(2), eps=1e-12, offset=1.0), 4))
+        [0.8485 1.1314]
         """
         fn = "rms_norm"
         (x, weight), dtype = self._floats(fn, x=x, weight=weight)
-        eps = self._positive(fn, "eps", eps)
+        eps, offset = self._positive(fn, "eps", eps), self._finite(fn, "offset", offset)
         checks.rms_norm(fn, shape(x), shape(weight), eps)
-        return self._run(self._k.rms_norm, dtype, (x, weight), eps, dtype if dtype in HALF else None)
+        round_to = dtype if dtype in HALF and offset == 0.0 else None  # Llama's order; Gemma's rounds at the end
+        return self._run(self._k.rms_norm, dtype, (x, weight), eps, round_to, offset)
 
-    def rms_norm_backward(self, x: Array, weight: Array, dy: Array, /, *, eps: float = 1e-6) -> tuple[Array, Array]:
-        r"""``(dx, dweight)``: with r = rsqrt(mean(x²) + eps), n = x·r and g = dy·weight,
+    def rms_norm_backward(
+        self, x: Array, weight: Array, dy: Array, /, *, eps: float = 1e-6, offset: float = 0.0
+    ) -> tuple[Array, Array]:
+        r"""``(dx, dweight)``: with r = rsqrt(mean(x²) + eps), n = x·r and g = dy·(offset + weight),
         ``dx = r · (g − n · mean(g·n))`` and ``dweight = sum(dy · n)`` over all leading axes.
 
         >>> import numpy as np, tensorglot
@@ -202,10 +244,10 @@ class Ops(AttentionOps):
         """
         fn = "rms_norm_backward"
         (x, weight, dy), dtype = self._floats(fn, x=x, weight=weight, dy=dy)
-        eps = self._positive(fn, "eps", eps)
+        eps, offset = self._positive(fn, "eps", eps), self._finite(fn, "offset", offset)
         checks.rms_norm(fn, shape(x), shape(weight), eps)
         checks.check_same_shape(fn, "dy", shape(dy), shape(x), "x")
-        return self._run(self._k.rms_norm_backward, dtype, (x, weight, dy), eps)
+        return self._run(self._k.rms_norm_backward, dtype, (x, weight, dy), eps, offset)
 
     def layer_norm(self, x: Array, weight: Array, bias: Array | None = None, /, *, eps: float = 1e-5) -> Array:
         r"""Layer normalisation over the last axis (Ba et al. 2016, arXiv:1607.06450):
@@ -270,13 +312,13 @@ class Ops(AttentionOps):
             if a is not None and shape(a) != shape(x)[-1:]:
                 raise checks.bad_shape(fn, arg, shape(a), f"({shape(x)[-1]},), x's last axis")
 
-    def _swiglu_inputs(self, fn, x, w_gate, w_up, w_down, dy=None):
+    def _gated_inputs(self, fn, x, w_gate, w_up, w_down, dy=None):
         named = {"x": x, "w_gate": w_gate, "w_up": w_up, "w_down": w_down} | ({} if dy is None else {"dy": dy})
         arrays, dtype = self._floats(fn, **named)
         checks.swiglu(fn, *(shape(a) for a in arrays[:4]))
         if dy is not None:
             want = (*shape(arrays[0])[:-1], shape(arrays[3])[1])
-            checks.check_same_shape(fn, "dy", shape(arrays[4]), want, "swiglu's output")
+            checks.check_same_shape(fn, "dy", shape(arrays[4]), want, f"{fn.removesuffix('_backward')}'s output")
         return arrays, dtype
 
 
@@ -290,6 +332,8 @@ NAMES = (
     "mlp_backward",
     "swiglu",
     "swiglu_backward",
+    "geglu",
+    "geglu_backward",
     "rms_norm",
     "rms_norm_backward",
     "layer_norm",

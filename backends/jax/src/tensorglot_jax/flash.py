@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from tensorglot.kernels import visible_keys, visible_queries
+
 from ._common import vjp_kernel
 
 
@@ -35,13 +37,29 @@ def _prep(q, k, v, mask, scale, bs):
     return qg, kh, vh, mg
 
 
-def _allowed(mg, causal, i0, j0, bs, S, T):
+def _tile_ranges(visible, n, length, other, bs, causal, window):
+    """Per tile of ``bs`` rows out of ``n`` tiles over ``length`` rows, the first and one past the last tile
+    of the other axis it visits (``visible`` is `visible_keys` or `visible_queries`): static tables, so the
+    loops skip the tiles the causal mask or the window hides."""
+    ranges = [visible(r * bs, min(length, r * bs + bs), *other, causal, window) for r in range(n)]
+    return jnp.array([lo // bs for lo, _ in ranges]), jnp.array([-(-hi // bs) for _, hi in ranges])
+
+
+def _cap(s, softcap):
+    """(softcap · tanh(s / softcap), its derivative 1 − tanh²), or (s, None) without a cap."""
+    if softcap is None:
+        return s, None
+    t = jnp.tanh(s / softcap)
+    return softcap * t, 1.0 - t * t
+
+
+def _allowed(mg, causal, window, i0, j0, bs, S, T):
     """The bool attend-mask of the tile at (i0, j0), broadcastable to (B, K, G, bs, bs)."""
-    i = i0 + jnp.arange(bs)[:, None]
+    i = i0 + jnp.arange(bs)[:, None] + (T - S)  # the diagonal: bottom-right
     j = j0 + jnp.arange(bs)[None, :]
     allowed = j < T  # padded keys
     if causal:
-        allowed = allowed & (j <= i + (T - S))
+        allowed = allowed & (j <= i) if window is None else allowed & (j <= i) & (j > i - window)
     if mg is not None:
         m = lax.dynamic_slice_in_dim(mg, i0, bs, axis=3) if mg.shape[3] > 1 else mg
         m = lax.dynamic_slice_in_dim(m, j0, bs, axis=4) if m.shape[4] > 1 else m
@@ -49,10 +67,11 @@ def _allowed(mg, causal, i0, j0, bs, S, T):
     return allowed
 
 
-def _forward(qg, kh, vh, mg, causal, bs, S, T):
+def _forward(qg, kh, vh, mg, causal, bs, S, T, softcap, window):
     """(out (B, K, G, Sp, H), lse (B, K, G, Sp)) in the compute dtype; lse is −∞ where a query sees no key."""
     B, K, G, Sp, H = qg.shape
-    nq, nk = Sp // bs, kh.shape[2] // bs
+    nq = Sp // bs
+    first, end = _tile_ranges(visible_keys, nq, S, (S, T), bs, causal, window)
 
     def query_tile(iq):
         i0 = iq * bs
@@ -63,8 +82,8 @@ def _forward(qg, kh, vh, mg, causal, bs, S, T):
             j0 = jk * bs
             kj = lax.dynamic_slice_in_dim(kh, j0, bs, axis=2)  # (B, K, bs, H)
             vj = lax.dynamic_slice_in_dim(vh, j0, bs, axis=2)
-            s = jnp.einsum("bkgqh,bkth->bkgqt", qi, kj)
-            s = jnp.where(_allowed(mg, causal, i0, j0, bs, S, T), s, -jnp.inf)
+            s = _cap(jnp.einsum("bkgqh,bkth->bkgqt", qi, kj), softcap)[0]
+            s = jnp.where(_allowed(mg, causal, window, i0, j0, bs, S, T), s, -jnp.inf)
             m_new = jnp.maximum(m, s.max(-1))
             m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # a row that has seen no key keeps weight 0
             p = jnp.exp(s - m_safe[..., None])  # P_ij
@@ -73,9 +92,8 @@ def _forward(qg, kh, vh, mg, causal, bs, S, T):
             return m_new, alpha * ell + p.sum(-1), acc
 
         m0 = jnp.full((B, K, G, bs), -jnp.inf, dtype=qg.dtype)
-        # With causal, key tiles past the last one the tile's queries may see are never visited.
-        end = jnp.clip((jnp.minimum(i0 + bs, S) + T - S + bs - 1) // bs, 0, nk) if causal else nk
-        m, ell, acc = lax.fori_loop(0, end, key_tile, (m0, jnp.zeros_like(m0), jnp.zeros_like(qi)))
+        # Key tiles past the causal diagonal or before the window of every query of the tile are never visited.
+        m, ell, acc = lax.fori_loop(first[iq], end[iq], key_tile, (m0, jnp.zeros_like(m0), jnp.zeros_like(qi)))
         seen = ell > 0
         ell1 = jnp.where(seen, ell, 1.0)
         return jnp.where(seen[..., None], acc / ell1[..., None], 0.0), jnp.where(seen, m + jnp.log(ell1), -jnp.inf)
@@ -85,10 +103,11 @@ def _forward(qg, kh, vh, mg, causal, bs, S, T):
     return out, jnp.moveaxis(lse, 0, 3).reshape(B, K, G, Sp)
 
 
-def _backward(qg, kh, vh, mg, causal, bs, S, T, out, lse, dyg):
+def _backward(qg, kh, vh, mg, causal, bs, S, T, out, lse, dyg, softcap, window):
     """(dq (B, K, G, Sp, H) without the scale, dk, dv (B, K, Tp, H)), recomputing each tile."""
-    B, K, _, Sp, H = qg.shape
-    nq, nk = Sp // bs, kh.shape[2] // bs
+    B, K, _, _, H = qg.shape
+    nk = kh.shape[2] // bs
+    first, end = _tile_ranges(visible_queries, nk, T, (S, T), bs, causal, window)
     delta = jnp.sum(dyg * out, axis=-1)  # D = rowsum(dy ⊙ O), (B, K, G, Sp)
     lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)  # exp(s − ∞) = 0: a query that saw nothing passes nothing
 
@@ -102,18 +121,18 @@ def _backward(qg, kh, vh, mg, causal, bs, S, T, out, lse, dyg):
             i0 = iq * bs
             qi, dyi = (lax.dynamic_slice_in_dim(a, i0, bs, axis=3) for a in (qg, dyg))  # (B, K, G, bs, H)
             lse_i, delta_i = (lax.dynamic_slice_in_dim(a, i0, bs, axis=3) for a in (lse, delta))  # (B, K, G, bs)
-            s = jnp.einsum("bkgqh,bkth->bkgqt", qi, kj)
-            s = jnp.where(_allowed(mg, causal, i0, j0, bs, S, T), s, -jnp.inf)
+            s, dcap = _cap(jnp.einsum("bkgqh,bkth->bkgqt", qi, kj), softcap)
+            s = jnp.where(_allowed(mg, causal, window, i0, j0, bs, S, T), s, -jnp.inf)
             p = jnp.exp(s - lse_i[..., None])  # P_ij, recomputed from L
             dvj = dvj + jnp.einsum("bkgqt,bkgqh->bkth", p, dyi)  # the G heads of a kv head add up
             ds = p * (jnp.einsum("bkgqh,bkth->bkgqt", dyi, vj) - delta_i[..., None])  # P ⊙ (dP − D)
+            ds = ds if dcap is None else ds * dcap  # through the cap to the raw scores
             dqi = lax.dynamic_slice_in_dim(dq, i0, bs, axis=3) + jnp.einsum("bkgqt,bkth->bkgqh", ds, kj)
             dkj = dkj + jnp.einsum("bkgqt,bkgqh->bkth", ds, qi)  # qi carries the scale
             return lax.dynamic_update_slice_in_dim(dq, dqi, i0, axis=3), dkj, dvj
 
-        first = jnp.clip(jnp.maximum(0, j0 - (T - S)) // bs, 0, nq) if causal else 0  # earlier queries see none
-        zero = jnp.zeros_like(kj)
-        dq, dkj, dvj = lax.fori_loop(first, nq, query_tile, (dq, zero, zero))
+        zero = jnp.zeros_like(kj)  # only the query tiles that see some key of this tile are visited
+        dq, dkj, dvj = lax.fori_loop(first[jk], end[jk], query_tile, (dq, zero, zero))
         return dq, (dkj, dvj)
 
     dq, (dk, dv) = lax.scan(key_tile, jnp.zeros_like(qg), jnp.arange(nk))  # dk, dv (nk, B, K, bs, H)
@@ -121,36 +140,45 @@ def _backward(qg, kh, vh, mg, causal, bs, S, T, out, lse, dyg):
     return dq, dk, jnp.moveaxis(dv, 0, 2).reshape(B, K, nk * bs, H)
 
 
-def _grads(q, k, v, mask, causal, scale, bs, out, lse, dy):
+def _grads(q, k, v, mask, causal, scale, bs, softcap, window, out, lse, dy):
     B, S, N, H = q.shape
     T, K = k.shape[1], k.shape[2]
     qg, kh, vh, mg = _prep(q, k, v, mask, scale, bs)
     dyg = dy.reshape(B, S, K, N // K, H).transpose(0, 2, 3, 1, 4)  # (B, K, G, S, H)
     dyg = jnp.pad(dyg, ((0, 0), (0, 0), (0, 0), (0, qg.shape[3] - S), (0, 0)))
-    dq, dk, dv = _backward(qg, kh, vh, mg, causal, bs, S, T, out, lse, dyg)
+    dq, dk, dv = _backward(qg, kh, vh, mg, causal, bs, S, T, out, lse, dyg, softcap, window)
     dq = (dq[:, :, :, :S] * scale).transpose(0, 3, 1, 2, 4).reshape(B, S, N, H)  # (B, S, N, H)
     dk, dv = (g[:, :, :T].transpose(0, 2, 1, 3) for g in (dk, dv))  # (B, T, K, H)
     return dq, dk, dv
 
 
-def _flash_fwd(q, k, v, causal, mask, scale, bs):
+def _flash_fwd(q, k, v, causal, mask, scale, bs, softcap, window):
     B, S, N, H = q.shape
     qg, kh, vh, mg = _prep(q, k, v, mask, scale, bs)
-    out, lse = _forward(qg, kh, vh, mg, causal, bs, S, k.shape[1])
+    out, lse = _forward(qg, kh, vh, mg, causal, bs, S, k.shape[1], softcap, window)
     y = out[:, :, :, :S].transpose(0, 3, 1, 2, 4).reshape(B, S, N, H)  # (B, S, N, H)
     return y, (q, k, v, mask, out, lse)
 
 
-def _flash_bwd(causal, scale, bs, res, dy):
+def _flash_bwd(causal, scale, bs, softcap, window, res, dy):
     q, k, v, mask, out, lse = res
-    return (*_grads(q, k, v, mask, causal, scale, bs, out, lse, dy), None)  # the mask gets no gradient
+    grads = _grads(q, k, v, mask, causal, scale, bs, softcap, window, out, lse, dy)
+    return (*grads, None)  # the mask gets no gradient
 
 
-flash_attention = vjp_kernel(_flash_fwd, _flash_bwd, (3, 5, 6))
+_flash_attention = vjp_kernel(_flash_fwd, _flash_bwd, (3, 5, 6, 7, 8))
 
 
-@partial(jax.jit, static_argnums=(4, 6, 7))
-def flash_attention_backward(q, k, v, dy, causal, mask, scale, bs):
+def flash_attention(q, k, v, causal, mask, scale, bs, softcap=None, window=None):
+    return _flash_attention(q, k, v, causal, mask, scale, bs, softcap, window)
+
+
+@partial(jax.jit, static_argnums=(4, 6, 7, 8, 9))
+def _flash_attention_backward(q, k, v, dy, causal, mask, scale, bs, softcap, window):
     qg, kh, vh, mg = _prep(q, k, v, mask, scale, bs)
-    out, lse = _forward(qg, kh, vh, mg, causal, bs, q.shape[1], k.shape[1])
-    return _grads(q, k, v, mask, causal, scale, bs, out, lse, dy)
+    out, lse = _forward(qg, kh, vh, mg, causal, bs, q.shape[1], k.shape[1], softcap, window)
+    return _grads(q, k, v, mask, causal, scale, bs, softcap, window, out, lse, dy)
+
+
+def flash_attention_backward(q, k, v, dy, causal, mask, scale, bs, softcap=None, window=None):
+    return _flash_attention_backward(q, k, v, dy, causal, mask, scale, bs, softcap, window)

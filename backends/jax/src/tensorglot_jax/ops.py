@@ -109,25 +109,41 @@ def mlp_backward(x, w_in, w_out, dy, activation):
     return _mlp_grads(dy, activation, x, w_in, w_out, x @ w_in)
 
 
-def _swiglu_grads(dy, x, w_gate, w_up, w_down, g, u):
-    s, ds_dg = _activation(g, "silu")
+def _gated_grads(activation, dy, x, w_gate, w_up, w_down, g, u):
+    s, ds_dg = _activation(g, activation)
     da = dy @ w_down.T  # (..., F)
     dg, du = da * u * ds_dg, da * s
     dx = dg @ w_gate.T + du @ w_up.T  # (..., D)
     return dx, flat2d(x).T @ flat2d(dg), flat2d(x).T @ flat2d(du), flat2d(s * u).T @ flat2d(dy)
 
 
-def _swiglu_fwd(x, w_gate, w_up, w_down):
+def _gated_fwd(x, w_gate, w_up, w_down, activation):
     g, u = x @ w_gate, x @ w_up  # (..., F)
-    return (jax.nn.silu(g) * u) @ w_down, (x, w_gate, w_up, w_down, g, u)
+    return (_activation(g, activation)[0] * u) @ w_down, (x, w_gate, w_up, w_down, g, u)
 
 
-swiglu = vjp_kernel(_swiglu_fwd, lambda res, dy: _swiglu_grads(dy, *res), ())
+_gated = vjp_kernel(_gated_fwd, lambda activation, res, dy: _gated_grads(activation, dy, *res), (4,))
 
 
-@jax.jit
+@partial(jax.jit, static_argnums=5)
+def _gated_backward(x, w_gate, w_up, w_down, dy, activation):
+    return _gated_grads(activation, dy, x, w_gate, w_up, w_down, x @ w_gate, x @ w_up)
+
+
+def swiglu(x, w_gate, w_up, w_down):
+    return _gated(x, w_gate, w_up, w_down, "silu")
+
+
 def swiglu_backward(x, w_gate, w_up, w_down, dy):
-    return _swiglu_grads(dy, x, w_gate, w_up, w_down, x @ w_gate, x @ w_up)
+    return _gated_backward(x, w_gate, w_up, w_down, dy, "silu")
+
+
+def geglu(x, w_gate, w_up, w_down):
+    return _gated(x, w_gate, w_up, w_down, "gelu_tanh")
+
+
+def geglu_backward(x, w_gate, w_up, w_down, dy):
+    return _gated_backward(x, w_gate, w_up, w_down, dy, "gelu_tanh")
 
 
 # -- RMSNorm ---------------------------------------------------------------------------------------
@@ -137,25 +153,35 @@ def _rsqrt_ms(x, eps):
     return jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)  # (..., 1)
 
 
-def _rms_norm_grads(dy, x, weight, r):
-    n, g = x * r, dy * weight
+def _rms_norm_grads(dy, x, weight, offset, r):
+    n, g = x * r, dy * (weight + offset if offset else weight)
     return r * (g - n * jnp.mean(g * n, axis=-1, keepdims=True)), flat2d(dy * n).sum(axis=0)
 
 
-def _rms_norm_fwd(x, weight, eps, round_to):
+def _rms_norm_fwd(x, weight, eps, round_to, offset):
     r = _rsqrt_ms(x, eps)
     n = x * r
     if round_to is not None:  # Llama's cast order: the normalised x is rounded to the input dtype first
         n = n.astype(round_to).astype(x.dtype)
-    return n * weight, (x, weight, r)
+    return n * (weight + offset if offset else weight), (x, weight, r)
 
 
-rms_norm = vjp_kernel(_rms_norm_fwd, lambda eps, round_to, res, dy: _rms_norm_grads(dy, *res), (2, 3))
+_rms_norm = vjp_kernel(
+    _rms_norm_fwd, lambda eps, round_to, offset, res, dy: _rms_norm_grads(dy, res[0], res[1], offset, res[2]), (2, 3, 4)
+)
 
 
-@partial(jax.jit, static_argnums=3)
-def rms_norm_backward(x, weight, dy, eps):
-    return _rms_norm_grads(dy, x, weight, _rsqrt_ms(x, eps))
+def rms_norm(x, weight, eps, round_to, offset=0.0):
+    return _rms_norm(x, weight, eps, round_to, offset)
+
+
+@partial(jax.jit, static_argnums=(3, 4))
+def _rms_norm_backward(x, weight, dy, eps, offset):
+    return _rms_norm_grads(dy, x, weight, offset, _rsqrt_ms(x, eps))
+
+
+def rms_norm_backward(x, weight, dy, eps, offset=0.0):
+    return _rms_norm_backward(x, weight, dy, eps, offset)
 
 
 # -- LayerNorm -------------------------------------------------------------------------------------
@@ -192,47 +218,69 @@ layer_norm_backward = jax.jit(lambda x, w, dy, eps, bias: _layer_norm_grads(dy, 
 # produces, so no (S, T)-sized transpose is ever made (about 1.2× faster on CPU than (B, K, G, S, T)).
 
 
-def _probs(q, k, causal, mask, scale):
+def _scores(qg, k, softcap):
+    """The capped scores (B, K, S, G, T) and the cap's derivative 1 − tanh² (None without a cap)."""
+    scores = jnp.einsum("bskgh,btkh->bksgt", qg, k)  # an overflow is +inf, which softmax's rule handles
+    if softcap is None:
+        return scores, None
+    t = jnp.tanh(scores / softcap)
+    return softcap * t, 1.0 - t * t
+
+
+def _probs(q, k, causal, mask, scale, softcap, window):
     """qg (B, S, K, G, H) carrying the scale and the probabilities p (B, K, S, G, T)."""
     B, S, N, H = q.shape
     T, K = k.shape[1], k.shape[2]
     qg = (q * scale).reshape(B, S, K, N // K, H)  # (B, S, K, G, H)
-    scores = jnp.einsum("bskgh,btkh->bksgt", qg, k)  # an overflow is +inf, which softmax's rule handles
+    scores = _scores(qg, k, softcap)[0]
     allowed = None
     if mask is not None:
         b, n, s, t = mask.shape
         grouped = mask.reshape(b, K, N // K, s, t).transpose(0, 1, 3, 2, 4) if n > 1 else mask[:, :, :, None]
         allowed = grouped  # (B|1, K|1, S|1, G|1, T|1)
     if causal:
-        c = (jnp.arange(T)[None, :] <= jnp.arange(S)[:, None] + (T - S))[:, None, :]  # (S, 1, T), bottom-right
-        allowed = c if allowed is None else allowed & c
+        diagonal, j = jnp.arange(S)[:, None] + (T - S), jnp.arange(T)[None, :]  # bottom-right
+        c = j <= diagonal if window is None else (j <= diagonal) & (j > diagonal - window)
+        allowed = c[:, None, :] if allowed is None else allowed & c[:, None, :]  # (S, 1, T)
     if allowed is not None:
         scores = jnp.where(allowed, scores, -jnp.inf)
     return qg, _softmax(scores, -1)  # a query that sees nothing: zeros
 
 
-def _attention_grads(dy, scale, qg, k, v, p):
+def _attention_grads(dy, scale, softcap, qg, k, v, p):
     B, S, K, G, H = qg.shape
     dyg = dy.reshape(B, S, K, G, H)  # (B, S, K, G, H)
     dv = jnp.einsum("bksgt,bskgh->btkh", p, dyg)  # the G query heads of a kv head add up
     dp = jnp.einsum("bskgh,btkh->bksgt", dyg, v)  # (B, K, S, G, T)
     ds = p * (dp - jnp.sum(dp * p, axis=-1, keepdims=True))
+    if softcap is not None:
+        ds = ds * _scores(qg, k, softcap)[1]  # through the cap, its scores recomputed rather than kept
     dq = jnp.einsum("bksgt,btkh->bskgh", ds, k) * scale
     dk = jnp.einsum("bksgt,bskgh->btkh", ds, qg)  # qg carries the scale
     return dq.reshape(B, S, K * G, H), dk, dv
 
 
-def _attention_fwd(q, k, v, causal, mask, scale):
-    qg, p = _probs(q, k, causal, mask, scale)
+def _attention_fwd(q, k, v, causal, mask, scale, softcap, window):
+    qg, p = _probs(q, k, causal, mask, scale, softcap, window)
     return jnp.einsum("bksgt,btkh->bskgh", p, v).reshape(q.shape), (qg, k, v, p)
 
 
-attention = vjp_kernel(
-    _attention_fwd, lambda causal, scale, res, dy: (*_attention_grads(dy, scale, *res), None), (3, 5)
+_attention = vjp_kernel(
+    _attention_fwd,
+    lambda causal, scale, softcap, window, res, dy: (*_attention_grads(dy, scale, softcap, *res), None),
+    (3, 5, 6, 7),
 )
 
 
-@partial(jax.jit, static_argnums=(4, 6))
-def attention_backward(q, k, v, dy, causal, mask, scale):
-    qg, p = _probs(q, k, causal, mask, scale)
-    return _attention_grads(dy, scale, qg, k, v, p)
+def attention(q, k, v, causal, mask, scale, softcap=None, window=None):
+    return _attention(q, k, v, causal, mask, scale, softcap, window)
+
+
+@partial(jax.jit, static_argnums=(4, 6, 7, 8))
+def _attention_backward(q, k, v, dy, causal, mask, scale, softcap, window):
+    qg, p = _probs(q, k, causal, mask, scale, softcap, window)
+    return _attention_grads(dy, scale, softcap, qg, k, v, p)
+
+
+def attention_backward(q, k, v, dy, causal, mask, scale, softcap=None, window=None):
+    return _attention_backward(q, k, v, dy, causal, mask, scale, softcap, window)

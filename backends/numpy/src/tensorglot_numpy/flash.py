@@ -10,6 +10,8 @@ import math
 
 import numpy as np
 
+from tensorglot.kernels import visible_keys, visible_queries
+
 
 def _inputs(q, k, v, mask, scale):
     """Grouped, contiguous tiles: qg (B, K, G, S, H) carrying the scale (so dk = dSᵀ q needs no multiply),
@@ -27,11 +29,14 @@ def _inputs(q, k, v, mask, scale):
     return qg, kh, vh, mg
 
 
-def _allowed(mg, causal, i0, i1, j0, j1, S, T):
+def _allowed(mg, causal, window, i0, i1, j0, j1, S, T):
     """The bool attend-mask of tile (i0:i1, j0:j1), or None when the tile sees every key."""
     allowed = None
-    if causal and j1 - 1 > i0 + T - S:  # only tiles that cross the diagonal need the causal mask
-        allowed = np.arange(j0, j1)[None, :] <= np.arange(i0, i1)[:, None] + (T - S)  # (br, bc)
+    off = T - S
+    # only tiles crossing the diagonal, or the window's lower edge, need the causal mask
+    if causal and (j1 - 1 > i0 + off or (window is not None and j0 <= i1 - 1 + off - window)):
+        diagonal, j = np.arange(i0, i1)[:, None] + off, np.arange(j0, j1)[None, :]  # (br, 1), (1, bc)
+        allowed = j <= diagonal if window is None else (j <= diagonal) & (j > diagonal - window)
     if mg is not None:
         m = mg[..., i0:i1, :] if mg.shape[-2] > 1 else mg
         m = m[..., j0:j1] if m.shape[-1] > 1 else m
@@ -39,9 +44,9 @@ def _allowed(mg, causal, i0, i1, j0, j1, S, T):
     return allowed
 
 
-def _key_end(causal, i1, S, T):
-    """One past the last key a query of a tile ending at i1 may see."""
-    return max(0, min(T, i1 + T - S)) if causal else T
+def _tiles(lo, hi, bs):
+    """The starts of the tiles of ``bs`` rows that meet [lo, hi)."""
+    return range(lo // bs * bs, hi, bs)
 
 
 def _buffer(flat, shape):
@@ -49,7 +54,7 @@ def _buffer(flat, shape):
     return flat[: math.prod(shape)].reshape(shape)
 
 
-def _forward(qg, kh, vh, mg, causal, bs, S, T):
+def _forward(qg, kh, vh, mg, causal, bs, S, T, softcap=None, window=None):
     """(out (B, K, G, S, H), lse (B, K, G, S)) in the compute dtype; lse is −∞ for a query that sees no key."""
     B, K, G, _, H = qg.shape
     cd = qg.dtype
@@ -63,10 +68,13 @@ def _forward(qg, kh, vh, mg, causal, bs, S, T):
         m = np.full((B, K, G, i1 - i0), -np.inf, dtype=cd)  # running row max
         ell = np.zeros_like(m)  # running row sum
         acc = out[:, :, :, i0:i1]  # accumulates in place in the output
-        for j0 in range(0, _key_end(causal, i1, S, T), bs):
+        for j0 in _tiles(*visible_keys(i0, i1, S, T, causal, window), bs):  # tiles no query sees are skipped
             j1 = min(T, j0 + bs)
             s = np.matmul(qi, kh[:, :, :, j0:j1].swapaxes(-1, -2), out=_buffer(s_flat, (B, K, G, i1 - i0, j1 - j0)))
-            allowed = _allowed(mg, causal, i0, i1, j0, j1, S, T)
+            if softcap is not None:
+                np.tanh(np.divide(s, softcap, out=s), out=s)
+                s *= softcap
+            allowed = _allowed(mg, causal, window, i0, i1, j0, j1, S, T)
             if allowed is not None:
                 np.copyto(s, -np.inf, where=~allowed)
             m_new = np.maximum(m, s.max(axis=-1))
@@ -86,7 +94,7 @@ def _forward(qg, kh, vh, mg, causal, bs, S, T):
     return out, lse
 
 
-def _backward(qg, kh, vh, mg, causal, bs, S, T, out, lse, dyg):
+def _backward(qg, kh, vh, mg, causal, bs, S, T, out, lse, dyg, softcap=None, window=None):
     """(dq (B, K, G, S, H) without the scale, dk (B, K, T, H), dv (B, K, T, H)), recomputing each tile."""
     B, K, G, _, H = qg.shape
     cd = qg.dtype
@@ -100,13 +108,17 @@ def _backward(qg, kh, vh, mg, causal, bs, S, T, out, lse, dyg):
     for j0 in range(0, T, bs):
         j1 = min(T, j0 + bs)
         kj, vj = kh[:, :, :, j0:j1], vh[:, :, :, j0:j1]  # (B, K, 1, bc, H)
-        first = max(0, j0 - (T - S)) // bs * bs if causal else 0  # queries before it see none of these keys
-        for i0 in range(first, S, bs):
+        for i0 in _tiles(*visible_queries(j0, j1, S, T, causal, window), bs):  # only queries that see these keys
             i1 = min(S, i0 + bs)
             shape = (B, K, G, i1 - i0, j1 - j0)
             qi, dyi = qg[:, :, :, i0:i1], dyg[:, :, :, i0:i1]  # (B, K, G, br, H)
             p = np.matmul(qi, kj.swapaxes(-1, -2), out=_buffer(p_flat, shape))
-            allowed = _allowed(mg, causal, i0, i1, j0, j1, S, T)
+            dcap = None
+            if softcap is not None:
+                np.tanh(np.divide(p, softcap, out=p), out=p)
+                dcap = 1.0 - p * p  # the cap's derivative
+                p *= softcap
+            allowed = _allowed(mg, causal, window, i0, i1, j0, j1, S, T)
             if allowed is not None:
                 np.copyto(p, -np.inf, where=~allowed)
             np.subtract(p, lse[:, :, :, i0:i1, None], out=p)
@@ -115,24 +127,26 @@ def _backward(qg, kh, vh, mg, causal, bs, S, T, out, lse, dyg):
             ds = np.matmul(dyi, vj.swapaxes(-1, -2), out=_buffer(ds_flat, shape))  # dP_ij
             np.subtract(ds, delta[:, :, :, i0:i1, None], out=ds)
             np.multiply(ds, p, out=ds)  # dS_ij = P ⊙ (dP − D)
+            if dcap is not None:
+                ds *= dcap  # through the cap to the raw scores
             dq[:, :, :, i0:i1] += np.matmul(ds, kj)
             dk[:, :, j0:j1] += np.matmul(ds.swapaxes(-1, -2), qi).sum(axis=2)  # qi carries the scale
     return dq, dk, dv
 
 
-def flash_attention(q, k, v, causal, mask, scale, block_size):
+def flash_attention(q, k, v, causal, mask, scale, block_size, softcap=None, window=None):
     B, S, N, H = q.shape
     qg, kh, vh, mg = _inputs(q, k, v, mask, scale)
-    out, _ = _forward(qg, kh, vh, mg, causal, block_size, S, k.shape[1])
+    out, _ = _forward(qg, kh, vh, mg, causal, block_size, S, k.shape[1], softcap, window)
     return out.transpose(0, 3, 1, 2, 4).reshape(B, S, N, H)  # (B, S, N, H)
 
 
-def flash_attention_backward(q, k, v, dy, causal, mask, scale, block_size):
+def flash_attention_backward(q, k, v, dy, causal, mask, scale, block_size, softcap=None, window=None):
     B, S, N, H = q.shape
     T, K = k.shape[1], k.shape[2]
     qg, kh, vh, mg = _inputs(q, k, v, mask, scale)
     dyg = np.ascontiguousarray(dy.reshape(B, S, K, N // K, H).transpose(0, 2, 3, 1, 4))  # (B, K, G, S, H)
-    out, lse = _forward(qg, kh, vh, mg, causal, block_size, S, T)
-    dq, dk, dv = _backward(qg, kh, vh, mg, causal, block_size, S, T, out, lse, dyg)
+    out, lse = _forward(qg, kh, vh, mg, causal, block_size, S, T, softcap, window)
+    dq, dk, dv = _backward(qg, kh, vh, mg, causal, block_size, S, T, out, lse, dyg, softcap, window)
     dq *= scale
     return dq.transpose(0, 3, 1, 2, 4).reshape(B, S, N, H), dk.transpose(0, 2, 1, 3), dv.transpose(0, 2, 1, 3)

@@ -102,18 +102,34 @@ def mlp_backward(x, w_in, w_out, dy, activation):
     return dh @ w_in.T, _flat2d(x).T @ _flat2d(dh), dw_out
 
 
-def swiglu(x, w_gate, w_up, w_down):
+def _gated(x, w_gate, w_up, w_down, activation):
     g = x @ w_gate  # (..., F)
-    return (g * _sigmoid(g) * (x @ w_up)) @ w_down
+    return (_activation(g, activation)[0] * (x @ w_up)) @ w_down
 
 
-def swiglu_backward(x, w_gate, w_up, w_down, dy):
+def _gated_backward(x, w_gate, w_up, w_down, dy, activation):
     g, u = x @ w_gate, x @ w_up  # (..., F)
-    s, ds_dg = _activation(g, "silu")
+    s, ds_dg = _activation(g, activation)
     da = dy @ w_down.T
     dg, du = da * u * ds_dg, da * s
     dx = dg @ w_gate.T + du @ w_up.T
     return dx, _flat2d(x).T @ _flat2d(dg), _flat2d(x).T @ _flat2d(du), _flat2d(s * u).T @ _flat2d(dy)
+
+
+def swiglu(x, w_gate, w_up, w_down):
+    return _gated(x, w_gate, w_up, w_down, "silu")
+
+
+def swiglu_backward(x, w_gate, w_up, w_down, dy):
+    return _gated_backward(x, w_gate, w_up, w_down, dy, "silu")
+
+
+def geglu(x, w_gate, w_up, w_down):
+    return _gated(x, w_gate, w_up, w_down, "gelu_tanh")
+
+
+def geglu_backward(x, w_gate, w_up, w_down, dy):
+    return _gated_backward(x, w_gate, w_up, w_down, dy, "gelu_tanh")
 
 
 # -- norms -----------------------------------------------------------------------------------------
@@ -123,16 +139,16 @@ def _rsqrt_ms(x, eps):
     return 1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)  # (..., 1)
 
 
-def rms_norm(x, weight, eps, round_to):
+def rms_norm(x, weight, eps, round_to, offset=0.0):
     n = x * _rsqrt_ms(x, eps)
     if round_to is not None:  # Llama's cast order: the normalised x is rounded to the input dtype first
         n = n.astype(round_to).astype(x.dtype)
-    return n * weight
+    return n * (weight + offset if offset else weight)
 
 
-def rms_norm_backward(x, weight, dy, eps):
+def rms_norm_backward(x, weight, dy, eps, offset=0.0):
     r = _rsqrt_ms(x, eps)
-    n, g = x * r, dy * weight
+    n, g = x * r, dy * (weight + offset if offset else weight)
     dx = r * (g - n * np.mean(g * n, axis=-1, keepdims=True))
     return dx, _flat2d(dy * n).sum(axis=0)
 
@@ -159,8 +175,26 @@ def layer_norm_backward(x, weight, dy, eps, bias):
 # -- attention -------------------------------------------------------------------------------------
 
 
-def _probs(q, k, v, causal, mask, scale):
-    """The grouped inputs and probabilities: qg (B, K, G, S, H) carrying the scale, kh, vh, p (B, K, G, S, T)."""
+def _visible(S, T, causal, window):
+    """(S, T) bool, where query i may see key j (bottom-right causal, the window counting back), or None."""
+    if not causal:
+        return None
+    diagonal = np.arange(S)[:, None] + (T - S)  # (S, 1): query i sees keys j <= i + T − S
+    allowed = np.arange(T)[None, :] <= diagonal
+    return allowed if window is None else allowed & (np.arange(T)[None, :] > diagonal - window)
+
+
+def _capped(scores, softcap):
+    """(softcap · tanh(scores / softcap), its derivative 1 − tanh²), or (scores, None) without a cap."""
+    if softcap is None:
+        return scores, None
+    t = np.tanh(scores / softcap)
+    return softcap * t, 1.0 - t * t
+
+
+def _probs(q, k, v, causal, mask, scale, softcap, window):
+    """The grouped inputs, probabilities and the cap's derivative: qg (B, K, G, S, H) carrying the scale,
+    kh, vh, p (B, K, G, S, T), dcap (like p, or None)."""
     B, S, N, H = q.shape
     T, K = k.shape[1], k.shape[2]
     G = N // K
@@ -168,32 +202,32 @@ def _probs(q, k, v, causal, mask, scale):
     kh = k.transpose(0, 2, 1, 3)[:, :, None]  # (B, K, 1, T, H)
     vh = v.transpose(0, 2, 1, 3)[:, :, None]
     with np.errstate(over="ignore"):  # an overflow is +inf, which softmax's rule handles
-        scores = qg @ kh.swapaxes(-1, -2)  # (B, K, G, S, T)
-    allowed = None
-    if causal:
-        allowed = np.arange(T)[None, :] <= np.arange(S)[:, None] + (T - S)  # (S, T), bottom-right
+        scores, dcap = _capped(qg @ kh.swapaxes(-1, -2), softcap)  # (B, K, G, S, T)
+    allowed = _visible(S, T, causal, window)
     if mask is not None:
         m = np.broadcast_to(mask, (B, N, S, T)).reshape(B, K, G, S, T)
         allowed = m if allowed is None else (m & allowed)
     if allowed is not None:
         scores = np.where(allowed, scores, -np.inf)
-    return qg, kh, vh, softmax(scores, -1)  # a query that sees nothing: zeros
+    return qg, kh, vh, softmax(scores, -1), dcap  # a query that sees nothing: zeros
 
 
-def attention(q, k, v, causal, mask, scale):
+def attention(q, k, v, causal, mask, scale, softcap=None, window=None):
     B, S, N, H = q.shape
-    _, _, vh, p = _probs(q, k, v, causal, mask, scale)
+    _, _, vh, p, _ = _probs(q, k, v, causal, mask, scale, softcap, window)
     return (p @ vh).transpose(0, 3, 1, 2, 4).reshape(B, S, N, H)  # (B, S, N, H)
 
 
-def attention_backward(q, k, v, dy, causal, mask, scale):
+def attention_backward(q, k, v, dy, causal, mask, scale, softcap=None, window=None):
     B, S, N, H = q.shape
     K = k.shape[2]
-    qg, kh, vh, p = _probs(q, k, v, causal, mask, scale)
+    qg, kh, vh, p, dcap = _probs(q, k, v, causal, mask, scale, softcap, window)
     dyg = dy.reshape(B, S, K, N // K, H).transpose(0, 2, 3, 1, 4)  # (B, K, G, S, H)
     dv = (p.swapaxes(-1, -2) @ dyg).sum(axis=2)  # (B, K, T, H): the G query heads of a kv head add up
     dp = dyg @ vh.swapaxes(-1, -2)  # (B, K, G, S, T)
     ds = p * (dp - np.sum(dp * p, axis=-1, keepdims=True))
+    if dcap is not None:
+        ds *= dcap  # through the cap to the raw scores
     dq = (ds @ kh) * scale  # (B, K, G, S, H)
     dk = (ds.swapaxes(-1, -2) @ qg).sum(axis=2)  # (B, K, T, H); qg carries the scale
     return dq.transpose(0, 3, 1, 2, 4).reshape(B, S, N, H), dk.transpose(0, 2, 1, 3), dv.transpose(0, 2, 1, 3)

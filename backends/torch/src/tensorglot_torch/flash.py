@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from tensorglot.kernels import visible_keys, visible_queries
+
 from ._common import kernel
 
 # The G query heads of a kv head sit beside their query in the rows of a tile, (query, group), so one
@@ -31,12 +33,15 @@ def _layout(q, k, v, mask, scale):
     return qs, kh, vh, mg
 
 
-def _allowed(mg, causal, i0, i1, j0, j1, S, T, device):
+def _allowed(mg, causal, window, i0, i1, j0, j1, S, T, device):
     """The bool attend-mask of tile (i0:i1, j0:j1) in the (B, K, br, G, bc) layout, or None if all may attend."""
     allowed = None
-    if causal and j1 - 1 > i0 + T - S:  # only tiles that cross the diagonal need the causal mask
-        i = torch.arange(i0, i1, device=device)[:, None, None]
-        allowed = torch.arange(j0, j1, device=device) <= i + (T - S)  # (br, 1, bc)
+    off = T - S
+    # only tiles crossing the diagonal, or the window's lower edge, need the causal mask
+    if causal and (j1 - 1 > i0 + off or (window is not None and j0 <= i1 - 1 + off - window)):
+        diagonal = torch.arange(i0, i1, device=device)[:, None, None] + off
+        j = torch.arange(j0, j1, device=device)
+        allowed = j <= diagonal if window is None else (j <= diagonal) & (j > diagonal - window)  # (br, 1, bc)
     if mg is not None:
         m = mg[:, :, i0:i1] if mg.shape[2] > 1 else mg
         m = m[..., j0:j1] if m.shape[-1] > 1 else m
@@ -44,11 +49,32 @@ def _allowed(mg, causal, i0, i1, j0, j1, S, T, device):
     return allowed
 
 
-def _key_end(causal, i1, S, T):
-    return max(0, min(T, i1 + T - S)) if causal else T
+def _tiles(lo, hi, bs):
+    """The starts of the tiles of ``bs`` rows that meet [lo, hi)."""
+    return range(lo // bs * bs, hi, bs)
 
 
-def _forward(qs, kh, vh, mg, causal, bs):
+def _exp_masked(s, allowed, shape):
+    """exp_ of a tile whose hidden entries are −inf. ATen's CPU exp takes a slow path for −inf (about 4× on
+    half-hidden tiles, which every window tile is), so hidden entries are clamped to −80 and zeroed after;
+    a visible entry below −80 (weight < 2e-35 against the row's maximum, 1) changes nothing measurable."""
+    if allowed is None:
+        return s.exp_()
+    s.clamp_min_(-80.0).exp_().view(shape).masked_fill_(~allowed, 0.0)
+    return s
+
+
+def _cap(s, softcap):
+    """s ← softcap · tanh(s / softcap) in place; returns the derivative 1 − tanh² (None without a cap)."""
+    if softcap is None:
+        return None
+    t = s.div_(softcap).tanh_()
+    dcap = 1.0 - t * t
+    t.mul_(softcap)
+    return dcap
+
+
+def _forward(qs, kh, vh, mg, causal, bs, softcap=None, window=None):
     """(out (B, K, S, G, H), lse (B, K, S, G)) in the compute dtype; lse is −∞ where a query sees no key."""
     B, K, S, G, H = qs.shape
     T = kh.shape[2]
@@ -62,15 +88,17 @@ def _forward(qs, kh, vh, mg, causal, bs):
         m = torch.full((B * K, br * G), -math.inf, dtype=qs.dtype, device=qs.device)  # running row max
         ell = torch.zeros_like(m)  # running row sum
         acc = torch.zeros_like(qi)  # (B·K, br·G, H)
-        for j0 in range(0, _key_end(causal, i1, S, T), bs):
+        for j0 in _tiles(*visible_keys(i0, i1, S, T, causal, window), bs):  # tiles no query sees are skipped
             j1 = min(T, j0 + bs)
             s = torch.bmm(qi, kf[:, j0:j1].transpose(1, 2))  # (B·K, br·G, bc)
-            allowed = _allowed(mg, causal, i0, i1, j0, j1, S, T, qs.device)
+            if softcap is not None:
+                s.div_(softcap).tanh_().mul_(softcap)
+            allowed = _allowed(mg, causal, window, i0, i1, j0, j1, S, T, qs.device)
             if allowed is not None:
                 s.view(B, K, br, G, j1 - j0).masked_fill_(~allowed, -math.inf)
             m_new = torch.maximum(m, s.amax(-1))
             m_safe = m_new.masked_fill(m_new == -math.inf, 0.0)  # a row that has seen no key keeps weight 0
-            s.sub_(m_safe[..., None]).exp_()  # P_ij
+            _exp_masked(s.sub_(m_safe[..., None]), allowed, (B, K, br, G, j1 - j0))  # P_ij
             alpha = (m - m_safe).exp_()  # rescales what was summed under the old max
             ell.mul_(alpha).add_(s.sum(-1))
             acc.mul_(alpha[..., None]).baddbmm_(s, vf[:, j0:j1])
@@ -82,7 +110,7 @@ def _forward(qs, kh, vh, mg, causal, bs):
     return out, lse
 
 
-def _backward(qs, kh, vh, mg, causal, bs, out, lse, dyg, needs=(True, True, True)):
+def _backward(qs, kh, vh, mg, causal, bs, out, lse, dyg, needs=(True, True, True), softcap=None, window=None):
     """(dq (B, K, S, G, H) without the scale, dk, dv (B, K, T, H)), recomputing each tile."""
     B, K, S, G, H = qs.shape
     T = kh.shape[2]
@@ -96,21 +124,23 @@ def _backward(qs, kh, vh, mg, causal, bs, out, lse, dyg, needs=(True, True, True
         j1 = min(T, j0 + bs)
         kj, vj = kf[:, j0:j1], vf[:, j0:j1]  # (B·K, bc, H)
         dkj, dvj = dk.view(B * K, T, H)[:, j0:j1], dv.view(B * K, T, H)[:, j0:j1]
-        first = max(0, j0 - (T - S)) // bs * bs if causal else 0  # earlier queries see none of these keys
-        for i0 in range(first, S, bs):
+        for i0 in _tiles(*visible_queries(j0, j1, S, T, causal, window), bs):  # only queries that see these keys
             i1 = min(S, i0 + bs)
             br = i1 - i0
             qi = qs[:, :, i0:i1].reshape(B * K, br * G, H)
             dyi = dyg[:, :, i0:i1].reshape(B * K, br * G, H)
             p = torch.bmm(qi, kj.transpose(1, 2))  # (B·K, br·G, bc)
-            allowed = _allowed(mg, causal, i0, i1, j0, j1, S, T, qs.device)
+            dcap = _cap(p, softcap)
+            allowed = _allowed(mg, causal, window, i0, i1, j0, j1, S, T, qs.device)
             if allowed is not None:
                 p.view(B, K, br, G, j1 - j0).masked_fill_(~allowed, -math.inf)
-            p.sub_(lse[:, :, i0:i1].reshape(B * K, br * G, 1)).exp_()  # P_ij, recomputed from L
+            _exp_masked(p.sub_(lse[:, :, i0:i1].reshape(B * K, br * G, 1)), allowed, (B, K, br, G, j1 - j0))  # P_ij
             if needs[2]:
                 dvj.baddbmm_(p.transpose(1, 2), dyi)
             ds = torch.bmm(dyi, vj.transpose(1, 2))  # dP_ij
             ds.sub_(delta[:, :, i0:i1].reshape(B * K, br * G, 1)).mul_(p)  # dS = P ⊙ (dP − D)
+            if dcap is not None:
+                ds.mul_(dcap)  # through the cap to the raw scores
             if needs[0]:
                 dq[:, :, i0:i1] += torch.bmm(ds, kj).view(B, K, br, G, H)
             if needs[1]:
@@ -130,11 +160,12 @@ def _grouped(dy, K):
 
 class FlashAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, mask, scale, block_size):
+    def forward(ctx, q, k, v, causal, mask, scale, block_size, softcap=None, window=None):
         qs, kh, vh, mg = _layout(q, k, v, mask, scale)
-        out, lse = _forward(qs, kh, vh, mg, causal, block_size)
+        out, lse = _forward(qs, kh, vh, mg, causal, block_size, softcap, window)
         ctx.save_for_backward(qs, kh, vh, out, lse)
         ctx.mg, ctx.causal, ctx.scale, ctx.block_size = mg, causal, scale, block_size
+        ctx.softcap, ctx.window = softcap, window
         B, K, S, G, H = out.shape
         return out.permute(0, 2, 1, 3, 4).reshape(B, S, K * G, H)  # (B, S, N, H)
 
@@ -142,16 +173,19 @@ class FlashAttention(torch.autograd.Function):
     def backward(ctx, dy):
         qs, kh, vh, out, lse = ctx.saved_tensors
         needs = ctx.needs_input_grad[:3]
+        dyg = _grouped(dy, kh.shape[1])
         dq, dk, dv = _backward(
-            qs, kh, vh, ctx.mg, ctx.causal, ctx.block_size, out, lse, _grouped(dy, kh.shape[1]), needs
+            qs, kh, vh, ctx.mg, ctx.causal, ctx.block_size, out, lse, dyg, needs, ctx.softcap, ctx.window
         )
-        return *(g if n else None for g, n in zip(_to_public(dq, dk, dv, ctx.scale), needs)), None, None, None, None
+        grads = (g if n else None for g, n in zip(_to_public(dq, dk, dv, ctx.scale), needs))
+        return *grads, None, None, None, None, None, None
 
 
-def flash_attention_backward(q, k, v, dy, causal, mask, scale, block_size):
+def flash_attention_backward(q, k, v, dy, causal, mask, scale, block_size, softcap=None, window=None):
     qs, kh, vh, mg = _layout(q, k, v, mask, scale)
-    out, lse = _forward(qs, kh, vh, mg, causal, block_size)
-    dq, dk, dv = _backward(qs, kh, vh, mg, causal, block_size, out, lse, _grouped(dy, k.shape[2]))
+    out, lse = _forward(qs, kh, vh, mg, causal, block_size, softcap, window)
+    dyg = _grouped(dy, k.shape[2])
+    dq, dk, dv = _backward(qs, kh, vh, mg, causal, block_size, out, lse, dyg, (True,) * 3, softcap, window)
     return _to_public(dq, dk, dv, scale)
 
 

@@ -12,6 +12,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from tensorglot.kernels import visible_keys
+
 from ._common import DTYPES
 from ._common import kernel as _kernel
 from .encodings import rope as rope
@@ -147,36 +149,58 @@ class MLP(torch.autograd.Function):
         return *mlp_backward(x, w_in, w_out, dy, ctx.activation, saved, ctx.needs_input_grad), None
 
 
-def _swiglu(x, w_gate, w_up, w_down):
+def _gated(x, w_gate, w_up, w_down, activation):
     x2 = _flat2d(x)  # (M, D)
     g, u = x2 @ w_gate, x2 @ w_up  # (M, F)
-    return (F.silu(g).mul_(u) @ w_down).reshape(*x.shape[:-1], w_down.shape[1]), g, u
+    return (_ACT[activation](g).mul_(u) @ w_down).reshape(*x.shape[:-1], w_down.shape[1]), g, u
 
 
-def swiglu_backward(x, w_gate, w_up, w_down, dy, gu=None, needs=ALL):
+def _gated_backward(x, w_gate, w_up, w_down, dy, activation, gu=None, needs=ALL):
     """``gu``: the forward's (x @ w_gate, x @ w_up), recomputed when None."""
-    g, u = _swiglu(x, w_gate, w_up, w_down)[1:] if gu is None else gu
+    g, u = _gated(x, w_gate, w_up, w_down, activation)[1:] if gu is None else gu
     x2, dy2 = _flat2d(x), _flat2d(dy)
-    s = F.silu(g)
+    s = _ACT[activation](g)
     da = dy2 @ w_down.T  # (M, F)
-    dg, du = da * u * _act_grad(g, "silu"), da.mul_(s)
+    dg, du = da * u * _act_grad(g, activation), da.mul_(s)
     dx = torch.addmm(dg @ w_gate.T, du, w_up.T).reshape(x.shape) if needs[0] else None
     dw_gate = x2.T @ dg if needs[1] else None
     dw_up = x2.T @ du if needs[2] else None
     return dx, dw_gate, dw_up, s.mul_(u).T @ dy2 if needs[3] else None
 
 
-class SwiGLU(torch.autograd.Function):
+class GatedMLP(torch.autograd.Function):
+    """``(act(x @ w_gate) * (x @ w_up)) @ w_down``: SwiGLU with silu, GeGLU with gelu_tanh."""
+
     @staticmethod
-    def forward(ctx, x, w_gate, w_up, w_down):
-        y, g, u = _swiglu(x, w_gate, w_up, w_down)
+    def forward(ctx, x, w_gate, w_up, w_down, activation):
+        y, g, u = _gated(x, w_gate, w_up, w_down, activation)
         ctx.save_for_backward(x, w_gate, w_up, w_down, g, u)
+        ctx.activation = activation
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, w_gate, w_up, w_down, g, u = ctx.saved_tensors
-        return swiglu_backward(x, w_gate, w_up, w_down, dy, (g, u), ctx.needs_input_grad)
+        return *_gated_backward(x, w_gate, w_up, w_down, dy, ctx.activation, (g, u), ctx.needs_input_grad), None
+
+
+_gated_mlp = _kernel(GatedMLP)
+
+
+def swiglu(x, w_gate, w_up, w_down):
+    return _gated_mlp(x, w_gate, w_up, w_down, "silu")
+
+
+def swiglu_backward(x, w_gate, w_up, w_down, dy):
+    return _gated_backward(x, w_gate, w_up, w_down, dy, "silu")
+
+
+def geglu(x, w_gate, w_up, w_down):
+    return _gated_mlp(x, w_gate, w_up, w_down, "gelu_tanh")
+
+
+def geglu_backward(x, w_gate, w_up, w_down, dy):
+    return _gated_backward(x, w_gate, w_up, w_down, dy, "gelu_tanh")
 
 
 # -- RMSNorm ---------------------------------------------------------------------------------------
@@ -186,29 +210,30 @@ def _rsqrt_ms(x, eps):
     return torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
 
 
-def rms_norm_backward(x, weight, dy, eps, r=None, needs=ALL):
+def rms_norm_backward(x, weight, dy, eps, offset=0.0, r=None, needs=ALL):
     """``r``: the forward's rsqrt(mean(x²) + eps), recomputed when None."""
     r = _rsqrt_ms(x, eps) if r is None else r
     n = x * r
-    g = dy * weight
+    g = dy * (weight + offset if offset else weight)
     dx = r * (g - n * (g * n).mean(-1, keepdim=True)) if needs[0] else None
     return dx, _flat2d(dy * n).sum(0) if needs[1] else None
 
 
 class RMSNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, eps, round_to):
+    def forward(ctx, x, weight, eps, round_to, offset=0.0):
         r = _rsqrt_ms(x, eps)
         ctx.save_for_backward(x, weight, r)
+        ctx.offset = offset
         n = x * r
         if round_to is not None:  # Llama's cast order: the normalised x is rounded to the input dtype first
             n = n.to(DTYPES[round_to]).to(x.dtype)
-        return n.mul_(weight)
+        return n.mul_(weight + offset if offset else weight)
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, r = ctx.saved_tensors
-        return *rms_norm_backward(x, weight, dy, None, r, ctx.needs_input_grad), None, None
+        return *rms_norm_backward(x, weight, dy, None, ctx.offset, r, ctx.needs_input_grad), None, None, None
 
 
 # -- LayerNorm -------------------------------------------------------------------------------------
@@ -245,19 +270,23 @@ class LayerNorm(torch.autograd.Function):
 
 # -- attention -------------------------------------------------------------------------------------
 
-#: Causal attention runs in blocks of query rows: a block reads only the keys some row of it can see,
-#: so about half of the (S, T) scores are never computed, and a block's scores stay in cache.
+#: Causal attention runs in blocks of query rows: a block reads only the keys some row of it can see
+#: (after the causal diagonal or before a sliding window: none), so about half of the (S, T) scores are
+#: never computed, and a block's scores stay in cache.
 _BLOCK = 64
 
 
-def _blocks(S, T, causal):
-    """(i0, i1, t1): query rows [i0, i1) and the keys [0, t1) any of them can see."""
+def _blocks(S, T, causal, window):
+    """(i0, i1, t0, t1): query rows [i0, i1) and the keys [t0, t1) any of them can see."""
     if not causal or S == 0:  # S = 0: one empty block, so the output is (B, 0, N, H)
-        return [(0, S, T)]
-    return [(i0, min(S, i0 + _BLOCK), max(0, min(T, i0 + _BLOCK + T - S))) for i0 in range(0, S, _BLOCK)]
+        return [(0, S, 0, T)]
+    return [
+        (i0, min(S, i0 + _BLOCK), *visible_keys(i0, min(S, i0 + _BLOCK), S, T, True, window))
+        for i0 in range(0, S, _BLOCK)
+    ]
 
 
-def _attention(q, k, v, causal, mask, scale):
+def _attention(q, k, v, causal, mask, scale, softcap=None, window=None):
     """(out (B, S, N, H), what the backward keeps)."""
     B, S, N, H = q.shape
     T, K = k.shape[1], k.shape[2]
@@ -270,48 +299,61 @@ def _attention(q, k, v, causal, mask, scale):
         return x.reshape(B * N, x.shape[-2], H)
 
     qs, kh, vh = heads(q).mul(scale).contiguous(), heads(k), heads(v)  # (B·N, S|T, H); q scaled first
-    ps, outs, bounds = [], [], _blocks(S, T, causal)
-    for i0, i1, t1 in bounds:
-        p = _block_probs(qs, kh, mask, causal, (B, N, S, T), i0, i1, t1)
-        outs.append(torch.bmm(p, vh[:, :t1]))  # (B·N, C, H)
+    ps, outs, bounds = [], [], _blocks(S, T, causal, window)
+    for i0, i1, t0, t1 in bounds:
+        p = _block_probs(qs, kh, mask, causal, window, softcap, (B, N, S, T), i0, i1, t0, t1)
+        outs.append(torch.bmm(p, vh[:, t0:t1]))  # (B·N, C, H)
         ps.append(p)
     out = torch.cat(outs, 1).view(B, N, S, H).transpose(1, 2)  # (B, S, N, H)
-    return out, (qs, kh, vh, bounds, ps, K)
+    return out, (qs, kh, vh, bounds, ps, K, softcap)
 
 
-def _block_probs(qs, kh, mask, causal, sizes, i0, i1, t1):
-    """P for query rows [i0, i1) against keys [0, t1): (B·N, i1 − i0, t1); softmax's rules fix rows that
+def _capped_scores(qs, kh, softcap, i0, i1, t0, t1):
+    """Q Kᵀ of rows [i0, i1) and keys [t0, t1), capped: (scores, tanh(scores / softcap) or None)."""
+    scores = torch.bmm(qs[:, i0:i1], kh[:, t0:t1].transpose(1, 2))  # (B·N, C, t1 − t0)
+    if softcap is None:
+        return scores, None
+    t = scores.div_(softcap).tanh_()
+    return t * softcap, t
+
+
+def _block_probs(qs, kh, mask, causal, window, softcap, sizes, i0, i1, t0, t1):
+    """P for query rows [i0, i1) against keys [t0, t1): (B·N, i1 − i0, t1 − t0); softmax's rules fix rows that
     see no key (zeros) and rows whose scores overflowed to +inf."""
     B, N, S, T = sizes
-    scores = torch.bmm(qs[:, i0:i1], kh[:, :t1].transpose(1, 2))  # (B·N, C, t1)
-    if causal:
-        rows = torch.arange(i0, i1, device=qs.device)[:, None] + (T - S)  # query i sees keys j <= i + T − S
+    scores = _capped_scores(qs, kh, softcap, i0, i1, t0, t1)[0]
+    hidden = None
+    if causal:  # query i sees keys j <= i + T − S, and with a window only j > i + T − S − W
+        rows = torch.arange(i0, i1, device=qs.device)[:, None] + (T - S)
+        cols = torch.arange(t0, t1, device=qs.device)
+        hidden = cols > rows if window is None else (cols > rows) | (cols <= rows - window)
     if mask is not None:
-        allowed = mask[:, :, i0:i1] if mask.shape[2] != 1 else mask  # (B|1, N|1, C|1, t1|1)
-        allowed = allowed[..., :t1] if allowed.shape[3] != 1 else allowed
-        if causal:
-            allowed = allowed & (torch.arange(t1, device=qs.device) <= rows)
-        scores.view(B, N, i1 - i0, t1).masked_fill_(~allowed, -math.inf)
-    elif causal:
-        c0 = max(0, i0 + T - S + 1)  # keys before c0 are visible to every row of the block
-        if c0 < t1:
-            scores[..., c0:].masked_fill_(torch.arange(c0, t1, device=qs.device) > rows, -math.inf)
+        allowed = mask[:, :, i0:i1] if mask.shape[2] != 1 else mask  # (B|1, N|1, C|1, T|1)
+        allowed = allowed[..., t0:t1] if allowed.shape[3] != 1 else allowed
+        if hidden is not None:
+            allowed = allowed & ~hidden
+        scores.view(B, N, i1 - i0, t1 - t0).masked_fill_(~allowed, -math.inf)
+    elif hidden is not None:
+        scores.masked_fill_(hidden, -math.inf)
     return _softmax(scores, -1)
 
 
 def _attention_grads(saved, dy, scale, needs=ALL):
-    qs, kh, vh, bounds, ps, K = saved
+    qs, kh, vh, bounds, ps, K, softcap = saved
     BN, S, H = qs.shape
     B, N, T = dy.shape[0], dy.shape[2], kh.shape[1]
     dyh = dy.transpose(1, 2).reshape(BN, S, H)  # (B·N, S, H)
     dk, dv, dqs = torch.zeros_like(kh), torch.zeros_like(vh), []
-    for (i0, i1, t1), p in zip(bounds, ps):
+    for (i0, i1, t0, t1), p in zip(bounds, ps):
         dy_b = dyh[:, i0:i1]  # (B·N, C, H)
-        dv[:, :t1] += torch.bmm(p.transpose(1, 2), dy_b)
-        dp = torch.bmm(dy_b, vh[:, :t1].transpose(1, 2))  # (B·N, C, t1)
+        dv[:, t0:t1] += torch.bmm(p.transpose(1, 2), dy_b)
+        dp = torch.bmm(dy_b, vh[:, t0:t1].transpose(1, 2))  # (B·N, C, t1 − t0)
         ds = dp.sub_((dp * p).sum(-1, keepdim=True)).mul_(p)  # P ⊙ (dP − rowsum(dP ⊙ P))
-        dqs.append(torch.bmm(ds, kh[:, :t1]))
-        dk[:, :t1] += torch.bmm(ds.transpose(1, 2), qs[:, i0:i1])  # qs carries the scale
+        if softcap is not None:  # through the cap: the scores are recomputed rather than kept
+            t = _capped_scores(qs, kh, softcap, i0, i1, t0, t1)[1]
+            ds.mul_(1.0 - t * t)
+        dqs.append(torch.bmm(ds, kh[:, t0:t1]))
+        dk[:, t0:t1] += torch.bmm(ds.transpose(1, 2), qs[:, i0:i1])  # qs carries the scale
     dq = torch.cat(dqs, 1).mul_(scale).view(B, N, S, H).transpose(1, 2) if needs[0] else None
 
     def kv(g, need):  # (B·N, T, H) → (B, T, K, H): the G query heads of a kv head add up
@@ -323,35 +365,40 @@ def _attention_grads(saved, dy, scale, needs=ALL):
 
 class Attention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, mask, scale):
-        out, (qs, kh, vh, bounds, ps, K) = _attention(q, k, v, causal, mask, scale)
+    def forward(ctx, q, k, v, causal, mask, scale, softcap=None, window=None):
+        out, (qs, kh, vh, bounds, ps, K, softcap) = _attention(q, k, v, causal, mask, scale, softcap, window)
         ctx.save_for_backward(qs, kh, vh, *ps)
-        ctx.bounds, ctx.scale, ctx.K = bounds, scale, K
+        ctx.bounds, ctx.scale, ctx.K, ctx.softcap = bounds, scale, K, softcap
         return out
 
     @staticmethod
     def backward(ctx, dy):
         qs, kh, vh, *ps = ctx.saved_tensors
-        grads = _attention_grads((qs, kh, vh, ctx.bounds, ps, ctx.K), dy, ctx.scale, ctx.needs_input_grad)
-        return *grads, None, None, None
+        saved = (qs, kh, vh, ctx.bounds, ps, ctx.K, ctx.softcap)
+        return *_attention_grads(saved, dy, ctx.scale, ctx.needs_input_grad), None, None, None, None, None
 
 
-def attention_backward(q, k, v, dy, causal, mask, scale):
-    return _attention_grads(_attention(q, k, v, causal, mask, scale)[1], dy, scale)
+def attention_backward(q, k, v, dy, causal, mask, scale, softcap=None, window=None):
+    return _attention_grads(_attention(q, k, v, causal, mask, scale, softcap, window)[1], dy, scale)
 
 
-softmax, linear, mlp, swiglu = _kernel(Softmax), _kernel(Linear), _kernel(MLP), _kernel(SwiGLU)
+softmax, linear, mlp = _kernel(Softmax), _kernel(Linear), _kernel(MLP)
 rms_norm, layer_norm, _attention_function = _kernel(RMSNorm), _kernel(LayerNorm), _kernel(Attention)
 
 
-def attention(q, k, v, causal, mask, scale):
+def attention(q, k, v, causal, mask, scale, softcap=None, window=None):
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if q.shape[1] != 1 or mask is not None or grad:
-        return _attention_function(q, k, v, causal, mask, scale)
-    # A decoding step: one query per sequence sees every key (causal is bottom-right). The query heads of
-    # a kv head are the rows of one product, so keys and values are not repeated per query head.
+        return _attention_function(q, k, v, causal, mask, scale, softcap, window)
+    # A decoding step: one query per sequence sees every key (causal is bottom-right), or the last W. The
+    # query heads of a kv head are the rows of one product, so keys and values are not repeated per query head.
     B, _, N, H = q.shape
     K = k.shape[2]
+    if window is not None and causal:
+        k, v = k[:, -window:], v[:, -window:]  # (B, min(W, T), K, H)
     qg = q.reshape(B, K, N // K, H) * scale  # (B, K, G, H): query head k·G + g reads kv head k
-    p = _softmax(torch.matmul(qg, k.permute(0, 2, 3, 1)), -1)  # (B, K, G, T)
+    scores = torch.matmul(qg, k.permute(0, 2, 3, 1))  # (B, K, G, T)
+    if softcap is not None:
+        scores = scores.div_(softcap).tanh_().mul_(softcap)
+    p = _softmax(scores, -1)
     return torch.matmul(p, v.transpose(1, 2)).reshape(B, 1, N, H)  # (B, K, G, H) → (B, 1, N, H)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from array_api_compat import array_namespace, device
 
-from .ops import group_queries, grouped_mask, kv_grouped, kv_heads_first, ungroup_queries, visible
+from tensorglot.kernels import visible_keys
+
+from .ops import capped, group_queries, grouped_mask, kv_grouped, kv_heads_first, ungroup_queries, visible
 
 
 def _tiles(n, bs):
@@ -16,10 +18,11 @@ def _tiles(n, bs):
     return [slice(i, min(n, i + bs)) for i in range(0, max(n, 1), bs)]
 
 
-def _skipped(causal, rows, cols, offset):
+def _skipped(causal, window, rows, cols, S, T):
     """Whether tile (rows, cols) adds nothing: it has no key, or no query of ``rows`` sees a key of ``cols``
-    (bottom-right causal, offset = T − S)."""
-    return cols.start == cols.stop or (causal and cols.start > rows.stop - 1 + offset)
+    (bottom-right causal, sliding window)."""
+    lo, hi = visible_keys(rows.start, rows.stop, S, T, causal, window)
+    return cols.start == cols.stop or cols.start >= hi or cols.stop <= lo
 
 
 def _grouped(q, k, v, mask, scale):
@@ -34,29 +37,30 @@ def _grouped(q, k, v, mask, scale):
     return qg, kh, vh, mask
 
 
-def _scores(qg, kh, mask, causal, rows, cols):
-    """S_ij = Q_i K_jᵀ (B, K, G, br, bc), −inf where a query may not attend."""
+def _scores(qg, kh, mask, causal, rows, cols, softcap, window):
+    """S_ij = Q_i K_jᵀ (B, K, G, br, bc) capped, −inf where a query may not attend; and the cap's derivative."""
     xp = array_namespace(qg)
     S, T = qg.shape[3], kh.shape[3]
-    s = xp.matmul(qg[:, :, :, rows, :], xp.matrix_transpose(kh[:, :, :, cols, :]))
+    s, dcap = capped(xp.matmul(qg[:, :, :, rows, :], xp.matrix_transpose(kh[:, :, :, cols, :])), softcap)
     ids = xp.arange(max(S, T), device=device(qg))
-    allowed = visible(causal, None if mask is None else mask[:, :, :, rows, cols], ids[rows], ids[cols], T - S)
-    return s if allowed is None else xp.where(allowed, s, -xp.inf)
+    tile_mask = None if mask is None else mask[:, :, :, rows, cols]
+    allowed = visible(causal, tile_mask, ids[rows], ids[cols], T - S, window)
+    return (s if allowed is None else xp.where(allowed, s, -xp.inf)), dcap
 
 
-def _forward(qg, kh, vh, mask, causal, bs):
+def _forward(qg, kh, vh, mask, causal, bs, softcap=None, window=None):
     """out (B, K, G, S, H) and the log-sum-exp L (B, K, G, S), −inf for a query that sees no key."""
     xp = array_namespace(qg)
-    offset = kh.shape[3] - qg.shape[3]
+    S, T = qg.shape[3], kh.shape[3]
     outs, lses = [], []
     for rows in _tiles(qg.shape[3], bs):
         acc = xp.zeros_like(qg[:, :, :, rows, :])  # (B, K, G, br, H)
         top = xp.full(acc.shape[:4], -xp.inf, dtype=qg.dtype, device=device(qg))  # the running row max m
         total = xp.zeros_like(top)  # the running row sum ℓ
         for cols in _tiles(kh.shape[3], bs):
-            if _skipped(causal, rows, cols, offset):
+            if _skipped(causal, window, rows, cols, S, T):
                 continue
-            s = _scores(qg, kh, mask, causal, rows, cols)
+            s, _ = _scores(qg, kh, mask, causal, rows, cols, softcap, window)
             new_top = xp.maximum(top, xp.max(s, axis=-1))
             shift = xp.where(new_top == -xp.inf, 0.0, new_top)  # a row that has seen no key keeps weight 0
             p = xp.exp(s - shift[..., None])  # P_ij
@@ -71,10 +75,10 @@ def _forward(qg, kh, vh, mask, causal, bs):
     return xp.concat(outs, axis=3), xp.concat(lses, axis=3)
 
 
-def _backward(qg, kh, vh, mask, causal, bs, out, lse, dyg):
+def _backward(qg, kh, vh, mask, causal, bs, out, lse, dyg, softcap=None, window=None):
     """(dq (B, K, G, S, H) without the scale, dk (B, K, T, H), dv (B, K, T, H)), recomputing each tile."""
     xp = array_namespace(qg)
-    offset = kh.shape[3] - qg.shape[3]
+    S, T = qg.shape[3], kh.shape[3]
     delta = xp.sum(dyg * out, axis=-1)  # D = rowsum(dy ⊙ O), (B, K, G, S)
     lse = xp.where(lse == -xp.inf, xp.inf, lse)  # exp(s − ∞) = 0: a query that saw nothing passes nothing
     row_tiles = _tiles(qg.shape[3], bs)
@@ -84,11 +88,13 @@ def _backward(qg, kh, vh, mask, causal, bs, out, lse, dyg):
         kj, vj = kh[:, :, :, cols, :], vh[:, :, :, cols, :]  # (B, K, 1, bc, H)
         dk = dv = xp.zeros_like(kj[:, :, 0, ...])  # (B, K, bc, H)
         for n, rows in enumerate(row_tiles):
-            if _skipped(causal, rows, cols, offset):
+            if _skipped(causal, window, rows, cols, S, T):
                 continue
             qi, dyi = qg[:, :, :, rows, :], dyg[:, :, :, rows, :]
-            p = xp.exp(_scores(qg, kh, mask, causal, rows, cols) - lse[:, :, :, rows, None])  # P_ij from L
+            s, dcap = _scores(qg, kh, mask, causal, rows, cols, softcap, window)
+            p = xp.exp(s - lse[:, :, :, rows, None])  # P_ij from L
             ds = p * (xp.matmul(dyi, xp.matrix_transpose(vj)) - delta[:, :, :, rows, None])  # P ⊙ (dP − D)
+            ds = ds if dcap is None else ds * dcap  # through the cap to the raw scores
             dq[n] = dq[n] + xp.matmul(ds, kj)
             # The G query heads of a kv head add up; qi carries the scale.
             dk = dk + xp.sum(xp.matmul(xp.matrix_transpose(ds), qi), axis=2)
@@ -98,13 +104,14 @@ def _backward(qg, kh, vh, mask, causal, bs, out, lse, dyg):
     return xp.concat(dq, axis=3), xp.concat(dks, axis=2), xp.concat(dvs, axis=2)
 
 
-def flash_attention(q, k, v, causal, mask, scale, block_size):
+def flash_attention(q, k, v, causal, mask, scale, block_size, softcap=None, window=None):
     qg, kh, vh, mg = _grouped(q, k, v, mask, scale)
-    return ungroup_queries(_forward(qg, kh, vh, mg, causal, block_size)[0])  # (B, S, N, H)
+    return ungroup_queries(_forward(qg, kh, vh, mg, causal, block_size, softcap, window)[0])  # (B, S, N, H)
 
 
-def flash_attention_backward(q, k, v, dy, causal, mask, scale, block_size):
+def flash_attention_backward(q, k, v, dy, causal, mask, scale, block_size, softcap=None, window=None):
     qg, kh, vh, mg = _grouped(q, k, v, mask, scale)
-    out, lse = _forward(qg, kh, vh, mg, causal, block_size)
-    dq, dk, dv = _backward(qg, kh, vh, mg, causal, block_size, out, lse, group_queries(dy, k.shape[2]))
+    out, lse = _forward(qg, kh, vh, mg, causal, block_size, softcap, window)
+    dyg = group_queries(dy, k.shape[2])
+    dq, dk, dv = _backward(qg, kh, vh, mg, causal, block_size, out, lse, dyg, softcap, window)
     return ungroup_queries(dq * scale), kv_heads_first(dk), kv_heads_first(dv)

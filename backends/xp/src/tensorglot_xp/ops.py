@@ -103,20 +103,36 @@ def mlp_backward(x, w_in, w_out, dy, activation):
     return xp.matmul(dh, xp.matrix_transpose(w_in)), _weight_grad(x, dh), _weight_grad(a, dy)
 
 
-def swiglu(x, w_gate, w_up, w_down):
+def _gated(x, w_gate, w_up, w_down, activation):
     xp = array_namespace(x)
-    s, _ = _silu(xp.matmul(x, w_gate))  # (..., F)
-    return xp.matmul(s * xp.matmul(x, w_up), w_down)
+    a, _ = _ACTIVATIONS[activation](xp.matmul(x, w_gate))  # (..., F)
+    return xp.matmul(a * xp.matmul(x, w_up), w_down)
 
 
-def swiglu_backward(x, w_gate, w_up, w_down, dy):
+def _gated_backward(x, w_gate, w_up, w_down, dy, activation):
     xp = array_namespace(x)
     up = xp.matmul(x, w_up)  # (..., F)
-    s, ds = _silu(xp.matmul(x, w_gate))
+    s, ds = _ACTIVATIONS[activation](xp.matmul(x, w_gate))
     da = xp.matmul(dy, xp.matrix_transpose(w_down))
     dg, du = da * up * ds, da * s
     dx = xp.matmul(dg, xp.matrix_transpose(w_gate)) + xp.matmul(du, xp.matrix_transpose(w_up))
     return dx, _weight_grad(x, dg), _weight_grad(x, du), _weight_grad(s * up, dy)
+
+
+def swiglu(x, w_gate, w_up, w_down):
+    return _gated(x, w_gate, w_up, w_down, "silu")
+
+
+def swiglu_backward(x, w_gate, w_up, w_down, dy):
+    return _gated_backward(x, w_gate, w_up, w_down, dy, "silu")
+
+
+def geglu(x, w_gate, w_up, w_down):
+    return _gated(x, w_gate, w_up, w_down, "gelu_tanh")
+
+
+def geglu_backward(x, w_gate, w_up, w_down, dy):
+    return _gated_backward(x, w_gate, w_up, w_down, dy, "gelu_tanh")
 
 
 # -- norms -----------------------------------------------------------------------------------------
@@ -127,18 +143,18 @@ def _inv_rms(x, eps):
     return 1.0 / xp.sqrt(xp.mean(x * x, axis=-1, keepdims=True) + eps)  # (..., 1)
 
 
-def rms_norm(x, weight, eps, round_to):
+def rms_norm(x, weight, eps, round_to, offset=0.0):
     xp = array_namespace(x)
     n = x * _inv_rms(x, eps)
     if round_to is not None:  # Llama's cast order: the normalised x is rounded to the input dtype first
         n = xp.astype(xp.astype(n, getattr(xp, round_to)), x.dtype)
-    return n * weight
+    return n * (weight + offset if offset else weight)
 
 
-def rms_norm_backward(x, weight, dy, eps):
+def rms_norm_backward(x, weight, dy, eps, offset=0.0):
     xp = array_namespace(x)
     r = _inv_rms(x, eps)
-    n, g = x * r, dy * weight
+    n, g = x * r, dy * (weight + offset if offset else weight)
     return r * (g - n * xp.mean(g * n, axis=-1, keepdims=True)), xp.sum(dy * n, axis=tuple(range(x.ndim - 1)))
 
 
@@ -194,40 +210,53 @@ def grouped_mask(mask, kv_heads):
     return array_namespace(mask).reshape(mask, shape)
 
 
-def visible(causal, mask, rows, cols, offset):
+def visible(causal, mask, rows, cols, offset, window=None):
     """Where query ``rows[i]`` may attend key ``cols[j]`` (None: everywhere); causal is bottom-right,
-    ``offset`` = T − S."""
+    ``offset`` = T − S, and a ``window`` W also hides the keys at or before the diagonal minus W."""
     if not causal:
         return mask
-    see = cols[None, :] <= rows[:, None] + offset  # (S, T)
+    diagonal = rows[:, None] + offset  # (S, 1)
+    see = cols[None, :] <= diagonal  # (S, T)
+    if window is not None:
+        see = see & (cols[None, :] > diagonal - window)
     return see if mask is None else see & mask
 
 
-def _probs(q, k, causal, mask, scale):
-    """qg (B, K, G, S, H) with the scale in it, and the probabilities (B, K, G, S, T)."""
+def capped(scores, softcap):
+    """(softcap · tanh(scores / softcap), its derivative 1 − tanh²), or (scores, None) without a cap."""
+    if softcap is None:
+        return scores, None
+    t = array_namespace(scores).tanh(scores / softcap)
+    return softcap * t, 1.0 - t * t
+
+
+def _probs(q, k, causal, mask, scale, softcap, window):
+    """qg (B, K, G, S, H) with the scale in it, the probabilities (B, K, G, S, T) and the cap's derivative."""
     xp = array_namespace(q)
     S, T, K = q.shape[1], k.shape[1], k.shape[2]
     qg = group_queries(q * scale, K)
-    scores = xp.matmul(qg, xp.matrix_transpose(kv_grouped(k)))  # (B, K, G, S, T)
+    scores, dcap = capped(xp.matmul(qg, xp.matrix_transpose(kv_grouped(k))), softcap)  # (B, K, G, S, T)
     ids = xp.arange(max(S, T), device=device(q))
-    allowed = visible(causal, None if mask is None else grouped_mask(mask, K), ids[:S], ids[:T], T - S)
+    allowed = visible(causal, None if mask is None else grouped_mask(mask, K), ids[:S], ids[:T], T - S, window)
     if allowed is not None:
         scores = xp.where(allowed, scores, -xp.inf)
-    return qg, softmax(scores, -1)  # a query that sees nothing: zeros
+    return qg, softmax(scores, -1), dcap  # a query that sees nothing: zeros
 
 
-def attention(q, k, v, causal, mask, scale):
-    _, p = _probs(q, k, causal, mask, scale)
+def attention(q, k, v, causal, mask, scale, softcap=None, window=None):
+    _, p, _ = _probs(q, k, causal, mask, scale, softcap, window)
     return ungroup_queries(array_namespace(q).matmul(p, kv_grouped(v)))  # (B, S, N, H)
 
 
-def attention_backward(q, k, v, dy, causal, mask, scale):
+def attention_backward(q, k, v, dy, causal, mask, scale, softcap=None, window=None):
     xp = array_namespace(q)
-    qg, p = _probs(q, k, causal, mask, scale)
+    qg, p, dcap = _probs(q, k, causal, mask, scale, softcap, window)
     dyg = group_queries(dy, k.shape[2])  # (B, K, G, S, H)
     kh, vh = kv_grouped(k), kv_grouped(v)  # (B, K, 1, T, H)
     dv = xp.sum(xp.matmul(xp.matrix_transpose(p), dyg), axis=2)  # (B, K, T, H): the G heads of a kv head add up
     ds = softmax_backward(p, xp.matmul(dyg, xp.matrix_transpose(vh)), -1)  # (B, K, G, S, T)
+    if dcap is not None:
+        ds = ds * dcap  # through the cap to the raw scores
     dq = xp.matmul(ds, kh) * scale
     dk = xp.sum(xp.matmul(xp.matrix_transpose(ds), qg), axis=2)  # qg carries the scale
     return ungroup_queries(dq), kv_heads_first(dk), kv_heads_first(dv)

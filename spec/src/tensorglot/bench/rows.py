@@ -78,6 +78,25 @@ def flash_rows(ctx: Context) -> Iterator[Row]:
     yield ctx.row(names[1], m_flash, "MiB", baseline=("ops.attention", m_naive), target="<= 0.125", **dims)
 
 
+def window_rows(ctx: Context) -> Iterator[Row]:
+    """Sliding-window flash attention (Mistral's, Gemma 2's local layers) against full causal flash attention
+    at the same sizes: the window's key tiles are skipped, so its time goes as S·W rather than S²/2."""
+    names = ("flash.window.time_vs_causal", "flash.window.peak_memory_vs_causal")
+    if "flash" not in ctx.be.capabilities:
+        yield from (ctx.skipped(n, "the backend lacks the capability 'flash'") for n in names)
+        return
+    B, N, H, S, W, bs = (1, 2, 32, 512, 64, 64) if ctx.quick else (1, 8, 64, 4096, 512, 512)
+    q, k, v = ctx.arrays(*[(B, S, N, H)] * 3, seed=1)
+    window = functools.partial(ctx.be.ops.flash_attention, causal=True, window=W, block_size=bs)
+    causal = functools.partial(ctx.be.ops.flash_attention, causal=True, block_size=bs)
+    t_window, t_causal = paired_medians(ctx.call(window, q, k, v), ctx.call(causal, q, k, v), repeats=ctx.repeats)
+    dims: dict[str, Any] = {"shapes": f"B={B} S=T={S} N={N} H={H} W={W}", "block_size": bs}
+    # tiles visited: the window's ⌈W/bs⌉ + 1 per query tile (one fewer for the first) against causal's i + 1
+    yield ctx.row(names[0], t_window, "s", baseline=("flash causal", t_causal), target="<= 0.6", **dims)
+    m_window, m_causal = (ctx.peak_memory(f, q, k, v) / 2**20 for f in (window, causal))
+    yield ctx.row(names[1], m_window, "MiB", baseline=("flash causal", m_causal), target="<= 1.1", **dims)
+
+
 def _model(ctx: Context, config: TransformerConfig) -> dict[str, Any]:
     return {k: ctx.be.asarray(v, "float32") for k, v in init_params(config, 0).items()}
 
@@ -188,6 +207,6 @@ def serving_rows(ctx: Context) -> Iterator[Row]:
 
 
 #: The row groups by name (`tensorglot bench --only`), in the order a run takes them.
-GROUPS = {"ops": op_rows, "mlp": mlp_row, "flash": flash_rows, "layers": layer_rows, "parallel": parallel_rows,
-          "serving": serving_rows}  # fmt: skip
+GROUPS = {"ops": op_rows, "mlp": mlp_row, "flash": flash_rows, "window": window_rows, "layers": layer_rows,
+          "parallel": parallel_rows, "serving": serving_rows}  # fmt: skip
 ROWS = tuple(GROUPS.values())

@@ -94,9 +94,10 @@ def _attention_case(
     causal: bool = False,
     mask: str | None = None,
     scale: float | None = None,
+    **options: Any,  # softcap, window
 ) -> Case:
     def make(rng: np.random.Generator) -> tuple[list[Any], dict[str, Any]]:
-        kw: dict[str, Any] = {"causal": causal}
+        kw: dict[str, Any] = {"causal": causal, **options}
         if mask == "random":
             kw["mask"] = rng.random((B, 1, S, T)) < 0.7
         elif mask == "padding":
@@ -136,6 +137,20 @@ def _rope_case(id: str, shape: tuple[int, ...], **options: Any) -> Case:
     )
 
 
+def _gated_case(name: str) -> Case:
+    def make(rng: np.random.Generator) -> tuple[list[Any], dict[str, Any]]:
+        return [_n(rng, 3, 6), _n(rng, 6, 8) / 2.5, _n(rng, 6, 8) / 2.5, _n(rng, 8, 6) / 2.8], {}
+
+    def backward(f: Any, a: list[Any], kw: dict[str, Any], y: Any, dy: Any) -> tuple[Any, ...]:
+        return tuple(f(f"{name}_backward")(a[0], a[1], a[2], a[3], dy))
+
+    return Case(name, "ops", name, make, (0, 1, 2, 3), backward, scale=2.0)  # three matmuls, a product of two
+
+
+def _rms_norm_inputs(rng: np.random.Generator, *, offset: float) -> tuple[list[Any], dict[str, Any]]:
+    return [_n(rng, 2, 3, 8) * 2, 1 - offset + 0.1 * _n(rng, 8)], {"eps": 1e-6, "offset": offset}
+
+
 def _layer_norm_inputs(rng: np.random.Generator, *, bias: bool) -> tuple[list[Any], dict[str, Any]]:
     return [_n(rng, 2, 3, 8) * 2 + 1, 1 + 0.1 * _n(rng, 8)] + [0.1 * _n(rng, 8)] * bias, {}
 
@@ -146,23 +161,18 @@ CASES: list[Case] = [
     _linear_case("linear-bias", (2, 3, 5), 4, True),
     _linear_case("linear-nobias", (4, 64), 8, False),
     *[_mlp_case(a) for a in ("relu", "gelu", "gelu_tanh", "silu")],
-    Case(
-        "swiglu",
-        "ops",
-        "swiglu",
-        lambda rng: ([_n(rng, 3, 6), _n(rng, 6, 8) / 2.5, _n(rng, 6, 8) / 2.5, _n(rng, 8, 6) / 2.8], {}),
-        (0, 1, 2, 3),
-        lambda f, a, kw, y, dy: f("swiglu_backward")(a[0], a[1], a[2], a[3], dy),
-        scale=2.0,  # three matmuls and a product of two of them
-    ),
-    Case(
-        "rms_norm",
-        "ops",
-        "rms_norm",
-        lambda rng: ([_n(rng, 2, 3, 8) * 2, 1 + 0.1 * _n(rng, 8)], {"eps": 1e-6}),
-        (0, 1),
-        lambda f, a, kw, y, dy: f("rms_norm_backward")(a[0], a[1], dy, eps=kw["eps"]),
-    ),
+    *[_gated_case(name) for name in ("swiglu", "geglu")],
+    *[
+        Case(
+            "rms_norm" if offset == 0 else "rms_norm-offset1",
+            "ops",
+            "rms_norm",
+            partial(_rms_norm_inputs, offset=offset),
+            (0, 1),
+            lambda f, a, kw, y, dy: f("rms_norm_backward")(a[0], a[1], dy, **kw),
+        )
+        for offset in (0.0, 1.0)  # 1.0: Gemma's (1 + w), its weights near 0
+    ],
     *[
         Case(
             f"layer_norm-{'bias' if with_bias else 'nobias'}",
@@ -180,6 +190,12 @@ CASES: list[Case] = [
     _attention_case("attention-causal-s-gt-t", 1, 4, 2, 2, 1, 3, causal=True),  # first queries see nothing
     _attention_case("attention-mask", 2, 3, 4, 2, 2, 3, mask="random"),
     _attention_case("attention-padding-causal-scale", 2, 3, 3, 2, 1, 4, causal=True, mask="padding", scale=0.3),
+    _attention_case("attention-softcap", 2, 3, 4, 2, 1, 3, softcap=0.7),  # scores ~ 1: the cap bends them
+    _attention_case("attention-window-gqa-decode", 1, 3, 7, 4, 2, 3, causal=True, window=3),
+    _attention_case("attention-window-s-gt-t", 1, 5, 3, 2, 1, 2, causal=True, window=2),
+    _attention_case(
+        "attention-window-softcap-padding", 2, 5, 5, 2, 2, 3, causal=True, mask="padding", window=2, softcap=1.5
+    ),
     _rope_case("rope-interleaved", (2, 5, 2, 8)),
     _rope_case("rope-neox-partial", (1, 4, 3, 8), style="neox", rotary_dim=4),
     _rope_case("rope-batch-positions", (2, 3, 1, 6), batch_positions=True, theta=500.0),

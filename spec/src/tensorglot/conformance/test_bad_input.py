@@ -120,6 +120,26 @@ BAD = [
         TypeError,
         ["attention", "mask", "bool"],
     ),
+    *[
+        ("attn-" + id, "ops", fn, [f32(1, 2, 2, 4)] * (4 if fn.endswith("backward") else 3), kw, exc, [fn, *words])
+        for fn in ("attention", "attention_backward")
+        for id, kw, exc, words in [
+            ("window-not-causal", {"window": 2}, ValueError, ["window", "causal=True"]),
+            ("window-zero", {"causal": True, "window": 0}, ValueError, ["window", "> 0", "0"]),
+            ("window-float", {"causal": True, "window": 2.0}, TypeError, ["window", "int", "float"]),
+            ("softcap-negative", {"softcap": -1.0}, ValueError, ["softcap", "> 0", "-1.0"]),
+        ]
+    ],
+    ("rms-offset-nan", "ops", "rms_norm", [f32(2, 4), f32(4)], {"offset": float("nan")}, ValueError, ["offset"]),
+    (
+        "geglu-down",
+        "ops",
+        "geglu",
+        [f32(2, 3), f32(3, 4), f32(3, 4), f32(5, 3)],
+        {},
+        ValueError,
+        ["geglu", "w_down", "(5, 3)"],
+    ),
     (
         "padding-too-long",
         "ops",

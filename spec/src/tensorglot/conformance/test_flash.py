@@ -14,22 +14,27 @@ from ._harness import assert_close, central_differences
 
 pytestmark = pytest.mark.requires("flash")
 
-# id: (B, S, T, N, K, H, causal, mask) — mask is None, "random" (some rows fully masked) or "padding".
-SHAPES = {
+# id: (B, S, T, N, K, H, causal, mask[, options]) — mask is None, "random" (some rows fully masked) or
+# "padding"; options are softcap and window.
+SHAPES: dict[str, tuple[Any, ...]] = {
     "mha": (2, 5, 5, 2, 2, 4, False, None),
     "mha-causal": (1, 9, 9, 2, 2, 3, True, None),
     "gqa-causal-decode": (1, 3, 8, 4, 2, 3, True, None),  # S < T: a cache of T − S earlier keys
     "mqa-causal-s-gt-t": (2, 7, 4, 3, 1, 4, True, None),  # S > T: the first S − T queries see nothing
     "gqa-random-mask": (2, 6, 7, 4, 2, 3, False, "random"),
     "gqa-padding-causal": (3, 6, 6, 2, 1, 4, True, "padding"),
+    "mqa-window-s-gt-t": (2, 9, 5, 2, 1, 3, True, None, {"window": 2}),
+    "mha-softcap": (1, 5, 6, 2, 2, 3, False, None, {"softcap": 0.8}),
+    "gqa-window-decode": (1, 4, 11, 4, 2, 3, True, None, {"window": 5}),  # S < T: the window slides past tiles
+    "gqa-window-softcap-random-mask": (2, 10, 10, 4, 2, 3, True, "random", {"window": 3, "softcap": 1.2}),
 }
 BLOCK_SIZES = (3, 4, 1, 128)  # 3 and 4 divide neither all S nor all T; 128 is one tile
 
 
 def _make(id: str, block_size: int) -> tuple[list[np.ndarray], dict[str, Any]]:
-    B, S, T, N, K, H, causal, mask = SHAPES[id]
+    B, S, T, N, K, H, causal, mask, *options = SHAPES[id]
     rng = np.random.default_rng(zlib.crc32(f"{id}-{block_size}".encode()))
-    kw: dict[str, Any] = {"causal": causal}
+    kw: dict[str, Any] = {"causal": causal, **(options[0] if options else {})}
     if mask == "random":
         m = rng.random((B, N, S, T)) < 0.6
         m[0, 1, 2] = False  # at least one query that sees no key
@@ -74,7 +79,9 @@ def test_backward_equals_naive_attention_backward(harness, dtype, id, block_size
 
 
 @pytest.mark.requires("float64")
-@pytest.mark.parametrize("id", ["gqa-causal-decode", "mqa-causal-s-gt-t", "gqa-random-mask"])
+@pytest.mark.parametrize(
+    "id", ["gqa-causal-decode", "mqa-causal-s-gt-t", "gqa-random-mask", "gqa-window-decode", "mha-softcap"]
+)
 def test_backward_matches_central_differences(harness, id):
     args, kw = _make(id, 3)
     kw_b = {k: harness.put(v, "float64") for k, v in dict(kw, block_size=3).items()}
@@ -136,3 +143,33 @@ def test_bad_shapes_raise_as_attention_does(backend):
         backend.ops.flash_attention(q, k, k)
     with pytest.raises(ValueError, match="flash_attention_backward: dy"):
         backend.ops.flash_attention_backward(q, q, q, backend.asarray(np.zeros((1, 2, 3, 3)), "float32"))
+
+
+@pytest.mark.parametrize("s,t", [(16, 16), (4, 16)])
+def test_window_skips_the_key_tiles_it_hides(harness, s, t):
+    """Keys and values in the tiles no query of a tile can see through the window never enter its sums:
+    NaN there leaves the later query tiles (and their gradients) exactly as without it."""
+    rng = np.random.default_rng(5)
+    q, k, v = rng.standard_normal((1, s, 2, 3)), rng.standard_normal((1, t, 1, 3)), rng.standard_normal((1, t, 1, 3))
+    dy = rng.standard_normal(q.shape)
+    kw = {"causal": True, "window": 3, "block_size": 4}
+    k_bad, v_bad = k.copy(), v.copy()
+    k_bad[:, :4], v_bad[:, :4] = np.nan, np.nan  # the first key tile, which queries at i + T − S >= 7 never see
+    later = slice(s - 4, s)  # the last query tile sees keys from (s − 4) + (T − S) − 2 = T − 6 >= 10 on
+
+    def run(k, v):
+        out = harness.get(harness.call("ops", "flash_attention", [q, k, v], kw, "float32"))
+        dq = harness.get(harness.call("ops", "flash_attention_backward", [q, k, v, dy], kw, "float32")[0])
+        return out[:, later], dq[:, later]
+
+    for clean, poisoned, what in zip(run(k, v), run(k_bad, v_bad), ("output", "dq")):
+        assert np.all(np.isfinite(poisoned)), f"flash {what}: a hidden key tile was read"
+        np.testing.assert_array_equal(poisoned, clean, err_msg=f"flash {what}")
+
+
+def test_bad_window_raises_as_attention_does(backend):
+    q = backend.asarray(np.zeros((1, 2, 1, 2)), "float32")
+    with pytest.raises(ValueError, match=r"flash_attention: window .* causal=True"):
+        backend.ops.flash_attention(q, q, q, window=2)
+    with pytest.raises(ValueError, match="flash_attention_backward: softcap must be > 0"):
+        backend.ops.flash_attention_backward(q, q, q, q, softcap=0.0)

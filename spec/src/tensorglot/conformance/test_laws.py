@@ -81,6 +81,31 @@ def test_rms_norm_casts_before_weight(backend):
     np.testing.assert_array_equal(np.asarray(got, dtype=np.float16), expected)
 
 
+def test_rms_norm_with_an_offset_casts_after_the_weight(backend):
+    """Gemma's order (HF ``x_norm_fp32 * (1.0 + w.float())``, then cast): offset + w and the product stay in
+    float32 and only the result is rounded to float16, which here differs from Llama's order in 3 places."""
+    if "float16" not in backend.capabilities:
+        pytest.skip(f"backend {backend.name!r} lacks capability 'float16'")
+    x = np.array([[1.0, 2.0, 3.0, 4.0], [0.3, -1.7, 2.2, 0.9]], dtype=np.float16)
+    w = np.array([0.1, -0.3, 0.9, 1.3], dtype=np.float16)
+    x32 = x.astype(np.float32)
+    normalised = x32 / np.sqrt(np.mean(x32 * x32, -1, keepdims=True) + 1e-6)
+    expected = (normalised * (np.float32(1.0) + w.astype(np.float32))).astype(np.float16)
+    xs, ws = backend.asarray(x, "float16"), backend.asarray(w, "float16")
+    got = np.asarray(backend.to_numpy(backend.ops.rms_norm(xs, ws, offset=1.0)), dtype=np.float16)
+    np.testing.assert_array_equal(got, expected)
+    assert not np.array_equal(expected, normalised.astype(np.float16) * (np.float16(1.0) + w))  # Llama's order
+
+
+@given(seed=seeds, offset=st.sampled_from([1.0, -0.5, 3.0]))
+def test_rms_norm_offset_is_added_to_the_weight(backend, seed, offset):
+    rng = np.random.default_rng(seed)
+    x, w = backend.asarray(rng.standard_normal((3, 8)), "float32"), rng.standard_normal(8)
+    got = _get(backend, backend.ops.rms_norm(x, backend.asarray(w, "float32"), offset=offset))
+    want = _get(backend, backend.ops.rms_norm(x, backend.asarray(offset + w, "float32")))
+    assert_close(got, want, "float32", scale=2, what=f"rms_norm(x, w, offset={offset}) == rms_norm(x, offset + w)")
+
+
 # -- rope ------------------------------------------------------------------------------------------
 
 
@@ -217,3 +242,72 @@ def test_padding_mask_masks_the_padding(backend):
     out = _attn(backend, q, k, v, mask=m)
     ref = _attn(backend, q[1:2], k[1:2, :2], v[1:2, :2])
     assert_close(out[1:2], ref, "float32", what="padding equals truncation")
+
+
+# -- softcap and sliding windows -------------------------------------------------------------------
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+@given(seed=seeds, cap=st.floats(0.1, 30.0))
+def test_softcapped_logits_are_bounded_by_the_cap_and_monotone(backend, seed, cap):
+    """Two keys, k = (0, 1) and v = (0, 1): query i outputs sigmoid(ℓ_i) for its capped logit ℓ_i of the raw
+    logit q_i (the other logit is cap·tanh(0) = 0), so the outputs show the cap's image of sorted raw logits."""
+    raw = np.sort(np.random.default_rng(seed).standard_normal(12) * cap * 3)
+    raw = np.concatenate([[-1e30], raw, [1e30]])  # the limits: exactly ±cap
+    q = raw.reshape(1, -1, 1, 1)
+    k = v = np.array([0.0, 1.0]).reshape(1, 2, 1, 1)
+    out = _attn(backend, q, k, v, scale=1.0, softcap=cap).ravel()
+    lo, hi = _sigmoid(-cap), _sigmoid(cap)
+    assert np.all(np.diff(out) >= -1e-6), f"softcap must keep the logits' order, got {out}"
+    assert np.all(out >= lo * (1 - 1e-5) - 1e-7) and np.all(out <= hi * (1 + 1e-5) + 1e-7), (lo, hi, out)
+    assert_close(out[[0, -1]], [lo, hi], "float32", what="cap · tanh(±∞) = ±cap")
+
+
+@given(seed=seeds, s=st.integers(1, 6), t=st.integers(1, 6), extra=st.integers(0, 3))
+def test_window_at_least_t_is_full_causal_attention(backend, seed, s, t, extra):
+    rng = np.random.default_rng(seed)
+    q, k, v = rng.standard_normal((2, s, 4, 3)), rng.standard_normal((2, t, 2, 3)), rng.standard_normal((2, t, 2, 3))
+    causal = _attn(backend, q, k, v, causal=True)
+    assert_close(_attn(backend, q, k, v, causal=True, window=t + extra), causal, "float32", what=f"window {t + extra}")
+
+
+@pytest.mark.parametrize("s,t", [(4, 4), (2, 5), (5, 3)])
+def test_window_one_attends_only_the_diagonal(backend, s, t):
+    """Query i sees key i + T − S alone, so it outputs that value (zeros where i + T − S < 0)."""
+    rng = np.random.default_rng(7)
+    q, k, v = rng.standard_normal((1, s, 4, 3)), rng.standard_normal((1, t, 2, 3)), rng.standard_normal((1, t, 2, 3))
+    out = _attn(backend, q, k, v, causal=True, window=1)
+    want = np.zeros_like(out)
+    for i in range(s):
+        if i + t - s >= 0:
+            want[0, i] = np.repeat(v[0, i + t - s], 2, axis=0)  # query head h reads kv head h // 2
+    assert_close(out, want, "float32", what="window=1")
+
+
+@given(seed=seeds, w=st.integers(1, 4))
+def test_window_hides_the_keys_before_it(backend, seed, w):
+    """Changing the keys and values at j <= i + T − S − W leaves query i's output unchanged."""
+    rng = np.random.default_rng(seed)
+    s, t = 3, 7
+    q, k, v = rng.standard_normal((1, s, 2, 4)), rng.standard_normal((1, t, 1, 4)), rng.standard_normal((1, t, 1, 4))
+    base = _attn(backend, q, k, v, causal=True, window=w)
+    first = t - s - w + 1  # the first key query 0 sees; earlier keys are hidden from every query
+    if first > 0:
+        k2, v2 = k.copy(), v.copy()
+        k2[:, :first], v2[:, :first] = rng.standard_normal((2, 1, first, 1, 4)) * 5
+        assert_close(_attn(backend, q, k2, v2, causal=True, window=w), base, "float32", what="hidden keys")
+
+
+@pytest.mark.parametrize("s,t,w", [(5, 5, 2), (2, 6, 3), (6, 3, 2)])
+def test_causal_mask_with_window_is_what_the_window_attends(backend, s, t, w):
+    mask = _get(backend, backend.ops.causal_mask(s, t, window=w)).astype(bool)
+    i, j = np.arange(s)[:, None] + t - s, np.arange(t)[None, :]
+    np.testing.assert_array_equal(mask, (j <= i) & (j > i - w))
+    rng = np.random.default_rng(8)
+    q, k, v = rng.standard_normal((1, s, 2, 3)), rng.standard_normal((1, t, 2, 3)), rng.standard_normal((1, t, 2, 3))
+    assert_close(
+        _attn(backend, q, k, v, mask=mask), _attn(backend, q, k, v, causal=True, window=w), "float32", what="mask"
+    )
