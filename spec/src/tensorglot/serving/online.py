@@ -160,7 +160,7 @@ class OnlineEngine:
 
     def _take(self, waiting: deque[Job], *, block: bool) -> None:
         try:
-            item = self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait()
+            item = self._inbox.get() if block else self._inbox.get_nowait()  # close() wakes it with None
             while True:
                 if item is not None:
                     waiting.append(item)
