@@ -48,12 +48,12 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, directory) -> None:
+    def __init__(self, directory, *extra: str) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = os.environ | {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         cmd = [sys.executable, "-m", "tensorglot.cli", "serve", "--checkpoint", str(directory), "--backend", "numpy",
-               "--port", str(self.port), "--model-name", NAME]  # fmt: skip
+               "--port", str(self.port), "--model-name", NAME, *extra]  # fmt: skip
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
@@ -88,7 +88,8 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(checkpoint):
-    srv = Server(checkpoint)
+    """With prefix caching and chunked prefill; the SIGTERM test's server runs without either."""
+    srv = Server(checkpoint, "--prefix-cache-blocks", "64", "--prefill-chunk", "8")
     yield srv
     assert srv.stop() == 0, "SIGTERM did not drain and exit cleanly"
 
@@ -253,3 +254,18 @@ def test_sigterm_drains_the_request_in_flight(checkpoint, oracle, text):
         assert srv.proc.wait(60) == 0
     finally:
         srv.stop()
+
+
+@pytest.mark.timeout(300)
+def test_a_shared_prefix_is_computed_once(server, oracle, text):
+    shared = text.encode(" ".join(["tensorglot serves tokens over http with sampling and streaming"] * 2))
+    assert len(shared) >= 32  # at least two full blocks of the server's 16
+    before = httpx.get(server.url + "/health").json()["stats"]
+    for tail in ([5, 6], [7, 8, 9], [10]):
+        out = _complete(server, prompt=shared + tail, max_tokens=6, temperature=0, ignore_eos=True)
+        assert _ids(out.choices[0]) == oracle(shared + tail, 6)
+    after = httpx.get(server.url + "/health").json()["stats"]
+    saved = (after["prompt_tokens"] - after["computed_prompt_tokens"]) - (
+        before["prompt_tokens"] - before["computed_prompt_tokens"]
+    )
+    assert saved >= 2 * (len(shared) // 16) * 16  # the 2nd and 3rd reuse the 1st's full blocks

@@ -94,3 +94,33 @@ def test_stop_token_and_refusal_end_a_job_early(engine):
     assert stopped.tokens == greedy[:first] and stopped.reason == "stop"
     refused = _run(engine, [(prompt, SamplingParams(max_tokens=10, temperature=0.0))], stop_after=3)[0]
     assert refused.tokens == greedy[:3] and refused.reason == "stop"
+
+
+@pytest.fixture(params=_backends())
+def cached_engine(request):
+    eng = OnlineEngine(
+        Model(request.param, CONFIG.to_dict(), seed=3), max_batch=8, block_size=4, prefix_cache_blocks=64,
+        chunk_tokens=5,
+    ).start()  # fmt: skip
+    assert eng.ready.wait(60) and eng.load_error is None, eng.load_error
+    yield eng
+    eng.close()
+
+
+@pytest.mark.timeout(180)
+def test_prefix_cache_and_chunked_prefill_keep_generates_tokens(cached_engine):
+    be, params, config = cached_engine.model.load()
+    rng = np.random.default_rng(1)
+    shared = rng.integers(0, CONFIG.vocab_size, size=13)  # 3 full blocks of 4, and one token more
+    prompts = [np.concatenate([shared, rng.integers(0, CONFIG.vocab_size, size=int(k))]) for k in (1, 6, 11, 3)]
+    for prompt in prompts:  # one at a time, so each finds the blocks of those before it
+        out = _run(cached_engine, [(prompt, SamplingParams(max_tokens=7, temperature=0.0))])[0]
+        expected = be.to_numpy(be.layers.generate(params, config, prompt[None], max_new_tokens=7))[0, len(prompt) :]
+        assert out.tokens == expected.tolist()
+    stats, cache = cached_engine.stats, cached_engine.prefix
+    assert stats["prompt_tokens"] == sum(len(p) for p in prompts)
+    assert stats["prompt_tokens"] - stats["computed_prompt_tokens"] == 3 * 12 == cache.stats["matched_tokens"]
+    crowd = _run(cached_engine, [(p, SamplingParams(max_tokens=5, temperature=0.0)) for p in prompts])
+    for prompt, out in zip(prompts, crowd):  # chunks of one prompt interleaved with the others' decode steps
+        expected = be.to_numpy(be.layers.generate(params, config, prompt[None], max_new_tokens=5))[0, len(prompt) :]
+        assert out.tokens == expected.tolist()

@@ -57,6 +57,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, help="serve the OpenAI HTTP API on this port (needs --checkpoint)")
     parser.add_argument("--host", default="127.0.0.1", help="the address the HTTP server binds (default 127.0.0.1)")
     parser.add_argument("--model-name", help="the model id the HTTP API reports (default: the checkpoint's folder)")
+    parser.add_argument("--prefix-cache-blocks", type=int, default=0, metavar="N", help="HTTP: cache N prompt blocks")
+    parser.add_argument("--prefill-chunk", type=int, metavar="T", help="HTTP: prefill T prompt tokens per step")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -42,15 +42,21 @@ def prefill(be: Any, params: Any, config: TransformerConfig, prompt: np.ndarray)
     cache = be.layers.kv_cache(config, 1, P + 1, kind="contiguous", dtype=dtype)
     tokens = be.asarray(np.asarray(prompt, dtype=np.int64)[None], dtype="int64")  # (1, P)
     last = be.to_numpy(be.layers.transformer(tokens, params, config, cache=cache))[0, -1].astype(np.float64)
-    first = int(np.argmax(last))
+    k, v = read_kv(be, cache, config, P)
+    return Prefilled(int(np.argmax(last)), k, v, time.perf_counter() - start, last)
+
+
+def read_kv(be: Any, cache: Any, config: TransformerConfig, P: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The first ``P`` keys and values of every layer of a one-sequence ``cache`` with room for one more
+    token, as NumPy (P, K, H): that token is reserved, and its ``update`` returns what each layer holds."""
     cache.reserve(1)
-    zeros = be.asarray(np.zeros((1, 1, config.n_kv_heads, config.head_dim)), dtype=dtype)  # (1, 1, K, H)
+    zeros = be.asarray(np.zeros((1, 1, config.n_kv_heads, config.head_dim)), dtype=cache.dtype)  # (1, 1, K, H)
     k, v = [], []
     for layer in range(config.n_layers):
         k_all, v_all = cache.update(layer, zeros, zeros)  # (1, T, K, H), T > P
         k.append(np.ascontiguousarray(be.to_numpy(k_all)[0, :P]))  # (P, K, H)
         v.append(np.ascontiguousarray(be.to_numpy(v_all)[0, :P]))
-    return Prefilled(first, k, v, time.perf_counter() - start, last)
+    return k, v
 
 
 @dataclass

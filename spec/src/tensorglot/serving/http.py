@@ -118,7 +118,8 @@ def create_app(engine: OnlineEngine, text: Text | None, *, model_name: str) -> A
             ready()
         except ApiError as exc:
             return error(exc)
-        return JSONResponse({"status": "ok", "model": model_name})
+        stats = dict(engine.stats) | ({"prefix_cache": engine.prefix.stats} if engine.prefix else {})
+        return JSONResponse({"status": "ok", "model": model_name, "stats": stats})
 
     async def models(request: Request) -> Response:
         card = {"id": model_name, "object": "model", "created": 0, "owned_by": "tensorglot"}
@@ -234,7 +235,8 @@ def run_http(args: Any) -> int:
     directory = Path(args.checkpoint)
     text = Text.load(directory) if (directory / "tokenizer.json").is_file() else None
     name = args.model_name or directory.resolve().name
-    engine = OnlineEngine(Model(args.backend, checkpoint=str(directory), dtype=args.dtype))
+    model = Model(args.backend, checkpoint=str(directory), dtype=args.dtype)
+    engine = OnlineEngine(model, prefix_cache_blocks=args.prefix_cache_blocks, chunk_tokens=args.prefill_chunk)
     app = create_app(engine, text, model_name=name)
     print(f"tensorglot serve: http://{args.host}:{args.port} model {name!r} on backend {args.backend}", file=sys.stderr)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",

@@ -31,8 +31,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..params import TransformerConfig
-from .engine import DecodeEngine, Sequence, prefill
+from .engine import DecodeEngine, Sequence
 from .model import Model
+from .prefix import Block, PrefixCache, PromptPrefill
 from .sampling import Sampler, SamplingParams
 
 logger = logging.getLogger("tensorglot.serving")
@@ -48,6 +49,8 @@ class Job:
     on_finish: Callable[[str, str | None], None]  # (finish reason, error message)
     choice: int = 0
     cancelled: bool = False  # set by the caller (a client that went away); the engine drops the job
+    submitted: float = field(default_factory=time.perf_counter)
+    first_token_s: float | None = None  # seconds from submission to the first token
     sampler: Sampler = field(init=False)
     finished: bool = field(default=False, init=False)
 
@@ -99,13 +102,26 @@ def _offer(job: Job, token: int, count: int) -> str | None:
 class OnlineEngine:
     """Loads ``model`` and serves `Job`s in a background thread; ``ready`` is set once it can."""
 
-    def __init__(self, model: Model, *, max_batch: int = 16, block_size: int = 16, prefills_per_step: int = 1):
+    def __init__(
+        self,
+        model: Model,
+        *,
+        max_batch: int = 16,
+        block_size: int = 16,
+        prefix_cache_blocks: int = 0,
+        chunk_tokens: int | None = None,
+    ) -> None:
+        if chunk_tokens is not None and chunk_tokens < 1:
+            raise ValueError(f"OnlineEngine: chunk_tokens must be >= 1 or None, got {chunk_tokens}")
         self.model, self.max_batch, self.block_size = model, max_batch, block_size
-        self.prefills_per_step = prefills_per_step
+        self.chunk_tokens = chunk_tokens
+        self.prefix = PrefixCache(block_size, prefix_cache_blocks) if prefix_cache_blocks else None
         self.config: TransformerConfig | None = None
         self.ready = threading.Event()
         self.load_error: str | None = None
-        self.stats = {"jobs": 0, "prompt_tokens": 0, "generated_tokens": 0, "decode_steps": 0}
+        self.stats = dict.fromkeys(("jobs", "prompt_tokens", "computed_prompt_tokens", "generated_tokens"), 0)
+        self.stats["decode_steps"] = 0
+        self._current: tuple[Job, list[Block], PromptPrefill | None] | None = None  # the prefill in progress
         self._inbox: queue.Queue[Job | None] = queue.Queue()
         self._closing = False
         self._ids = itertools.count()
@@ -140,11 +156,12 @@ class OnlineEngine:
         self.ready.set()
         waiting: deque[Job] = deque()
         while True:
-            self._take(waiting, block=not waiting and not engine.active)
-            if self._closing and not waiting and not engine.active and self._inbox.empty():
+            idle = not waiting and not engine.active and self._current is None
+            self._take(waiting, block=idle)
+            if self._closing and idle and not waiting and self._inbox.empty():
                 return
             self._drop_cancelled(engine, waiting)
-            self._admit(engine, waiting)
+            self._prefill(engine, waiting)
             if engine.active:
                 try:
                     finished = engine.step()
@@ -174,30 +191,54 @@ class OnlineEngine:
             job.finish("cancelled")
         for rid in [rid for rid, seq in engine.active.items() if seq.info["job"].cancelled]:
             engine.drop(rid).info["job"].finish("cancelled")
+        if self._current is not None and self._current[0].cancelled:
+            job = self._current[0]
+            self._end_prefill()
+            job.finish("cancelled")
 
-    def _admit(self, engine: _Engine, waiting: deque[Job]) -> None:
-        for _ in range(self.prefills_per_step):
-            if not waiting:
-                return
+    def _prefill(self, engine: _Engine, waiting: deque[Job]) -> None:
+        """One unit of prefill work: start the next waiting job if none is in progress and its whole
+        block budget is free (first come, first served), then run its next chunk (or all of it)."""
+        if self._current is None and waiting:
             job = waiting[0]
-            P, n = len(job.prompt), job.params.max_tokens
-            if engine.active and not engine.can_admit(P, n):
-                return  # first come, first served: wait for blocks to come back
+            if engine.active and not engine.can_admit(len(job.prompt), job.params.max_tokens):
+                return  # wait for blocks to come back
             waiting.popleft()
-            try:
-                pre = prefill(engine.be, engine.params, engine.config, job.prompt)
-            except Exception as exc:  # this job fails, the others run on
-                logger.exception("OnlineEngine: a prefill failed")
-                job.finish("error", f"{type(exc).__name__}: {exc}")
-                continue
-            self.stats["jobs"] += 1
-            self.stats["prompt_tokens"] += P
-            assert pre.logits is not None
-            token = job.sampler(pre.logits)
-            reason = _offer(job, token, 1)
-            if reason is not None:
-                self.stats["generated_tokens"] += 1
-                job.finish(reason)
-                continue
-            seq = Sequence(next(self._ids), P, n, [token], time.time(), info={"job": job})
-            engine.admit(seq, pre.k, pre.v)
+            self._current = (job, self.prefix.match(job.prompt) if self.prefix else [], None)
+        if self._current is None:
+            return
+        job, blocks, state = self._current
+        try:
+            if state is None:
+                state = PromptPrefill(engine.be, engine.params, engine.config, job.prompt, blocks)
+                self._current = (job, blocks, state)
+            if not state.run(self.chunk_tokens):
+                return
+            pre = state.finish()
+        except Exception as exc:  # this job fails, the others run on
+            logger.exception("OnlineEngine: a prefill failed")
+            self._end_prefill()
+            job.finish("error", f"{type(exc).__name__}: {exc}")
+            return
+        self._end_prefill()
+        if self.prefix:
+            self.prefix.store(job.prompt, pre.k, pre.v)
+        P = len(job.prompt)
+        self.stats["jobs"] += 1
+        self.stats["prompt_tokens"] += P
+        self.stats["computed_prompt_tokens"] += P - state.cached
+        assert pre.logits is not None
+        token = job.sampler(pre.logits)
+        job.first_token_s = time.perf_counter() - job.submitted
+        reason = _offer(job, token, 1)
+        if reason is not None:
+            self.stats["generated_tokens"] += 1
+            job.finish(reason)
+            return
+        seq = Sequence(next(self._ids), P, job.params.max_tokens, [token], time.time(), info={"job": job})
+        engine.admit(seq, pre.k, pre.v)
+
+    def _end_prefill(self) -> None:
+        if self._current is not None and self.prefix:
+            self.prefix.unpin(self._current[1])
+        self._current = None
