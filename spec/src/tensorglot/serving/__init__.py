@@ -11,7 +11,8 @@ context check, arrivals), `engine` (prefill and the continuous-batching decode l
 paged KV pool on `tensorglot.cache.PagedSlotMap`), `workers` (router with its routing policy, prefill
 and decode ranks, faults), `transport` (the interface and the messages), `launch` (processes),
 `colocated`, `metrics`, `cli` (``tensorglot serve``). The HTTP server (``tensorglot serve --port``):
-`sampling`, `online` (its in-process continuous-batching engine), `text`, `openai_schema`, `http`.
+`sampling`, `online` (its in-process continuous-batching engine), `prefix`, `text`, `openai_schema`, `http`,
+`measure`.
 See docs/serving.md.
 
 >>> import numpy as np, tensorglot
