@@ -54,8 +54,13 @@ class _Request:
                 self.choices.append(c)
                 job = Job(np.asarray(prompt, dtype=np.int64), plan.params, self._on_token(c), self._on_finish(c), j)
                 self.jobs.append(job)
-        for job in self.jobs:
-            engine.submit(job)
+        try:
+            for job in self.jobs:
+                engine.submit(job)
+        except RuntimeError:  # the engine began draining: none of this request's jobs may run
+            for job in self.jobs:
+                job.cancelled = True
+            raise
 
     def _post(self, *event: Any) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)

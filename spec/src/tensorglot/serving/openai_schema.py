@@ -99,7 +99,7 @@ def _prompts(value: Any, text: Text | None, vocab_size: int) -> list[list[int]]:
         if isinstance(item, str):
             if text is None:
                 raise ApiError("prompt: this checkpoint has no tokenizer.json; send token ids", param="prompt")
-            prompts.append(text.encode(item))
+            prompts.append(_token_ids(text.encode(item), "prompt", vocab_size))  # a tokenizer larger than the model
         else:
             prompts.append(_token_ids(item, "prompt", vocab_size))
         if not prompts[-1]:
