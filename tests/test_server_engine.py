@@ -124,3 +124,17 @@ def test_prefix_cache_and_chunked_prefill_keep_generates_tokens(cached_engine):
     for prompt, out in zip(prompts, crowd):  # chunks of one prompt interleaved with the others' decode steps
         expected = be.to_numpy(be.layers.generate(params, config, prompt[None], max_new_tokens=5))[0, len(prompt) :]
         assert out.tokens == expected.tolist()
+
+
+@pytest.mark.timeout(120)
+def test_close_drains_the_queued_and_running_jobs_then_refuses():
+    eng = OnlineEngine(Model("numpy", CONFIG.to_dict(), seed=3), max_batch=2, block_size=4).start()
+    assert eng.ready.wait(60) and eng.load_error is None
+    outs = [_Collect() for _ in range(5)]
+    for prompt, out in zip(_prompts(5, seed=4), outs):  # more jobs than rows: some wait in the queue
+        eng.submit(Job(prompt, SamplingParams(max_tokens=6, temperature=0.0), out.on_token, out.on_finish))
+    eng.close(timeout_s=60)
+    assert not eng._thread.is_alive()
+    assert [(len(o.tokens), o.reason) for o in outs] == [(6, "length")] * 5
+    with pytest.raises(RuntimeError, match="shutting down"):
+        eng.submit(Job(_prompts(1)[0], SamplingParams(), outs[0].on_token, outs[0].on_finish))

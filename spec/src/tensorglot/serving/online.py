@@ -157,8 +157,9 @@ class OnlineEngine:
         waiting: deque[Job] = deque()
         while True:
             idle = not waiting and not engine.active and self._current is None
-            self._take(waiting, block=idle)
-            if self._closing and idle and not waiting and self._inbox.empty():
+            closing = self._closing  # read once: close() may come between here and the wait
+            self._take(waiting, block=idle and not closing)  # close()'s None may have been taken while busy
+            if closing and idle and not waiting and self._inbox.empty():
                 return
             self._drop_cancelled(engine, waiting)
             self._prefill(engine, waiting)
