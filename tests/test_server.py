@@ -4,6 +4,7 @@ client will not send). Tokens are compared with ``layers.generate`` of the same 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -269,3 +270,17 @@ def test_a_shared_prefix_is_computed_once(server, oracle, text):
         before["prompt_tokens"] - before["computed_prompt_tokens"]
     )
     assert saved >= 2 * (len(shared) // 16) * 16  # the 2nd and 3rd reuse the 1st's full blocks
+
+
+@pytest.mark.timeout(300)
+def test_the_load_generator_measures_every_request(server):
+    from tensorglot.serving import loadgen
+
+    records, wall = asyncio.run(
+        loadgen.run_rate(server.url, 20.0, requests=8, prompt_len=(4, 24), max_tokens=5, vocab=50, model=NAME)
+    )
+    assert [r.error for r in records] == [None] * 8 and [r.tokens for r in records] == [5] * 8
+    assert all(r.ttft > 0 and r.tpot > 0 for r in records)
+    loose = loadgen.summarize(records, wall, slo_ttft=1e9, slo_tpot=1e9)
+    assert loose["slo_attainment"] == 1.0 and loose["goodput_rps"] == pytest.approx(8 / wall)
+    assert loadgen.summarize(records, wall, slo_ttft=0.0, slo_tpot=1e9)["goodput_rps"] == 0.0

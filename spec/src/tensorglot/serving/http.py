@@ -129,7 +129,7 @@ def create_app(engine: OnlineEngine, text: Text | None, *, model_name: str) -> A
     async def models(request: Request) -> Response:
         card = {"id": model_name, "object": "model", "created": 0, "owned_by": "tensorglot"}
         if engine.config is not None:
-            card["max_model_len"] = engine.config.max_seq_len
+            card["max_model_len"], card["vocab_size"] = engine.config.max_seq_len, engine.config.vocab_size
         return JSONResponse({"object": "list", "data": [card]})
 
     async def read(request: Request, reader: Any) -> Plan:
