@@ -35,11 +35,13 @@ from server_checkpoint import make_checkpoint  # noqa: E402
 
 import tensorglot  # noqa: E402
 from tensorglot import checkpoints  # noqa: E402
+from tensorglot.serving import DEMO_MODEL  # noqa: E402
 from tensorglot.serving.text import Text  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 CONTEXT = 96
 NAME = "tiny-llama"
+DEMO = tensorglot.TransformerConfig.from_dict(DEMO_MODEL)
 
 
 def _free_port() -> int:
@@ -49,11 +51,12 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, directory, *extra: str) -> None:
+    def __init__(self, directory, *extra: str) -> None:  # directory None: the random DEMO_MODEL
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = os.environ | {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        cmd = [sys.executable, "-m", "tensorglot.cli", "serve", "--checkpoint", str(directory), "--backend", "numpy",
+        where = [] if directory is None else ["--checkpoint", str(directory)]
+        cmd = [sys.executable, "-m", "tensorglot.cli", "serve", *where, "--backend", "numpy",
                "--port", str(self.port), "--model-name", NAME, *extra]  # fmt: skip
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + 90
@@ -284,3 +287,28 @@ def test_the_load_generator_measures_every_request(server):
     loose = loadgen.summarize(records, wall, slo_ttft=1e9, slo_tpot=1e9)
     assert loose["slo_attainment"] == 1.0 and loose["goodput_rps"] == pytest.approx(8 / wall)
     assert loadgen.summarize(records, wall, slo_ttft=0.0, slo_tpot=1e9)["goodput_rps"] == 0.0
+
+
+@pytest.mark.timeout(300)
+def test_without_a_checkpoint_the_demo_model_takes_token_ids_only():
+    srv = Server(None)
+    try:
+        be = tensorglot.get_backend("numpy")
+        params = tensorglot.init_params(DEMO, 0)
+        prompt = [3, 1, 4, 1, 5]
+        out = _complete(srv, prompt=prompt, max_tokens=4, temperature=0)
+        expected = be.layers.generate(params, DEMO, np.asarray([prompt]), max_new_tokens=4)[0, 5:].tolist()
+        assert _ids(out.choices[0]) == expected and out.choices[0].text == ""
+        r = httpx.post(srv.url + "/v1/completions", json={"prompt": "words", "max_tokens": 2}, timeout=30)
+        assert r.status_code == 400 and "tokenizer.json" in r.json()["error"]["message"]
+        r = httpx.post(srv.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+    finally:
+        assert srv.stop() == 0
+
+
+@pytest.mark.timeout(120)
+def test_the_http_server_refuses_worker_counts():
+    cmd = [sys.executable, "-m", "tensorglot.cli", "serve", "--port", str(_free_port()), "--prefill-workers", "2"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--prefill-workers" in done.stderr

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .model import Model
+from .model import DEMO_MODEL, Model
 from .online import Job, OnlineEngine
 from .openai_schema import ApiError, Plan, read_chat, read_completion, usage
 from .text import Text, TextStream
@@ -229,18 +229,18 @@ def run_http(args: Any) -> int:
     """Serve until SIGINT or SIGTERM (uvicorn's handlers), then drain and return 0."""
     import uvicorn
 
-    if args.checkpoint is None:
-        print("tensorglot serve --port: needs --checkpoint DIR (a Hugging Face Llama with tokenizer.json)",
-              file=sys.stderr)  # fmt: skip
-        return 2
     if args.prefill_workers != 1 or getattr(args, "decode_workers", 1) != 1:
         print("tensorglot serve --port: the HTTP server runs one in-process engine; --prefill-workers and "
               "--decode-workers are for batch mode (see docs/serving.md)", file=sys.stderr)  # fmt: skip
         return 2
-    directory = Path(args.checkpoint)
-    text = Text.load(directory) if (directory / "tokenizer.json").is_file() else None
-    name = args.model_name or directory.resolve().name
-    model = Model(args.backend, checkpoint=str(directory), dtype=args.dtype)
+    if args.checkpoint is None:  # the seeded random model, token-id prompts only (for load tests)
+        text, name = None, args.model_name or "demo"
+        model = Model(args.backend, DEMO_MODEL, seed=args.seed, dtype=args.dtype)
+    else:
+        directory = Path(args.checkpoint)
+        text = Text.load(directory) if (directory / "tokenizer.json").is_file() else None
+        name = args.model_name or directory.resolve().name
+        model = Model(args.backend, checkpoint=str(directory), dtype=args.dtype)
     engine = OnlineEngine(model, prefix_cache_blocks=args.prefix_cache_blocks, chunk_tokens=args.prefill_chunk)
     app = create_app(engine, text, model_name=name)
     print(f"tensorglot serve: http://{args.host}:{args.port} model {name!r} on backend {args.backend}", file=sys.stderr)
