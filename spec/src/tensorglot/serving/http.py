@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -29,8 +28,6 @@ from .online import Job, OnlineEngine
 from .openai_schema import ApiError, Plan, read_chat, read_completion, usage
 from .text import Text, TextStream
 
-logger = logging.getLogger("tensorglot.serving")
-
 
 class _Choice:
     """One choice's text and tokens as they arrive from the engine thread."""
@@ -42,7 +39,8 @@ class _Choice:
 
 
 class _Request:
-    """A request's jobs and the queue their events come back on: ``(choice, piece, token | None, reason)``."""
+    """A request's jobs, and the queue their events come back on from the engine thread:
+    ``(choice index, text piece, token or None, finish reason or None, error or None)``."""
 
     def __init__(self, plan: Plan, text: Text | None, engine: OnlineEngine) -> None:
         self.plan, self.loop = plan, asyncio.get_running_loop()
