@@ -290,7 +290,7 @@ def test_the_load_generator_measures_every_request(server):
 
 
 @pytest.mark.timeout(300)
-def test_without_a_checkpoint_the_demo_model_takes_token_ids_only():
+def test_the_demo_model_takes_token_ids_and_a_leaving_client_cancels():
     srv = Server(None)
     try:
         be = tensorglot.get_backend("numpy")
@@ -303,6 +303,16 @@ def test_without_a_checkpoint_the_demo_model_takes_token_ids_only():
         assert r.status_code == 400 and "tokenizer.json" in r.json()["error"]["message"]
         r = httpx.post(srv.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
         assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+        # A client that leaves a stream cancels its job (400 tokens of this model take seconds).
+        body = {"model": NAME, "prompt": [5, 6, 7], "max_tokens": 400, "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=60) as r:
+            for i, _ in enumerate(r.iter_lines()):
+                if i == 4:
+                    break  # the connection closes mid-stream
+        deadline = time.monotonic() + 30
+        while httpx.get(srv.url + "/health").json()["stats"]["cancelled"] == 0:  # only a live job is cancelled
+            assert time.monotonic() < deadline, "the engine never dropped the abandoned job"
+            time.sleep(0.05)
     finally:
         assert srv.stop() == 0
 

@@ -120,7 +120,7 @@ class OnlineEngine:
         self.ready = threading.Event()
         self.load_error: str | None = None
         self.stats = dict.fromkeys(("jobs", "prompt_tokens", "computed_prompt_tokens", "generated_tokens"), 0)
-        self.stats["decode_steps"] = 0
+        self.stats["decode_steps"] = self.stats["cancelled"] = 0
         self._current: tuple[Job, list[Block], PromptPrefill | None] | None = None  # the prefill in progress
         self._inbox: queue.Queue[Job | None] = queue.Queue()
         self._closing = False
@@ -187,15 +187,17 @@ class OnlineEngine:
             pass
 
     def _drop_cancelled(self, engine: _Engine, waiting: deque[Job]) -> None:
-        for job in [j for j in waiting if j.cancelled]:
+        dropped = [j for j in waiting if j.cancelled]
+        for job in dropped:
             waiting.remove(job)
-            job.finish("cancelled")
         for rid in [rid for rid, seq in engine.active.items() if seq.info["job"].cancelled]:
-            engine.drop(rid).info["job"].finish("cancelled")
+            dropped.append(engine.drop(rid).info["job"])
         if self._current is not None and self._current[0].cancelled:
-            job = self._current[0]
+            dropped.append(self._current[0])
             self._end_prefill()
+        for job in dropped:
             job.finish("cancelled")
+        self.stats["cancelled"] += len(dropped)
 
     def _prefill(self, engine: _Engine, waiting: deque[Job]) -> None:
         """One unit of prefill work: start the next waiting job if none is in progress and its whole
