@@ -23,6 +23,8 @@ XP_NAMESPACES = ("array_api_strict", "numpy")
 HAS_PLOTS = (ROOT / "plots" / "pyproject.toml").exists()
 CONSTRAINTS = ("-c", "constraints.txt")
 TEST_DEPS = ("pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100")
+# Serving's stack (the spec's `serve` extra: checkpoints, progress, the HTTP server) and the clients its tests use.
+SERVE_DEPS = ("safetensors", "tqdm", "tokenizers", "jinja2", "starlette", "uvicorn", "openai", "httpx")
 # One BLAS/OpenMP thread per process: tests and figures start several processes (ranks, workers) on few
 # cores, and oversubscribed thread pools there cost 10× more than they give. Benchmarks keep the default.
 SINGLE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -62,9 +64,7 @@ def tests(session: nox.Session) -> None:
     """Doctests of the spec, the cross-package tests, each backend's own tests, the plots' tests."""
     session.env.update(SINGLE_THREAD | FAKE_DEVICES)
     extra = ["-e", "./plots"] if HAS_PLOTS else []
-    session.install(
-        *CONSTRAINTS, *_packages(*BACKENDS, editable=True), *extra, *TEST_DEPS, "safetensors", "tqdm", "transformers"
-    )
+    session.install(*CONSTRAINTS, *_packages(*BACKENDS, editable=True), *extra, *TEST_DEPS, *SERVE_DEPS, "transformers")
     session.run(
         "pytest",
         "--doctest-modules",

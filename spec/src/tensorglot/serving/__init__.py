@@ -10,7 +10,10 @@ registers (tensorglot-torch: ``torch.distributed``). Modules, by concept: `admis
 context check, arrivals), `engine` (prefill and the continuous-batching decode loop), `pool` (the
 paged KV pool on `tensorglot.cache.PagedSlotMap`), `workers` (router with its routing policy, prefill
 and decode ranks, faults), `transport` (the interface and the messages), `launch` (processes),
-`colocated`, `metrics`, `cli` (``tensorglot serve``). See docs/serving.md.
+`colocated`, `metrics`, `cli` (``tensorglot serve``). The HTTP server (``tensorglot serve --port``):
+`sampling`, `online` (its in-process continuous-batching engine), `prefix`, `text`, `openai_schema`, `http`,
+`measure`, `loadgen`.
+See docs/serving.md.
 
 >>> import numpy as np, tensorglot
 >>> from tensorglot.serving import Model, Request, serve
@@ -31,7 +34,9 @@ from .engine import DecodeEngine, Prefilled, Sequence, prefill
 from .launch import run_disaggregated, run_in_process
 from .metrics import summarize
 from .model import DEMO_MODEL, Model
+from .online import Job, OnlineEngine
 from .pool import PagedKVPool
+from .sampling import Sampler, SamplingParams
 from .transport import Message, Transport, get_transport
 from .workers import Fault, Options
 
@@ -39,12 +44,16 @@ __all__ = [
     "DEMO_MODEL",
     "DecodeEngine",
     "Fault",
+    "Job",
     "Message",
     "Model",
+    "OnlineEngine",
     "Options",
     "PagedKVPool",
     "Prefilled",
     "Request",
+    "Sampler",
+    "SamplingParams",
     "Sequence",
     "Transport",
     "check_request",

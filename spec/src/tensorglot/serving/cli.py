@@ -54,9 +54,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64", "float16"))
     parser.add_argument("--seed", type=int, default=0, help="seeds the random model and prompts")
     parser.add_argument("--json", action="store_true", help='print {"requests": [...], "summary": {...}}')
+    parser.add_argument("--port", type=int, help="serve the OpenAI HTTP API on this port")
+    parser.add_argument("--host", default="127.0.0.1", help="the address the HTTP server binds (default 127.0.0.1)")
+    parser.add_argument("--model-name", help="the model id the HTTP API reports (default: the checkpoint's folder)")
+    parser.add_argument("--prefix-cache-blocks", type=int, default=0, metavar="N", help="HTTP: cache N prompt blocks")
+    parser.add_argument("--prefill-chunk", type=int, metavar="T", help="HTTP: prefill T prompt tokens per step")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.port is not None:
+        from .http import run_http
+
+        return run_http(args)
     rng = np.random.default_rng(args.seed)
     if args.checkpoint:
         model = Model(args.backend, checkpoint=args.checkpoint, dtype=args.dtype)

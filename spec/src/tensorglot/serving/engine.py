@@ -20,6 +20,7 @@ class Prefilled:
     k: list[np.ndarray]  # per layer (P, K, H), keys after RoPE
     v: list[np.ndarray]
     seconds: float
+    logits: np.ndarray | None = None  # (V,) float64, the prompt's last logits (the server samples them)
 
     @property
     def arrays(self) -> list[np.ndarray]:
@@ -40,16 +41,22 @@ def prefill(be: Any, params: Any, config: TransformerConfig, prompt: np.ndarray)
     dtype = be.dtype_name(params["embed"])
     cache = be.layers.kv_cache(config, 1, P + 1, kind="contiguous", dtype=dtype)
     tokens = be.asarray(np.asarray(prompt, dtype=np.int64)[None], dtype="int64")  # (1, P)
-    logits = be.layers.transformer(tokens, params, config, cache=cache)
-    first = int(np.argmax(be.to_numpy(logits)[0, -1]))
+    last = be.to_numpy(be.layers.transformer(tokens, params, config, cache=cache))[0, -1].astype(np.float64)
+    k, v = read_kv(be, cache, config, P)
+    return Prefilled(int(np.argmax(last)), k, v, time.perf_counter() - start, last)
+
+
+def read_kv(be: Any, cache: Any, config: TransformerConfig, P: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The first ``P`` keys and values of every layer of a one-sequence ``cache`` with room for one more
+    token, as NumPy (P, K, H): that token is reserved, and its ``update`` returns what each layer holds."""
     cache.reserve(1)
-    zeros = be.asarray(np.zeros((1, 1, config.n_kv_heads, config.head_dim)), dtype=dtype)  # (1, 1, K, H)
+    zeros = be.asarray(np.zeros((1, 1, config.n_kv_heads, config.head_dim)), dtype=cache.dtype)  # (1, 1, K, H)
     k, v = [], []
     for layer in range(config.n_layers):
         k_all, v_all = cache.update(layer, zeros, zeros)  # (1, T, K, H), T > P
         k.append(np.ascontiguousarray(be.to_numpy(k_all)[0, :P]))  # (P, K, H)
         v.append(np.ascontiguousarray(be.to_numpy(v_all)[0, :P]))
-    return Prefilled(first, k, v, time.perf_counter() - start)
+    return k, v
 
 
 @dataclass
@@ -114,16 +121,22 @@ class DecodeEngine:
         self.active[seq.rid] = seq
         return []
 
-    def step(self) -> list[Sequence]:
-        """One decode step over every row (idle rows feed token 0 and are ignored); returns the finished."""
-        start = time.perf_counter()
+    def forward(self) -> tuple[dict[int, int], np.ndarray]:
+        """One decode step's model call over every row (idle rows feed token 0): the active rows
+        ``{rid: row}`` and every row's last logits (B, V) on the host."""
         rows = {rid: self.pool.rows[rid] for rid in self.active}
         last = np.zeros((self.max_batch, 1), dtype=np.int64)  # (B, 1)
         for rid, row in rows.items():
             last[row, 0] = self.active[rid].tokens[-1]
         tokens = self.be.asarray(last, dtype="int64")
         logits = self.be.layers.transformer(tokens, self.params, self.config, cache=self.pool.cache)
-        nxt = np.argmax(self.be.to_numpy(logits)[:, -1], axis=-1)  # (B,), the first maximum on ties
+        return rows, self.be.to_numpy(logits)[:, -1]
+
+    def step(self) -> list[Sequence]:
+        """One greedy decode step over every row (idle rows are ignored); returns the finished."""
+        start = time.perf_counter()
+        rows, logits = self.forward()
+        nxt = np.argmax(logits, axis=-1)  # (B,), the first maximum on ties
         now, done = time.time(), []
         for rid, row in rows.items():
             seq = self.active[rid]
