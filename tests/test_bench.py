@@ -166,3 +166,31 @@ def test_op_baselines_compute_our_gradients(backend: str) -> None:
         np.testing.assert_allclose(be.to_numpy(dx), be.to_numpy(_ours_dx(be, op, args)), rtol=2e-4, atol=2e-5)
         checked += 1
     assert checked >= 3
+
+
+def test_only_runs_the_named_groups_and_refuses_an_unknown_one(tmp_path: Any, capsys: Any) -> None:
+    path = tmp_path / "only.json"
+    assert main(["bench", "--backend", "numpy", "--quick", "--only", "flash,mlp", "--json", str(path)]) == 0
+    names = {r["name"] for r in json.loads(path.read_text())["rows"]}
+    assert names == {"mlp.flops_vs_matmul", "flash.time_vs_naive", "flash.peak_memory_vs_naive"}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--backend", "numpy", "--only", "flash,nope"])
+    assert exc.value.code == 2 and "unknown row group ['nope']" in capsys.readouterr().err
+
+
+def test_the_generate_row_runs_under_the_serial_probe(monkeypatch: Any) -> None:
+    entered: list[str] = []
+
+    class Serial:
+        def __enter__(self) -> None:
+            entered.append("in")
+
+        def __exit__(self, *exc: Any) -> None:
+            entered.append("out")
+
+    ctx = bench.Context(tensorglot.get_backend("numpy"), quick=True)
+    ctx.extra["serial"] = Serial
+    config = rows._config(True)
+    t_cached, t_full, same = rows.generate_times(ctx, config, 4, 3, repeats=1, batch=2)
+    assert entered == ["in", "out"] and same and t_cached > 0 and t_full > 0

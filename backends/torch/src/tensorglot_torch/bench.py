@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
@@ -97,4 +98,15 @@ def baselines() -> dict[str, Any]:
         "train.value_and_grad": ("torch.compile", lambda *args: lambda: compiled(*args)),
         "sync": (lambda out: torch.cuda.synchronize()) if cuda else (lambda out: out),
         "peak_memory": peak_memory,
+        "serial": _one_thread,
     }
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

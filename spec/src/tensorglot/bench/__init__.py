@@ -1,6 +1,6 @@
 """``tensorglot bench``: one benchmark suite that runs on any backend through its public API.
 
-Like the conformance suite, the rows live here (`rows.ROWS`) and call only ``be.ops``, ``be.encodings``,
+Like the conformance suite, the rows live here (`rows.GROUPS`, by name) and call only ``be.ops``, ``be.encodings``,
 ``be.layers``, ``be.parallel``, ``be.asarray``/``to_numpy``; a row a backend cannot run (a missing
 capability, no baseline) is skipped or has no baseline, never an error. Row names are dotted
 ``area.what.how``: ``ops.<op>.fwd_bwd``, ``mlp.flops_vs_matmul``, ``flash.time_vs_naive``,
@@ -16,6 +16,8 @@ A backend's plugin contributes only baselines and probes, through the hook
   * ``"sync"``: ``sync(out)`` waits for ``out`` (asynchronous frameworks); ``"jit"``: how the framework
     compiles a function (applied to ours in the op rows); ``"peak_memory"``: ``probe(fn, *args) -> bytes``
     allocated at the peak of ``fn(*args)`` (default: tracemalloc, which NumPy reports to).
+  * ``"serial"``: a context-manager factory under which the framework runs one intra-op thread (the
+    generate row, whose ~100 tiny ops a step would otherwise time the scheduler); default: no change.
 
 JSON (``--json PATH``, schema ``tensorglot.bench/1``)::
 

@@ -1,4 +1,5 @@
-"""``tensorglot bench --backend B [--quick] [--json PATH] [--compare OLD.json]``: the table of every row."""
+"""``tensorglot bench --backend B [--quick] [--only GROUP,...] [--json PATH] [--compare OLD.json]``: the table
+of every row, or of the named groups' rows."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from .harness import Context, Row, measure_machine
-from .rows import ROWS
+from .rows import GROUPS
 
 SCHEMA = "tensorglot.bench/1"
 
@@ -23,8 +24,18 @@ SCHEMA = "tensorglot.bench/1"
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default=None, help="backend to benchmark (default: the selected one)")
     parser.add_argument("--quick", action="store_true", help="small sizes and no targets (a smoke run)")
+    parser.add_argument("--only", metavar="GROUP,...", default=None, type=_groups,
+                        help=f"run only these row groups, comma-separated, of: {', '.join(GROUPS)}")  # fmt: skip
     parser.add_argument("--json", metavar="PATH", default=None, help="also write the run as JSON to PATH")
     parser.add_argument("--compare", metavar="OLD.json", default=None, help="print each row's value new ÷ old")
+
+
+def _groups(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in GROUPS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown row group {unknown or text!r}; pick from {', '.join(GROUPS)}")
+    return names
 
 
 def _check_writable(path: str) -> None:
@@ -93,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
         from tqdm import tqdm  # the "bench" extra
     except ImportError:
         tqdm = None
-    every = itertools.chain.from_iterable(group(ctx) for group in ROWS)
+    groups = [GROUPS[n] for n in args.only] if args.only else list(GROUPS.values())
+    every = itertools.chain.from_iterable(group(ctx) for group in groups)
     rows: list[Row] = list(tqdm(every, desc=f"bench {name}", unit="row", file=sys.stderr) if tqdm else every)
     print(format_table(rows))
     payload = {"schema": SCHEMA, "machine": machine, "backend": backend, "quick": args.quick,
