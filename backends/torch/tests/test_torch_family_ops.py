@@ -87,6 +87,20 @@ def test_geglu_gate_is_torchs_tanh_gelu():
     torch.testing.assert_close(be.ops.geglu(x, wg, wu, wd), want, rtol=1e-12, atol=1e-12)
 
 
+def test_mlp_gelu_tanh_is_torchs_tanh_gelu_forward_and_backward():
+    """GPT-2's and NeoX's MLP activation, against torch's own autograd of F.gelu(approximate="tanh")."""
+    x, w_in, w_out, dy = randn(4, 6, seed=12), randn(6, 10, seed=13), randn(10, 6, seed=14), randn(4, 6, seed=15)
+    leaves = [t.clone().requires_grad_() for t in (x, w_in, w_out)]
+    want = F.gelu(leaves[0] @ leaves[1], approximate="tanh") @ leaves[2]
+    torch.testing.assert_close(
+        be.ops.mlp(x, w_in, w_out, activation="gelu_tanh"), want.detach(), rtol=1e-12, atol=1e-12
+    )
+    for g, e in zip(
+        be.ops.mlp_backward(x, w_in, w_out, dy, activation="gelu_tanh"), torch.autograd.grad(want, leaves, dy)
+    ):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
 def test_gated_mlp_gradcheck(activation):
     gradcheck(

@@ -60,6 +60,10 @@ array-API operations; these are what the array API lacks). Arrays first, int arr
 
 from __future__ import annotations
 
+from typing import Any
+
+from array_api_compat import array_namespace
+
 #: The blockwise attention pair, provided only with the "flash" capability.
 FLASH = ("flash_attention", "flash_attention_backward")
 
@@ -82,3 +86,12 @@ def visible_queries(j0: int, j1: int, s: int, t: int, causal: bool, window: int 
     lo = max(0, j0 - (t - s))  # key j is seen from query j − (T − S) on
     hi = s if window is None else min(s, j1 - 1 - (t - s) + window)  # until query j − (T − S) + W − 1
     return (lo, hi) if lo < hi else (0, 0)
+
+
+def softcapped(scores: Any, softcap: float | None) -> tuple[Any, Any]:
+    """``(softcap · tanh(scores / softcap), its derivative 1 − tanh²)``, or ``(scores, None)`` without a cap,
+    in the scores' own array library (any array-API namespace, traced JAX arrays included)."""
+    if softcap is None:
+        return scores, None
+    t = array_namespace(scores).tanh(scores / softcap)
+    return softcap * t, 1.0 - t * t

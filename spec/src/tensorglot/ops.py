@@ -151,8 +151,7 @@ class Ops(AttentionOps):
         >>> print(np.round(ops.swiglu(np.array([[1.0]]), np.eye(1), np.eye(1), np.eye(1)), 4))
         [[0.7311]]
         """
-        (x, w_gate, w_up, w_down), dtype = self._gated_inputs("swiglu", x, w_gate, w_up, w_down)
-        return self._run(self._k.swiglu, dtype, (x, w_gate, w_up, w_down))
+        return self._gated("swiglu", x, w_gate, w_up, w_down)
 
     def swiglu_backward(
         self, x: Array, w_gate: Array, w_up: Array, w_down: Array, dy: Array, /
@@ -165,40 +164,34 @@ class Ops(AttentionOps):
         >>> print([np.round(g, 4).item() for g in grads])
         [1.6587, 0.9277, 0.7311, 0.7311]
         """
-        arrays, dtype = self._gated_inputs("swiglu_backward", x, w_gate, w_up, w_down, dy)
-        return self._run(self._k.swiglu_backward, dtype, arrays)
+        return self._gated("swiglu_backward", x, w_gate, w_up, w_down, dy)
 
     def geglu(self, x: Array, w_gate: Array, w_up: Array, w_down: Array, /) -> Array:
-        r"""The gated MLP of Gemma: ``(gelu_tanh(x @ w_gate) * (x @ w_up)) @ w_down`` (Shazeer 2020,
-        arXiv:2002.05202), `swiglu` with the tanh-approximated GELU of `mlp` as the gate
-        (HF ``hidden_activation="gelu_pytorch_tanh"``).
-
-        Args:
-            x: (..., D).  w_gate, w_up: (D, F).  w_down: (F, D).
-        Returns:
-            (..., D).
+        r"""The gated MLP of Gemma: `swiglu` with the tanh-approximated GELU of `mlp` as its gate,
+        ``(gelu_tanh(x @ w_gate) * (x @ w_up)) @ w_down`` (HF ``hidden_activation="gelu_pytorch_tanh"``);
+        shapes as `swiglu`'s, x (..., D), w_gate and w_up (D, F), w_down (F, D), the result (..., D).
 
         >>> import numpy as np, tensorglot
-        >>> ops = tensorglot.get_backend("numpy").ops
-        >>> print(np.round(ops.geglu(np.array([[1.0]]), np.eye(1), np.eye(1), np.eye(1)), 4))
-        [[0.8412]]
+        >>> ops, one = tensorglot.get_backend("numpy").ops, np.eye(1)
+        >>> gated, plain = ops.geglu(one, one, one, one), ops.mlp(one, one, one, activation="gelu_tanh")
+        >>> print(np.round(gated, 4), np.round(plain, 4))
+        [[0.8412]] [[0.8412]]
         """
-        (x, w_gate, w_up, w_down), dtype = self._gated_inputs("geglu", x, w_gate, w_up, w_down)
-        return self._run(self._k.geglu, dtype, (x, w_gate, w_up, w_down))
+        return self._gated("geglu", x, w_gate, w_up, w_down)
 
     def geglu_backward(
         self, x: Array, w_gate: Array, w_up: Array, w_down: Array, dy: Array, /
     ) -> tuple[Array, Array, Array, Array]:
-        r"""``(dx, dw_gate, dw_up, dw_down)`` of `geglu`.
+        r"""``(dx, dw_gate, dw_up, dw_down)`` of `geglu`: `swiglu_backward`'s formula with gelu_tanh's
+        derivative in place of silu's.
 
         >>> import numpy as np, tensorglot
-        >>> ops = tensorglot.get_backend("numpy").ops
-        >>> grads = ops.geglu_backward(np.ones((1, 1)), np.eye(1), np.eye(1), np.eye(1), np.ones((1, 1)))
+        >>> one = np.eye(1)
+        >>> grads = tensorglot.get_backend("numpy").ops.geglu_backward(one, one, one, one, one)
         >>> print([np.round(g, 4).item() for g in grads])
         [1.9242, 1.083, 0.8412, 0.8412]
         """
-        arrays, dtype = self._gated_inputs("geglu_backward", x, w_gate, w_up, w_down, dy)
-        return self._run(self._k.geglu_backward, dtype, arrays)
+        return self._gated("geglu_backward", x, w_gate, w_up, w_down, dy)
 
     def rms_norm(self, x: Array, weight: Array, /, *, eps: float = 1e-6, offset: float = 0.0) -> Array:
         r"""``x * rsqrt(mean(x², -1) + eps)`` then ``* (offset + weight)`` (Zhang & Sennrich 2019,
@@ -311,6 +304,11 @@ class Ops(AttentionOps):
         for arg, a in (("weight", weight), ("bias", bias)):
             if a is not None and shape(a) != shape(x)[-1:]:
                 raise checks.bad_shape(fn, arg, shape(a), f"({shape(x)[-1]},), x's last axis")
+
+    def _gated(self, fn, *arrays):
+        """A gated MLP's front end (swiglu, geglu and their backward): validate, then run the kernel ``fn``."""
+        arrays, dtype = self._gated_inputs(fn, *arrays)
+        return self._run(getattr(self._k, fn), dtype, arrays)
 
     def _gated_inputs(self, fn, x, w_gate, w_up, w_down, dy=None):
         named = {"x": x, "w_gate": w_gate, "w_up": w_up, "w_down": w_down} | ({} if dy is None else {"dy": dy})

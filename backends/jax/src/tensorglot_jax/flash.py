@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from tensorglot.kernels import visible_keys, visible_queries
+from tensorglot.kernels import softcapped, visible_keys, visible_queries
 
 from ._common import vjp_kernel
 
@@ -45,14 +45,6 @@ def _tile_ranges(visible, n, length, other, bs, causal, window):
     return jnp.array([lo // bs for lo, _ in ranges]), jnp.array([-(-hi // bs) for _, hi in ranges])
 
 
-def _cap(s, softcap):
-    """(softcap · tanh(s / softcap), its derivative 1 − tanh²), or (s, None) without a cap."""
-    if softcap is None:
-        return s, None
-    t = jnp.tanh(s / softcap)
-    return softcap * t, 1.0 - t * t
-
-
 def _allowed(mg, causal, window, i0, j0, bs, S, T):
     """The bool attend-mask of the tile at (i0, j0), broadcastable to (B, K, G, bs, bs)."""
     i = i0 + jnp.arange(bs)[:, None] + (T - S)  # the diagonal: bottom-right
@@ -82,7 +74,7 @@ def _forward(qg, kh, vh, mg, causal, bs, S, T, softcap, window):
             j0 = jk * bs
             kj = lax.dynamic_slice_in_dim(kh, j0, bs, axis=2)  # (B, K, bs, H)
             vj = lax.dynamic_slice_in_dim(vh, j0, bs, axis=2)
-            s = _cap(jnp.einsum("bkgqh,bkth->bkgqt", qi, kj), softcap)[0]
+            s = softcapped(jnp.einsum("bkgqh,bkth->bkgqt", qi, kj), softcap)[0]
             s = jnp.where(_allowed(mg, causal, window, i0, j0, bs, S, T), s, -jnp.inf)
             m_new = jnp.maximum(m, s.max(-1))
             m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # a row that has seen no key keeps weight 0
@@ -121,7 +113,7 @@ def _backward(qg, kh, vh, mg, causal, bs, S, T, out, lse, dyg, softcap, window):
             i0 = iq * bs
             qi, dyi = (lax.dynamic_slice_in_dim(a, i0, bs, axis=3) for a in (qg, dyg))  # (B, K, G, bs, H)
             lse_i, delta_i = (lax.dynamic_slice_in_dim(a, i0, bs, axis=3) for a in (lse, delta))  # (B, K, G, bs)
-            s, dcap = _cap(jnp.einsum("bkgqh,bkth->bkgqt", qi, kj), softcap)
+            s, dcap = softcapped(jnp.einsum("bkgqh,bkth->bkgqt", qi, kj), softcap)
             s = jnp.where(_allowed(mg, causal, window, i0, j0, bs, S, T), s, -jnp.inf)
             p = jnp.exp(s - lse_i[..., None])  # P_ij, recomputed from L
             dvj = dvj + jnp.einsum("bkgqt,bkgqh->bkth", p, dyi)  # the G heads of a kv head add up

@@ -14,6 +14,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from tensorglot.kernels import softcapped
+
 from ._common import flat2d, vjp_kernel
 from .encodings import rope as rope
 from .flash import flash_attention as flash_attention
@@ -220,11 +222,7 @@ layer_norm_backward = jax.jit(lambda x, w, dy, eps, bias: _layer_norm_grads(dy, 
 
 def _scores(qg, k, softcap):
     """The capped scores (B, K, S, G, T) and the cap's derivative 1 − tanh² (None without a cap)."""
-    scores = jnp.einsum("bskgh,btkh->bksgt", qg, k)  # an overflow is +inf, which softmax's rule handles
-    if softcap is None:
-        return scores, None
-    t = jnp.tanh(scores / softcap)
-    return softcap * t, 1.0 - t * t
+    return softcapped(jnp.einsum("bskgh,btkh->bksgt", qg, k), softcap)  # an overflow is +inf: softmax's rule
 
 
 def _probs(q, k, causal, mask, scale, softcap, window):

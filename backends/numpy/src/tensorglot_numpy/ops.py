@@ -10,6 +10,8 @@ import math
 
 import numpy as np
 
+from tensorglot.kernels import softcapped
+
 from .encodings import rope as rope
 from .flash import flash_attention as flash_attention
 from .flash import flash_attention_backward as flash_attention_backward
@@ -184,14 +186,6 @@ def _visible(S, T, causal, window):
     return allowed if window is None else allowed & (np.arange(T)[None, :] > diagonal - window)
 
 
-def _capped(scores, softcap):
-    """(softcap · tanh(scores / softcap), its derivative 1 − tanh²), or (scores, None) without a cap."""
-    if softcap is None:
-        return scores, None
-    t = np.tanh(scores / softcap)
-    return softcap * t, 1.0 - t * t
-
-
 def _probs(q, k, v, causal, mask, scale, softcap, window):
     """The grouped inputs, probabilities and the cap's derivative: qg (B, K, G, S, H) carrying the scale,
     kh, vh, p (B, K, G, S, T), dcap (like p, or None)."""
@@ -202,7 +196,7 @@ def _probs(q, k, v, causal, mask, scale, softcap, window):
     kh = k.transpose(0, 2, 1, 3)[:, :, None]  # (B, K, 1, T, H)
     vh = v.transpose(0, 2, 1, 3)[:, :, None]
     with np.errstate(over="ignore"):  # an overflow is +inf, which softmax's rule handles
-        scores, dcap = _capped(qg @ kh.swapaxes(-1, -2), softcap)  # (B, K, G, S, T)
+        scores, dcap = softcapped(qg @ kh.swapaxes(-1, -2), softcap)  # (B, K, G, S, T)
     allowed = _visible(S, T, causal, window)
     if mask is not None:
         m = np.broadcast_to(mask, (B, N, S, T)).reshape(B, K, G, S, T)

@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from tensorglot.kernels import visible_keys
+from tensorglot.kernels import softcapped, visible_keys
 
 from ._common import DTYPES
 from ._common import kernel as _kernel
@@ -309,12 +309,8 @@ def _attention(q, k, v, causal, mask, scale, softcap=None, window=None):
 
 
 def _capped_scores(qs, kh, softcap, i0, i1, t0, t1):
-    """Q Kᵀ of rows [i0, i1) and keys [t0, t1), capped: (scores, tanh(scores / softcap) or None)."""
-    scores = torch.bmm(qs[:, i0:i1], kh[:, t0:t1].transpose(1, 2))  # (B·N, C, t1 − t0)
-    if softcap is None:
-        return scores, None
-    t = scores.div_(softcap).tanh_()
-    return t * softcap, t
+    """Q Kᵀ of rows [i0, i1) and keys [t0, t1), capped: (scores, the cap's derivative or None)."""
+    return softcapped(torch.bmm(qs[:, i0:i1], kh[:, t0:t1].transpose(1, 2)), softcap)  # (B·N, C, t1 − t0)
 
 
 def _block_probs(qs, kh, mask, causal, window, softcap, sizes, i0, i1, t0, t1):
@@ -350,8 +346,7 @@ def _attention_grads(saved, dy, scale, needs=ALL):
         dp = torch.bmm(dy_b, vh[:, t0:t1].transpose(1, 2))  # (B·N, C, t1 − t0)
         ds = dp.sub_((dp * p).sum(-1, keepdim=True)).mul_(p)  # P ⊙ (dP − rowsum(dP ⊙ P))
         if softcap is not None:  # through the cap: the scores are recomputed rather than kept
-            t = _capped_scores(qs, kh, softcap, i0, i1, t0, t1)[1]
-            ds.mul_(1.0 - t * t)
+            ds.mul_(_capped_scores(qs, kh, softcap, i0, i1, t0, t1)[1])
         dqs.append(torch.bmm(ds, kh[:, t0:t1]))
         dk[:, t0:t1] += torch.bmm(ds.transpose(1, 2), qs[:, i0:i1])  # qs carries the scale
     dq = torch.cat(dqs, 1).mul_(scale).view(B, N, S, H).transpose(1, 2) if needs[0] else None

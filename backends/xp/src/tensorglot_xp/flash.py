@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from array_api_compat import array_namespace, device
 
-from tensorglot.kernels import visible_keys
+from tensorglot.kernels import softcapped, visible_keys
 
-from .ops import capped, group_queries, grouped_mask, kv_grouped, kv_heads_first, ungroup_queries, visible
+from .ops import group_queries, grouped_mask, kv_grouped, kv_heads_first, ungroup_queries, visible
 
 
 def _tiles(n, bs):
@@ -41,7 +41,7 @@ def _scores(qg, kh, mask, causal, rows, cols, softcap, window):
     """S_ij = Q_i K_jᵀ (B, K, G, br, bc) capped, −inf where a query may not attend; and the cap's derivative."""
     xp = array_namespace(qg)
     S, T = qg.shape[3], kh.shape[3]
-    s, dcap = capped(xp.matmul(qg[:, :, :, rows, :], xp.matrix_transpose(kh[:, :, :, cols, :])), softcap)
+    s, dcap = softcapped(xp.matmul(qg[:, :, :, rows, :], xp.matrix_transpose(kh[:, :, :, cols, :])), softcap)
     ids = xp.arange(max(S, T), device=device(qg))
     tile_mask = None if mask is None else mask[:, :, :, rows, cols]
     allowed = visible(causal, tile_mask, ids[rows], ids[cols], T - S, window)

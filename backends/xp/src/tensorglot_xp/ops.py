@@ -11,6 +11,8 @@ import math
 
 from array_api_compat import array_namespace, device
 
+from tensorglot.kernels import softcapped
+
 from .special import erf
 
 
@@ -222,20 +224,12 @@ def visible(causal, mask, rows, cols, offset, window=None):
     return see if mask is None else see & mask
 
 
-def capped(scores, softcap):
-    """(softcap · tanh(scores / softcap), its derivative 1 − tanh²), or (scores, None) without a cap."""
-    if softcap is None:
-        return scores, None
-    t = array_namespace(scores).tanh(scores / softcap)
-    return softcap * t, 1.0 - t * t
-
-
 def _probs(q, k, causal, mask, scale, softcap, window):
     """qg (B, K, G, S, H) with the scale in it, the probabilities (B, K, G, S, T) and the cap's derivative."""
     xp = array_namespace(q)
     S, T, K = q.shape[1], k.shape[1], k.shape[2]
     qg = group_queries(q * scale, K)
-    scores, dcap = capped(xp.matmul(qg, xp.matrix_transpose(kv_grouped(k))), softcap)  # (B, K, G, S, T)
+    scores, dcap = softcapped(xp.matmul(qg, xp.matrix_transpose(kv_grouped(k))), softcap)  # (B, K, G, S, T)
     ids = xp.arange(max(S, T), device=device(q))
     allowed = visible(causal, None if mask is None else grouped_mask(mask, K), ids[:S], ids[:T], T - S, window)
     if allowed is not None:
