@@ -5,13 +5,19 @@ the last step's result, however many it times."""
 from __future__ import annotations
 
 import gc
+import json
+import os
+import tempfile
 import weakref
+from pathlib import Path
 
 import pytest
 
 import tensorglot_numpy.parallel as numpy_parallel
+from tensorglot.bench import cli
 from tensorglot.cli import main
 from tensorglot.parallel import StepResult
+from tensorglot.registry import registry
 
 SMALL = ["--layers", "2", "--batch", "8", "--d-model", "4", "--d-ff", "8"]
 
@@ -93,3 +99,37 @@ def test_parallel_keeps_only_the_last_result_of_its_repeats(monkeypatch, capsys)
     assert main(argv) == 0
     # While a step runs, at most the previous one's result and the one-device reference are held.
     assert most["single"] <= 2 and most["step"] <= 3, most
+
+
+def test_bench_keeps_its_results_when_the_json_path_fails_after_the_run(tmp_path, monkeypatch, capsys):
+    row = cli.Row("ops.softmax.fwd_bwd", 1.5, "ms")
+    monkeypatch.setattr(cli, "measure_machine", lambda **kw: {"matmul_gflops": 1.0, "bandwidth_gbs": 1.0})
+    monkeypatch.setattr(cli, "ROWS", [lambda ctx: [row]])
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    target = tmp_path / "out"
+    target.mkdir()
+    path = target / "run.json"
+    # The directory goes away while the bench runs: the check before the run passed.
+    monkeypatch.setattr(cli, "format_table", lambda rows: target.rmdir() or "table")
+    assert main(["bench", "--backend", "numpy", "--quick", "--json", str(path)]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("tensorglot bench")]
+    assert len(err) == 1 and err[0].startswith(f"tensorglot bench: error: cannot write --json {path}: ")
+    spare = err[0].rsplit("the run is in ", 1)[1]
+    assert json.loads(Path(spare).read_text())["rows"][0]["name"] == "ops.softmax.fwd_bwd"
+
+
+@pytest.mark.skipif("plots" not in registry().commands(), reason="needs tensorglot-plots (the plots command)")
+@pytest.mark.parametrize("where", ["a file", "under a file", "read-only"])
+def test_plots_refuses_an_out_it_cannot_write_before_drawing(where, tmp_path, monkeypatch, capsys):
+    import tensorglot_plots
+
+    monkeypatch.setattr(tensorglot_plots, "render", lambda *a: pytest.fail("a figure was drawn"))
+    (tmp_path / "file").write_text("")
+    out = {"a file": tmp_path / "file", "under a file": tmp_path / "file" / "figs", "read-only": tmp_path / "ro"}[where]
+    if where == "read-only":
+        out.mkdir(mode=0o500)
+        if os.access(out, os.W_OK):
+            pytest.skip("this user writes to read-only directories (root)")
+    assert main(["plots", "--out", str(out), "--only", "sinusoidal"]) == 2
+    line = _one_error_line(capsys.readouterr().err, "plots")
+    assert f"plots: cannot write figures to --out {out}: " in line
