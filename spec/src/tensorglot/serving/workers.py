@@ -117,19 +117,20 @@ def router(t: tr.Transport, opts: Options, requests: list[Request], config: Tran
                 decode_error = f"the decode worker (rank {decode}) failed: {msg.error}"
             elif msg.src in live:
                 declare_dead(msg.src, f"could not be reached ({msg.error})")
-        elif msg is not None:
+        elif msg is not None and msg.header is not None:
             seen[msg.src] = time.monotonic()
-            kind, rid = msg.header[0], msg.header[1]
+            head = msg.header
+            kind, rid = head[0], head[1]
             if kind == tr.READY:
                 ready.add(msg.src)
             elif kind == tr.RECEIVED:
-                w = msg.header[2]
+                w = head[2]
                 if w in inflight and rid in inflight[w]:
                     inflight[w].remove(rid)
                 if w in progress:
                     progress[w] = time.monotonic()
             elif kind == tr.DONE:
-                done(rid, msg.header, msg.payload[0])
+                done(rid, head, msg.payload[0])
         now = time.monotonic()
         if decode_error is None and now - seen[decode] > opts.timeout_s:
             decode_error = f"the decode worker (rank {decode}) sent nothing for {opts.timeout_s:g} s"
