@@ -29,6 +29,12 @@ x, dy = x.astype(np.float32), dy.astype(np.float32)
 
 def step(timeout=60):
     return tp.step(params, x, dy, strategy="dp", world_size=2, timeout=timeout)
+
+def report(error, timeout=60):
+    try:
+        step(timeout)
+    except error as exc:
+        print("raised:", exc)
 """
 
 
@@ -66,10 +72,7 @@ def kill_rank_1():
         time.sleep(0.005)
 
 threading.Thread(target=kill_rank_1, daemon=True).start()
-try:
-    step()
-except RuntimeError as exc:
-    print("raised:", exc)
+report(RuntimeError)
 """
     out = _python(code, deadline=90)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -97,10 +100,7 @@ print("ok", chosen[0] == port, len(chosen), r.bytes_per_device == P.step_cost("d
 tp.shutdown()
 launch.free_port = launch._free_port = lambda: port
 launch.PORT_ATTEMPTS = 2  # each attempt starts two interpreters: keep the test short
-try:
-    step()
-except RuntimeError as exc:
-    print("raised:", exc)
+report(RuntimeError)
 """
     out = _python(code, deadline=120)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -124,12 +124,6 @@ def test_timeout_zero_is_refused_at_once_in_one_line():
 def test_a_rank_that_stops_answering_is_killed_at_the_timeout_and_the_process_exits():
     # The deadline passes while the ranks start or while rank 1 sleeps in its first all-reduce: either
     # way the ranks may never have read the step's arrays from their queues.
-    code = """
-try:
-    step(timeout=1)
-except TimeoutError as exc:
-    print("raised:", exc)
-"""
-    out = _python(code, deadline=90, TENSORGLOT_PARALLEL_FAIL_RANK="1:hang")
+    out = _python("report(TimeoutError, timeout=1)", deadline=90, TENSORGLOT_PARALLEL_FAIL_RANK="1:hang")
     assert out.returncode == 0, out.stderr[-2000:]
     assert re.search(r"raised: parallel: dp( \(starting the ranks\))? on 2 ranks did not finish in 1 s", out.stdout)
