@@ -55,9 +55,10 @@ def test_a_frozen_prefill_worker_costs_only_its_own_requests(after):
 
 
 @pytest.mark.timeout(180)
-def test_killing_the_decode_worker_keeps_the_requests_it_completed():
-    reqs = _requests(6, interval=0.5)  # one at a time: the first two finish before the decode worker dies
-    out = serve(reqs, MODEL, prefill_workers=1, timeout_s=3, faults=[Fault(2, "die", after=1)], deadline_s=150)
+@pytest.mark.parametrize("mode,why", [("die", "failed: "), ("stop", "sent nothing for 3 s")], ids=["killed", "frozen"])
+def test_losing_the_decode_worker_keeps_the_requests_it_completed(mode, why):
+    reqs = _requests(6, interval=0.5)  # one at a time: the first two finish before the decode worker goes
+    out = serve(reqs, MODEL, prefill_workers=1, timeout_s=3, faults=[Fault(2, mode, after=1)], deadline_s=150)
     recs = out["requests"]
     done = [r for r in recs if r["error"] is None]
     assert len(done) == 2 and out["summary"]["completed"] == 2
@@ -65,8 +66,8 @@ def test_killing_the_decode_worker_keeps_the_requests_it_completed():
         assert rec["tokens"] == _reference(reqs[rec["id"]])
     for rec in recs:
         if rec["error"] is not None:
-            assert rec["tokens"] == [] and "the decode worker (rank 2) failed" in rec["error"]
-    assert any("the decode worker (rank 2) failed" in e and "failed" in e for e in out["events"])
+            assert rec["tokens"] == [] and f"the decode worker (rank 2) {why}" in rec["error"]
+    assert any(f"the decode worker (rank 2) {why}" in e and "failed" in e for e in out["events"])
 
 
 @pytest.mark.timeout(180)

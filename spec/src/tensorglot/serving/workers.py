@@ -39,7 +39,7 @@ class Fault:
     """Fault injection for tests: prefill worker ``rank`` dies (``die``), stops answering (``hang``: its
     transport's threads still run) or is frozen whole (``stop``: SIGSTOP) when its request number
     ``after`` (from 0; -1 with ``stop``: at start-up, before its model loads) arrives. The decode
-    worker (``die`` only) dies once it has finished ``after`` + 1 requests."""
+    worker dies (``die``) or is frozen (``stop``) once it has finished ``after`` + 1 requests."""
 
     rank: int
     mode: str = "die"
@@ -249,8 +249,10 @@ def decode_worker(t: tr.Transport, opts: Options, model: Model, fault: Fault | N
         nonlocal finished
         t.send(0, _done_header(seq), [np.asarray(seq.tokens, dtype=np.int64)])
         finished += 1
-        if fault is not None and finished > fault.after:  # "die" only: what was sent arrives first
+        if fault is not None and finished > fault.after:  # what was sent arrives first
             t.drain(opts.timeout_s)
+            if fault.mode == "stop":
+                os.kill(os.getpid(), signal.SIGSTOP)
             os._exit(3)
 
     while True:
