@@ -125,7 +125,7 @@ def _start_and_collect(
     try:
         result = _collect(out, procs, on_progress, deadline_s, roles=[role for role, _ in roles])
     finally:
-        stop_processes(procs, grace=5 if result is not None else 0)
+        stop_processes(procs, grace=2 if result is not None else 0)  # the result is in: nothing to lose
         abandon_queue(out)
     return result
 
