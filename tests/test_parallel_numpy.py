@@ -133,3 +133,14 @@ def test_cli_table_prints_a_row_per_strategy(capsys):
 def test_cli_bad_input_is_a_clear_error(capsys, args, message):
     assert main(["parallel", "--backend", "numpy", *args]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("timeout", [0, -1.0, float("inf"), float("nan"), True])
+def test_a_timeout_that_cannot_be_honoured_is_refused(timeout):
+    params, x, dy = P.init_mlp(P.MLPShape(layers=2, batch=4, d_model=4, d_ff=8))
+    with pytest.raises(ValueError, match=f"parallel: timeout must be a positive number of seconds, got {timeout!r}"):
+        step(params, x, dy, strategy="dp", world_size=2, timeout=timeout)
+    with pytest.raises(ValueError, match=f"Mesh: timeout must be a positive number of seconds, got {timeout!r}"):
+        Mesh(2, timeout=timeout)
+    with pytest.raises(ValueError, match="Mesh: n must be a positive int, got 0"):
+        Mesh(0)

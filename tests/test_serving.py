@@ -162,3 +162,38 @@ def test_dead_and_hung_prefill_workers_are_recomputed_with_the_same_tokens(caplo
 def test_an_unknown_transport_names_the_installed_ones():
     with pytest.raises(ValueError, match="unknown transport 'pigeon'; installed transports:"):
         serve([Request(0, np.arange(3), 2)], Model("numpy", CONFIG.to_dict()), transport="pigeon")
+
+
+BAD_PROMPTS = {
+    "a 2-D prompt": ([[1, 2], [3, 4]], "must be 1-D (a list of token ids), got shape (2, 2)"),
+    "a float id": ([1.7, 2.0], "token ids must be ints, got float64 values: [1.7, 2.0]"),
+    "an id past the vocabulary": ([3, 64], "token ids must lie in [0, 64), got [3, 64]"),
+    "a negative id": ([-1, 3], "token ids must lie in [0, 64), got [-1, 3]"),
+    "an id too large for int64": ([1, 10**30], f"token ids must lie in [0, 64), got [1, {10**30}]"),
+    "an empty prompt": ([], "needs a prompt of >= 1 token, got an empty one"),
+    "a ragged prompt": ([[1, 2], [3]], "must be a flat list of token ids, got [[1, 2], [3]]"),
+    "a bare int": (5, "must be 1-D (a list of token ids), got shape ()"),
+    "bools": ([True, False], "token ids must be ints, got bool values"),
+}
+
+
+@pytest.mark.timeout(120)
+def test_each_malformed_request_fails_alone_with_its_reason():
+    good = [Request(0, np.array([1, 2, 3]), 3), Request(1, [4, 5], 2)]  # a plain list of ints is fine
+    bad = [Request(i, prompt, 2) for i, (prompt, _) in enumerate(BAD_PROMPTS.values(), start=2)]
+    bad.append(Request(len(bad) + 2, [1, 2], 2.5))  # type: ignore[arg-type]
+    out = serve([*good, *bad], Model("numpy", CONFIG.to_dict(), seed=0), colocated=True)
+    recs = out["requests"]
+    for req, rec in zip(good, recs):
+        assert rec["error"] is None and rec["tokens"] == _reference("numpy", np.asarray(req.prompt), req.max_new_tokens)
+    for (what, (_, reason)), rec in zip(BAD_PROMPTS.items(), recs[2:]):
+        assert rec["tokens"] == [] and rec["error"].startswith(f"request {rec['id']}: "), what
+        assert reason in rec["error"], (what, rec["error"])
+    assert "max_new_tokens must be an int >= 1, got 2.5" in recs[-1]["error"]
+    assert (out["summary"]["completed"], out["summary"]["rejected"]) == (2, len(bad))
+
+
+@pytest.mark.parametrize("timeout", [0, -1.0, float("inf"), float("nan")])
+def test_serve_refuses_a_timeout_it_cannot_honour(timeout):
+    with pytest.raises(ValueError, match="serve: timeout_s must be a positive, finite number of seconds"):
+        serve([Request(0, np.arange(3), 2)], Model("numpy", CONFIG.to_dict()), timeout_s=timeout)

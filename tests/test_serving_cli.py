@@ -90,3 +90,62 @@ def test_bad_prompt_len_is_a_usage_error(capsys):
     with pytest.raises(SystemExit):
         main(["serve", "--prompt-len", "9:3"])
     assert "1 <= A <= B" in capsys.readouterr().err
+
+
+def _one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tensorglot serve: error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--requests", "-3"], "argument --requests: wanted a positive int, got '-3'"),
+        (["--requests", "0"], "argument --requests: wanted a positive int, got '0'"),
+        (["--prefill-workers", "0"], "argument --prefill-workers: wanted a positive int, got '0'"),
+        (["--timeout", "0"], "argument --timeout: wanted a positive, finite number of seconds, got '0'"),
+        (["--timeout", "-5"], "argument --timeout: wanted a positive, finite number of seconds, got '-5'"),
+        (["--arrival-interval", "-1"], "argument --arrival-interval: wanted a finite number of seconds >= 0"),
+    ],
+)
+def test_serve_refuses_flags_it_cannot_honour_in_one_line(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--backend", "numpy", "--colocated", *flags])
+    assert exit_.value.code != 0
+    assert message in _one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (None, "cannot read --prompts"),
+        ("[[1, 2]", "is not JSON"),
+        ("[1, 2, 3]", "holds a flat list of numbers; wanted a list of token-id lists, e.g. [[1, 2, 3]]"),
+        ('{"a": 1}', "must hold a non-empty JSON list of token-id lists"),
+        ("[]", "must hold a non-empty JSON list of token-id lists"),
+    ],
+)
+def test_a_prompts_file_that_holds_no_prompts_is_one_line(content, message, tmp_path, capsys):
+    path = tmp_path / "p.json"
+    if content is not None:
+        path.write_text(content)
+    assert main(["serve", "--backend", "numpy", "--colocated", "--prompts", str(path)]) == 2
+    assert message in _one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.timeout(120)
+def test_bad_prompts_in_the_file_fail_alone_and_the_table_prints(tmp_path, capsys):
+    prompts = [[1, 2, 3], [[1, 2], [3, 4]], [1.5, 2], [1, 10**30], [], [4, 5]]
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(prompts))
+    argv = ["serve", "--backend", "numpy", "--colocated", "--prompts", str(path), "--max-new-tokens", "2"]
+    assert main([*argv, "--json"]) == 0
+    recs = json.loads(capsys.readouterr().out)["requests"]
+    assert [r["error"] is None for r in recs] == [True, False, False, False, False, True]
+    assert [len(r["tokens"]) for r in recs] == [2, 0, 0, 0, 0, 2]
+    assert "got float64 values: [1.5, 2]" in recs[2]["error"]  # refused, never truncated to [1, 2]
+    assert recs[1]["prompt"] == [[1, 2], [3, 4]] and recs[3]["prompt"] == [1, 10**30]
+    assert main(argv) == 0  # the table prints a failed request's reason
+    out = capsys.readouterr().out
+    assert "must be 1-D" in out and "completed 2/6 (rejected 4" in out

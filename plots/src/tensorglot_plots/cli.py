@@ -6,6 +6,8 @@ matplotlib nor a framework: `run` does.
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
 
     from . import FigureSkipped, render
 
+    _check_out(args.out)  # before minutes of figures, not after
     name = tensorglot.registry.resolve_name(args.backend)
     parallel.request_host_devices(name, 4)  # the measured sharding panel runs 4-way steps
     backend = tensorglot.get_backend(name)
@@ -53,6 +56,15 @@ def run(args: argparse.Namespace) -> int:
         written += 1
     print(f"tensorglot plots: {written} written, {skipped} skipped")
     return 0
+
+
+def _check_out(path: str) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise ValueError(f"plots: cannot write figures to --out {path}: {exc.strerror or exc}") from None
 
 
 @hookimpl

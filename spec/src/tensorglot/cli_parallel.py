@@ -8,11 +8,14 @@ that starting processes and compiling are not counted) against the same step on 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
+from collections.abc import Callable
 from typing import Any
 
 from . import parallel as spec
+from .cli import positive_int, positive_seconds
 from .registry import resolve_name
 
 
@@ -28,8 +31,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--schedule", choices=spec.SCHEDULES, default="1f1b", help="pp's schedule")
     parser.add_argument("--tp-size", type=int, default=None, help="dp_tp's tensor-parallel size")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds before started ranks are killed")
-    parser.add_argument("--repeats", type=int, default=5, help="steps timed after a warm-up (the median counts)")
+    parser.add_argument(
+        "--timeout", type=positive_seconds, default=300.0, help="seconds before started ranks are killed"
+    )
+    parser.add_argument(
+        "--repeats", type=positive_int, default=5, help="steps timed after a warm-up (the median counts)"
+    )
     parser.add_argument("--json", action="store_true", help="print a JSON list, one object per strategy")
 
 
@@ -55,14 +62,12 @@ def collect(args: argparse.Namespace) -> list[dict[str, Any]]:
     params = {k: backend.asarray(v, args.dtype) for k, v in params.items()}
     x, dy = backend.asarray(x, args.dtype), backend.asarray(dy, args.dtype)
     backend.parallel.single_step(params, x, dy)  # warm-up (compiles, on jit backends)
-    ones = [backend.parallel.single_step(params, x, dy) for _ in range(args.repeats)]
-    one, one_seconds = ones[-1], statistics.median(r.seconds for r in ones)
+    one, one_seconds = _timed(lambda: backend.parallel.single_step(params, x, dy), args.repeats)
     rows = []
     for s in strategies:
         kw = dict(strategy=s, world_size=args.world_size, timeout=args.timeout, **options)
         backend.parallel.step(params, x, dy, **kw)  # warm-up: starts the ranks or compiles
-        runs = [backend.parallel.step(params, x, dy, **kw) for _ in range(args.repeats)]
-        got = runs[-1]
+        got, seconds = _timed(functools.partial(backend.parallel.step, params, x, dy, **kw), args.repeats)
         model = spec.step_cost(s, shape, args.world_size, **options)
         rows.append(
             {
@@ -76,12 +81,22 @@ def collect(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "bytes_by_rank_measured": list(got.bytes_by_rank),
                 "param_bytes_per_rank": got.param_bytes_per_rank,
                 "param_bytes_per_rank_model": model.param_bytes_per_rank,
-                "seconds_per_step": statistics.median(r.seconds for r in runs),
+                "seconds_per_step": seconds,
                 "seconds_per_step_one_device": one_seconds,
                 "bubble": model.bubble,
             }
         )
     return rows
+
+
+def _timed(step: Callable[[], spec.StepResult], repeats: int) -> tuple[spec.StepResult, float]:
+    """The last of ``repeats`` steps and their median seconds; only the seconds of the others are kept
+    (a StepResult holds every gradient and parameter: 60 of them are gigabytes)."""
+    seconds = []
+    for _ in range(repeats):
+        last = step()
+        seconds.append(last.seconds)
+    return last, statistics.median(seconds)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ import numpy as np
 from tensorglot import parallel as spec
 from tensorglot.parallel import Collective, Collectives, StepResult
 from tensorglot.parallel.collectives import Groups
+from tensorglot.parallel.step import check_timeout
 
 from ._common import as_float
 
@@ -28,6 +29,9 @@ class Mesh:
     """n simulated devices; `run` gives each a thread and its own `Collectives`."""
 
     def __init__(self, n: int, *, timeout: float = 120.0) -> None:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"Mesh: n must be a positive int, got {n!r}")
+        check_timeout("Mesh", timeout)
         self.n, self.timeout = n, timeout
         self.slots: list[Any] = [None] * n  # what each rank brings to the current collective
         self.mail = {(s, d): queue.Queue[np.ndarray]() for s in range(n) for d in range(n)}

@@ -1,7 +1,9 @@
 """Starting the ranks of a torch parallel step: our own spawn on a free port, or torchrun's environment.
 
 `launch` keeps n spawned ranks between steps (starting torch n times costs seconds); the first rank to
-fail, or the step's timeout, kills them all and raises with the failing rank's traceback. Under
+fail, or the step's timeout, kills them all and raises with the failing rank's traceback. Start-up has
+the step's timeout too, and a port taken between choosing and binding it is retried on another
+(`PORT_ATTEMPTS`). No queue to a rank is flushed at exit, so a dead rank never keeps this process. Under
 torchrun (``torchrun --nproc-per-node N -m tensorglot_torch.parallel --strategy fsdp``, `main`) each of
 its processes is one rank and runs the same `run_rank`. The ranks are ``spawn``ed: a script that calls
 `step` needs the usual ``if __name__ == "__main__":`` guard.
@@ -15,7 +17,6 @@ import io
 import multiprocessing as mp
 import os
 import queue
-import socket
 import sys
 import time
 import traceback
@@ -27,15 +28,10 @@ import torch
 import torch.distributed as dist
 
 from tensorglot import parallel as spec
+from tensorglot.parallel.devices import PORT_ATTEMPTS, abandon_queue, free_port, port_taken, stop_processes
 
 from ._common import DTYPES
 from .collectives import FAIL_RANK_ENV, ProcessGroupCollectives, host
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _device(rank: int, n: int) -> tuple[str, torch.device]:
@@ -68,34 +64,59 @@ def _serve(rank: int, n: int, port: int, tasks: Any, results: Any, threads: int,
         if device.type == "cuda":
             torch.cuda.set_device(device)
         wait = timedelta(seconds=timeout)
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=n, timeout=wait)
+        try:
+            dist.init_process_group(
+                backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=n, timeout=wait
+            )
+        except Exception as exc:
+            if not port_taken(exc):
+                raise
+            results.put(("port", rank, f"{type(exc).__name__}: {exc}"))
+            raise SystemExit(1) from None
+        results.put(("ready", rank, None))
         while (task := tasks.get()) is not None:
             config, arrays, fail = task
             results.put(("ok", rank, run_rank(config, arrays, device, fail)))
         dist.destroy_process_group()
     except BaseException as exc:  # report every failure, then die: the parent kills the other ranks
-        results.put(("error", rank, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+        if not isinstance(exc, SystemExit):
+            results.put(("error", rank, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
         raise SystemExit(1) from None
 
 
+class _PortTaken(Exception):
+    pass
+
+
 class _Pool:
-    """n spawned ranks on a free port, kept between steps."""
+    """n spawned ranks on a free port, kept between steps; every rank has joined when it is built."""
 
-    def __init__(self, n: int, timeout: float) -> None:
+    def __init__(self, n: int, timeout: float, what: str) -> None:
         ctx = mp.get_context("spawn")
-        self.n, self.results, self.tasks = n, ctx.Queue(), [ctx.Queue() for _ in range(n)]
         threads = max(1, torch.get_num_threads() // n)  # the same thread budget as one process
-        port = _free_port()
-        self.procs = [
-            ctx.Process(target=_serve, args=(r, n, port, self.tasks[r], self.results, threads, timeout), daemon=True)
-            for r in range(n)
-        ]
-        for p in self.procs:
-            p.start()
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            self.n, self.results, self.tasks = n, ctx.Queue(), [ctx.Queue() for _ in range(n)]
+            port = free_port()
+            self.procs = [
+                ctx.Process(target=_serve, args=(r, n, port, self.tasks[r], self.results, threads, timeout))
+                for r in range(n)
+            ]
+            for p in self.procs:
+                p.daemon = True
+                p.start()
+            try:
+                self._gather("ready", what, timeout)
+                return
+            except _PortTaken as exc:
+                self.close(kill=True)
+                if attempt == PORT_ATTEMPTS:
+                    raise RuntimeError(f"parallel: {what}: {PORT_ATTEMPTS} ports were taken ({exc})") from None
+            except BaseException:
+                self.close(kill=True)
+                raise
 
-    def run(self, task: tuple[Any, ...], what: str, timeout: float) -> list[Any]:
-        for q in self.tasks:
-            q.put(task)
+    def _gather(self, kind: str, what: str, timeout: float) -> list[Any]:
+        """Every rank's message of ``kind``; the first error, a dead rank or the timeout raises."""
         deadline, done = time.monotonic() + timeout, dict[int, Any]()
         while len(done) < self.n:
             if time.monotonic() > deadline:
@@ -108,21 +129,26 @@ class _Pool:
                     code = self.procs[dead[0]].exitcode
                     raise RuntimeError(f"parallel: rank {dead[0]} of {self.n} died with exit code {code}") from None
                 continue
+            if status == "port":
+                raise _PortTaken(payload)
             if status == "error":
                 raise RuntimeError(f"parallel: rank {rank} of {self.n} failed: {payload}")
-            done[rank] = payload
+            if status == kind:
+                done[rank] = payload
         return [done[r] for r in range(self.n)]
+
+    def run(self, task: tuple[Any, ...], what: str, timeout: float) -> list[Any]:
+        for q in self.tasks:
+            q.put(task)
+        return self._gather("ok", what, timeout)
 
     def close(self, *, kill: bool = False) -> None:
         if not kill:
             for q in self.tasks:
                 q.put(None)
-            for p in self.procs:
-                p.join(timeout=5)
-        for p in self.procs:
-            if p.is_alive():
-                p.kill()
-            p.join(timeout=5)
+        stop_processes(self.procs, grace=0 if kill else 5)
+        for q in [*self.tasks, self.results]:
+            abandon_queue(q)
 
 
 _POOLS: dict[int, _Pool] = {}  # by world size
@@ -168,7 +194,7 @@ def launch(config: spec.StepConfig, arrays: dict[str, np.ndarray]) -> spec.StepR
         ranks = _torchrun_rank(config, arrays)
     else:
         if n not in _POOLS:
-            _POOLS[n] = _Pool(n, config.timeout)
+            _POOLS[n] = _Pool(n, config.timeout, f"{config.strategy} (starting the ranks)")
         try:
             ranks = _POOLS[n].run((config, arrays, os.environ.get(FAIL_RANK_ENV)), config.strategy, config.timeout)
         except BaseException:

@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 from dataclasses import asdict
 from typing import Any
 
@@ -110,10 +111,27 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(rows))
     payload = {"schema": SCHEMA, "machine": machine, "backend": backend, "quick": args.quick,
                "rows": [asdict(r) for r in rows]}  # fmt: skip
+    code = 0
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(payload, fh, indent=1, default=str)
-        print(f"wrote {len(rows)} rows to {args.json}")
+        code = _write(args.json, payload)
     if old is not None:
         print(format_compare(payload, old))
+    return code
+
+
+def _write(path: str, payload: dict[str, Any]) -> int:
+    """Write the run to ``path``; should it fail after all (checked before the run), write it to a
+    temporary file instead and say where: a run of minutes is never lost. 1 when ``path`` failed."""
+    text = json.dumps(payload, indent=1, default=str)
+    try:
+        with open(path, "w") as fh:
+            fh.write(text)
+    except OSError as exc:
+        fd, spare = tempfile.mkstemp(prefix="tensorglot-bench-", suffix=".json")
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        print(f"tensorglot bench: error: cannot write --json {path}: {exc.strerror or exc}; the run is in {spare}",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    print(f"wrote {len(payload['rows'])} rows to {path}")
     return 0

@@ -1,8 +1,18 @@
-"""Preparing a host's devices before a backend's framework starts: a plugin hook, so the spec names none."""
+"""Preparing a host before a launcher starts processes: its devices (a plugin hook, so the spec names
+no backend), a free local port, and stopping what was started, all shared by every launcher."""
 
 from __future__ import annotations
 
+import errno
+import socket
+import time
+from collections.abc import Sequence
+from typing import Any
+
 from ..registry import registry
+
+#: Start-ups a launcher tries, each on a fresh port, when the port it chose was taken in between.
+PORT_ATTEMPTS = 3
 
 
 def request_host_devices(backend: str, n: int, /) -> None:
@@ -13,3 +23,43 @@ def request_host_devices(backend: str, n: int, /) -> None:
     implementation, and then this does nothing.
     """
     registry().hook.tensorglot_prepare_host_devices(backend=backend, n=n)
+
+
+def free_port() -> int:
+    """A local TCP port that was free a moment ago (another process may take it before it is bound:
+    see `port_taken`)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_taken(error: BaseException | str, /) -> bool:
+    """Whether a start-up failed because its port was taken (EADDRINUSE), so that another port may work.
+
+    >>> port_taken("DistNetworkError: ... code: -98, name: EADDRINUSE, message: address already in use")
+    True
+    """
+    if isinstance(error, OSError) and error.errno == errno.EADDRINUSE:
+        return True
+    text = str(error)
+    return "EADDRINUSE" in text or "address already in use" in text.lower()
+
+
+def stop_processes(procs: Sequence[Any], *, grace: float) -> None:
+    """Give ``procs`` (multiprocessing processes) ``grace`` seconds in all to exit, then kill what is
+    left (a stopped process too) and reap it: nothing a launcher started outlives it."""
+    end = time.monotonic() + grace
+    for p in procs:
+        p.join(timeout=max(0.0, end - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.kill()  # SIGKILL: ends a process frozen by SIGSTOP as well
+    for p in procs:
+        p.join(timeout=5)
+
+
+def abandon_queue(q: Any, /) -> None:
+    """Let this process exit without flushing ``q`` (a multiprocessing queue): its feeder thread may be
+    blocked writing to a process that is dead, and Python's exit would wait on it for ever."""
+    q.cancel_join_thread()
+    q.close()

@@ -155,11 +155,23 @@ def step_config(
     tp_size: int | None,
     timeout: float,
 ) -> StepConfig:
-    """`check_step`, and a timeout that is a positive number of seconds: the `StepConfig` of a valid step."""
+    """`check_step`, and a timeout that is a positive, finite number of seconds: the `StepConfig` of a valid step."""
     check_step(strategy, shape, world_size, microbatches=microbatches, tp_size=tp_size, schedule=schedule)
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
-        raise ValueError(f"parallel: timeout must be a positive number of seconds, got {timeout!r}")
+    check_timeout("parallel", timeout)
     return StepConfig(strategy, world_size, shape.dtype, lr, microbatches, schedule, tp_size, float(timeout))
+
+
+def check_timeout(fn: str, timeout: Any, /) -> None:
+    """Raise ValueError unless ``timeout`` is a positive, finite number of seconds (a zero one would
+    declare every healthy rank dead; an infinite one is no deadline, and overflows the clocks).
+
+    >>> check_timeout("parallel", float("inf"))
+    Traceback (most recent call last):
+    ...
+    ValueError: parallel: timeout must be a positive number of seconds, got inf
+    """
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout < math.inf:
+        raise ValueError(f"{fn}: timeout must be a positive number of seconds, got {timeout!r}")
 
 
 @dataclass

@@ -26,6 +26,7 @@ See docs/serving.md.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from .admission import Request, check_request
@@ -86,8 +87,12 @@ def serve(
     ``error`` (a request longer than the context is rejected with a message; the others run).
     ``transport`` names a registered transport (None: torch's if installed); colocated needs none.
     """
-    if prefill_workers < 1 and not colocated:
-        raise ValueError(f"serve: prefill_workers must be >= 1, got {prefill_workers}")
+    if isinstance(prefill_workers, bool) or not isinstance(prefill_workers, int) or prefill_workers < 1:
+        raise ValueError(f"serve: prefill_workers must be an int >= 1, got {prefill_workers!r}")
+    for name, seconds in (("timeout_s", timeout_s), ("deadline_s", deadline_s)):
+        # A zero timeout would declare every healthy worker dead at its first request.
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0 < seconds < math.inf:
+            raise ValueError(f"serve: {name} must be a positive, finite number of seconds, got {seconds!r}")
     ids = [r.rid for r in requests]
     if len(set(ids)) != len(ids):
         raise ValueError("serve: request ids must be unique")

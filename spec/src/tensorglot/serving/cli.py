@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ..cli import positive_int, positive_seconds
 from . import serve
 from .admission import Request
 from .model import DEMO_MODEL, Model
@@ -35,8 +36,8 @@ def _range(text: str, name: str) -> tuple[int, int]:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="torch", help="the backend that runs the model (default torch)")
-    parser.add_argument("--prefill-workers", type=int, default=1, metavar="P", help="prefill processes")
-    parser.add_argument("--requests", type=int, default=8, metavar="R", help="how many requests")
+    parser.add_argument("--prefill-workers", type=positive_int, default=1, metavar="P", help="prefill processes")
+    parser.add_argument("--requests", type=positive_int, default=8, metavar="R", help="how many requests")
     parser.add_argument(
         "--prompt-len", type=lambda s: _range(s, "--prompt-len"), default=(8, 64), metavar="A:B",
         help="random prompt lengths, uniform in [A, B] (default 8:64)",
@@ -48,9 +49,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", metavar="DIR", help="a Hugging Face Llama dir (config.json + safetensors)")
     parser.add_argument("--prompts", metavar="FILE", help="a JSON list of token-id lists (instead of random)")
     parser.add_argument("--colocated", action="store_true", help="prefill and decode interleaved in one process")
-    parser.add_argument("--arrival-interval", type=float, default=0.0, metavar="S", help="seconds between arrivals")
+    parser.add_argument("--arrival-interval", type=_interval, default=0.0, metavar="S", help="seconds between arrivals")
     parser.add_argument("--transport", default=None, help="a registered transport (default: torch's)")
-    parser.add_argument("--timeout", type=float, default=30.0, metavar="S", help="per-transfer timeout (s)")
+    parser.add_argument("--timeout", type=positive_seconds, default=30.0, metavar="S", help="per-transfer timeout (s)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64", "float16"))
     parser.add_argument("--seed", type=int, default=0, help="seeds the random model and prompts")
     parser.add_argument("--json", action="store_true", help='print {"requests": [...], "summary": {...}}')
@@ -75,9 +76,9 @@ def run(args: argparse.Namespace) -> int:
         model = Model(args.backend, DEMO_MODEL, seed=args.seed, dtype=args.dtype)
         vocab = DEMO_MODEL["vocab_size"]
         described = "random model " + ", ".join(f"{k}={v}" for k, v in DEMO_MODEL.items())
+    prompts: list[Any]
     if args.prompts:
-        with open(args.prompts) as fh:
-            prompts = [np.asarray(p, dtype=np.int64) for p in json.load(fh)]
+        prompts = _read_prompts(args.prompts)  # each checked by the router: a bad one fails alone
     else:
         lo, hi = args.prompt_len
         prompts = [rng.integers(0, vocab, size=int(rng.integers(lo, hi + 1))) for _ in range(args.requests)]
@@ -107,17 +108,47 @@ def run(args: argparse.Namespace) -> int:
         print(f"  event: {event}")
     print(f"{'id':>4} {'prompt':>6} {'new':>4} {'ttft ms':>9} {'tpot ms':>9} {'kv KiB':>8}  tokens / error")
     for r in out["requests"]:
+        n = len(r["prompt"]) if isinstance(r["prompt"], list) else "-"
         if r["error"]:
-            print(f"{r['id']:>4} {len(r['prompt']):>6} {'-':>4} {'-':>9} {'-':>9} {'-':>8}  {r['error']}")
+            print(f"{r['id']:>4} {n:>6} {'-':>4} {'-':>9} {'-':>9} {'-':>8}  {r['error']}")
             continue
         tpot = "-" if r["tpot_s"] is None else f"{1e3 * r['tpot_s']:.2f}"
         head = " ".join(map(str, r["tokens"][:8])) + (" ..." if len(r["tokens"]) > 8 else "")
         print(
-            f"{r['id']:>4} {len(r['prompt']):>6} {len(r['tokens']):>4} {1e3 * r['ttft_s']:>9.2f} {tpot:>9} "
+            f"{r['id']:>4} {n:>6} {len(r['tokens']):>4} {1e3 * r['ttft_s']:>9.2f} {tpot:>9} "
             f"{r['kv_bytes'] / 1024:>8.1f}  {head}"
         )
     print(_summary_line(s))
     return 0
+
+
+def _interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"wanted a finite number of seconds >= 0, got {text!r}")
+    return value
+
+
+def _read_prompts(path: str) -> list[Any]:
+    """The JSON list of prompts in ``path``, as given: the router checks each one on its own."""
+    try:
+        with open(path) as fh:
+            data = json.load(fh)
+    except OSError as exc:
+        raise ValueError(f"serve: cannot read --prompts {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise ValueError(f"serve: --prompts {path} is not JSON: {exc}") from None
+    if not isinstance(data, list) or not data:
+        raise ValueError(f"serve: --prompts {path} must hold a non-empty JSON list of token-id lists, got {data!r:.60}")
+    if all(isinstance(p, int | float) for p in data):
+        raise ValueError(
+            f"serve: --prompts {path} holds a flat list of numbers; wanted a list of token-id lists, "
+            f"e.g. [{json.dumps(data[:4])[:60]}]"
+        )
+    return data
 
 
 def _summary_line(s: dict[str, Any]) -> str:

@@ -7,6 +7,14 @@ from typing import Any
 import numpy as np
 
 
+def prompt_json(prompt: Any) -> Any:
+    """A request's prompt as JSON-ready values, whatever the caller gave (a rejected one included)."""
+    try:
+        return np.asarray(prompt).tolist()
+    except (ValueError, TypeError):
+        return prompt if isinstance(prompt, list) else repr(prompt)
+
+
 def request_record(
     req: Any,
     tokens: list[int],
@@ -24,7 +32,7 @@ def request_record(
     ttft, e2e, n = t_first - req.arrival, t_last - req.arrival, len(tokens)
     return {
         "id": req.rid,
-        "prompt": [int(t) for t in req.prompt],
+        "prompt": prompt_json(req.prompt),
         "tokens": [int(t) for t in tokens],
         "ttft_s": ttft,
         "tpot_s": (e2e - ttft) / (n - 1) if n > 1 else None,
@@ -42,7 +50,7 @@ def request_record(
 def rejected_record(req: Any, error: str) -> dict[str, Any]:
     return {
         "id": req.rid,
-        "prompt": [int(t) for t in req.prompt],
+        "prompt": prompt_json(req.prompt),
         "tokens": [],
         "ttft_s": None,
         "tpot_s": None,

@@ -15,6 +15,8 @@ Kinds and their fields (after kind, rid):
            payload: tokens (n,) int64
   DEAD     worker                                      (router → decode: stop listening to it)
   STOP                                                 (no more requests)
+  READY                                                (worker → router: model loaded, warmed up)
+  BEAT                                                 (worker → router, every `beat_s`: alive)
 
 Transports come from plugins (`tensorglot.hookspecs.tensorglot_register_transports`); `get_transport`
 looks one up by name. tensorglot-torch provides ``"torch"`` (``torch.distributed``: gloo on CPU, NCCL
@@ -31,7 +33,7 @@ from typing import NamedTuple, Protocol
 import numpy as np
 
 HEADER = 16
-REQUEST, KV, RECEIVED, DONE, DEAD, STOP = range(1, 7)
+REQUEST, KV, RECEIVED, DONE, DEAD, STOP, READY, BEAT = range(1, 9)
 DTYPES = ("float32", "float64", "float16")  # what `Backend.to_numpy` gives (bfloat16 is widened)
 
 PayloadSpec = Callable[[list[int]], list[tuple[tuple[int, ...], str]]]
@@ -66,7 +68,8 @@ class Transport(Protocol):
 
     def send(self, dst: int, header: np.ndarray, arrays: Sequence[np.ndarray] = (), /) -> None:
         """Queue the header and then each array, in order, for ``dst``, and return at once (a rank never
-        blocks on a send, so two ranks that send to each other cannot deadlock)."""
+        blocks on a send, so two ranks that send to each other cannot deadlock). Safe to call from
+        several threads (the heartbeat sends from its own)."""
         ...
 
     def recv(self, timeout: float, /) -> Message | None:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -26,7 +28,7 @@ from ..params import TransformerConfig
 from . import transport as tr
 from .admission import Arrivals, Request
 from .engine import DecodeEngine, Sequence, prefill
-from .metrics import request_record
+from .metrics import rejected_record, request_record
 from .model import Model
 
 logger = logging.getLogger("tensorglot.serving")
@@ -34,8 +36,10 @@ logger = logging.getLogger("tensorglot.serving")
 
 @dataclass(frozen=True)
 class Fault:
-    """Fault injection for tests: prefill worker ``rank`` dies (``die``) or stops answering (``hang``)
-    when its request number ``after`` (from 0) arrives."""
+    """Fault injection for tests: prefill worker ``rank`` dies (``die``), stops answering (``hang``: its
+    transport's threads still run) or is frozen whole (``stop``: SIGSTOP) when its request number
+    ``after`` (from 0; -1 with ``stop``: at start-up, before its model loads) arrives. The decode
+    worker dies (``die``) or is frozen (``stop``) once it has finished ``after`` + 1 requests."""
 
     rank: int
     mode: str = "die"
@@ -54,24 +58,44 @@ class Options:
     faults: list[Fault] = field(default_factory=list)
 
 
+def beat_s(opts: Options) -> float:
+    """A worker's heartbeat period: a few beats per timeout, so one late beat is no death."""
+    return min(1.0, opts.timeout_s / 4)
+
+
 def route(live: list[int], inflight: dict[int, list[int]], max_inflight: int) -> int | None:
     """The least-loaded live prefill worker with room, or None when all are full."""
     ready = [w for w in live if len(inflight[w]) < max_inflight]
     return min(ready, key=lambda w: len(inflight[w])) if ready else None
 
 
+def heartbeat(t: tr.Transport, every_s: float) -> None:
+    """Send BEAT to the router every ``every_s`` seconds from a daemon thread, for as long as this
+    process runs: a frozen process (SIGSTOP) stops beating, a busy one does not."""
+
+    def beat() -> None:
+        while True:
+            t.send(0, tr.header(tr.BEAT))
+            time.sleep(every_s)
+
+    threading.Thread(target=beat, daemon=True, name="heartbeat").start()
+
+
 def router(t: tr.Transport, opts: Options, requests: list[Request], config: TransformerConfig, out: Any) -> None:
     decode = opts.prefill_workers + 1
-    t.barrier()  # every worker has loaded its model: the clock starts now
-    t.listen([decode])
+    workers = list(range(1, decode + 1))
+    t.listen(workers)  # READY, BEAT and, from the decode worker, RECEIVED and DONE
     live = list(range(1, decode))
     inflight: dict[int, list[int]] = {w: [] for w in live}
     progress = dict.fromkeys(live, 0.0)
+    seen = dict.fromkeys(workers, time.monotonic())  # when each worker was last heard from
+    ready: set[int] = set()
     by_id = {r.rid: r for r in requests}
-    arrivals, waiting = Arrivals(requests), deque[Request]()
+    waiting = deque[Request]()
     recomputed: set[int] = set()
     results: dict[int, dict[str, Any]] = {}
     events: list[str] = []
+    decode_error: str | None = None
 
     def declare_dead(w: int, why: str) -> None:
         live.remove(w)
@@ -79,11 +103,62 @@ def router(t: tr.Transport, opts: Options, requests: list[Request], config: Tran
         where = f"prefill rank(s) {live}" if live else f"the decode rank {decode}"
         events.append(f"prefill worker rank {w} {why}; recomputing request(s) {lost} on {where}")
         t.send(decode, tr.header(tr.DEAD, -1, w))
+        t.drop(w)
         for rid in reversed(lost):
             waiting.appendleft(by_id[rid])
             recomputed.add(rid)
 
-    while len(results) < len(requests):
+    def receive(timeout: float) -> None:
+        """One message, if any: who is alive, ready, done; a worker silent past the timeout is dead."""
+        nonlocal decode_error
+        msg = t.recv(timeout)
+        if msg is not None and msg.header is None:
+            if msg.src == decode:
+                decode_error = f"the decode worker (rank {decode}) failed: {msg.error}"
+            elif msg.src in live:
+                declare_dead(msg.src, f"could not be reached ({msg.error})")
+        elif msg is not None and msg.header is not None:
+            seen[msg.src] = time.monotonic()
+            head = msg.header
+            kind, rid = head[0], head[1]
+            if kind == tr.READY:
+                ready.add(msg.src)
+            elif kind == tr.RECEIVED:
+                w = head[2]
+                if w in inflight and rid in inflight[w]:
+                    inflight[w].remove(rid)
+                if w in progress:
+                    progress[w] = time.monotonic()
+            elif kind == tr.DONE:
+                done(rid, head, msg.payload[0])
+        now = time.monotonic()
+        if decode_error is None and now - seen[decode] > opts.timeout_s:
+            decode_error = f"the decode worker (rank {decode}) sent nothing for {opts.timeout_s:g} s"
+        for w in list(live):
+            if now - seen[w] > opts.timeout_s:
+                declare_dead(w, f"sent nothing for {opts.timeout_s:.1f} s (died or frozen)")
+            elif inflight[w] and now - progress[w] > opts.timeout_s:
+                declare_dead(w, f"delivered nothing for {opts.timeout_s:.1f} s (died or stopped answering)")
+        for dst in t.failures():
+            if dst in live:
+                declare_dead(dst, "could not be reached (its connection failed)")
+
+    def done(rid: int, head: list[int], tokens: np.ndarray) -> None:
+        first_us, last_us, kv_bytes, transfer_us, prefill_us, worker, ok, dig = head[3:11]
+        results[rid] = request_record(
+            by_id[rid], tokens.tolist(), t_first=first_us / 1e6, t_last=last_us / 1e6, kv_bytes=kv_bytes,
+            transfer_s=transfer_us / 1e6, prefill_s=prefill_us / 1e6, worker=worker,
+            recomputed=rid in recomputed, kv_digest_ok=bool(ok),
+        )  # fmt: skip
+        results[rid]["kv_digest"] = dig
+        out.put(("progress", len(results)))
+
+    # Every worker has loaded its model (or is dead): the clock starts now.
+    while decode_error is None and not ready >= {*live, decode}:
+        receive(0.01)
+    out.put(("started", None))
+    arrivals = Arrivals(requests)
+    while len(results) < len(requests) and decode_error is None:
         for error in arrivals.admit(config, waiting, results):
             events.append(f"rejected: {error}")
             out.put(("progress", len(results)))
@@ -98,41 +173,15 @@ def router(t: tr.Transport, opts: Options, requests: list[Request], config: Tran
                 if not inflight[target]:
                     progress[target] = time.monotonic()
                 inflight[target].append(req.rid)
-        msg = t.recv(arrivals.wait_s(0.002))
-        if msg is not None:
-            if msg.header is None:
-                raise RuntimeError(f"the decode worker (rank {decode}) failed: {msg.error}")
-            kind, rid = msg.header[0], msg.header[1]
-            if kind == tr.RECEIVED:
-                w = msg.header[2]
-                if w in inflight and rid in inflight[w]:
-                    inflight[w].remove(rid)
-                if w in progress:
-                    progress[w] = time.monotonic()
-            elif kind == tr.DONE:
-                first_us, last_us, kv_bytes, transfer_us, prefill_us, worker, ok, dig = msg.header[3:11]
-                results[rid] = request_record(
-                    by_id[rid],
-                    msg.payload[0].tolist(),
-                    t_first=first_us / 1e6,
-                    t_last=last_us / 1e6,
-                    kv_bytes=kv_bytes,
-                    transfer_s=transfer_us / 1e6,
-                    prefill_s=prefill_us / 1e6,
-                    worker=worker,
-                    recomputed=rid in recomputed,
-                    kv_digest_ok=bool(ok),
-                )
-                results[rid]["kv_digest"] = dig
-                out.put(("progress", len(results)))
-        for w in list(live):
-            if inflight[w] and time.monotonic() - progress[w] > opts.timeout_s:
-                declare_dead(w, f"delivered nothing for {opts.timeout_s:.1f} s (died or stopped answering)")
-        for dst in t.failures():
-            if dst in live:
-                declare_dead(dst, "could not be reached (its connection failed)")
+        receive(arrivals.wait_s(0.002))
     wall = time.time() - arrivals.t0
-    for dst in [*live, decode]:
+    if decode_error is not None:  # what completed is kept; the rest fail with the reason
+        unfinished = [r.rid for r in requests if r.rid not in results]
+        events.append(f"{decode_error}; request(s) {unfinished} failed")
+        for r in requests:
+            if r.rid not in results:
+                results[r.rid] = rejected_record(r, f"request {r.rid}: {decode_error}")
+    for dst in [*live, *([decode] if decode_error is None else [])]:
         t.send(dst, tr.header(tr.STOP))
     t.drain(opts.timeout_s)
     out.put(("result", {"requests": [results[r.rid] for r in requests], "events": events, "wall_s": wall}))
@@ -140,9 +189,12 @@ def router(t: tr.Transport, opts: Options, requests: list[Request], config: Tran
 
 def prefill_worker(t: tr.Transport, opts: Options, model: Model, fault: Fault | None) -> None:
     decode = opts.prefill_workers + 1
+    heartbeat(t, beat_s(opts))
+    if fault is not None and fault.after < 0 and fault.mode == "stop":  # frozen during start-up
+        os.kill(os.getpid(), signal.SIGSTOP)
     be, params, config = model.load()
     prefill(be, params, config, np.zeros(2, dtype=np.int64))  # warm-up: first calls are not timed
-    t.barrier()
+    t.send(0, tr.header(tr.READY))
     t.listen([0])
     handled = 0
     while True:
@@ -155,6 +207,8 @@ def prefill_worker(t: tr.Transport, opts: Options, model: Model, fault: Fault | 
         if fault is not None and handled >= fault.after:
             if fault.mode == "die":
                 os._exit(3)
+            if fault.mode == "stop":  # frozen, its transport's threads too (the launcher kills it)
+                os.kill(os.getpid(), signal.SIGSTOP)
             time.sleep(3600)  # hang: alive, answering nothing (the launcher ends it)
         pre = prefill(be, params, config, msg.payload[0])
         arrays = pre.arrays
@@ -178,18 +232,28 @@ def _done_header(seq: Sequence) -> np.ndarray:
     )  # fmt: skip
 
 
-def decode_worker(t: tr.Transport, opts: Options, model: Model) -> None:
+def decode_worker(t: tr.Transport, opts: Options, model: Model, fault: Fault | None = None) -> None:
+    heartbeat(t, beat_s(opts))
     be, params, config = model.load()
     engine = DecodeEngine(be, params, config, max_batch=opts.max_batch, block_size=opts.block_size)
     engine.warm_up()
-    t.barrier()
+    t.send(0, tr.header(tr.READY))
     t.listen(list(range(t.rank)))
     seen: set[int] = set()
     waiting: deque[tuple[Sequence, list[np.ndarray], list[np.ndarray]]] = deque()
     stopping = False
 
+    finished = 0
+
     def finish(seq: Sequence) -> None:
+        nonlocal finished
         t.send(0, _done_header(seq), [np.asarray(seq.tokens, dtype=np.int64)])
+        finished += 1
+        if fault is not None and finished > fault.after:  # what was sent arrives first
+            t.drain(opts.timeout_s)
+            if fault.mode == "stop":
+                os.kill(os.getpid(), signal.SIGSTOP)
+            os._exit(3)
 
     while True:
         idle = not engine.active and not waiting

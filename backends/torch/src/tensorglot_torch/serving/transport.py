@@ -53,16 +53,18 @@ class TorchTransport:
         self._reported: set[int] = set()
         self._inbox: queue.Queue = queue.Queue()
         self._dropped: set[int] = set()
+        self._lock = threading.Lock()
 
     # -- sending -----------------------------------------------------------------------------------
     def send(self, dst: int, header: np.ndarray, arrays: Sequence[np.ndarray] = (), /) -> None:
         if dst in self._failed:
             return
-        if dst not in self._outboxes:
-            self._outboxes[dst] = queue.Queue()
-            threading.Thread(target=self._send_loop, args=(dst,), daemon=True).start()
         tensors = [torch.from_numpy(np.ascontiguousarray(a)).to(self.device) for a in (header, *arrays)]
-        self._outboxes[dst].put(tensors)
+        with self._lock:  # the heartbeat sends from its own thread: one outbox and one thread per dst
+            if dst not in self._outboxes:
+                self._outboxes[dst] = queue.Queue()
+                threading.Thread(target=self._send_loop, args=(dst,), daemon=True).start()
+            self._outboxes[dst].put(tensors)
 
     def _send_loop(self, dst: int) -> None:
         q = self._outboxes[dst]
@@ -86,7 +88,7 @@ class TorchTransport:
     def drain(self, timeout: float, /) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if all(q.unfinished_tasks == 0 for d, q in self._outboxes.items() if d not in self._failed):
+            if all(q.unfinished_tasks == 0 for d, q in list(self._outboxes.items()) if d not in self._failed):
                 return
             time.sleep(0.001)
 
