@@ -58,7 +58,7 @@ from array_api_compat import array_namespace
 from . import cache as cache_module
 from . import checks
 from .cache import BLOCK_SIZE, KVCache, check_cache
-from .forward import _ATTENTION, Forward, _mlp_names, _Pass
+from .forward import Forward, _Pass, attention_names, mlp_names
 from .frontend import shape
 from .params import TransformerConfig, check_params, check_tokens, param_shapes
 
@@ -95,7 +95,8 @@ class Layers(Forward):
         Returns:
             (B, S, D).
         """
-        x, p = self._layer_inputs("attention_layer", x, params, config, layer, _ATTENTION, positions, cache)
+        names = attention_names(config)
+        x, p = self._layer_inputs("attention_layer", x, params, config, layer, names, positions, cache)
         return self._attention(x, p, layer)
 
     def mlp_layer(self, x: Array, params: Params, config: TransformerConfig, /, *, layer: int) -> Array:
@@ -107,7 +108,7 @@ class Layers(Forward):
         Returns:
             (B, S, D).
         """
-        x, p = self._layer_inputs("mlp_layer", x, params, config, layer, _mlp_names(config), None, None)
+        x, p = self._layer_inputs("mlp_layer", x, params, config, layer, mlp_names(config), None, None)
         return self._mlp(x, p, layer)
 
     def block(
@@ -128,7 +129,8 @@ class Layers(Forward):
         Returns:
             (B, S, D).
         """
-        names = ("attn_norm", *_ATTENTION, "mlp_norm", *_mlp_names(config))
+        prefix = f"layers.{layer}."
+        names = [k[len(prefix) :] for k in param_shapes(config) if k.startswith(prefix)]
         x, p = self._layer_inputs("block", x, params, config, layer, names, positions, cache)
         return self._block(x, p, layer)
 
