@@ -12,6 +12,7 @@ rest) and, for `tensorglot.training`, the tape of what the backward pass needs.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from array_api_compat import array_namespace, device
 from .cache import KVCache, visible_mask
 from .encodings import frequency_table, yarn_attention_factor
 from .frontend import HALF, FrontEnd, shape
-from .params import TransformerConfig, attention_shapes, block_norms, mlp_shapes
+from .params import GATED, TransformerConfig, attention_shapes, block_norms, mlp_shapes
 
 Array = Any
 #: The mask of a cached step whose sequences all hold the same length: plain bottom-right causal.
@@ -59,12 +60,6 @@ class _Pass:
     rope: tuple[tuple[np.ndarray, float, str, int], ...] = field(init=False)
 
     def __post_init__(self) -> None:
-        if self.config.attn_softcap is not None:
-            # Softcapping sits between the scores and the softmax, inside the attention kernel.
-            raise ValueError(
-                "transformer: config.attn_softcap needs the attention kernel's softcap, which this version's "
-                f"kernels lack; got attn_softcap = {self.config.attn_softcap}"
-            )
         self.rope = _rope_tables(self.config)
 
 
@@ -155,12 +150,25 @@ class Forward(FrontEnd):
         else:
             k_all, v_all = p.cache.update(layer, k, v)  # (B, T, K, H), keys stored after RoPE
             causal, mask = self._step_mask(p, c.window(layer), S, shape(k_all)[1], x)
-        y = self._run(self._k.attention, p.dtype, (q, k_all, v_all), causal, mask, scale)
+        y = self._run(self._k.attention, p.dtype, (q, k_all, v_all), causal, mask, scale, *self._softcap(p))
         y = xp.reshape(y, (B, S, N * H))  # (B, S, N·H)
         if saved is not None:
             saved.update(q_lin=q_lin, k_lin=k_lin, q=q, k=k, v=v, y=y, causal=causal, mask=mask)
         wo = xp.reshape(w[pre + "wo"], (N * H, D))
         return self._linear(y, wo, w.get(pre + "bo"), p)  # (B, S, D)
+
+    def _softcap(self, p: _Pass) -> tuple[float, ...]:
+        """The attention kernel's softcap option, passed only when the config sets one."""
+        cap = p.config.attn_softcap
+        if cap is None:
+            return ()
+        if "softcap" not in inspect.signature(self._k.attention).parameters:
+            # Softcapping sits between the scores and the softmax, inside the kernel.
+            raise ValueError(
+                f"transformer: config.attn_softcap = {cap} needs an attention kernel with softcap, which the "
+                f"{self._be.name} backend's lacks"
+            )
+        return (cap,)
 
     def _project(self, x: Array, p: _Pass, pre: str, name: str, heads: int) -> Array:
         """x · w{name} (+ b{name}): (B, S, heads·H)."""
@@ -207,11 +215,18 @@ class Forward(FrontEnd):
         weights = [p.params[pre + n] for n in mlp_names(c) if n.startswith("w")]
         if c.mlp_bias:
             x, weights, b_out = _fold_biases(x, weights, p.params, pre, c, xp)
-        if act == "swiglu":
-            out = self._run(self._k.swiglu, p.dtype, (x, *weights))
+        if act in GATED:
+            out = self._run(self._gated(act), p.dtype, (x, *weights))
         else:
             out = self._run(self._k.mlp, p.dtype, (x, *weights), act)
         return out + b_out if c.mlp_bias else out
+
+    def _gated(self, act: str, backward: str = "") -> Any:
+        """The kernel of a gated MLP (``swiglu`` or ``geglu``), or its ``_backward``."""
+        kernel = getattr(self._k, act + backward, None)
+        if kernel is None:
+            raise ValueError(f"transformer: activation {act!r} needs the {act} kernel, which {self._be.name} lacks")
+        return kernel
 
     def _linear(self, x: Array, w: Array, b: Array | None, p: _Pass) -> Array:
         return self._run(self._k.linear, p.dtype, (x, w, b))
@@ -242,9 +257,10 @@ def _fold_biases(x: Array, weights: list, params: Mapping, pre: str, c: Transfor
     ones = xp.ones((*shape(x)[:-1], 1), dtype=x.dtype, device=device(x))
     xa = xp.concat([x, ones], axis=-1)  # (B, S, D + 1)
     *inputs, out = weights
-    biases = ("b_gate", "b_up") if c.activation == "swiglu" else ("b_in",)
+    gated = c.activation in GATED
+    biases = ("b_gate", "b_up") if gated else ("b_in",)
     folded = [xp.concat([w, params[pre + b][None, :]], axis=0) for w, b in zip(inputs, biases)]  # (D + 1, F)
-    return xa, [*folded, out], params[pre + ("b_down" if c.activation == "swiglu" else "b_out")]
+    return xa, [*folded, out], params[pre + ("b_down" if gated else "b_out")]
 
 
 def _on_device(host: np.ndarray, like: Array) -> Array:

@@ -12,7 +12,7 @@ K = n_kv_heads, H = head_dim, F = d_ff, V = vocab_size::
     layers.{i}.bq         (N, H)       layers.{i}.bk, bv    (K, H)   (qkv_bias)    layers.{i}.bo (D,) (o_bias)
     layers.{i}.q_norm     (H,)         layers.{i}.k_norm    (H,)     (qk_norm "head"; "projection": (N·H,), (K·H,))
     layers.{i}.w_in       (D, F)       layers.{i}.w_out     (F, D)       (relu, gelu, gelu_tanh, silu)
-    layers.{i}.w_gate     (D, F)       layers.{i}.w_up      (D, F)       layers.{i}.w_down  (F, D)  (swiglu)
+    layers.{i}.w_gate     (D, F)       layers.{i}.w_up      (D, F)       layers.{i}.w_down  (F, D)  (swiglu, geglu)
     layers.{i}.b_in, b_gate, b_up (F,) layers.{i}.b_out, b_down (D,)     (mlp_bias)
     norm                  (D,)
     lm_head               (D, V)       absent when ``tie_embeddings``: the logits are then ``h @ embed.T``
@@ -42,8 +42,10 @@ import numpy as np
 
 from . import checks
 
-#: The MLP kinds a config may name: the ops' activations, plus Llama's gated ``swiglu``.
-MLP_ACTIVATIONS = (*checks.ACTIVATIONS, "swiglu")
+#: The MLP kinds a config may name: the ops' activations, plus the gated ``swiglu`` (Llama) and ``geglu``
+#: (Gemma: the tanh GELU as the gate).
+MLP_ACTIVATIONS = (*checks.ACTIVATIONS, "swiglu", "geglu")
+GATED = ("swiglu", "geglu")
 #: The float dtypes `init_params` can return.
 PARAM_DTYPES = ("float64", "float32", "float16")
 
@@ -69,7 +71,7 @@ class TransformerConfig:
         n_heads: N query heads.  n_kv_heads: K key/value heads, N % K == 0 (K = N is MHA, K = 1 MQA).
         head_dim: H; need not equal D / N (the projections are (D, N, H) and (N, H, D)).
         d_ff: F, the MLP's hidden width.
-        activation: relu, gelu, gelu_tanh, silu (a plain MLP) or swiglu (the gated MLP).
+        activation: relu, gelu, gelu_tanh, silu (a plain MLP), swiglu or geglu (the gated MLPs).
         norm_eps: the norms' epsilon.
         rope_theta, rope_style, rotary_dim, rope_scaling: passed to `Encodings.rope` for q and k;
             ``rotary_dim`` None rotates all of H (partial rotary: an even number < H).
@@ -254,7 +256,7 @@ def mlp_shapes(config: TransformerConfig, /) -> dict[str, tuple[int, ...]]:
     """One layer's MLP parameters (without the prefix): weights, then biases with ``mlp_bias``."""
     c = config
     D, F = c.d_model, c.d_ff
-    if c.activation == "swiglu":
+    if c.activation in GATED:
         shapes: dict[str, tuple[int, ...]] = {"w_gate": (D, F), "w_up": (D, F), "w_down": (F, D)}
         biases: dict[str, tuple[int, ...]] = {"b_gate": (F,), "b_up": (F,), "b_down": (D,)}
     else:

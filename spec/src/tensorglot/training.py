@@ -20,7 +20,7 @@ from array_api_compat import array_namespace, device
 from . import checks
 from .forward import _fold_biases, _head, _on_device, _Pass, mlp_names
 from .frontend import shape
-from .params import block_norms
+from .params import GATED, block_norms
 
 if TYPE_CHECKING:
     from .layers import Layers
@@ -110,7 +110,8 @@ class _Backward:
             self.grads[pre + "bo"] = dbo
         dy = xp.reshape(dy, (B, S, N, H))  # (B, S, N, H)
         scale = c.attn_scale or 1.0 / math.sqrt(H)
-        dq, dk, dv = run(k.attention_backward, dt, (s["q"], s["k"], s["v"], dy), s["causal"], s["mask"], scale)
+        options = (s["causal"], s["mask"], scale, *self.layers._softcap(self.p))
+        dq, dk, dv = run(k.attention_backward, dt, (s["q"], s["k"], s["v"], dy), *options)
         rope = self.layers._rope
         dq, dk = rope(dq, self.p, -1.0, layer), rope(dk, self.p, -1.0, layer)  # the inverse rotation
         da = None
@@ -145,8 +146,8 @@ class _Backward:
         x = m
         if c.mlp_bias:
             x, weights, _ = _fold_biases(m, weights, w, pre, c, xp)
-        if c.activation == "swiglu":
-            dx, *dws = run(k.swiglu_backward, dt, (x, *weights, dz))
+        if c.activation in GATED:
+            dx, *dws = run(self.layers._gated(c.activation, "_backward"), dt, (x, *weights, dz))
         else:
             dx, *dws = run(k.mlp_backward, dt, (x, *weights, dz), c.activation)
         if not c.mlp_bias:

@@ -15,7 +15,7 @@ from typing import Any
 from ..params import TransformerConfig
 
 #: The families `load_hf` reads, by Hugging Face ``model_type``.
-MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "olmo2", "gpt2", "gpt_neox")
+MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "olmo2", "gpt2", "gpt_neox", "gemma2", "gemma3_text")
 
 #: Keys that change nothing in a forward pass (dropout is off at inference and absent here).
 _HARMLESS = {
@@ -25,7 +25,7 @@ _HARMLESS = {
     "add_cross_attention", "summary_activation", "summary_first_dropout", "summary_proj_to_labels",
     "summary_type", "summary_use_proj", "output_attentions", "output_hidden_states", "return_dict",
     "tie_encoder_decoder", "id2label", "label2id", "problem_type", "chunk_size_feed_forward",
-    "reorder_and_upcast_attn", "pretraining_tp", "layer_norm_eps_mode",
+    "reorder_and_upcast_attn", "pretraining_tp", "layer_norm_eps_mode", "cache_implementation",
 }  # fmt: skip
 #: Keys each family reads.
 _READ_COMMON = {
@@ -42,6 +42,11 @@ _READ = {
     "olmo2": {"rms_norm_eps", "attention_bias"},
     "gpt2": {"n_embd", "n_layer", "n_head", "n_inner", "n_positions", "activation_function", "layer_norm_epsilon",
              "scale_attn_weights", "scale_attn_by_inverse_layer_idx", "n_ctx"},
+    "gemma2": {"rms_norm_eps", "attention_bias", "hidden_activation", "query_pre_attn_scalar", "sliding_window",
+               "layer_types", "final_logit_softcapping", "attn_logit_softcapping", "use_bidirectional_attention"},
+    "gemma3_text": {"rms_norm_eps", "attention_bias", "hidden_activation", "query_pre_attn_scalar", "sliding_window",
+                    "layer_types", "final_logit_softcapping", "attn_logit_softcapping", "use_bidirectional_attention",
+                    "sliding_window_pattern", "_sliding_window_pattern", "rope_local_base_freq"},
     "gpt_neox": {"layer_norm_eps", "use_parallel_residual", "attention_bias", "rotary_pct", "rotary_emb_base",
                  "partial_rotary_factor"},
 }  # fmt: skip
@@ -87,6 +92,8 @@ def config_from_hf(hf: Mapping[str, Any], /, fn: str = "checkpoints.hf_config_to
         )  # fmt: skip
     N = int(hf["num_attention_heads"])
     H = int(hf.get("head_dim") or int(hf["hidden_size"]) // N)
+    if kind.startswith("gemma"):
+        return _gemma(hf, kind, N, H, fn)
     theta, scaling, partial = _rope(hf, kind, fn)
     act = _activation(hf.get("hidden_act", "silu"), fn)
     fields: dict[str, Any] = dict(
@@ -122,6 +129,52 @@ def config_from_hf(hf: Mapping[str, Any], /, fn: str = "checkpoints.hf_config_to
     if kind == "olmo2":
         return TransformerConfig(**fields, qkv_bias=bias, o_bias=bias, qk_norm="projection", norm_placement="post")
     return TransformerConfig(**fields)  # mistral
+
+
+def _gemma(hf: Mapping[str, Any], kind: str, N: int, H: int, fn: str) -> TransformerConfig:
+    """Gemma 2 and 3: sandwich norms with weight 1 + w, embeddings × √D, GeGLU, a scale from
+    query_pre_attn_scalar, sliding windows by layer type; Gemma 2 softcaps, Gemma 3 QK-norm and a local θ."""
+    if hf.get("use_bidirectional_attention"):
+        raise ValueError(f"{fn}: {kind} use_bidirectional_attention is not supported (a decoder is causal)")
+    act = hf.get("hidden_activation", "gelu_pytorch_tanh")
+    if act != "gelu_pytorch_tanh":
+        raise ValueError(f"{fn}: {kind} hidden_activation {act!r} is not supported (only 'gelu_pytorch_tanh')")
+    L, D = int(hf["num_hidden_layers"]), int(hf["hidden_size"])
+    pattern = 2 if kind == "gemma2" else int(hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 6)))
+    types = hf.get("layer_types") or ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(L)]
+    if len(types) != L or set(types) - {"full_attention", "sliding_attention"}:
+        raise ValueError(f"{fn}: layer_types must name full_attention or sliding_attention for {L} layers")
+    W = hf.get("sliding_window")
+    windows = tuple(int(W) if t == "sliding_attention" and W is not None else None for t in types)
+    rope = dict(hf.get("rope_parameters") or {})
+    if kind == "gemma3_text":  # one RoPE per layer type (transformers 5), or rope_local_base_freq (4)
+        full = dict(
+            rope.get("full_attention") or {"rope_theta": hf.get("rope_theta", 1e6)} | (hf.get("rope_scaling") or {})
+        )
+        local = dict(rope.get("sliding_attention") or {"rope_theta": hf.get("rope_local_base_freq", 1e4)})
+        theta, scaling, _ = _rope({"rope_parameters": full}, kind, fn)
+        local_theta, local_scaling, _ = _rope({"rope_parameters": local}, kind, fn)
+        if scaling != local_scaling:
+            raise ValueError(f"{fn}: {kind} with RoPE scaling on only some layers is not supported")
+        thetas = tuple(local_theta if t == "sliding_attention" else theta for t in types)
+    else:
+        theta, scaling, _ = _rope(hf, kind, fn)
+        thetas = None
+    uniform = thetas is None or len(set(thetas)) == 1
+    theta = theta if thetas is None else thetas[0] if uniform else theta
+    bias = bool(hf.get("attention_bias", False))
+    softcap = (hf.get("attn_logit_softcapping"), hf.get("final_logit_softcapping"))
+    return TransformerConfig(
+        vocab_size=int(hf["vocab_size"]), d_model=D, n_layers=L, n_heads=N,
+        n_kv_heads=int(hf.get("num_key_value_heads") or N), head_dim=H, d_ff=int(hf["intermediate_size"]),
+        activation="geglu", norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=theta, rope_style="neox",
+        rope_scaling=scaling, max_seq_len=int(hf.get("max_position_embeddings", 8192)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", True)), norm_placement="sandwich", norm_offset=1.0,
+        qkv_bias=bias, o_bias=bias, qk_norm="head" if kind == "gemma3_text" else None,
+        windows=windows if any(windows) else None, rope_thetas=None if uniform else thetas,
+        attn_scale=float(hf.get("query_pre_attn_scalar", H)) ** -0.5, attn_softcap=softcap[0], final_softcap=softcap[1],
+        embed_scale=D**0.5,
+    )  # fmt: skip
 
 
 def _activation(name: str, fn: str) -> str:
@@ -186,6 +239,21 @@ def hf_config(config: TransformerConfig, kind: str, /) -> dict[str, Any]:
         intermediate_size=c.d_ff, max_position_embeddings=c.max_seq_len, tie_word_embeddings=c.tie_embeddings,
         rope_parameters=rope,
     )  # fmt: skip
+    if kind.startswith("gemma"):
+        windows = c.windows or (None,) * c.n_layers
+        W = {w for w in windows if w is not None}
+        out |= dict(
+            architectures=["Gemma2ForCausalLM" if kind == "gemma2" else "Gemma3ForCausalLM"],
+            hidden_activation="gelu_pytorch_tanh", rms_norm_eps=c.norm_eps, attention_bias=c.qkv_bias,
+            query_pre_attn_scalar=_scalar(c), attn_logit_softcapping=c.attn_softcap,
+            final_logit_softcapping=c.final_softcap, sliding_window=W.pop() if W else None,
+            layer_types=["full_attention" if w is None else "sliding_attention" for w in windows],
+        )  # fmt: skip
+        if kind == "gemma3_text":
+            thetas = c.rope_thetas or (c.rope_theta,) * c.n_layers
+            by_type = {t: {**rope, "rope_theta": th} for t, th in zip(out["layer_types"], thetas)}
+            out["rope_parameters"] = {"full_attention": rope, "sliding_attention": rope} | by_type
+        return out
     if kind == "gpt_neox":
         rope["partial_rotary_factor"] = (c.rotary_dim or c.head_dim) / c.head_dim
         del out["num_key_value_heads"], out["head_dim"]
@@ -212,6 +280,12 @@ def hf_config(config: TransformerConfig, kind: str, /) -> dict[str, Any]:
     return out
 
 
+def _scalar(config: TransformerConfig) -> float:
+    """Gemma's query_pre_attn_scalar of a scale (an int when it was one: the configs hold ints)."""
+    x = (config.attn_scale or config.head_dim**-0.5) ** -2
+    return round(x) if abs(x - round(x)) < 1e-6 * x else x
+
+
 def _hf_activation(name: str) -> str:
     return {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu", "silu": "silu"}[name]
 
@@ -225,7 +299,17 @@ def family_of(config: TransformerConfig, /) -> str:
     plain = c.attn_scale is None and c.attn_softcap is None and c.final_softcap is None and c.embed_scale == 1.0
     plain = plain and c.rope_thetas is None and c.rope_style == "neox"
     candidates = []
-    if c.position == "learned" and c.norm_kind == "layer" and c.norm_bias and c.qkv_bias and c.o_bias:
+    gemma = dict(norm_placement="sandwich", norm_offset=1.0, activation="geglu", norm_kind="rms", position="rope")
+    if all(getattr(c, k) == v for k, v in gemma.items()):
+        ok = (
+            c.qkv_bias == c.o_bias
+            and not c.mlp_bias
+            and c.rope_style == "neox"
+            and len(set(c.windows or (None,)) - {None}) <= 1
+        )
+        ok = ok and c.embed_scale == c.d_model**0.5 and c.rotary_dim in (None, c.head_dim)
+        candidates.append(("gemma3_text" if c.qk_norm == "head" else "gemma2", ok and c.qk_norm in (None, "head")))
+    elif c.position == "learned" and c.norm_kind == "layer" and c.norm_bias and c.qkv_bias and c.o_bias:
         candidates.append(("gpt2", c.mlp_bias and c.norm_placement == "pre" and c.qk_norm is None))
     elif c.norm_kind == "layer":
         ok = c.norm_bias and c.mlp_bias and c.qkv_bias == c.o_bias and c.norm_placement in ("pre", "parallel")

@@ -4,7 +4,8 @@ HF's ``nn.Linear`` stores (out, in), the spec (in, out) with the heads as their 
 weight is transposed and reshaped (``wq`` (D, N, H) = ``q_proj.weight.T`` reshaped); GPT-2's ``Conv1D``
 already stores (in, out). The fused projections are split: GPT-2's ``c_attn`` (D, 3·D) is q, k, v
 along its out axis; GPT-NeoX's ``query_key_value`` (N·3·H, D) interleaves them per head, (N, 3, H).
-Llama-layout families (llama, qwen2, qwen3, mistral, olmo2)::
+Llama-layout families (llama, qwen2, qwen3, mistral, olmo2, gemma2, gemma3_text; Gemma's
+``pre_feedforward_layernorm`` → mlp_norm and its ``post_attention_layernorm`` → post_attn_norm)::
 
     model.embed_tokens.weight (V, D) → embed          model.norm.weight → norm     lm_head.weight → lm_head (D, V)
     model.layers.{i}.input_layernorm → attn_norm      post_attention_layernorm → mlp_norm (olmo2: post_attn_norm)
@@ -30,12 +31,14 @@ def _llama_names(config: TransformerConfig) -> dict[str, tuple[str, int | None]]
     """Our name → (HF name, the linear's in size, or None for a vector)."""
     c = config
     D, NH, F = c.d_model, c.n_heads * c.head_dim, c.d_ff
-    post = c.norm_placement == "post"
+    post = c.norm_placement in ("post", "sandwich")  # Gemma's post_attention_layernorm is after attention too
     names: dict[str, tuple[str, int | None]] = {"embed": ("model.embed_tokens.weight", None)}
     for i in range(c.n_layers):
         hf, p = f"model.layers.{i}.", f"layers.{i}."
         names[p + "attn_norm"] = (hf + "input_layernorm.weight", None)
         names[p + ("post_attn_norm" if post else "mlp_norm")] = (hf + "post_attention_layernorm.weight", None)
+        if c.norm_placement == "sandwich":
+            names[p + "mlp_norm"] = (hf + "pre_feedforward_layernorm.weight", None)
         names[p + "post_mlp_norm"] = (hf + "post_feedforward_layernorm.weight", None)
         for ours, theirs in _LLAMA_ATTENTION.items():
             names[p + ours] = (hf + f"self_attn.{theirs}.weight", NH if ours == "wo" else D)

@@ -37,7 +37,32 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "gpt2": ("GPT2Config", dict(n_embd=32, n_layer=2, n_head=4, n_positions=64)),
     "gpt_neox": ("GPTNeoXConfig", dict(rotary_pct=0.5, use_parallel_residual=True)),
     "gpt_neox-sequential": ("GPTNeoXConfig", dict(rotary_pct=1.0, use_parallel_residual=False)),
+    "gemma2": (
+        "Gemma2Config",
+        dict(
+            head_dim=8,
+            query_pre_attn_scalar=10,
+            sliding_window=5,
+            attn_logit_softcapping=5.0,
+            final_logit_softcapping=3.0,
+        ),
+    ),
+    "gemma3_text": (
+        "Gemma3TextConfig",
+        dict(
+            head_dim=8,
+            query_pre_attn_scalar=8,
+            sliding_window=5,
+            layer_types=["sliding_attention", "full_attention"],
+            rope_parameters={
+                "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+            },
+        ),
+    ),
 }
+#: The families whose kernels (softcapped attention, GeGLU) a backend may lack.
+NEEDS_GEGLU = ("gemma2", "gemma3_text")
 _SIZES = dict(
     hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, max_position_embeddings=64,
