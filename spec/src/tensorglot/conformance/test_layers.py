@@ -68,6 +68,18 @@ CONFIGS: dict[str, dict[str, Any]] = {
         qkv_bias=True,
         mlp_bias=True,
     ),
+    # Gemma's own kernels: GeGLU and softcapped attention (skipped on a backend without them).
+    "gemma-geglu-softcap": dict(
+        n_kv_heads=2,
+        activation="geglu",
+        norm_placement="sandwich",
+        norm_offset=1.0,
+        qk_norm="head",
+        windows=(3, None),
+        attn_softcap=2.0,
+        final_softcap=3.0,
+        embed_scale=2.0,
+    ),
 }
 #: The Llama-shaped ones (a pre-RMSNorm stack whose head a test applies by hand).
 LLAMA_CONFIGS = ("gqa-swiglu-partial-neox", "mha-gelu-tied", "mqa-relu-llama3")
@@ -107,8 +119,13 @@ def as_ints(backend: Any, x: Any) -> np.ndarray:
 
 
 @pytest.fixture(params=list(CONFIGS))
-def config(request: pytest.FixtureRequest) -> TransformerConfig:
-    return tiny_config(request.param)
+def config(request: pytest.FixtureRequest, backend: Any) -> TransformerConfig:
+    config = tiny_config(request.param)
+    if config.activation == "geglu" and not hasattr(backend.kernels, "geglu"):
+        pytest.skip(f"backend {backend.name!r} lacks the geglu kernel")
+    if config.attn_softcap and "softcap" not in inspect.signature(backend.kernels.attention).parameters:
+        pytest.skip(f"backend {backend.name!r}'s attention kernel lacks softcap")
+    return config
 
 
 def best_dtype(backend: Any) -> str:
