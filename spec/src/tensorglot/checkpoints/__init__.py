@@ -63,7 +63,7 @@ def hf_state_to_params(
         used.add(name)
         return np.asarray(state[name])
 
-    params = to_params(state, config, model_type, get)
+    params = to_params(config, model_type, get)
     unused = sorted(k for k in set(state) - used if not k.endswith(_BUFFERS))
     if config.tie_embeddings:
         unused = [k for k in unused if k not in ("lm_head.weight", "embed_out.weight")]  # the tied copy
