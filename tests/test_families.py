@@ -48,13 +48,17 @@ def saved(tmp_path_factory):
     return out
 
 
+def _loaded(saved, family):
+    """(the HF model, our params and config loaded from its directory, the prompt)."""
+    model, path = saved[family]
+    return (model, *checkpoints.load_hf(path), parity.prompt())
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("backend", ["numpy", "torch"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_logits_equal_transformers(saved, family, backend):
-    model, path = saved[family]
-    params, config = checkpoints.load_hf(path)
-    tokens = parity.prompt()
+    model, params, config, tokens = _loaded(saved, family)
     if config.windows:
         assert tokens.shape[1] > max(w for w in config.windows if w), "the sequence must pass the window"
     got = parity.run(backend, params, config, tokens)
@@ -62,15 +66,14 @@ def test_logits_equal_transformers(saved, family, backend):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
 @pytest.mark.parametrize("cache", ["contiguous", "paged"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_greedy_tokens_equal_transformers_generate(saved, family, cache):
-    model, path = saved[family]
-    params, config = checkpoints.load_hf(path)
-    tokens = parity.prompt()
+def test_greedy_tokens_equal_transformers_generate(saved, family, cache, backend):
+    model, params, config, tokens = _loaded(saved, family)
     want = parity.hf_generate(model, tokens)
     assert want.shape == (2, parity.SEQ + parity.NEW)
-    np.testing.assert_array_equal(parity.run("numpy", params, config, tokens, cache), want)
+    np.testing.assert_array_equal(parity.run(backend, params, config, tokens, cache), want)
 
 
 @pytest.mark.timeout(300)
