@@ -25,8 +25,8 @@ from array_api_compat import array_namespace, device
 from .cache import KVCache, visible_mask
 from .encodings import frequency_table, yarn_attention_factor
 from .frontend import HALF, FrontEnd, shape
-from .param_layout import attention_shapes, block_norms, mlp_shapes
-from .params import GATED, TransformerConfig
+from .param_layout import GATED, attention_shapes, block_norms, mlp_shapes
+from .params import TransformerConfig
 
 Array = Any
 #: The mask of a cached step whose sequences all hold the same length: plain bottom-right causal.

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .params import GATED
-
 if TYPE_CHECKING:
     from .params import TransformerConfig
+
+#: The gated MLPs (three weights: w_gate, w_up, w_down).
+GATED = ("swiglu", "geglu")
 
 
 def norm_names(name: str, config: TransformerConfig, /) -> tuple[str, ...]:

@@ -41,11 +41,11 @@ from typing import Any
 import numpy as np
 
 from . import checks
+from .param_layout import GATED, attention_shapes, block_norms, mlp_shapes, norm_names
 
 #: The MLP kinds a config may name: the ops' activations, plus the gated ``swiglu`` (Llama) and ``geglu``
 #: (Gemma: the tanh GELU as the gate).
-MLP_ACTIVATIONS = (*checks.ACTIVATIONS, "swiglu", "geglu")
-GATED = ("swiglu", "geglu")
+MLP_ACTIVATIONS = (*checks.ACTIVATIONS, *GATED)
 #: The float dtypes `init_params` can return.
 PARAM_DTYPES = ("float64", "float32", "float16")
 
@@ -376,7 +376,6 @@ def check_tokens(
         )
 
 
-from .param_layout import attention_shapes, block_norms, mlp_shapes, norm_names  # noqa: E402 (need the config)
 from .params_io import load_params, save_params  # noqa: E402 (they need TransformerConfig)
 
 __all__ = ["TransformerConfig", "init_params", "param_shapes", "load_params", "save_params"]

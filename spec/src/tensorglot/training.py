@@ -20,8 +20,7 @@ from array_api_compat import array_namespace, device
 from . import checks
 from .forward import _fold_biases, _head, _on_device, _Pass, mlp_names
 from .frontend import shape
-from .param_layout import block_norms
-from .params import GATED
+from .param_layout import GATED, block_norms
 
 if TYPE_CHECKING:
     from .layers import Layers
