@@ -381,8 +381,7 @@ def make_slot_map(
 
 
 def visible_mask(lengths: Array, n: int, t: int, /, *, window: int | None = None) -> Array:
-    """Bool (B, 1, n, t): the new query i of sequence b sees key j iff ``j <= lengths[b] + i`` (and, with
-    a sliding ``window`` W, ``j > lengths[b] + i − W``).
+    """Bool (B, 1, n, t): new query i of sequence b sees key j iff ``j <= lengths[b] + i`` (and > that − W).
 
     The per-sequence, bottom-right causal mask of a cached step; it broadcasts against (B, N, S, T).
     ``lengths`` is any array library's (B,) ints, so the mask is built where they are: on the host for
@@ -397,6 +396,6 @@ def visible_mask(lengths: Array, n: int, t: int, /, *, window: int | None = None
     limit = lengths[:, None] + xp.arange(n, dtype=lengths.dtype, device=where)[None, :]  # (B, n)
     keys = xp.arange(t, dtype=lengths.dtype, device=where)[None, None, :]  # (1, 1, t)
     seen = keys <= limit[:, :, None]  # (B, n, t)
-    if window is not None:
+    if window is not None:  # a sliding window W
         seen = xp.logical_and(seen, keys > limit[:, :, None] - window)
     return seen[:, None, :, :]  # (B, 1, n, t)
