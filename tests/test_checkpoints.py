@@ -110,3 +110,22 @@ def test_rope_parameters_of_transformers_5_are_read():
     assert config.rope_theta == 500000.0
     assert config.rope_scaling == {"type": "linear", "factor": 2.0}
     assert config.n_kv_heads == 2 and config.head_dim == 4
+
+
+def test_load_llama_is_load_hf_for_every_family(tmp_path):
+    """The first loader's name reads the other families too (`tensorglot serve --checkpoint` calls it)."""
+    cfg = transformers.Qwen2Config(
+        vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(cfg).eval()
+    model.save_pretrained(tmp_path)
+    params, config = checkpoints.load_llama(tmp_path)
+    assert config.qkv_bias and not config.o_bias and params["layers.0.bq"].shape == (4, 8)
+    assert checkpoints.load_hf(tmp_path)[1] == config
+    tokens = np.arange(7).reshape(1, 7)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(tokens)).logits.numpy()
+    actual = tensorglot.get_backend("numpy").layers.transformer(tokens, params, config)
+    np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-5)

@@ -27,7 +27,7 @@ BUGS = {
     # attention sees the future
     "bad-causal": (
         tensorglot.layers, "Layers._attention",
-        "self._k.attention, p.dtype, (q, k, v), True,", "self._k.attention, p.dtype, (q, k, v), False,",
+        "causal, mask, k_all, v_all = True,", "causal, mask, k_all, v_all = False,",
     ),
 }
 

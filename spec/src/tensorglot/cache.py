@@ -403,8 +403,8 @@ def make_slot_map(
     return SlotMap(batch, max_len)
 
 
-def visible_mask(lengths: Array, n: int, t: int, /) -> Array:
-    """Bool (B, 1, n, t): the new query i of sequence b sees key j iff ``j <= lengths[b] + i``.
+def visible_mask(lengths: Array, n: int, t: int, /, *, window: int | None = None) -> Array:
+    """Bool (B, 1, n, t): new query i of sequence b sees key j iff ``j <= lengths[b] + i`` (and > that − W).
 
     The per-sequence, bottom-right causal mask of a cached step; it broadcasts against (B, N, S, T).
     ``lengths`` is any array library's (B,) ints, so the mask is built where they are: on the host for
@@ -417,5 +417,8 @@ def visible_mask(lengths: Array, n: int, t: int, /) -> Array:
     xp = array_namespace(lengths)
     where = device(lengths)
     limit = lengths[:, None] + xp.arange(n, dtype=lengths.dtype, device=where)[None, :]  # (B, n)
-    keys = xp.arange(t, dtype=lengths.dtype, device=where)  # (t,)
-    return (keys[None, None, :] <= limit[:, :, None])[:, None, :, :]  # (B, 1, n, t)
+    keys = xp.arange(t, dtype=lengths.dtype, device=where)[None, None, :]  # (1, 1, t)
+    seen = keys <= limit[:, :, None]  # (B, n, t)
+    if window is not None:  # a sliding window W
+        seen = xp.logical_and(seen, keys > limit[:, :, None] - window)
+    return seen[:, None, :, :]  # (B, 1, n, t)

@@ -1,15 +1,18 @@
 """The forward pass of `tensorglot.layers.Layers` on validated inputs: the backend's kernels composed
 into the transformer, with no check left to make (each public method of `Layers` has made them once).
 
+One forward pass serves every architecture `TransformerConfig` describes (norm placement and kind,
+biases, QK-norm, sliding windows and per-layer RoPE θ, softcaps, embedding scale, learned positions).
 Kernels run through the front ends' dtype rule (`FrontEnd._run`: half precision computed in float32,
 cast back); every other array operation comes from the inputs' namespace. A `_Pass` carries what one
-call settled: the params, their dtype, the RoPE table of the config (computed once per config), the
-positions, the cache, the mask of a cached step (made by its first layer, shared by the rest) and,
-for `tensorglot.training`, the tape of what the backward pass needs.
+call settled: the params, their dtype, the RoPE table of each layer (computed once per config), the
+positions, the cache, the masks of a cached step (made by the first layer of each window, shared by the
+rest) and, for `tensorglot.training`, the tape of what the backward pass needs.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,41 +25,43 @@ from array_api_compat import array_namespace, device
 from .cache import KVCache, visible_mask
 from .encodings import frequency_table, yarn_attention_factor
 from .frontend import HALF, FrontEnd, index_ids, shape
+from .param_layout import GATED, attention_shapes, block_norms, mlp_shapes
 from .params import TransformerConfig
 
 Array = Any
 #: The mask of a cached step whose sequences all hold the same length: plain bottom-right causal.
 _CAUSAL = object()
 
-_ATTENTION = ("wq", "wk", "wv", "wo")
-_MLP = {"swiglu": ("w_gate", "w_up", "w_down")}  # every other activation: ("w_in", "w_out")
-
 
 @lru_cache(maxsize=64)
-def _rope_table(config: TransformerConfig) -> tuple[np.ndarray, float, str, int]:
-    """(inv_freq float32 (r/2,), mscale, style, r): what the rope kernel takes, once per config."""
+def _rope_tables(config: TransformerConfig) -> tuple[tuple[np.ndarray, float, str, int], ...]:
+    """Per layer (inv_freq float32 (r/2,), mscale, style, r): what the rope kernel takes, once per config."""
     r = config.rotary_dim or config.head_dim
-    inv_freq = frequency_table(r, theta=config.rope_theta, scaling=config.rope_scaling).astype(np.float32)
-    return inv_freq, yarn_attention_factor(config.rope_scaling), config.rope_style, r
+    thetas = config.rope_thetas or (config.rope_theta,) * config.n_layers
+    tables = {}
+    for theta in set(thetas):
+        inv_freq = frequency_table(r, theta=theta, scaling=config.rope_scaling).astype(np.float32)
+        tables[theta] = (inv_freq, yarn_attention_factor(config.rope_scaling), config.rope_style, r)
+    return tuple(tables[theta] for theta in thetas)
 
 
 @dataclass
 class _Pass:
-    """One forward pass's settled inputs: the validated params, their dtype, the RoPE table and positions,
-    the cache, the mask of a cached step (made by its first layer) and, for the backward, a tape."""
+    """One forward pass's settled inputs: the validated params, their dtype, the RoPE tables and positions,
+    the cache, the masks of a cached step (by window, made by the first layer) and, for the backward, a tape."""
 
     params: dict[str, Array]
     dtype: str
     config: TransformerConfig
     xp: Any
-    positions: Array | None = None  # RoPE positions, (S,) or (B, S); None is arange(S)
+    positions: Array | None = None  # RoPE (or learned) positions, (S,) or (B, S); None is arange(S)
     cache: KVCache | None = None
-    mask: Array | None = None
+    mask: dict[int | None, Any] | None = None
     tape: list[dict[str, Array]] | None = None
-    rope: tuple[np.ndarray, float, str, int] = field(init=False)
+    rope: tuple[tuple[np.ndarray, float, str, int], ...] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.rope = _rope_table(self.config)
+        self.rope = _rope_tables(self.config)
 
 
 class Forward(FrontEnd):
@@ -85,72 +90,182 @@ class Forward(FrontEnd):
 
     def _forward(self, tokens: Array, p: _Pass) -> Array:
         c, w = p.config, p.params
-        x = self._k.embedding(w["embed"], index_ids(tokens))  # (B, S, D)
+        x = self._embed(tokens, p)  # (B, S, D)
         for i in range(c.n_layers):
             x = self._block(x, p, i)
-        n = self._norm(x, w["norm"], p)
+        n = self._norm(x, p, "norm")
+        logits = self._linear(n, _head(w, c), None, p)  # (B, S, V)
+        t = None
+        if c.final_softcap is not None:
+            t = p.xp.tanh(logits / c.final_softcap)
+            logits = c.final_softcap * t
         if p.tape is not None:
-            p.tape.append({"x": x, "n": n})
-        return self._linear(n, _head(w, c), p)  # (B, S, V)
+            p.tape.append({"x": x, "n": n, "t": t})
+        return logits
+
+    def _embed(self, tokens: Array, p: _Pass) -> Array:
+        c = p.config
+        x = self._k.embedding(p.params["embed"], index_ids(tokens))  # (B, S, D)
+        if c.embed_scale != 1.0:
+            x = x * c.embed_scale
+        if c.position == "learned":
+            x = x + self._k.embedding(p.params["pos_embed"], self._positions_of(tokens, p))  # (S|B·S, D)
+        return x
+
+    def _positions_of(self, tokens: Array, p: _Pass) -> Array:
+        """The positions the tokens take: ``p.positions`` or arange(S), as ints where the tokens are."""
+        return _on_device(np.arange(shape(tokens)[1]), tokens) if p.positions is None else p.positions
 
     def _block(self, x: Array, p: _Pass, layer: int) -> Array:
+        """One block, its norms where ``config.norm_placement`` puts them (see `TransformerConfig`)."""
         pre = f"layers.{layer}."
-        a = self._norm(x, p.params[pre + "attn_norm"], p)
-        saved = None if p.tape is None else {"x": x, "a": a}
-        h = x + self._attention(a, p, layer, saved)
-        m = self._norm(h, p.params[pre + "mlp_norm"], p)
+        attn_norm, post_attn_norm, mlp_norm, post_mlp_norm = block_norms(p.config)
+        saved = None if p.tape is None else {"x": x}
+        a = x if attn_norm is None else self._norm(x, p, pre + attn_norm)
+        o = self._attention(a, p, layer, saved)
+        if post_attn_norm is not None:
+            if saved is not None:
+                saved["o"] = o
+            o = self._norm(o, p, pre + post_attn_norm)
+        h = x + o
+        source = x if p.config.norm_placement == "parallel" else h
+        m = source if mlp_norm is None else self._norm(source, p, pre + mlp_norm)
+        z = self._mlp(m, p, layer)
+        if post_mlp_norm is not None:
+            if saved is not None:
+                saved["z"] = z
+            z = self._norm(z, p, pre + post_mlp_norm)
         if saved is not None:
-            saved.update(h=h, m=m)
+            saved.update(a=a, h=h, m=m)
             p.tape.append(saved)  # type: ignore[union-attr]
-        return h + self._mlp(m, p, layer)
+        return h + z
 
     def _attention(self, x: Array, p: _Pass, layer: int, saved: dict | None = None) -> Array:
-        xp, c = p.xp, p.config
+        xp, c, w = p.xp, p.config, p.params
         pre = f"layers.{layer}."
         B, S, D = shape(x)
         N, K, H = c.n_heads, c.n_kv_heads, c.head_dim
-        q = xp.reshape(self._linear(x, xp.reshape(p.params[pre + "wq"], (D, N * H)), p), (B, S, N, H))
-        k = xp.reshape(self._linear(x, xp.reshape(p.params[pre + "wk"], (D, K * H)), p), (B, S, K, H))
-        v = xp.reshape(self._linear(x, xp.reshape(p.params[pre + "wv"], (D, K * H)), p), (B, S, K, H))
-        q, k = self._rope(q, p, 1.0), self._rope(k, p, 1.0)  # never v
-        scale = 1.0 / math.sqrt(H)
+        q_lin, k_lin = self._project(x, p, pre, "q", N), self._project(x, p, pre, "k", K)  # (B, S, N|K·H)
+        v = xp.reshape(self._project(x, p, pre, "v", K), (B, S, K, H))
+        q, k = self._qk_norm(q_lin, p, pre + "q_norm", N), self._qk_norm(k_lin, p, pre + "k_norm", K)
+        q, k = self._rope(q, p, 1.0, layer), self._rope(k, p, 1.0, layer)  # never v
+        scale = c.attn_scale or 1.0 / math.sqrt(H)
         if p.cache is None:
-            y = self._run(self._k.attention, p.dtype, (q, k, v), True, None, scale)
+            causal, mask, k_all, v_all = True, self._window_mask(S, c.window(layer), x), k, v
         else:
             k_all, v_all = p.cache.update(layer, k, v)  # (B, T, K, H), keys stored after RoPE
-            if p.mask is None:  # one mask serves every layer of the step
-                p.mask = self._step_mask(p.cache.lengths(), S, shape(k_all)[1], x)
-            causal, mask = (True, None) if p.mask is _CAUSAL else (False, p.mask)
-            y = self._run(self._k.attention, p.dtype, (q, k_all, v_all), causal, mask, scale)
+            causal, mask = self._step_mask(p, c.window(layer), S, shape(k_all)[1], x)
+        y = self._run(self._k.attention, p.dtype, (q, k_all, v_all), causal, mask, scale, *self._softcap(p))
         y = xp.reshape(y, (B, S, N * H))  # (B, S, N·H)
         if saved is not None:
-            saved.update(q=q, k=k, v=v, y=y)
-        return self._linear(y, xp.reshape(p.params[pre + "wo"], (N * H, D)), p)  # (B, S, D)
+            saved.update(q_lin=q_lin, k_lin=k_lin, q=q, k=k, v=v, y=y, causal=causal, mask=mask)
+        wo = xp.reshape(w[pre + "wo"], (N * H, D))
+        return self._linear(y, wo, w.get(pre + "bo"), p)  # (B, S, D)
 
-    def _step_mask(self, lengths: Array, S: int, T: int, like: Array) -> Any:
-        """`visible_mask` of a cached step, or `_CAUSAL` when every sequence holds T − S tokens: then key
-        j is visible to query i iff j <= i + T − S, bottom-right causal, which the kernel does maskless."""
-        if isinstance(lengths, np.ndarray) and lengths.min() == lengths.max() == T - S:
-            return _CAUSAL
-        return _on_device(visible_mask(lengths, S, T), like)  # (B, 1, S, T)
+    def _softcap(self, p: _Pass) -> tuple[float, ...]:
+        """The attention kernel's softcap option, passed only when the config sets one."""
+        cap = p.config.attn_softcap
+        if cap is None:
+            return ()
+        if "softcap" not in inspect.signature(self._k.attention).parameters:
+            # Softcapping sits between the scores and the softmax, inside the kernel.
+            raise ValueError(
+                f"transformer: config.attn_softcap = {cap} needs an attention kernel with softcap, which the "
+                f"{self._be.name} backend's lacks"
+            )
+        return (cap,)
+
+    def _project(self, x: Array, p: _Pass, pre: str, name: str, heads: int) -> Array:
+        """x · w{name} (+ b{name}): (B, S, heads·H)."""
+        xp, H = p.xp, p.config.head_dim
+        w, b = p.params[pre + "w" + name], p.params.get(pre + "b" + name)
+        b = None if b is None else xp.reshape(b, (heads * H,))
+        return self._linear(x, xp.reshape(w, (shape(x)[-1], heads * H)), b, p)
+
+    def _qk_norm(self, x: Array, p: _Pass, name: str, heads: int) -> Array:
+        """(B, S, heads, H): a projection, RMS-normalised over each head or over all of it (``qk_norm``)."""
+        xp, c = p.xp, p.config
+        B, S, _ = shape(x)
+        if c.qk_norm == "projection":
+            x = self._rms(x, p.params[name], p)
+        x = xp.reshape(x, (B, S, heads, c.head_dim))  # (B, S, heads, H)
+        return self._rms(x, p.params[name], p) if c.qk_norm == "head" else x
+
+    def _window_mask(self, S: int, window: int | None, like: Array) -> Array | None:
+        """(1, 1, S, S) bool of a sliding window over a whole sequence (the kernel's causal does the rest)."""
+        if window is None:
+            return None
+        i = np.arange(S)
+        return _on_device((i[None, :] > i[:, None] - window)[None, None], like)  # (1, 1, S, S)
+
+    def _step_mask(self, p: _Pass, window: int | None, S: int, T: int, like: Array) -> tuple[bool, Any]:
+        """(causal, mask) of a cached step: `visible_mask`, one per window for every layer of the step, or
+        plain bottom-right causal (no mask) when every sequence holds T − S tokens and there is no window."""
+        assert p.cache is not None
+        if p.mask is None:
+            p.mask = {}
+        if window not in p.mask:
+            lengths = p.cache.lengths()
+            same = isinstance(lengths, np.ndarray) and lengths.min() == lengths.max() == T - S
+            if same and window is None:
+                p.mask[window] = _CAUSAL
+            else:
+                p.mask[window] = _on_device(visible_mask(lengths, S, T, window=window), like)  # (B, 1, S, T)
+        mask = p.mask[window]
+        return (True, None) if mask is _CAUSAL else (False, mask)
 
     def _mlp(self, x: Array, p: _Pass, layer: int) -> Array:
-        pre, act = f"layers.{layer}.", p.config.activation
-        weights = tuple(p.params[pre + n] for n in _mlp_names(p.config))
-        if act == "swiglu":
-            return self._run(self._k.swiglu, p.dtype, (x, *weights))
-        return self._run(self._k.mlp, p.dtype, (x, *weights), act)
+        c, xp = p.config, p.xp
+        pre, act = f"layers.{layer}.", c.activation
+        weights = [p.params[pre + n] for n in mlp_names(c) if n.startswith("w")]
+        if c.mlp_bias:
+            x, weights, b_out = _fold_biases(x, weights, p.params, pre, c, xp)
+        if act in GATED:
+            out = self._run(self._gated(act), p.dtype, (x, *weights))
+        else:
+            out = self._run(self._k.mlp, p.dtype, (x, *weights), act)
+        return out + b_out if c.mlp_bias else out
 
-    def _linear(self, x: Array, w: Array, p: _Pass) -> Array:
-        return self._run(self._k.linear, p.dtype, (x, w, None))
+    def _gated(self, act: str, backward: str = "") -> Any:
+        """The kernel of a gated MLP (``swiglu`` or ``geglu``), or its ``_backward``."""
+        kernel = getattr(self._k, act + backward, None)
+        if kernel is None:
+            raise ValueError(f"transformer: activation {act!r} needs the {act} kernel, which {self._be.name} lacks")
+        return kernel
 
-    def _norm(self, x: Array, weight: Array, p: _Pass) -> Array:
+    def _linear(self, x: Array, w: Array, b: Array | None, p: _Pass) -> Array:
+        return self._run(self._k.linear, p.dtype, (x, w, b))
+
+    def _norm(self, x: Array, p: _Pass, name: str) -> Array:
+        """The norm ``name`` of the config's kind (its bias ``name_bias`` with ``norm_bias``)."""
+        if p.config.norm_kind == "layer":
+            bias = p.params.get(name + "_bias")
+            return self._run(self._k.layer_norm, p.dtype, (x, p.params[name], bias), p.config.norm_eps)
+        return self._rms(x, p.params[name], p)
+
+    def _rms(self, x: Array, weight: Array, p: _Pass) -> Array:
         round_to = p.dtype if p.dtype in HALF else None
+        weight = weight + p.config.norm_offset if p.config.norm_offset else weight  # Gemma's 1 + w
         return self._run(self._k.rms_norm, p.dtype, (x, weight), p.config.norm_eps, round_to)
 
-    def _rope(self, x: Array, p: _Pass, sign: float) -> Array:
-        inv_freq, mscale, style, r = p.rope
+    def _rope(self, x: Array, p: _Pass, sign: float, layer: int = 0) -> Array:
+        if p.config.position != "rope":
+            return x
+        inv_freq, mscale, style, r = p.rope[layer]
         return self._run(self._k.rope, p.dtype, (x,), p.positions, inv_freq, mscale, sign, style, r)
+
+
+def _fold_biases(x: Array, weights: list, params: Mapping, pre: str, c: TransformerConfig, xp: Any) -> Any:
+    """The fused MLP kernels take no biases: a column of ones appended to x carries the input biases
+    as one more row of each input weight, (D + 1, F); the output bias is added after. Returns the
+    augmented x, the weights and the output bias."""
+    ones = xp.ones((*shape(x)[:-1], 1), dtype=x.dtype, device=device(x))
+    xa = xp.concat([x, ones], axis=-1)  # (B, S, D + 1)
+    *inputs, out = weights
+    gated = c.activation in GATED
+    biases = ("b_gate", "b_up") if gated else ("b_in",)
+    folded = [xp.concat([w, params[pre + b][None, :]], axis=0) for w, b in zip(inputs, biases)]  # (D + 1, F)
+    return xa, [*folded, out], params[pre + ("b_down" if gated else "b_out")]
 
 
 def _on_device(host: np.ndarray, like: Array) -> Array:
@@ -158,8 +273,14 @@ def _on_device(host: np.ndarray, like: Array) -> Array:
     return array_namespace(like).asarray(host, device=device(like))
 
 
-def _mlp_names(config: TransformerConfig) -> tuple[str, ...]:
-    return _MLP.get(config.activation, ("w_in", "w_out"))
+def attention_names(config: TransformerConfig) -> tuple[str, ...]:
+    """One layer's attention parameters (without the ``layers.{i}.`` prefix)."""
+    return tuple(attention_shapes(config))
+
+
+def mlp_names(config: TransformerConfig) -> tuple[str, ...]:
+    """One layer's MLP parameters (without the prefix): the weights, then the biases."""
+    return tuple(mlp_shapes(config))
 
 
 def _head(params: Mapping[str, Array], config: TransformerConfig) -> Array:

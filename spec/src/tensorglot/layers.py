@@ -10,18 +10,24 @@ but without validating each op again. Array operations that are not kernels (res
 come from the inputs' own namespace (``array_api_compat.array_namespace``). Shapes: B batch, S new
 tokens, T keys, D d_model, N query heads, K kv heads, H head dim, V vocabulary.
 
-The model (pinned):
-  * ``transformer``: ``x = embed[tokens]`` → ``n_layers`` × `block` → ``rms_norm(x, norm)`` →
-    ``logits = x @ lm_head`` (or ``x @ embed.T`` when ``tie_embeddings``). No biases, no dropout, no
-    embedding scale.
-  * ``block`` is pre-norm: ``h = x + attention_layer(rms_norm(x, attn_norm))``, then
-    ``out = h + mlp_layer(rms_norm(h, mlp_norm))``; both norms use ``config.norm_eps``.
-  * ``attention_layer``: ``q = einsum("bsd,dnh->bsnh", x, wq)``, k and v likewise with wk, wv (K heads);
-    RoPE (``config.rope_*``, at the tokens' positions) on q and k, never on v; `Ops.attention` with
-    query head h reading kv head h // (N // K), causal (bottom-right), scale 1/√H; then
-    ``einsum("bsnh,nhd->bsd", y, wo)``.
+The model (pinned; the defaults are Llama's, every other architecture a field of `TransformerConfig`):
+  * ``transformer``: ``x = embed[tokens] · embed_scale`` (+ ``pos_embed[positions]`` when ``position``
+    is ``learned``) → ``n_layers`` × `block` → ``norm(x)`` → ``logits = x @ lm_head`` (or ``x @ embed.T``
+    when ``tie_embeddings``), then ``final_softcap · tanh(logits / final_softcap)`` when it is set. No
+    dropout.
+  * ``block`` by ``norm_placement``: ``pre`` ``h = x + attention_layer(norm(x, attn_norm))``, ``out = h +
+    mlp_layer(norm(h, mlp_norm))``; ``sandwich`` also normalises each sublayer's output (``post_attn_norm``,
+    ``post_mlp_norm``) before its residual add; ``post`` only does that; ``parallel`` ``out = x +
+    attention_layer(norm(x, attn_norm)) + mlp_layer(norm(x, mlp_norm))``. ``norm`` is `Ops.rms_norm`
+    (weight ``norm_offset + w``) or `Ops.layer_norm` (with its bias when ``norm_bias``), eps ``norm_eps``.
+  * ``attention_layer``: ``q = einsum("bsd,dnh->bsnh", x, wq) (+ bq)``, k and v likewise with wk, wv (K
+    heads); the QK-norm (RMS, per head or over the projection) on q and k; RoPE (``config.rope_*``, the
+    layer's θ, at the tokens' positions) on q and k, never on v, when ``position`` is ``rope``;
+    `Ops.attention` with query head h reading kv head h // (N // K), causal (bottom-right), scale
+    ``attn_scale`` or 1/√H, and the layer's sliding window (key j visible to query i iff i − W < j);
+    then ``einsum("bsnh,nhd->bsd", y, wo) (+ bo)``.
   * ``mlp_layer``: ``Ops.mlp(x, w_in, w_out, activation=config.activation)``, or ``Ops.swiglu(x, w_gate,
-    w_up, w_down)`` when the activation is ``swiglu``.
+    w_up, w_down)`` when the activation is ``swiglu``; with ``mlp_bias`` the biases of each linear.
   * Positions: without a cache, ``arange(S)``; with one, sequence b's new tokens sit at
     ``cache.lengths()[b] + arange(S)``. ``positions`` overrides the positions RoPE uses (not where the
     cache writes). A position must be < ``max_seq_len``.
@@ -60,7 +66,7 @@ from array_api_compat import array_namespace
 from . import cache as cache_module
 from . import checks
 from .cache import BLOCK_SIZE, KVCache, check_cache
-from .forward import _ATTENTION, Forward, _mlp_names, _Pass
+from .forward import Forward, _Pass, attention_names, mlp_names
 from .frontend import shape
 from .params import TransformerConfig, check_params, check_tokens, param_shapes
 
@@ -97,7 +103,8 @@ class Layers(Forward):
         Returns:
             (B, S, D).
         """
-        x, p = self._layer_inputs("attention_layer", x, params, config, layer, _ATTENTION, positions, cache)
+        names = attention_names(config)
+        x, p = self._layer_inputs("attention_layer", x, params, config, layer, names, positions, cache)
         return self._attention(x, p, layer)
 
     def mlp_layer(self, x: Array, params: Params, config: TransformerConfig, /, *, layer: int) -> Array:
@@ -109,7 +116,7 @@ class Layers(Forward):
         Returns:
             (B, S, D).
         """
-        x, p = self._layer_inputs("mlp_layer", x, params, config, layer, _mlp_names(config), None, None)
+        x, p = self._layer_inputs("mlp_layer", x, params, config, layer, mlp_names(config), None, None)
         return self._mlp(x, p, layer)
 
     def block(
@@ -123,14 +130,16 @@ class Layers(Forward):
         positions: Array | None = None,
         cache: KVCache | None = None,
     ) -> Array:
-        r"""One pre-norm block: ``h = x + attention_layer(rms_norm(x))``, ``h + mlp_layer(rms_norm(h))``.
+        r"""One block, its norms where ``config.norm_placement`` puts them (pre-norm: ``h = x +
+        attention_layer(norm(x))``, ``h + mlp_layer(norm(h))``).
 
         Args:
             x: (B, S, D), the residual stream.
         Returns:
             (B, S, D).
         """
-        names = ("attn_norm", *_ATTENTION, "mlp_norm", *_mlp_names(config))
+        prefix = f"layers.{layer}."
+        names = [k[len(prefix) :] for k in param_shapes(config) if k.startswith(prefix)]
         x, p = self._layer_inputs("block", x, params, config, layer, names, positions, cache)
         return self._block(x, p, layer)
 
@@ -144,7 +153,7 @@ class Layers(Forward):
         cache: KVCache | None = None,
         positions: Array | None = None,
     ) -> Array:
-        r"""The logits of every token: embed → blocks → rms_norm → lm_head.
+        r"""The logits of every token: embed → blocks → norm → lm_head (see the module for the model).
 
         Without a cache the S tokens are a whole sequence (positions 0 .. S − 1, causal). With a cache
         they continue what it holds: ``cache.reserve(S)`` (raises ValueError past capacity, leaving the

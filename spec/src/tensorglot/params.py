@@ -5,12 +5,19 @@ file and test speaks the same names. ``i`` counts layers from 0; shapes use D = 
 K = n_kv_heads, H = head_dim, F = d_ff, V = vocab_size::
 
     embed                 (V, D)
-    layers.{i}.attn_norm  (D,)         layers.{i}.mlp_norm  (D,)
+    pos_embed             (max_seq_len, D)                          (position "learned")
+    layers.{i}.attn_norm  (D,)         layers.{i}.mlp_norm  (D,)    (placement pre, sandwich, parallel)
+    layers.{i}.post_attn_norm (D,)     layers.{i}.post_mlp_norm (D,)  (placement sandwich, post)
     layers.{i}.wq         (D, N, H)    layers.{i}.wk, wv    (D, K, H)    layers.{i}.wo  (N, H, D)
+    layers.{i}.bq         (N, H)       layers.{i}.bk, bv    (K, H)   (qkv_bias)    layers.{i}.bo (D,) (o_bias)
+    layers.{i}.q_norm     (H,)         layers.{i}.k_norm    (H,)     (qk_norm "head"; "projection": (N·H,), (K·H,))
     layers.{i}.w_in       (D, F)       layers.{i}.w_out     (F, D)       (relu, gelu, gelu_tanh, silu)
-    layers.{i}.w_gate     (D, F)       layers.{i}.w_up      (D, F)       layers.{i}.w_down  (F, D)  (swiglu)
+    layers.{i}.w_gate     (D, F)       layers.{i}.w_up      (D, F)       layers.{i}.w_down  (F, D)  (swiglu, geglu)
+    layers.{i}.b_in, b_gate, b_up (F,) layers.{i}.b_out, b_down (D,)     (mlp_bias)
     norm                  (D,)
     lm_head               (D, V)       absent when ``tie_embeddings``: the logits are then ``h @ embed.T``
+
+With ``norm_bias`` (LayerNorm only) every norm ``X`` above also has ``X_bias`` of its shape, after it.
 
 `init_params` is plain NumPy and deterministic: the same config and seed give bit-identical arrays on
 every machine, so a backend's parameters are ``be.asarray`` of the reference's.
@@ -25,68 +32,37 @@ every machine, so a backend's parameters are ``be.asarray`` of the reference's.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
 
 from . import checks
+from .param_layout import GATED, attention_shapes, block_norms, mlp_shapes, norm_names
+from .rope_scaling import RopeScaling
 
-#: The MLP kinds a config may name: the ops' activations, plus Llama's gated ``swiglu``.
-MLP_ACTIVATIONS = (*checks.ACTIVATIONS, "swiglu")
+#: The MLP kinds a config may name: the ops' activations, plus the gated ``swiglu`` (Llama) and ``geglu``
+#: (Gemma: the tanh GELU as the gate).
+MLP_ACTIVATIONS = (*checks.ACTIVATIONS, *GATED)
 #: The float dtypes `init_params` can return.
 PARAM_DTYPES = ("float64", "float32", "float16")
 
 
-class RopeScaling(Mapping[str, Any]):
-    """An immutable, hashable ``rope_scaling`` mapping: a frozen config cannot change under a jit key.
-
-    `TransformerConfig` turns the dict it is given into one (its items sorted); it reads like the dict,
-    equals it, pickles, and ``dict(scaling)`` gives the dict back (`TransformerConfig.to_dict` does).
-    """
-
-    __slots__ = ("_items",)
-
-    def __init__(self, items: Mapping[str, Any]) -> None:
-        self._items = tuple(sorted(dict(items).items()))
-        try:
-            hash(self._items)
-        except TypeError:
-            wanted = "numbers or strings"
-            raise TypeError(f"TransformerConfig: rope_scaling values must be {wanted}, got {dict(items)}") from None
-
-    def __getitem__(self, key: str) -> Any:
-        for k, v in self._items:
-            if k == key:
-                return v
-        raise KeyError(key)
-
-    def __iter__(self) -> Iterator[str]:
-        return (k for k, _ in self._items)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def __hash__(self) -> int:
-        return hash(self._items)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Mapping) and dict(self._items) == dict(other)
-
-    def __reduce__(self) -> tuple[Any, tuple[dict[str, Any]]]:
-        return RopeScaling, (dict(self._items),)
-
-    def __repr__(self) -> str:
-        return f"RopeScaling({dict(self._items)!r})"
+#: Where each block's norms sit (see `TransformerConfig.norm_placement`).
+NORM_PLACEMENTS = ("pre", "sandwich", "post", "parallel")
+NORM_KINDS = ("rms", "layer")
+QK_NORMS = ("head", "projection")
+POSITION_KINDS = ("rope", "learned", "none")
 
 
 @dataclass(frozen=True)
 class TransformerConfig:
     """A decoder-only transformer, validated on construction (a bad field raises ValueError/TypeError).
+
+    Every field after ``tie_embeddings`` defaults to Llama's choice, so an older config (or saved
+    params) loads unchanged.
 
     Attributes:
         vocab_size: V, tokens are ints in [0, V).
@@ -95,13 +71,32 @@ class TransformerConfig:
         n_heads: N query heads.  n_kv_heads: K key/value heads, N % K == 0 (K = N is MHA, K = 1 MQA).
         head_dim: H; need not equal D / N (the projections are (D, N, H) and (N, H, D)).
         d_ff: F, the MLP's hidden width.
-        activation: relu, gelu, gelu_tanh, silu (a plain MLP) or swiglu (the gated MLP).
-        norm_eps: RMSNorm's epsilon.
+        activation: relu, gelu, gelu_tanh, silu (a plain MLP), swiglu or geglu (the gated MLPs).
+        norm_eps: the norms' epsilon.
         rope_theta, rope_style, rotary_dim, rope_scaling: passed to `Encodings.rope` for q and k;
             ``rotary_dim`` None rotates all of H (partial rotary: an even number < H); a
             ``rope_scaling`` dict is stored as an immutable `RopeScaling` (the config is hashed).
         max_seq_len: the largest position a token may take (positions are in [0, max_seq_len)).
         tie_embeddings: the output projection is ``embed.T`` and ``lm_head`` is absent.
+        norm_placement: ``pre`` ``h = x + attn(n(x))``; ``sandwich`` (Gemma 2) ``h = x + n'(attn(n(x)))``;
+            ``post`` (OLMo 2) ``h = x + n'(attn(x))``; the MLP likewise on h; ``parallel`` (GPT-NeoX)
+            ``x + attn(n(x)) + mlp(n''(x))``. n, n' and n'' are the block's own norms (names above).
+        norm_kind: ``rms`` (`Ops.rms_norm`) or ``layer`` (`Ops.layer_norm`), for every norm but the QK-norm
+            (always RMS).  norm_bias: LayerNorm's bias (``layer`` only).
+        norm_offset: an RMSNorm multiplies by ``norm_offset + weight`` (Gemma: 1.0).
+        qkv_bias, o_bias, mlp_bias: biases on the q/k/v projections, the output projection, the MLP's
+            linears.
+        qk_norm: None, ``head`` (RMSNorm over each head's H features of q and k, Qwen 3) or ``projection``
+            (over the whole N·H / K·H projection, OLMo 2), before RoPE.
+        windows: None (every layer full causal) or one entry per layer: None or a sliding window W, key j
+            visible to query i iff i − W < j <= i.
+        rope_thetas: None (``rope_theta`` everywhere) or one RoPE θ per layer.
+        attn_scale: the attention's scale, None for 1/√H.
+        attn_softcap, final_softcap: None or ``cap``: the attention scores or the logits become
+            ``cap · tanh(x / cap)``.
+        embed_scale: the embedding rows are multiplied by it (Gemma: √D).
+        position: ``rope`` (q and k rotated), ``learned`` (``pos_embed`` rows added to the embeddings) or
+            ``none``.
     """
 
     vocab_size: int
@@ -119,6 +114,21 @@ class TransformerConfig:
     rope_scaling: Mapping[str, Any] | None = None
     max_seq_len: int = 2048
     tie_embeddings: bool = False
+    norm_placement: str = "pre"
+    norm_kind: str = "rms"
+    norm_bias: bool = False
+    norm_offset: float = 0.0
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: str | None = None
+    windows: tuple[int | None, ...] | None = None
+    rope_thetas: tuple[float, ...] | None = None
+    attn_scale: float | None = None
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    embed_scale: float = 1.0
+    position: str = "rope"
 
     def __post_init__(self) -> None:
         fn = "TransformerConfig"
@@ -150,13 +160,47 @@ class TransformerConfig:
         checks.rope_scaling(fn, self.rope_scaling)
         if self.rope_scaling is not None:
             object.__setattr__(self, "rope_scaling", RopeScaling(self.rope_scaling))
-        if not isinstance(self.tie_embeddings, bool):
-            raise TypeError(f"{fn}: tie_embeddings must be a bool, got {type(self.tie_embeddings).__name__}")
+        for name in ("tie_embeddings", "norm_bias", "qkv_bias", "o_bias", "mlp_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{fn}: {name} must be a bool, got {type(getattr(self, name)).__name__}")
+        checks.check_choice(fn, "norm_placement", self.norm_placement, NORM_PLACEMENTS)
+        checks.check_choice(fn, "norm_kind", self.norm_kind, NORM_KINDS)
+        checks.check_choice(fn, "position", self.position, POSITION_KINDS)
+        if self.qk_norm is not None:
+            checks.check_choice(fn, "qk_norm", self.qk_norm, QK_NORMS)
+        if self.norm_bias and self.norm_kind != "layer":
+            raise ValueError(f"{fn}: norm_bias needs norm_kind 'layer', got norm_kind {self.norm_kind!r}")
+        if self.norm_offset and self.norm_kind != "rms":
+            raise ValueError(f"{fn}: norm_offset is an RMSNorm's, got norm_kind {self.norm_kind!r}")
+        if not isinstance(self.norm_offset, int | float) or isinstance(self.norm_offset, bool):
+            raise TypeError(f"{fn}: norm_offset must be a number, got {type(self.norm_offset).__name__}")
+        for name in ("attn_scale", "attn_softcap", "final_softcap"):
+            if getattr(self, name) is not None:
+                checks.check_positive_float(fn, name, getattr(self, name))
+        checks.check_positive_float(fn, "embed_scale", self.embed_scale)
+        if self.windows is not None:
+            windows = self._per_layer(fn, "windows", self.windows)
+            for w in windows:
+                if w is not None:
+                    checks.check_positive_int(fn, "windows[i]", w)
+        if self.rope_thetas is not None:
+            for theta in self._per_layer(fn, "rope_thetas", self.rope_thetas):
+                checks.check_positive_float(fn, "rope_thetas[i]", theta)
+
+    def _per_layer(self, fn: str, name: str, value: Any) -> tuple:
+        # A tuple, not a list: the config is hashed (a JAX static argument) and frozen.
+        if not isinstance(value, tuple) or len(value) != self.n_layers:
+            raise ValueError(f"{fn}: {name} must be a tuple of n_layers = {self.n_layers} entries, got {value!r}")
+        return value
 
     @property
     def group_size(self) -> int:
         """N // K: the query heads that share one kv head."""
         return self.n_heads // self.n_kv_heads
+
+    def window(self, layer: int) -> int | None:
+        """Layer ``layer``'s sliding window, None for full causal attention."""
+        return None if self.windows is None else self.windows[layer]
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as plain JSON values (``rope_scaling`` a dict); `from_dict` reads it back."""
@@ -170,6 +214,10 @@ class TransformerConfig:
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"TransformerConfig: unknown fields {sorted(unknown)}")
+        data = dict(data)
+        for name in ("windows", "rope_thetas"):  # JSON gives lists back
+            if isinstance(data.get(name), list):
+                data[name] = tuple(data[name])
         return cls(**data)
 
 
@@ -186,24 +234,36 @@ def param_shapes(config: TransformerConfig, /) -> dict[str, tuple[int, ...]]:
      'layers.0.w_out': (8, 4), 'norm': (4,)}
     """
     c = config
-    V, D, N, K, H, F = c.vocab_size, c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.d_ff
+    V, D = c.vocab_size, c.d_model
     shapes: dict[str, tuple[int, ...]] = {"embed": (V, D)}
+    if c.position == "learned":
+        shapes["pos_embed"] = (c.max_seq_len, D)
+
+    def norm(prefix: str, name: str | None) -> None:
+        for n in norm_names(name, c) if name else ():
+            shapes[prefix + n] = (D,)
+
     for i in range(c.n_layers):
         p = f"layers.{i}."
-        shapes |= {p + "attn_norm": (D,), p + "wq": (D, N, H), p + "wk": (D, K, H), p + "wv": (D, K, H)}
-        shapes |= {p + "wo": (N, H, D), p + "mlp_norm": (D,)}
-        if c.activation == "swiglu":
-            shapes |= {p + "w_gate": (D, F), p + "w_up": (D, F), p + "w_down": (F, D)}
-        else:
-            shapes |= {p + "w_in": (D, F), p + "w_out": (F, D)}
-    shapes["norm"] = (D,)
+        attn_norm, post_attn_norm, mlp_norm, post_mlp_norm = block_norms(c)
+        norm(p, attn_norm)
+        shapes |= {p + k: v for k, v in attention_shapes(c).items()}
+        norm(p, post_attn_norm)
+        norm(p, mlp_norm)
+        shapes |= {p + k: v for k, v in mlp_shapes(c).items()}
+        norm(p, post_mlp_norm)
+    norm("", "norm")
     if not c.tie_embeddings:
         shapes["lm_head"] = (D, V)
     return shapes
 
 
+_BIASES = ("bq", "bk", "bv", "bo", "b_in", "b_out", "b_gate", "b_up", "b_down")
+
+
 def init_std(name: str, config: TransformerConfig, /) -> float:
-    """The standard deviation `init_params` draws ``name`` with (0 for the norm weights, which are ones).
+    """The standard deviation `init_params` draws ``name`` with (0 for the norms, which start as the
+    identity, and the biases, which start at 0).
 
     Scaled normal init: a projection's std is 1/√fan_in; the two that write into the residual stream
     (``wo`` and ``w_out``/``w_down``) are further scaled by 1/√(2·n_layers) (GPT-2, so the stream's
@@ -212,11 +272,12 @@ def init_std(name: str, config: TransformerConfig, /) -> float:
     """
     c = config
     leaf = name.rsplit(".", 1)[-1]
-    if leaf in ("attn_norm", "mlp_norm", "norm"):
+    if leaf.endswith(("norm", "_bias")) or leaf in _BIASES:
         return 0.0
     residual = 1.0 / math.sqrt(2 * c.n_layers)
     fan_in = {
         "embed": c.d_model,
+        "pos_embed": c.d_model,
         "wq": c.d_model,
         "wk": c.d_model,
         "wv": c.d_model,
@@ -259,9 +320,17 @@ def init_params(config: TransformerConfig, /, seed: int, *, dtype: str = "float3
     params = {}
     for name, shape in param_shapes(config).items():
         std = init_std(name, config)
-        value = np.ones(shape) if std == 0.0 else rng.standard_normal(shape, dtype=np.float64) * std
+        value = (
+            rng.standard_normal(shape, dtype=np.float64) * std if std else np.full(shape, _init_constant(name, config))
+        )
         params[name] = value.astype(dtype)
     return params
+
+
+def _init_constant(name: str, config: TransformerConfig) -> float:
+    """A norm weight starts as the identity (1 − norm_offset, so Gemma's 1 + w is 1); a bias at 0."""
+    leaf = name.rsplit(".", 1)[-1]
+    return 1.0 - config.norm_offset if leaf.endswith("norm") else 0.0
 
 
 def check_params(fn: str, shapes: Mapping[str, tuple[int, ...]], config: TransformerConfig, /) -> None:
@@ -311,60 +380,6 @@ def check_tokens(
         )
 
 
-# -- save and load (no pickle) ---------------------------------------------------------------------
+from .params_io import load_params, save_params  # noqa: E402 (they need TransformerConfig)
 
-_CONFIG_KEY = "__config__"
-
-
-def save_params(
-    path: str | os.PathLike[str], params: Mapping[str, Any], /, *, config: TransformerConfig | None = None
-) -> None:
-    """Write ``params`` (NumPy arrays) to ``.npz`` or ``.safetensors`` (chosen by the suffix).
-
-    The config, when given, is stored as JSON beside them (a string array in ``.npz``, the metadata in
-    safetensors). Nothing is pickled: an array that is not bool, int or float (an object array) is a
-    TypeError; safetensors needs the ``safetensors`` package.
-    """
-    path = os.fspath(path)
-    arrays = {k: np.ascontiguousarray(np.asarray(v)) for k, v in params.items()}
-    for k, v in arrays.items():
-        if v.dtype.kind not in "biuf":  # an object or string array would be pickled (npz) or unreadable
-            raise TypeError(
-                f"save_params: params[{k!r}] has dtype {v.dtype}; wanted a numeric dtype (bool, int, float): "
-                "nothing is pickled"
-            )
-    if _CONFIG_KEY in arrays:
-        raise ValueError(f"save_params: {_CONFIG_KEY!r} is reserved for the config, not a parameter name")
-    meta = None if config is None else json.dumps(config.to_dict())
-    if path.endswith(".safetensors"):
-        from safetensors.numpy import save_file
-
-        save_file(arrays, path, metadata=None if meta is None else {_CONFIG_KEY: meta})
-    elif path.endswith(".npz"):
-        payload: dict[str, Any] = dict(arrays)
-        if meta is not None:
-            payload[_CONFIG_KEY] = np.array(meta)  # a unicode array: loads without pickle
-        np.savez(path, **payload)
-    else:
-        raise ValueError(f"save_params: path must end in .npz or .safetensors, got {path!r}")
-
-
-def load_params(path: str | os.PathLike[str], /) -> tuple[dict[str, np.ndarray], TransformerConfig | None]:
-    """Read what `save_params` wrote: ``(params, config or None)``. ``.npz`` loads with allow_pickle=False."""
-    path = os.fspath(path)
-    meta: str | None = None
-    if path.endswith(".safetensors"):
-        from safetensors import safe_open
-        from safetensors.numpy import load_file
-
-        params = load_file(path)
-        with safe_open(path, framework="numpy") as fh:
-            meta = (fh.metadata() or {}).get(_CONFIG_KEY)
-    elif path.endswith(".npz"):
-        with np.load(path, allow_pickle=False) as data:
-            params = {k: data[k] for k in data.files if k != _CONFIG_KEY}
-            if _CONFIG_KEY in data.files:
-                meta = str(data[_CONFIG_KEY])
-    else:
-        raise ValueError(f"load_params: path must end in .npz or .safetensors, got {path!r}")
-    return params, None if meta is None else TransformerConfig.from_dict(json.loads(meta))
+__all__ = ["RopeScaling", "TransformerConfig", "init_params", "param_shapes", "load_params", "save_params"]

@@ -1,11 +1,12 @@
 """Training, `tensorglot.layers.Layers.loss` and `value_and_grad`: the mean next-token cross-entropy and
 the whole model's backward pass, written once from the kernels' explicit ``*_backward``.
 
-The forward pass keeps a tape (per block x, its norm a, q, k, v after RoPE, the attention output y, h
-and its norm m; then the final x and its norm n) and the backward walks it in reverse: the loss, the
-head, the final norm, each block (MLP, its norm, wo, attention, the inverse rotation, the three
-projections, the first norm), and last the embedding, whose rows add up over every position that reads
-them (and, tied, over the head's use).
+The forward pass keeps a tape (per block x, the attention's input a, its projections before the
+QK-norm, q and k after RoPE, v, the attention output y, the sublayer outputs a post-norm reads, h and
+the MLP's input m; then the final x, its norm n and a softcap's tanh) and the backward walks it in
+reverse: the loss, the softcap, the head, the final norm, each block (its MLP, attention and norms in
+the order the config's placement put them), and last the embedding, whose rows add up over every
+position that reads them (and, tied, over the head's use), and the learned positions.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from array_api_compat import array_namespace, device
 
 from . import checks
-from .forward import _head, _mlp_names, _Pass
+from .forward import _fold_biases, _head, _on_device, _Pass, mlp_names
 from .frontend import index_ids, shape
+from .param_layout import GATED, block_norms
 
 if TYPE_CHECKING:
     from .layers import Layers
@@ -41,17 +44,26 @@ def loss(layers: Layers, tokens: Any, targets: Any, params: Any, config: Any) ->
 def value_and_grad(layers: Layers, tokens: Any, targets: Any, params: Any, config: Any) -> Any:
     p, tokens, targets = _inputs(layers, "value_and_grad", tokens, targets, params, config)
     k, run, c, dt = layers._k, layers._run, p.config, p.dtype
+    back = _Backward(layers, p)
     p.tape = []
     logits = layers._forward(tokens, p)  # (B, S, V)
     value = run(k.cross_entropy, dt, (logits,), targets)
     dloss = p.xp.ones((), dtype=logits.dtype, device=device(logits))
     dlogits = run(k.cross_entropy_backward, dt, (logits, dloss), targets)
-    grads: dict[str, Array] = {}
     final = p.tape.pop()
+    if final["t"] is not None:  # logits = cap · tanh(z / cap)
+        dlogits = dlogits * (1.0 - final["t"] * final["t"])
     dn, dhead, _ = run(k.linear_backward, dt, (final["n"], _head(p.params, c), dlogits), False)
-    dx, grads["norm"] = run(k.rms_norm_backward, dt, (final["x"], p.params["norm"], dn), c.norm_eps)
+    dx = back.norm(final["x"], "norm", dn)
     for i in reversed(range(c.n_layers)):
-        dx = _block_backward(layers, dx, p, i, p.tape[i], grads)
+        dx = back.block(dx, i, p.tape[i])
+    grads = back.grads
+    if c.position == "learned":
+        B, S = shape(tokens)
+        positions = _on_device(np.broadcast_to(np.arange(S), (B, S)).copy(), tokens)  # (B, S)
+        grads["pos_embed"] = run(k.embedding_backward, dt, (dx,), positions, c.max_seq_len)
+    if c.embed_scale != 1.0:
+        dx = dx * c.embed_scale
     dembed = run(k.embedding_backward, dt, (dx,), tokens, c.vocab_size)  # a token used twice gets both
     if c.tie_embeddings:
         dembed = dembed + dhead.T
@@ -61,33 +73,107 @@ def value_and_grad(layers: Layers, tokens: Any, targets: Any, params: Any, confi
     return value, {name: grads[name] for name in params}
 
 
-def _block_backward(layers: Layers, dout: Array, p: _Pass, layer: int, s: dict[str, Array], grads: dict) -> Array:
-    """Add the block's parameter gradients to ``grads``; return dx. ``s`` is what the forward saved."""
-    k, run, xp, c, dt = layers._k, layers._run, p.xp, p.config, p.dtype
-    pre, w, eps = f"layers.{layer}.", p.params, c.norm_eps
-    B, S, D = shape(dout)
-    N, K, H = c.n_heads, c.n_kv_heads, c.head_dim
-    # out = h + mlp(m), m = rms_norm(h)
-    mlp_names = _mlp_names(c)
-    mlp_weights = tuple(w[pre + n] for n in mlp_names)
-    if c.activation == "swiglu":
-        dm, *dws = run(k.swiglu_backward, dt, (s["m"], *mlp_weights, dout))
-    else:
-        dm, *dws = run(k.mlp_backward, dt, (s["m"], *mlp_weights, dout), c.activation)
-    grads.update(zip((pre + n for n in mlp_names), dws))
-    dh_norm, grads[pre + "mlp_norm"] = run(k.rms_norm_backward, dt, (s["h"], w[pre + "mlp_norm"], dm), eps)
-    dh = dout + dh_norm
-    # h = x + attention(a) · wo, a = rms_norm(x)
-    dy, dwo, _ = run(k.linear_backward, dt, (s["y"], xp.reshape(w[pre + "wo"], (N * H, D)), dh), False)
-    grads[pre + "wo"] = xp.reshape(dwo, (N, H, D))
-    dy = xp.reshape(dy, (B, S, N, H))  # (B, S, N, H)
-    dq, dk, dv = run(k.attention_backward, dt, (s["q"], s["k"], s["v"], dy), True, None, 1.0 / math.sqrt(H))
-    dq, dk = layers._rope(dq, p, -1.0), layers._rope(dk, p, -1.0)  # the inverse rotation
-    da = None
-    for name, d, heads in (("wq", dq, N), ("wk", dk, K), ("wv", dv, K)):
-        w2 = xp.reshape(w[pre + name], (D, heads * H))
-        dxi, dw, _ = run(k.linear_backward, dt, (s["a"], w2, xp.reshape(d, (B, S, heads * H))), False)
-        da = dxi if da is None else da + dxi
-        grads[pre + name] = xp.reshape(dw, (D, heads, H))
-    dx_norm, grads[pre + "attn_norm"] = run(k.rms_norm_backward, dt, (s["x"], w[pre + "attn_norm"], da), eps)
-    return dh + dx_norm
+class _Backward:
+    """The backward of each piece of the forward pass, adding parameter gradients to ``grads``."""
+
+    def __init__(self, layers: Layers, p: _Pass) -> None:
+        self.layers, self.p, self.k, self.run = layers, p, layers._k, layers._run
+        self.c, self.dt, self.xp = p.config, p.dtype, p.xp
+        self.grads: dict[str, Array] = {}
+
+    def block(self, dout: Array, layer: int, s: dict[str, Array]) -> Array:
+        """dx of one block; ``s`` is what its forward saved."""
+        pre, c = f"layers.{layer}.", self.c
+        attn_norm, post_attn_norm, mlp_norm, post_mlp_norm = block_norms(c)
+        # out = h + post(mlp(m)), m = norm(h) (parallel: norm(x))
+        dz = dout if post_mlp_norm is None else self.norm(s["z"], pre + post_mlp_norm, dout)
+        dm = self.mlp(s["m"], layer, dz)
+        parallel = c.norm_placement == "parallel"
+        if mlp_norm is not None:
+            dm = self.norm(s["x"] if parallel else s["h"], pre + mlp_norm, dm)
+        dh = dout if parallel else dout + dm
+        # h = x + post(attention(a)), a = norm(x)
+        do = dh if post_attn_norm is None else self.norm(s["o"], pre + post_attn_norm, dh)
+        da = self.attention(s, layer, do)
+        dx = dh + (da if attn_norm is None else self.norm(s["x"], pre + attn_norm, da))
+        return dx + dm if parallel else dx
+
+    def attention(self, s: dict[str, Array], layer: int, do: Array) -> Array:
+        k, run, xp, c, dt, w = self.k, self.run, self.xp, self.c, self.dt, self.p.params
+        pre = f"layers.{layer}."
+        B, S, D = shape(do)
+        N, K, H = c.n_heads, c.n_kv_heads, c.head_dim
+        wo = xp.reshape(w[pre + "wo"], (N * H, D))
+        dy, dwo, dbo = run(k.linear_backward, dt, (s["y"], wo, do), c.o_bias)
+        self.grads[pre + "wo"] = xp.reshape(dwo, (N, H, D))
+        if c.o_bias:
+            self.grads[pre + "bo"] = dbo
+        dy = xp.reshape(dy, (B, S, N, H))  # (B, S, N, H)
+        scale = c.attn_scale or 1.0 / math.sqrt(H)
+        options = (s["causal"], s["mask"], scale, *self.layers._softcap(self.p))
+        dq, dk, dv = run(k.attention_backward, dt, (s["q"], s["k"], s["v"], dy), *options)
+        rope = self.layers._rope
+        dq, dk = rope(dq, self.p, -1.0, layer), rope(dk, self.p, -1.0, layer)  # the inverse rotation
+        da = None
+        for name, d, heads in (("q", dq, N), ("k", dk, K), ("v", dv, K)):
+            d = self.qk_norm(s.get(name + "_lin"), pre + name + "_norm", d, heads)  # (B, S, heads·H)
+            w2 = xp.reshape(w[pre + "w" + name], (D, heads * H))
+            dxi, dw, db = run(k.linear_backward, dt, (s["a"], w2, d), c.qkv_bias)
+            da = dxi if da is None else da + dxi
+            self.grads[pre + "w" + name] = xp.reshape(dw, (D, heads, H))
+            if c.qkv_bias:
+                self.grads[pre + "b" + name] = xp.reshape(db, (heads, H))
+        return da
+
+    def qk_norm(self, lin: Array | None, name: str, d: Array, heads: int) -> Array:
+        """The gradient of a projection (B, S, heads·H) from that of its QK-normed heads (B, S, heads, H)."""
+        xp, c = self.xp, self.c
+        B, S = shape(d)[:2]
+        flat = (B, S, heads * c.head_dim)
+        if c.qk_norm is None or lin is None:
+            return xp.reshape(d, flat)
+        if c.qk_norm == "head":
+            dx, self.grads[name] = self.rms(xp.reshape(lin, shape(d)), self.p.params[name], d)
+            return xp.reshape(dx, flat)
+        dx, self.grads[name] = self.rms(lin, self.p.params[name], xp.reshape(d, flat))
+        return dx
+
+    def mlp(self, m: Array, layer: int, dz: Array) -> Array:
+        k, run, xp, c, dt, w = self.k, self.run, self.xp, self.c, self.dt, self.p.params
+        pre = f"layers.{layer}."
+        names = [n for n in mlp_names(c) if n.startswith("w")]
+        weights = [w[pre + n] for n in names]
+        x = m
+        if c.mlp_bias:
+            x, weights, _ = _fold_biases(m, weights, w, pre, c, xp)
+        if c.activation in GATED:
+            dx, *dws = run(self.layers._gated(c.activation, "_backward"), dt, (x, *weights, dz))
+        else:
+            dx, *dws = run(k.mlp_backward, dt, (x, *weights, dz), c.activation)
+        if not c.mlp_bias:
+            self.grads.update(zip((pre + n for n in names), dws))
+            return dx
+        D = c.d_model
+        biases = [n for n in mlp_names(c) if n.startswith("b")]  # the inputs' biases, then the output's
+        for name, bias, dw in zip(names[:-1], biases, dws[:-1]):
+            self.grads[pre + name], self.grads[pre + bias] = dw[:D, :], dw[D, :]  # the folded row is the bias
+        self.grads[pre + names[-1]] = dws[-1]
+        self.grads[pre + biases[-1]] = xp.sum(xp.reshape(dz, (-1, D)), axis=0)
+        return dx[..., :D]
+
+    def norm(self, x: Array, name: str, dy: Array) -> Array:
+        """dx of the norm ``name`` (of the config's kind) applied to x; its weight's (and bias's) gradient."""
+        c, w = self.c, self.p.params
+        if c.norm_kind == "layer":
+            dx, dw, db = self.run(self.k.layer_norm_backward, self.dt, (x, w[name], dy), c.norm_eps, c.norm_bias)
+            if c.norm_bias:
+                self.grads[name + "_bias"] = db
+        else:
+            dx, dw = self.rms(x, w[name], dy)
+        self.grads[name] = dw
+        return dx
+
+    def rms(self, x: Array, weight: Array, dy: Array) -> tuple[Array, Array]:
+        c = self.c
+        weight = weight + c.norm_offset if c.norm_offset else weight
+        return self.run(self.k.rms_norm_backward, self.dt, (x, weight, dy), c.norm_eps)

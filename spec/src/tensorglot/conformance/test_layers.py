@@ -29,11 +29,71 @@ CONFIGS: dict[str, dict[str, Any]] = {
         activation="relu",
         rope_scaling={"type": "llama3", "factor": 8.0, "original_max_position_embeddings": 8},
     ),
+    # The architectures of `TransformerConfig` beyond Llama's (GPT-2, GPT-NeoX, OLMo 2, Qwen/Gemma-like).
+    "gpt2-layernorm-biases-learned": dict(
+        n_kv_heads=4,
+        activation="gelu_tanh",
+        tie_embeddings=True,
+        norm_kind="layer",
+        norm_bias=True,
+        qkv_bias=True,
+        o_bias=True,
+        mlp_bias=True,
+        position="learned",
+    ),
+    "neox-parallel-partial": dict(
+        n_kv_heads=4,
+        norm_placement="parallel",
+        norm_kind="layer",
+        norm_bias=True,
+        qkv_bias=True,
+        o_bias=True,
+        mlp_bias=True,
+        rotary_dim=2,
+        rope_style="neox",
+    ),
+    "post-qknorm-projection-window": dict(
+        n_kv_heads=2, norm_placement="post", qk_norm="projection", windows=(3, None), rope_style="neox"
+    ),
+    "sandwich-qknorm-head-softcap": dict(
+        n_kv_heads=2,
+        norm_placement="sandwich",
+        qk_norm="head",
+        norm_offset=1.0,
+        windows=(None, 2),
+        rope_thetas=(10000.0, 100.0),
+        attn_scale=0.3,
+        final_softcap=3.0,
+        embed_scale=2.0,
+        qkv_bias=True,
+        mlp_bias=True,
+    ),
+    # Gemma's own kernels: GeGLU and softcapped attention (skipped on a backend without them).
+    "gemma-geglu-softcap": dict(
+        n_kv_heads=2,
+        activation="geglu",
+        norm_placement="sandwich",
+        norm_offset=1.0,
+        qk_norm="head",
+        windows=(3, None),
+        attn_softcap=2.0,
+        final_softcap=3.0,
+        embed_scale=2.0,
+    ),
 }
+#: The Llama-shaped ones (a pre-RMSNorm stack whose head a test applies by hand).
+LLAMA_CONFIGS = ("gqa-swiglu-partial-neox", "mha-gelu-tied", "mqa-relu-llama3")
 
 #: A two-layer model composes ~25 ops, each rounding its result in the test dtype, where the reference
 #: rounds nothing: the logits and gradients get this multiple of the per-op tolerance.
 MODEL_SCALE = {"float64": 1.0, "float32": 4.0, "float16": 8.0, "bfloat16": 8.0}
+
+
+def model_scale(config: TransformerConfig, dtype: str) -> float:
+    """`MODEL_SCALE`, ×4 in half precision after a norm (post, sandwich) that divides a sublayer's output
+    by its own small RMS: that amplifies the output's rounding, and the gradients' with it."""
+    amplified = config.norm_placement in ("post", "sandwich") and dtype in ("float16", "bfloat16")
+    return MODEL_SCALE[dtype] * (4.0 if amplified else 1.0)
 
 
 def tiny_config(name: str = "gqa-swiglu-partial-neox", **overrides: Any) -> TransformerConfig:
@@ -59,8 +119,13 @@ def as_ints(backend: Any, x: Any) -> np.ndarray:
 
 
 @pytest.fixture(params=list(CONFIGS))
-def config(request: pytest.FixtureRequest) -> TransformerConfig:
-    return tiny_config(request.param)
+def config(request: pytest.FixtureRequest, backend: Any) -> TransformerConfig:
+    config = tiny_config(request.param)
+    if config.activation == "geglu" and not hasattr(backend.kernels, "geglu"):
+        pytest.skip(f"backend {backend.name!r} lacks the geglu kernel")
+    if config.attn_softcap and "softcap" not in inspect.signature(backend.kernels.attention).parameters:
+        pytest.skip(f"backend {backend.name!r}'s attention kernel lacks softcap")
+    return config
 
 
 def best_dtype(backend: Any) -> str:
@@ -89,7 +154,7 @@ def test_logits_match_the_reference(harness, backend, config, dtype):
     got = backend.layers.transformer(harness.put(tok, dtype), put_params(harness, params, dtype), config)
     assert backend.dtype_name(got) == dtype
     want = harness.reference.layers.transformer(tok, ref_params(harness, params, dtype), config)
-    assert_close(harness.get(got), want, dtype, scale=MODEL_SCALE[dtype], what="transformer logits")
+    assert_close(harness.get(got), want, dtype, scale=model_scale(config, dtype), what="transformer logits")
 
 
 def test_logits_with_positions_match_the_reference(harness, backend):
@@ -106,7 +171,9 @@ def test_logits_with_positions_match_the_reference(harness, backend):
     assert_close(harness.get(got), want, dtype, scale=MODEL_SCALE[dtype], what="transformer logits at positions")
 
 
-def test_blocks_compose_to_the_transformer(harness, backend, config):
+@pytest.mark.parametrize("name", LLAMA_CONFIGS)
+def test_blocks_compose_to_the_transformer(harness, backend, name):
+    config = tiny_config(name)
     dtype = best_dtype(backend)
     params = init_params(config, 3, dtype="float64")
     bp = put_params(harness, params, dtype)
@@ -209,11 +276,12 @@ def test_loss_and_gradients_match_the_reference(harness, backend, config, dtype)
         harness.put(tok, dtype), harness.put(tgt, dtype), put_params(harness, params, dtype), config
     )
     ref_loss, ref_grads = harness.reference.layers.value_and_grad(tok, tgt, ref_params(harness, params, dtype), config)
-    assert_close(harness.get(loss), ref_loss, dtype, scale=MODEL_SCALE[dtype], what="loss")
+    assert_close(harness.get(loss), ref_loss, dtype, scale=model_scale(config, dtype), what="loss")
     assert sorted(grads) == sorted(params)
     for name in params:
         assert backend.dtype_name(grads[name]) == dtype, name
-        assert_close(harness.get(grads[name]), ref_grads[name], dtype, scale=MODEL_SCALE[dtype], what=f"d{name}")
+        scale = model_scale(config, dtype)
+        assert_close(harness.get(grads[name]), ref_grads[name], dtype, scale=scale, what=f"d{name}")
 
 
 @pytest.mark.requires("float64")
@@ -270,7 +338,8 @@ def test_autograd_of_the_loss_equals_the_explicit_backward(harness, backend, con
     assert_close(harness.get(value), harness.get(want_value), dtype, what="loss")
     assert sorted(grads) == sorted(params)
     for name in params:
-        assert_close(harness.get(grads[name]), harness.get(want[name]), dtype, scale=MODEL_SCALE[dtype], what=name)
+        scale = model_scale(config, dtype)
+        assert_close(harness.get(grads[name]), harness.get(want[name]), dtype, scale=scale, what=name)
 
 
 # -- a backend's overrides -------------------------------------------------------------------------
