@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -42,6 +43,10 @@ def hf_config_to_config(hf: Mapping[str, Any], /) -> TransformerConfig:
     """A `TransformerConfig` from a Hugging Face config dict (``config.json``); a config without
     ``model_type`` is read as a Llama."""
     return config_from_hf(hf)
+
+
+#: A layer's index in any family's tensor names (``model.layers.3.``, GPT-2's ``transformer.h.3.``).
+_LAYER = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
 
 
 def hf_state_to_params(
@@ -67,6 +72,12 @@ def hf_state_to_params(
     unused = sorted(k for k in set(state) - used if not k.endswith(_BUFFERS))
     if config.tie_embeddings:
         unused = [k for k in unused if k not in ("lm_head.weight", "embed_out.weight")]  # the tied copy
+    past = sorted({int(m.group(1)) for k in unused if (m := _LAYER.search(k)) and int(m.group(1)) >= config.n_layers})
+    if past:  # a config that undercounts would otherwise run a shallower model
+        raise ValueError(
+            f"{fn}: the checkpoint holds layers {past} past num_hidden_layers = {config.n_layers}; the config "
+            "and the weights disagree (no layer is dropped)"
+        )
     if unused:
         raise ValueError(f"{fn}: the checkpoint holds tensors the config has no place for: {unused[:8]}")
     check_params(fn, {k: v.shape for k, v in params.items()}, config)
