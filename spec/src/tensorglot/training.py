@@ -63,21 +63,37 @@ def value_and_grad(layers: Layers, tokens: Any, targets: Any, params: Any, confi
 
 def _block_backward(layers: Layers, dout: Array, p: _Pass, layer: int, s: dict[str, Array], grads: dict) -> Array:
     """Add the block's parameter gradients to ``grads``; return dx. ``s`` is what the forward saved."""
-    k, run, xp, c, dt = layers._k, layers._run, p.xp, p.config, p.dtype
-    pre, w, eps = f"layers.{layer}.", p.params, c.norm_eps
-    B, S, D = shape(dout)
-    N, K, H = c.n_heads, c.n_kv_heads, c.head_dim
+    k, run, w, eps, pre = layers._k, layers._run, p.params, p.config.norm_eps, f"layers.{layer}."
     # out = h + mlp(m), m = rms_norm(h)
-    mlp_names = _mlp_names(c)
-    mlp_weights = tuple(w[pre + n] for n in mlp_names)
-    if c.activation == "swiglu":
-        dm, *dws = run(k.swiglu_backward, dt, (s["m"], *mlp_weights, dout))
-    else:
-        dm, *dws = run(k.mlp_backward, dt, (s["m"], *mlp_weights, dout), c.activation)
-    grads.update(zip((pre + n for n in mlp_names), dws))
-    dh_norm, grads[pre + "mlp_norm"] = run(k.rms_norm_backward, dt, (s["h"], w[pre + "mlp_norm"], dm), eps)
+    dm = _mlp_backward(layers, dout, p, layer, s, grads)
+    dh_norm, grads[pre + "mlp_norm"] = run(k.rms_norm_backward, p.dtype, (s["h"], w[pre + "mlp_norm"], dm), eps)
     dh = dout + dh_norm
     # h = x + attention(a) · wo, a = rms_norm(x)
+    da = _attention_backward(layers, dh, p, layer, s, grads)
+    dx_norm, grads[pre + "attn_norm"] = run(k.rms_norm_backward, p.dtype, (s["x"], w[pre + "attn_norm"], da), eps)
+    return dh + dx_norm
+
+
+def _mlp_backward(layers: Layers, dout: Array, p: _Pass, layer: int, s: dict[str, Array], grads: dict) -> Array:
+    """Back through ``mlp(m)``: add its weights' gradients to ``grads``, return dm (a tensor-parallel
+    rank's partial sum when its weights are column and row shards)."""
+    k, run, dt, pre = layers._k, layers._run, p.dtype, f"layers.{layer}."
+    mlp_names = _mlp_names(p.config)
+    mlp_weights = tuple(p.params[pre + n] for n in mlp_names)
+    if p.config.activation == "swiglu":
+        dm, *dws = run(k.swiglu_backward, dt, (s["m"], *mlp_weights, dout))
+    else:
+        dm, *dws = run(k.mlp_backward, dt, (s["m"], *mlp_weights, dout), p.config.activation)
+    grads.update(zip((pre + n for n in mlp_names), dws))
+    return dm
+
+
+def _attention_backward(layers: Layers, dh: Array, p: _Pass, layer: int, s: dict[str, Array], grads: dict) -> Array:
+    """Back through ``attention(a) · wo``: add the four projections' gradients to ``grads``, return da."""
+    k, run, xp, c, dt = layers._k, layers._run, p.xp, p.config, p.dtype
+    pre, w = f"layers.{layer}.", p.params
+    B, S, D = shape(dh)
+    N, K, H = c.n_heads, c.n_kv_heads, c.head_dim
     dy, dwo, _ = run(k.linear_backward, dt, (s["y"], xp.reshape(w[pre + "wo"], (N * H, D)), dh), False)
     grads[pre + "wo"] = xp.reshape(dwo, (N, H, D))
     dy = xp.reshape(dy, (B, S, N, H))  # (B, S, N, H)
@@ -89,5 +105,4 @@ def _block_backward(layers: Layers, dout: Array, p: _Pass, layer: int, s: dict[s
         dxi, dw, _ = run(k.linear_backward, dt, (s["a"], w2, xp.reshape(d, (B, S, heads * H))), False)
         da = dxi if da is None else da + dxi
         grads[pre + name] = xp.reshape(dw, (D, heads, H))
-    dx_norm, grads[pre + "attn_norm"] = run(k.rms_norm_backward, dt, (s["x"], w[pre + "attn_norm"], da), eps)
-    return dh + dx_norm
+    return da

@@ -115,3 +115,20 @@ step, single_step = spec.parallel_functions(_prepare, _run, spec.one_device_step
 
 def max_world_size() -> int | None:
     return None
+
+
+def _run_transformer(task: spec.Task) -> spec.TransformerStepResult:
+    import tensorglot
+
+    mesh = Mesh(task.step.world_size, timeout=task.step.timeout)
+    layers = tensorglot.get_backend("numpy").layers
+    start = time.perf_counter()
+    pieces = mesh.run(
+        lambda comm: spec.transformer_rank(comm, layers, task, np.asarray),
+        what=f"transformer_step: {task.step.strategy}",
+    )
+    seconds = time.perf_counter() - start
+    return spec.gather_transformer(task, [(p, log, seconds) for p, log in zip(pieces, mesh.log)])
+
+
+transformer_step = spec.transformer_step_function(np.asarray, _run_transformer)

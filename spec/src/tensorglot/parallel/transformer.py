@@ -1,0 +1,294 @@
+"""One training step of the spec's transformer split over n devices: its strategies, the checks before
+it runs, what every rank is told (`Task`), what it returns (`TransformerStepResult`), and
+`transformer_step_function`, which builds a backend's ``parallel.transformer_step`` from its transport.
+
+The loss is `tensorglot.layers.Layers.value_and_grad`'s: the mean token cross-entropy over ``targets``.
+Every rank computes the mean over the tokens it holds; its piece weighs what share of the step's tokens
+those are, so the pieces' gradients add up to the whole step's with no rescaling after a collective.
+
+Strategies (`TRANSFORMER_STRATEGIES`; the per-rank programs are in `transformer_rank`):
+  * ``dp``: the batch split n ways, every gradient all-reduced; every rank updates everything.
+  * ``zero1``, ``zero2`` (arXiv:1910.02054): dp, each rank updating (and keeping the optimizer state
+    of) 1/n of every parameter, then all-gathering it; zero1 reduce-scatters the gradients after the
+    whole backward, zero2 after each unit's backward (so only 1/n of them outlives the unit).
+  * ``fsdp`` (ZeRO-3): also the parameters in 1/n shards, each unit (the embedding, a block, the head)
+    all-gathered before its forward and again before its backward; gradients reduce-scattered.
+  * ``tp`` (Megatron, arXiv:1909.08053): heads split n ways (K/V heads too, or replicated on the n/K
+    ranks that read one when K < n), the MLP's first weights by columns and its last by rows; one
+    all-reduce after each sublayer forward and one of its input gradient backward. ``tp_sp`` adds
+    sequence parallel (arXiv:2205.05198): norms and residual stream on S/n positions, the all-reduces
+    become all-gather and reduce-scatter, and the norms', embedding's and head's gradients all-reduced.
+  * ``pp``: the blocks in n stages (the embedding on the first, the head on the last), the batch in m
+    microbatches, run by `pipeline_schedule` (gpipe, 1f1b); activations and gradients are sends.
+
+Parameters are split flat (zero, fsdp: the i-th 1/n of the flattened array) or on a named axis (tp), so
+a rank's piece is placed back into the whole by `Where`; gathering happens outside the step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..params import TransformerConfig, check_params, param_shapes
+from .cost import Collective
+from .schedules import SCHEDULES
+from .transformer_optim import Optimizer, check_optimizer
+
+TRANSFORMER_STRATEGIES = ("dp", "zero1", "zero2", "fsdp", "tp", "tp_sp", "pp")
+#: A piece's place in its whole: None (all of it), ("flat", start, stop) or (axis, start, stop).
+Where = tuple[Any, int, int] | None
+
+
+@dataclass(frozen=True)
+class TransformerStep:
+    """A checked step's options: what every rank is told besides the arrays."""
+
+    strategy: str
+    world_size: int
+    microbatches: int
+    schedule: str
+    optimizer: Optimizer
+    timeout: float
+    dtype: str
+
+
+def check_transformer_step(
+    config: TransformerConfig,
+    batch: int,
+    seq: int,
+    strategy: str,
+    world_size: int,
+    *,
+    microbatches: int | None = None,
+    schedule: str = "1f1b",
+) -> int:
+    """Raise ValueError for a step that cannot run (before any process starts); the microbatch count.
+
+    >>> cfg = TransformerConfig(vocab_size=16, d_model=8, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=2, d_ff=16)
+    >>> check_transformer_step(cfg, 4, 6, "tp", 8)
+    Traceback (most recent call last):
+    ...
+    ValueError: transformer_step: tp needs n_heads = 4 divisible by world_size = 8
+    """
+    fn, n, c = "transformer_step", world_size, config
+    if strategy not in TRANSFORMER_STRATEGIES:
+        raise ValueError(f"{fn}: unknown strategy {strategy!r}, wanted one of {', '.join(TRANSFORMER_STRATEGIES)}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"{fn}: world_size must be a positive int, got {n!r}")
+
+    def divides(what: str, size: int, by: int, by_name: str = "world_size") -> None:
+        if size % by:
+            raise ValueError(f"{fn}: {strategy} needs {what} = {size} divisible by {by_name} = {by}")
+
+    if strategy in ("dp", "zero1", "zero2", "fsdp"):
+        divides("batch", batch, n)
+    if strategy in ("zero1", "zero2", "fsdp"):
+        for name, shape in param_shapes(c).items():
+            divides(f"{name}'s size", math.prod(shape), n)
+    if strategy in ("tp", "tp_sp"):
+        divides("n_heads", c.n_heads, n)
+        divides("d_ff", c.d_ff, n)
+        if c.n_kv_heads % n and n % c.n_kv_heads:
+            raise ValueError(f"{fn}: {strategy} needs n_kv_heads = {c.n_kv_heads} to divide or be divided by {n}")
+    if strategy == "tp_sp":
+        divides("the sequence length", seq, n)
+    m = 1
+    if strategy == "pp":
+        m = n if microbatches is None else microbatches
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            raise ValueError(f"{fn}: microbatches must be a positive int, got {microbatches!r}")
+        divides("n_layers", c.n_layers, n)
+        divides("batch", batch, m, "microbatches")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"{fn}: unknown schedule {schedule!r}, wanted one of {', '.join(SCHEDULES)}")
+        if c.tie_embeddings:
+            raise ValueError(f"{fn}: pp needs untied embeddings (embed and the head live on different stages)")
+    elif microbatches not in (None, 1):
+        raise ValueError(f"{fn}: microbatches are pp's; {strategy} got {microbatches!r}")
+    return m
+
+
+@dataclass(frozen=True)
+class Task:
+    """Everything a rank needs, as host NumPy arrays: sent once to every rank."""
+
+    step: TransformerStep
+    config: TransformerConfig
+    params: dict[str, np.ndarray]
+    tokens: np.ndarray  # (B, S) int64
+    targets: np.ndarray  # (B, S) int64
+    state: dict[str, Any] | None  # AdamW: {"step": t, "m": {name: array}, "v": {name: array}}
+
+
+@dataclass
+class TransformerPieces:
+    """One rank's part of a step: its share of the loss, its pieces (array, `Where`) of the gradients,
+    updated parameters and optimizer state, the bytes it keeps, and the pipeline slots it ran."""
+
+    loss: float
+    grads: dict[str, tuple[Any, Where]]
+    params: dict[str, tuple[Any, Where]]
+    state: dict[str, dict[str, tuple[Any, Where]]]  # "m", "v"
+    memory: dict[str, int]  # "params", "grads", "optimizer_state"
+    schedule: list[tuple[int, int, str, int]] = field(default_factory=list)
+
+    def map(self, fn: Callable[[Any], Any]) -> TransformerPieces:
+        """The same pieces with ``fn`` applied to every array (to the host, say)."""
+
+        def each(d: dict[str, tuple[Any, Where]]) -> dict[str, tuple[Any, Where]]:
+            return {k: (fn(a), w) for k, (a, w) in d.items()}
+
+        state = {k: each(v) for k, v in self.state.items()}
+        return TransformerPieces(self.loss, each(self.grads), each(self.params), state, self.memory, self.schedule)
+
+
+@dataclass
+class TransformerStepResult:
+    """What one training step of the transformer returns, on the host, pieces placed into whole arrays.
+
+    ``collectives`` are the busiest rank's, in issue order (kind, the full tensor's bytes V, group size);
+    ``bytes_by_rank`` is what each rank sent; the memory figures are the largest over the ranks.
+    """
+
+    strategy: str
+    world_size: int
+    loss: float
+    grads: dict[str, np.ndarray]  # by the spec's parameter names
+    params: dict[str, np.ndarray]  # after the update
+    state: dict[str, Any] | None  # AdamW's, whole: {"step", "m", "v"}
+    collectives: tuple[Collective, ...]
+    bytes_by_rank: tuple[int, ...]
+    param_bytes_per_rank: int
+    grad_bytes_per_rank: int
+    optimizer_bytes_per_rank: int
+    schedule: tuple[tuple[int, int, str, int], ...] = ()  # pp: the slots the stages ran
+    seconds: float = 0.0
+
+    @property
+    def bytes_per_device(self) -> int:
+        return max(self.bytes_by_rank)
+
+    @property
+    def bytes_by_kind(self) -> dict[str, int]:
+        """The busiest rank's bytes sent, by kind of collective."""
+        out: dict[str, int] = {}
+        for c in self.collectives:
+            out[c.kind] = out.get(c.kind, 0) + c.bytes_per_device
+        return out
+
+
+def place(shapes: Mapping[str, tuple[int, ...]], pieces: Sequence[dict[str, tuple[Any, Where]]]) -> dict:
+    """Whole arrays from every rank's pieces (a replicated piece is written by each of its ranks)."""
+    out: dict[str, np.ndarray] = {}
+    for ranks in pieces:
+        for name, (a, where) in ranks.items():
+            a = np.asarray(a)
+            whole = out.setdefault(name, np.zeros(shapes[name], a.dtype))
+            if where is None:
+                whole[...] = a
+            elif where[0] == "flat":
+                whole.reshape(-1)[where[1] : where[2]] = a
+            else:
+                index = [slice(None)] * whole.ndim
+                index[where[0]] = slice(where[1], where[2])
+                whole[tuple(index)] = a
+    return out
+
+
+def gather_transformer(task: Task, outputs: Sequence[tuple[TransformerPieces, Sequence[Collective], float]]) -> Any:
+    """The ranks' (pieces on the host, log, seconds), in rank order, joined into a `TransformerStepResult`."""
+    pieces, logs, seconds = zip(*outputs)
+    shapes = param_shapes(task.config)
+    state = None
+    if task.step.optimizer.state_arrays:
+        before = 0 if task.state is None else int(task.state["step"])
+        state = {"step": before + 1, **{k: place(shapes, [p.state[k] for p in pieces]) for k in ("m", "v")}}
+    by_rank = tuple(sum(c.bytes_per_device for c in log) for log in logs)
+    busiest = max(range(len(logs)), key=by_rank.__getitem__)
+    memory = {k: max(p.memory[k] for p in pieces) for k in ("params", "grads", "optimizer_state")}
+    return TransformerStepResult(
+        task.step.strategy,
+        task.step.world_size,
+        float(sum(p.loss for p in pieces)),
+        place(shapes, [p.grads for p in pieces]),
+        place(shapes, [p.params for p in pieces]),
+        state,
+        tuple(logs[busiest]),
+        by_rank,
+        memory["params"],
+        memory["grads"],
+        memory["optimizer_state"],
+        tuple(sorted(e for p in pieces for e in p.schedule)),
+        max(seconds),
+    )
+
+
+def transformer_step_function(
+    to_numpy: Callable[[Any], np.ndarray], run: Callable[[Task], TransformerStepResult]
+) -> Callable[..., TransformerStepResult]:
+    """A backend's ``parallel.transformer_step`` from ``to_numpy`` (its arrays to the host) and ``run``,
+    which runs a checked `Task` on ``task.step.world_size`` ranks and gathers it (`gather_transformer`)."""
+
+    def transformer_step(
+        params: Mapping[str, Any],
+        config: TransformerConfig,
+        tokens: Any,
+        targets: Any,
+        /,
+        *,
+        strategy: str,
+        world_size: int,
+        microbatches: int | None = None,
+        schedule: str = "1f1b",
+        optimizer: str = "sgd",
+        lr: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        state: Mapping[str, Any] | None = None,
+        timeout: float = 120.0,
+    ) -> TransformerStepResult:
+        """One training step of the transformer under ``strategy`` on ``world_size`` devices.
+
+        Args:
+          params, config: the model (`tensorglot.init_params`); the step's dtype is the params' one.
+          tokens, targets: (B, S) ints; the loss is their mean cross-entropy (`Layers.value_and_grad`).
+          strategy: one of ``TRANSFORMER_STRATEGIES``; microbatches (default n) and schedule are pp's.
+          optimizer: ``sgd`` (``w − lr·g``) or ``adamw`` (lr, betas, eps, weight_decay as torch's);
+            ``state`` is the previous step's ``result.state`` (None: fresh).
+          timeout: seconds the step may take; past it the backend raises TimeoutError.
+
+        Everything is checked (`check_transformer_step`) before any rank starts.
+        """
+        fn = "transformer_step"
+        if not isinstance(config, TransformerConfig):
+            raise TypeError(f"{fn}: config must be a TransformerConfig, got {type(config).__name__}")
+        host = {k: to_numpy(v) for k, v in params.items()}
+        check_params(fn, {k: v.shape for k, v in host.items()}, config)
+        dtypes = {str(v.dtype) for v in host.values()}
+        if len(dtypes) != 1 or not dtypes <= {"float64", "float32"}:
+            raise TypeError(f"{fn}: params must share one dtype, float64 or float32, got {sorted(dtypes)}")
+        tok, tgt = (np.asarray(to_numpy(t)) for t in (tokens, targets))
+        if tok.ndim != 2 or tok.shape != tgt.shape or tok.dtype.kind not in "iu" or tgt.dtype.kind not in "iu":
+            raise ValueError(f"{fn}: tokens and targets must be (B, S) ints of one shape, got {tok.shape}, {tgt.shape}")
+        for name, t in (("tokens", tok), ("targets", tgt)):
+            if t.size and (t.min() < 0 or t.max() >= config.vocab_size):
+                raise ValueError(f"{fn}: {name} must lie in [0, vocab_size) = [0, {config.vocab_size})")
+        m = check_transformer_step(
+            config, *tok.shape, strategy, world_size, microbatches=microbatches, schedule=schedule
+        )
+        opt = check_optimizer(fn, optimizer, lr, betas, eps, weight_decay)
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+            raise ValueError(f"{fn}: timeout must be a positive number of seconds, got {timeout!r}")
+        step = TransformerStep(strategy, world_size, m, schedule, opt, float(timeout), dtypes.pop())
+        st = None
+        if opt.state_arrays and state is not None:
+            st = {"step": int(state["step"]), **{k: {n: to_numpy(a) for n, a in state[k].items()} for k in "mv"}}
+        return run(Task(step, config, host, tok.astype(np.int64), tgt.astype(np.int64), st))
+
+    return transformer_step
