@@ -266,14 +266,18 @@ def transformer_step_function(
         Everything is checked (`check_transformer_step`) before any rank starts.
         """
         fn = "transformer_step"
+
+        def to_host(a: Any) -> np.ndarray:
+            return a if isinstance(a, np.ndarray) else np.asarray(to_numpy(a))
+
         if not isinstance(config, TransformerConfig):
             raise TypeError(f"{fn}: config must be a TransformerConfig, got {type(config).__name__}")
-        host = {k: to_numpy(v) for k, v in params.items()}
+        host = {k: to_host(v) for k, v in params.items()}
         check_params(fn, {k: v.shape for k, v in host.items()}, config)
         dtypes = {str(v.dtype) for v in host.values()}
         if len(dtypes) != 1 or not dtypes <= {"float64", "float32"}:
             raise TypeError(f"{fn}: params must share one dtype, float64 or float32, got {sorted(dtypes)}")
-        tok, tgt = (np.asarray(to_numpy(t)) for t in (tokens, targets))
+        tok, tgt = (to_host(t) for t in (tokens, targets))
         if tok.ndim != 2 or tok.shape != tgt.shape or tok.dtype.kind not in "iu" or tgt.dtype.kind not in "iu":
             raise ValueError(f"{fn}: tokens and targets must be (B, S) ints of one shape, got {tok.shape}, {tgt.shape}")
         for name, t in (("tokens", tok), ("targets", tgt)):
@@ -288,7 +292,7 @@ def transformer_step_function(
         step = TransformerStep(strategy, world_size, m, schedule, opt, float(timeout), dtypes.pop())
         st = None
         if opt.state_arrays and state is not None:
-            st = {"step": int(state["step"]), **{k: {n: to_numpy(a) for n, a in state[k].items()} for k in "mv"}}
+            st = {"step": int(state["step"]), **{k: {n: to_host(a) for n, a in state[k].items()} for k in "mv"}}
         return run(Task(step, config, host, tok.astype(np.int64), tgt.astype(np.int64), st))
 
     return transformer_step
