@@ -88,6 +88,8 @@ from .transformer import TransformerStepResult as TransformerStepResult
 from .transformer import check_transformer_step as check_transformer_step
 from .transformer import gather_transformer as gather_transformer
 from .transformer import transformer_step_function as transformer_step_function
+from .transformer_cost import TransformerCost as TransformerCost
+from .transformer_cost import transformer_cost as transformer_cost
 from .transformer_optim import OPTIMIZERS as OPTIMIZERS
 from .transformer_optim import Optimizer as Optimizer
 from .transformer_rank import transformer_rank as transformer_rank

@@ -197,7 +197,7 @@ def place(shapes: Mapping[str, tuple[int, ...]], pieces: Sequence[dict[str, tupl
                 index = [slice(None)] * whole.ndim
                 index[where[0]] = slice(where[1], where[2])
                 whole[tuple(index)] = a
-    return out
+    return {k: out[k] for k in shapes if k in out}  # in the parameters' order
 
 
 def gather_transformer(task: Task, outputs: Sequence[tuple[TransformerPieces, Sequence[Collective], float]]) -> Any:

@@ -1,0 +1,209 @@
+"""The cost model of a transformer training step: what each rank sends, collective by collective, what it
+keeps, and for pipelines the slots and the bubble, by the ring conventions of `cost`.
+
+With P_k one parameter's bytes, A = B·S·D·itemsize one residual-stream activation, n ranks (per step):
+  * dp: all-reduce every gradient, 2(n−1)/n·ΣP_k; zero1 and zero2 the same bytes as a reduce-scatter
+    of each gradient and an all-gather of each updated parameter; fsdp adds a second all-gather (each
+    unit before its backward, the embedding excepted: its backward reads no weight), 3(n−1)/n·ΣP_k
+    less the embedding's backward gather.
+  * tp: four all-reduces of A per block (two forward, two backward), 8L(n−1)/n·A, plus, when K < n,
+    an all-reduce of each replicated K/V weight's gradient among its n/K ranks; tp_sp: the same bytes
+    as all-gathers and reduce-scatters, plus an all-reduce of every replicated weight's gradient.
+  * pp: each stage sends a (B/m, S, D) activation per microbatch forward and its gradient back.
+
+Memory per rank: parameters kept between steps, gradients held after the backward, optimizer state
+(AdamW: 2 arrays per parameter element the rank updates).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from ..params import TransformerConfig, param_shapes
+from .cost import Collective
+from .schedules import activations_held, pipeline_bubble, pipeline_schedule, schedule_slots
+from .step import ITEMSIZE
+from .transformer import check_transformer_step
+from .transformer_blocks import block_names, head_names
+from .transformer_optim import OPTIMIZERS
+from .transformer_rank import tp_where
+
+
+@dataclass(frozen=True)
+class TransformerCost:
+    """What the model predicts for one step: ``collectives`` are the busiest rank's, in issue order."""
+
+    strategy: str
+    world_size: int
+    collectives: tuple[Collective, ...]
+    bytes_by_rank: tuple[int, ...]
+    param_bytes_per_rank: int
+    grad_bytes_per_rank: int
+    optimizer_bytes_per_rank: int
+    bubble: float = 0.0  # pp: the idle fraction (p−1)/(m+p−1)
+    slots: int = 0  # pp: the schedule's time slots
+    activations_held: tuple[int, ...] = ()  # pp: the peak microbatches of activations each stage holds
+
+    @property
+    def bytes_per_device(self) -> int:
+        return max(self.bytes_by_rank)
+
+    @property
+    def bytes_by_kind(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for c in self.collectives:
+            out[c.kind] = out.get(c.kind, 0) + c.bytes_per_device
+        return out
+
+
+def transformer_cost(
+    strategy: str,
+    config: TransformerConfig,
+    batch: int,
+    seq: int,
+    world_size: int,
+    *,
+    microbatches: int | None = None,
+    schedule: str = "1f1b",
+    dtype: str = "float32",
+    optimizer: str = "sgd",
+) -> TransformerCost:
+    """The collectives, bytes and memory of one step of ``strategy`` (`transformer_step`'s options).
+
+    >>> cfg = TransformerConfig(vocab_size=16, d_model=8, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=2, d_ff=16)
+    >>> c = transformer_cost("tp", cfg, 4, 8, 2)   # 8 all-reduces of A = 4·8·8·4 bytes, 2(n−1)/n = 1
+    >>> c.bytes_per_device, c.bytes_by_kind
+    (8192, {'all_reduce': 8192})
+    """
+    m = check_transformer_step(config, batch, seq, strategy, world_size, microbatches=microbatches, schedule=schedule)
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"transformer_cost: optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+    n, c, item = world_size, config, ITEMSIZE[dtype]
+    size = {k: math.prod(s) * item for k, s in param_shapes(c).items()}
+    total = sum(size.values())
+    state_arrays = 2 if optimizer == "adamw" else 0
+    log: list[Collective] = []  # every rank's but pp's, which fills `by_rank`
+
+    def ar(tensor: str, v: int, group: int = n) -> None:
+        log.append(Collective("all_reduce", tensor, v, group))
+
+    def ag(tensor: str, v: int) -> None:
+        log.append(Collective("all_gather", tensor, v, n))
+
+    def rs(tensor: str, v: int) -> None:
+        log.append(Collective("reduce_scatter", tensor, v, n))
+
+    names = list(size)
+    if strategy in ("dp", "zero1", "zero2", "fsdp"):
+        if strategy == "dp":
+            for k in reversed(names):
+                ar(f"{k} grad", size[k])
+        elif strategy == "zero1":
+            for k in reversed(names):
+                rs(f"{k} grad", size[k])
+            for k in reversed(names):
+                ag(k, size[k])
+        else:
+            _walk_fsdp(c, size, ag, rs, gather=strategy == "fsdp")
+            if strategy == "zero2":
+                for k in names:
+                    ag(k, size[k])
+        kept = total if strategy != "fsdp" else total // n
+        grads = total if strategy in ("dp", "zero1") else total // n
+        updated = total if strategy == "dp" else total // n
+        return _result(strategy, n, [log] * n, kept, grads, state_arrays * updated)
+    if strategy in ("tp", "tp_sp"):
+        act = batch * seq * c.d_model * item
+        local = {k: size[k] if tp_where(k, c, n, 0) is None else size[k] // _tp_parts(k, c, n) for k in names}
+        kept = sum(local.values())
+        _walk_tp(c, size, local, act, n, strategy == "tp_sp", ar, ag, rs)
+        return _result(strategy, n, [log] * n, kept, kept, state_arrays * kept)
+    # pp
+    micro = batch // m * seq * c.d_model * item
+    table = pipeline_schedule(schedule, n, m)
+    by_rank: list[list[Collective]] = [[] for _ in range(n)]
+    for _, i, op, j in table:
+        if op == "F" and i < n - 1:
+            by_rank[i].append(Collective("send", f"microbatch {j} activation", micro, 2))
+        if op == "B" and i > 0:
+            by_rank[i].append(Collective("send", f"microbatch {j} grad", micro, 2))
+    per = c.n_layers // n
+    stages = []
+    for i in range(n):
+        own = [k for b in range(i * per, (i + 1) * per) for k in block_names(c, b)]
+        own += (["embed"] if i == 0 else []) + (["norm", "lm_head"] if i == n - 1 else [])
+        stages.append(sum(size[k] for k in own))
+    kept = max(stages)
+    held = tuple(activations_held(table, n))
+    out = _result(strategy, n, by_rank, kept, kept, state_arrays * kept)
+    return dataclasses.replace(out, bubble=pipeline_bubble(n, m), slots=schedule_slots(table), activations_held=held)
+
+
+def _tp_parts(name: str, c: TransformerConfig, n: int) -> int:
+    """Into how many parts ``name`` is split over n tensor-parallel ranks (K/V when K < n: K, one head each)."""
+    if name.endswith((".wk", ".wv")) and c.n_kv_heads % n:
+        return c.n_kv_heads
+    return n
+
+
+def _walk_fsdp(c: TransformerConfig, size: dict[str, int], ag, rs, *, gather: bool) -> None:
+    """The unit-by-unit walk of zero2 (gradients reduce-scattered per unit) and fsdp (gathers too)."""
+    units = [["embed"], *(block_names(c, i) for i in range(c.n_layers)), head_names(c)]
+    if gather:
+        for unit in units:
+            for k in unit:
+                ag(k, size[k])
+    head_owns = ["norm"] if c.tie_embeddings else ["norm", "lm_head"]
+    backward = [(head_names(c), head_owns)]
+    backward += [(block_names(c, i), block_names(c, i)) for i in reversed(range(c.n_layers))]
+    for reads, owns in backward:
+        if gather:
+            for k in reads:
+                ag(k, size[k])
+        for k in owns:
+            rs(f"{k} grad", size[k])
+    rs("embed grad", size["embed"])  # the embedding's backward reads no weight: nothing to gather
+
+
+def _walk_tp(c, size, local, act, n, sp, ar, ag, rs) -> None:
+    """Megatron's f and g per sublayer (tp: all-reduces; tp_sp: all-gathers and reduce-scatters), the
+    replicated K/V gradients' grouped all-reduces, and (tp_sp) the replicated weights' all-reduces."""
+
+    def enter(tensor: str) -> None:  # f: the identity, or sp's all-gather
+        if sp:
+            ag(tensor, act)
+
+    def leave(tensor: str) -> None:  # g: an all-reduce, or sp's reduce-scatter
+        (rs if sp else ar)(tensor, act)
+
+    enter_grad, leave_grad = leave, enter  # their backwards swap them
+
+    for i in range(c.n_layers):
+        pre = f"layers.{i}."
+        for sub in ("attention", "mlp"):
+            enter(f"{pre}{sub} input")
+            leave(f"{pre}{sub} output")
+
+    def done(names: list[str]) -> None:
+        for k in names:
+            if c.n_kv_heads % n and k.endswith((".wk", ".wv")):
+                ar(f"{k} grad", local[k], n // c.n_kv_heads)
+            elif sp and tp_where(k, c, n, 0) is None:
+                ar(f"{k} grad", size[k])
+
+    done(["norm"] if c.tie_embeddings else ["norm", "lm_head"])
+    for i in reversed(range(c.n_layers)):
+        pre = f"layers.{i}."
+        for sub in ("mlp", "attention"):
+            leave_grad(f"{pre}{sub} output grad")
+            enter_grad(f"{pre}{sub} input grad")
+        done(block_names(c, i))
+    done(["embed"])
+
+
+def _result(strategy: str, n: int, by_rank, kept: int, grads: int, state: int) -> TransformerCost:
+    bytes_by_rank = tuple(sum(x.bytes_per_device for x in log) for log in by_rank)
+    busiest = max(range(n), key=bytes_by_rank.__getitem__)
+    return TransformerCost(strategy, n, tuple(by_rank[busiest]), bytes_by_rank, kept, grads, state)
