@@ -1,0 +1,70 @@
+"""The transformer's parallel training step on torch: real processes over gloo (one set of 2 ranks kept
+for every strategy), equal to the one-device `value_and_grad` in float64 and to the cost model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import tensorglot
+from tensorglot import parallel as P
+from tensorglot.parallel.transformer_optim import Optimizer
+
+pytest.importorskip("torch")
+tparallel = pytest.importorskip("tensorglot_torch.parallel")
+
+pytestmark = pytest.mark.distributed
+B, S = 4, 8
+GQA = tensorglot.TransformerConfig(
+    vocab_size=16, d_model=8, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=2, d_ff=16, max_seq_len=S
+)
+MQA_TIED = tensorglot.TransformerConfig(**{**GQA.to_dict(), "n_kv_heads": 1, "tie_embeddings": True})
+ref = tensorglot.get_backend("numpy")
+
+
+def _inputs(config, seed=0):
+    params = tensorglot.init_params(config, seed=seed, dtype="float64")
+    rng = np.random.default_rng(seed)
+    return params, rng.integers(0, config.vocab_size, (B, S)), rng.integers(0, config.vocab_size, (B, S))
+
+
+@pytest.mark.timeout(240)
+def test_every_strategy_on_two_gloo_ranks_equals_one_device():
+    runs = [(GQA, s) for s in ("dp", "zero1", "zero2", "fsdp", "tp", "tp_sp", "pp")] + [(MQA_TIED, "tp")]
+    for config, strategy in runs:
+        params, tokens, targets = _inputs(config)
+        got = tparallel.transformer_step(params, config, tokens, targets, strategy=strategy, world_size=2, timeout=120)
+        loss, grads = ref.layers.value_and_grad(tokens, targets, params, config)
+        np.testing.assert_allclose(got.loss, float(loss), rtol=1e-10, err_msg=strategy)
+        for k in params:
+            np.testing.assert_allclose(got.grads[k], grads[k], rtol=1e-10, atol=1e-14, err_msg=f"{strategy} {k}")
+            np.testing.assert_allclose(got.params[k], params[k] - 0.1 * grads[k], rtol=1e-10, atol=1e-14)
+        model = P.transformer_cost(strategy, config, B, S, 2, dtype="float64")
+        assert got.collectives == model.collectives, strategy
+        assert got.bytes_by_rank == model.bytes_by_rank, strategy
+        assert got.param_bytes_per_rank == model.param_bytes_per_rank, strategy
+    assert list(got.schedule) == [] and got.world_size == 2
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("strategy", ["fsdp", "tp", "pp"])
+def test_adamw_steps_on_gloo_ranks_equal_one_process(strategy):
+    params, tokens, targets = _inputs(GQA, seed=2)
+    opt = Optimizer("adamw", lr=1e-2, weight_decay=0.1)
+    want, p1, m, v = [], dict(params), {}, {}
+    for t in range(3):
+        loss, grads = ref.layers.value_and_grad(tokens, targets, p1, GQA)
+        want.append(float(loss))
+        for k, w in p1.items():
+            p1[k], m[k], v[k] = opt.update(w, grads[k], m.get(k, 0 * w), v.get(k, 0 * w), t)
+    state, got = None, []
+    for _ in range(3):
+        r = tparallel.transformer_step(
+            params, GQA, tokens, targets, strategy=strategy, world_size=2, optimizer="adamw", lr=1e-2,
+            weight_decay=0.1, state=state, timeout=120,
+        )  # fmt: skip
+        got.append(r.loss)
+        params, state = r.params, r.state
+    np.testing.assert_allclose(got, want, rtol=1e-10)
+    for k in p1:
+        np.testing.assert_allclose(params[k], p1[k], rtol=1e-10, atol=1e-14, err_msg=k)
