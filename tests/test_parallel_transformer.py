@@ -4,6 +4,8 @@ cost model says, and runs the pipeline schedule it predicts."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -170,3 +172,18 @@ def test_bad_input_is_refused_before_any_rank_runs(kwargs, match):
     kwargs.setdefault("world_size", 2)
     with pytest.raises(ValueError, match=match):
         be.parallel.transformer_step(params, config, tokens[:, :seq], targets[:, :seq], **kwargs)
+
+
+def test_cli_prints_measured_against_modelled(capsys):
+    from tensorglot.cli import main
+
+    args = ["parallel", "--model", "transformer", "--backend", "numpy", "--world-size", "2", "--layers", "2"]
+    assert main([*args, "--batch", "4", "--d-model", "8", "--d-ff", "16", "--repeats", "1", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["strategy"] for r in rows] == list(P.TRANSFORMER_STRATEGIES)
+    for r in rows:
+        assert r["bytes_by_kind_measured"] == r["bytes_by_kind_model"] and r["bytes_per_device_measured"] > 0
+        assert r["param_bytes_per_rank"][0] == r["param_bytes_per_rank"][1]
+        assert r["max_abs_error"] < 1e-5
+    assert main([*args, "--strategy", "dp_tp"]) != 0
+    assert "unknown transformer strategy 'dp_tp'" in capsys.readouterr().err

@@ -283,8 +283,9 @@ def transformer_step_function(
         for name, t in (("tokens", tok), ("targets", tgt)):
             if t.size and (t.min() < 0 or t.max() >= config.vocab_size):
                 raise ValueError(f"{fn}: {name} must lie in [0, vocab_size) = [0, {config.vocab_size})")
+        batch, seq = tok.shape
         m = check_transformer_step(
-            config, *tok.shape, strategy, world_size, microbatches=microbatches, schedule=schedule
+            config, batch, seq, strategy, world_size, microbatches=microbatches, schedule=schedule
         )
         opt = check_optimizer(fn, optimizer, lr, betas, eps, weight_decay)
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:

@@ -35,6 +35,7 @@ class Optimizer:
         """(new w, new m, new v) for update number ``step + 1``; SGD keeps m and v None."""
         if self.kind == "sgd":
             return w - self.lr * g, None, None
+        assert m is not None and v is not None, "AdamW needs its state"
         xp = array_namespace(w)
         b1, b2 = self.betas
         t = step + 1

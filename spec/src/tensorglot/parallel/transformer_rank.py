@@ -78,7 +78,7 @@ class _Rank:
         self.n, self.r = comm.world_size, comm.rank
         self.params = {k: native(v) for k, v in task.params.items()}
         self.tokens, self.targets = native(task.tokens), native(task.targets)
-        self.state = None
+        self.state: dict[str, dict[str, Array]] | None = None
         if task.state is not None:
             self.state = {k: {n: native(a) for n, a in task.state[k].items()} for k in "mv"}
         self.xp = array_namespace(self.params["embed"])
@@ -91,7 +91,8 @@ class _Rank:
 
     def update(self, pieces: Pieces, grads: dict[str, Array]) -> tuple[Pieces, dict[str, Pieces], int]:
         """The optimizer on each piece with its slice of the state: new pieces, new state, state bytes."""
-        opt, step, new, state = self.step.optimizer, 0, {}, {"m": {}, "v": {}}
+        opt, step, new = self.step.optimizer, 0, {}
+        state: dict[str, Pieces] = {"m": {}, "v": {}}
         if self.task.state is not None:
             step = int(self.task.state["step"])
         for name, (w, where) in pieces.items():
@@ -175,7 +176,7 @@ def _zero_update(rk: _Rank, loss: float, shards: Pieces) -> TransformerPieces:
     """Update this rank's 1/n of every parameter, then all-gather each into the whole parameter."""
     own = {k: (take(rk.params[k], where), where) for k, (_, where) in shards.items()}
     new, state, state_bytes = rk.update(own, {k: g for k, (g, _) in shards.items()})
-    xp, params = rk.xp, {}
+    xp, params = rk.xp, Pieces()
     for k, (w, _) in new.items():
         params[k] = (xp.reshape(rk.comm.all_gather(w, tensor=k), rk.params[k].shape), None)
     memory = {
