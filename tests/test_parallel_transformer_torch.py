@@ -68,3 +68,19 @@ def test_adamw_steps_on_gloo_ranks_equal_one_process(strategy):
     np.testing.assert_allclose(got, want, rtol=1e-10)
     for k in p1:
         np.testing.assert_allclose(params[k], p1[k], rtol=1e-10, atol=1e-14, err_msg=k)
+
+
+@pytest.mark.timeout(300)
+def test_compositions_on_four_gloo_ranks_equal_one_device():
+    config = tensorglot.TransformerConfig(**{**GQA.to_dict(), "n_kv_heads": 1})  # kv replicated in each tp row
+    for strategy in ("dp_tp", "dp_pp"):
+        params, tokens, targets = _inputs(config, seed=4)
+        got = tparallel.transformer_step(
+            params, config, tokens, targets, strategy=strategy, world_size=4, microbatches=None, timeout=150
+        )
+        loss, grads = ref.layers.value_and_grad(tokens, targets, params, config)
+        np.testing.assert_allclose(got.loss, float(loss), rtol=1e-10, err_msg=strategy)
+        for k in params:
+            np.testing.assert_allclose(got.grads[k], grads[k], rtol=1e-10, atol=1e-14, err_msg=f"{strategy} {k}")
+        model = P.transformer_cost(strategy, config, B, S, 4, dtype="float64")
+        assert got.collectives == model.collectives and got.bytes_by_rank == model.bytes_by_rank, strategy

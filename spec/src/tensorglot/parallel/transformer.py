@@ -20,6 +20,8 @@ Strategies (`TRANSFORMER_STRATEGIES`; the per-rank programs are in `transformer_
     become all-gather and reduce-scatter, and the norms', embedding's and head's gradients all-reduced.
   * ``pp``: the blocks in n stages (the embedding on the first, the head on the last), the batch in m
     microbatches, run by `pipeline_schedule` (gpipe, 1f1b); activations and gradients are sends.
+  * ``dp_tp``, ``dp_pp``: a (d, inner) mesh, rank = dp_index·inner + index: tp (or pp) inside each row
+    on B/d samples, and each rank's gradients all-reduced down its column of d replicas.
 
 Parameters are split flat (zero, fsdp: the i-th 1/n of the flattened array) or on a named axis (tp), so
 a rank's piece is placed back into the whole by `Where`; gathering happens outside the step.
@@ -37,9 +39,10 @@ import numpy as np
 from ..params import TransformerConfig, check_params, param_shapes
 from .cost import Collective
 from .schedules import SCHEDULES
+from .step import default_tp_size
 from .transformer_optim import Optimizer, check_optimizer
 
-TRANSFORMER_STRATEGIES = ("dp", "zero1", "zero2", "fsdp", "tp", "tp_sp", "pp")
+TRANSFORMER_STRATEGIES = ("dp", "zero1", "zero2", "fsdp", "tp", "tp_sp", "pp", "dp_tp", "dp_pp")
 #: A piece's place in its whole: None (all of it), ("flat", start, stop) or (axis, start, stop).
 Where = tuple[Any, int, int] | None
 
@@ -55,6 +58,7 @@ class TransformerStep:
     optimizer: Optimizer
     timeout: float
     dtype: str
+    inner: int = 1  # the tp (tp, tp_sp, dp_tp) or pp (pp, dp_pp) size; the dp size is world_size // inner
 
 
 def check_transformer_step(
@@ -66,14 +70,18 @@ def check_transformer_step(
     *,
     microbatches: int | None = None,
     schedule: str = "1f1b",
-) -> int:
-    """Raise ValueError for a step that cannot run (before any process starts); the microbatch count.
+    tp_size: int | None = None,
+    pp_size: int | None = None,
+) -> tuple[int, int]:
+    """Raise ValueError for a step that cannot run (before any process starts); else the microbatch
+    count and the inner (tp or pp) size: n for tp, tp_sp and pp, ``tp_size``/``pp_size`` (default: the
+    largest divisor of n that is <= √n) for dp_tp/dp_pp, 1 for the rest.
 
     >>> cfg = TransformerConfig(vocab_size=16, d_model=8, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=2, d_ff=16)
     >>> check_transformer_step(cfg, 4, 6, "tp", 8)
     Traceback (most recent call last):
     ...
-    ValueError: transformer_step: tp needs n_heads = 4 divisible by world_size = 8
+    ValueError: transformer_step: tp needs n_heads = 4 divisible by the tp size = 8
     """
     fn, n, c = "transformer_step", world_size, config
     if strategy not in TRANSFORMER_STRATEGIES:
@@ -85,32 +93,42 @@ def check_transformer_step(
         if size % by:
             raise ValueError(f"{fn}: {strategy} needs {what} = {size} divisible by {by_name} = {by}")
 
+    inner = 1
+    if strategy in ("tp", "tp_sp", "pp"):
+        inner = n
+    elif strategy in ("dp_tp", "dp_pp"):
+        size = tp_size if strategy == "dp_tp" else pp_size
+        inner = default_tp_size(n) if size is None else size
+        if isinstance(inner, bool) or not isinstance(inner, int) or inner < 1 or n % inner:
+            raise ValueError(f"{fn}: {strategy} needs an inner size dividing world_size = {n}, got {size!r}")
+        divides("batch", batch, n // inner, "the dp size")
     if strategy in ("dp", "zero1", "zero2", "fsdp"):
         divides("batch", batch, n)
     if strategy in ("zero1", "zero2", "fsdp"):
         for name, shape in param_shapes(c).items():
             divides(f"{name}'s size", math.prod(shape), n)
-    if strategy in ("tp", "tp_sp"):
-        divides("n_heads", c.n_heads, n)
-        divides("d_ff", c.d_ff, n)
-        if c.n_kv_heads % n and n % c.n_kv_heads:
-            raise ValueError(f"{fn}: {strategy} needs n_kv_heads = {c.n_kv_heads} to divide or be divided by {n}")
+    if strategy in ("tp", "tp_sp", "dp_tp"):
+        t = inner
+        divides("n_heads", c.n_heads, t, "the tp size")
+        divides("d_ff", c.d_ff, t, "the tp size")
+        if c.n_kv_heads % t and t % c.n_kv_heads:
+            raise ValueError(f"{fn}: {strategy} needs n_kv_heads = {c.n_kv_heads} to divide or be divided by {t}")
     if strategy == "tp_sp":
         divides("the sequence length", seq, n)
     m = 1
-    if strategy == "pp":
-        m = n if microbatches is None else microbatches
+    if strategy in ("pp", "dp_pp"):
+        m = inner if microbatches is None else microbatches
         if isinstance(m, bool) or not isinstance(m, int) or m < 1:
             raise ValueError(f"{fn}: microbatches must be a positive int, got {microbatches!r}")
-        divides("n_layers", c.n_layers, n)
-        divides("batch", batch, m, "microbatches")
+        divides("n_layers", c.n_layers, inner, "the pp size")
+        divides("the batch per replica", batch // (n // inner), m, "microbatches")
         if schedule not in SCHEDULES:
             raise ValueError(f"{fn}: unknown schedule {schedule!r}, wanted one of {', '.join(SCHEDULES)}")
         if c.tie_embeddings:
-            raise ValueError(f"{fn}: pp needs untied embeddings (embed and the head live on different stages)")
+            raise ValueError(f"{fn}: {strategy} needs untied embeddings (embed and the head are on two stages)")
     elif microbatches not in (None, 1):
         raise ValueError(f"{fn}: microbatches are pp's; {strategy} got {microbatches!r}")
-    return m
+    return m, inner
 
 
 @dataclass(frozen=True)
@@ -245,6 +263,8 @@ def transformer_step_function(
         world_size: int,
         microbatches: int | None = None,
         schedule: str = "1f1b",
+        tp_size: int | None = None,
+        pp_size: int | None = None,
         optimizer: str = "sgd",
         lr: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -258,7 +278,8 @@ def transformer_step_function(
         Args:
           params, config: the model (`tensorglot.init_params`); the step's dtype is the params' one.
           tokens, targets: (B, S) ints; the loss is their mean cross-entropy (`Layers.value_and_grad`).
-          strategy: one of ``TRANSFORMER_STRATEGIES``; microbatches (default n) and schedule are pp's.
+          strategy: one of ``TRANSFORMER_STRATEGIES``; microbatches (default: the pp size) and schedule
+            are pp's and dp_pp's; tp_size is dp_tp's, pp_size dp_pp's (rank = dp_index · inner + index).
           optimizer: ``sgd`` (``w − lr·g``) or ``adamw`` (lr, betas, eps, weight_decay as torch's);
             ``state`` is the previous step's ``result.state`` (None: fresh).
           timeout: seconds the step may take; past it the backend raises TimeoutError.
@@ -284,13 +305,14 @@ def transformer_step_function(
             if t.size and (t.min() < 0 or t.max() >= config.vocab_size):
                 raise ValueError(f"{fn}: {name} must lie in [0, vocab_size) = [0, {config.vocab_size})")
         batch, seq = tok.shape
-        m = check_transformer_step(
-            config, batch, seq, strategy, world_size, microbatches=microbatches, schedule=schedule
-        )
+        m, inner = check_transformer_step(
+            config, batch, seq, strategy, world_size, microbatches=microbatches, schedule=schedule,
+            tp_size=tp_size, pp_size=pp_size,
+        )  # fmt: skip
         opt = check_optimizer(fn, optimizer, lr, betas, eps, weight_decay)
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
             raise ValueError(f"{fn}: timeout must be a positive number of seconds, got {timeout!r}")
-        step = TransformerStep(strategy, world_size, m, schedule, opt, float(timeout), dtypes.pop())
+        step = TransformerStep(strategy, world_size, m, schedule, opt, float(timeout), dtypes.pop(), inner)
         st = None
         if opt.state_arrays and state is not None:
             st = {"step": int(state["step"]), **{k: {n: to_host(a) for n, a in state[k].items()} for k in "mv"}}

@@ -28,7 +28,7 @@ from .step import ITEMSIZE
 from .transformer import check_transformer_step
 from .transformer_blocks import block_names, head_names
 from .transformer_optim import OPTIMIZERS
-from .transformer_rank import tp_where
+from .transformer_rank import stage_names, tp_where
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,8 @@ def transformer_cost(
     *,
     microbatches: int | None = None,
     schedule: str = "1f1b",
+    tp_size: int | None = None,
+    pp_size: int | None = None,
     dtype: str = "float32",
     optimizer: str = "sgd",
 ) -> TransformerCost:
@@ -77,10 +79,14 @@ def transformer_cost(
     >>> c.bytes_per_device, c.bytes_by_kind
     (8192, {'all_reduce': 8192})
     """
-    m = check_transformer_step(config, batch, seq, strategy, world_size, microbatches=microbatches, schedule=schedule)
+    m, inner = check_transformer_step(
+        config, batch, seq, strategy, world_size, microbatches=microbatches, schedule=schedule,
+        tp_size=tp_size, pp_size=pp_size,
+    )  # fmt: skip
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"transformer_cost: optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
     n, c, item = world_size, config, ITEMSIZE[dtype]
+    d = n // inner  # the dp size of dp_tp and dp_pp (1 for tp and pp)
     size = {k: math.prod(s) * item for k, s in param_shapes(c).items()}
     total = sum(size.values())
     state_arrays = 2 if optimizer == "adamw" else 0
@@ -114,31 +120,31 @@ def transformer_cost(
         grads = total if strategy in ("dp", "zero1") else total // n
         updated = total if strategy == "dp" else total // n
         return _result(strategy, n, [log] * n, kept, grads, state_arrays * updated)
-    if strategy in ("tp", "tp_sp"):
-        act = batch * seq * c.d_model * item
-        local = {k: size[k] if tp_where(k, c, n, 0) is None else size[k] // _tp_parts(k, c, n) for k in names}
+    if strategy in ("tp", "tp_sp", "dp_tp"):
+        t = inner
+        act = batch // d * seq * c.d_model * item
+        local = {k: size[k] if tp_where(k, c, t, 0) is None else size[k] // _tp_parts(k, c, t) for k in names}
         kept = sum(local.values())
-        _walk_tp(c, size, local, act, n, strategy == "tp_sp", ar, ag, rs)
+        _walk_tp(c, size, local, act, t, d, strategy == "tp_sp", log)
         return _result(strategy, n, [log] * n, kept, kept, state_arrays * kept)
-    # pp
-    micro = batch // m * seq * c.d_model * item
-    table = pipeline_schedule(schedule, n, m)
-    by_rank: list[list[Collective]] = [[] for _ in range(n)]
+    # pp, dp_pp: rank = replica·p + stage
+    p = inner
+    micro = batch // d // m * seq * c.d_model * item
+    table = pipeline_schedule(schedule, p, m)
+    by_stage: list[list[Collective]] = [[] for _ in range(p)]
     for _, i, op, j in table:
-        if op == "F" and i < n - 1:
-            by_rank[i].append(Collective("send", f"microbatch {j} activation", micro, 2))
+        if op == "F" and i < p - 1:
+            by_stage[i].append(Collective("send", f"microbatch {j} activation", micro, 2))
         if op == "B" and i > 0:
-            by_rank[i].append(Collective("send", f"microbatch {j} grad", micro, 2))
-    per = c.n_layers // n
-    stages = []
-    for i in range(n):
-        own = [k for b in range(i * per, (i + 1) * per) for k in block_names(c, b)]
-        own += (["embed"] if i == 0 else []) + (["norm", "lm_head"] if i == n - 1 else [])
-        stages.append(sum(size[k] for k in own))
-    kept = max(stages)
-    held = tuple(activations_held(table, n))
-    out = _result(strategy, n, by_rank, kept, kept, state_arrays * kept)
-    return dataclasses.replace(out, bubble=pipeline_bubble(n, m), slots=schedule_slots(table), activations_held=held)
+            by_stage[i].append(Collective("send", f"microbatch {j} grad", micro, 2))
+    stages = [stage_names(c, i, p) for i in range(p)]
+    if d > 1:
+        for i in range(p):
+            by_stage[i].append(Collective("all_reduce", f"stage {i} grads", sum(size[k] for k in stages[i]), d))
+    kept = max(sum(size[k] for k in own) for own in stages)
+    held = tuple(activations_held(table, p))
+    out = _result(strategy, n, [by_stage[r % p] for r in range(n)], kept, kept, state_arrays * kept)
+    return dataclasses.replace(out, bubble=pipeline_bubble(p, m), slots=schedule_slots(table), activations_held=held)
 
 
 def _tp_parts(name: str, c: TransformerConfig, n: int) -> int:
@@ -167,9 +173,19 @@ def _walk_fsdp(c: TransformerConfig, size: dict[str, int], ag, rs, *, gather: bo
     rs("embed grad", size["embed"])  # the embedding's backward reads no weight: nothing to gather
 
 
-def _walk_tp(c, size, local, act, n, sp, ar, ag, rs) -> None:
-    """Megatron's f and g per sublayer (tp: all-reduces; tp_sp: all-gathers and reduce-scatters), the
-    replicated K/V gradients' grouped all-reduces, and (tp_sp) the replicated weights' all-reduces."""
+def _walk_tp(c: TransformerConfig, size: dict, local: dict, act: int, t: int, d: int, sp: bool, log: list) -> None:
+    """Megatron's f and g per sublayer (tp: all-reduces in a row of t; tp_sp: all-gathers and
+    reduce-scatters), the replicated K/V gradients' grouped all-reduces, (tp_sp) the replicated
+    weights' all-reduces, and (dp_tp) each gradient shard's all-reduce down a column of d."""
+
+    def ar(tensor: str, v: int, group: int = t) -> None:
+        log.append(Collective("all_reduce", tensor, v, group))
+
+    def ag(tensor: str, v: int) -> None:
+        log.append(Collective("all_gather", tensor, v, t))
+
+    def rs(tensor: str, v: int) -> None:
+        log.append(Collective("reduce_scatter", tensor, v, t))
 
     def enter(tensor: str) -> None:  # f: the identity, or sp's all-gather
         if sp:
@@ -188,10 +204,12 @@ def _walk_tp(c, size, local, act, n, sp, ar, ag, rs) -> None:
 
     def done(names: list[str]) -> None:
         for k in names:
-            if c.n_kv_heads % n and k.endswith((".wk", ".wv")):
-                ar(f"{k} grad", local[k], n // c.n_kv_heads)
-            elif sp and tp_where(k, c, n, 0) is None:
+            if c.n_kv_heads % t and k.endswith((".wk", ".wv")):
+                ar(f"{k} grad", local[k], t // c.n_kv_heads)
+            elif sp and tp_where(k, c, t, 0) is None:
                 ar(f"{k} grad", size[k])
+            if d > 1:
+                ar(f"{k} grad shard", local[k], d)
 
     done(["norm"] if c.tie_embeddings else ["norm", "lm_head"])
     for i in reversed(range(c.n_layers)):

@@ -217,15 +217,25 @@ def _zero2_fsdp(rk: _Rank) -> TransformerPieces:
     return rk.pieces(loss / n, grads, mine)
 
 
+def _mesh(n: int, inner: int) -> tuple[list[list[int]], list[list[int]]]:
+    """A (d, inner) mesh's rows (one tp group or pipeline each) and columns (the d replicas of a rank)."""
+    d = n // inner
+    rows = [[a * inner + k for k in range(inner)] for a in range(d)]
+    return rows, [[a * inner + k for a in range(d)] for k in range(inner)]
+
+
 def _tp(rk: _Rank) -> TransformerPieces:
-    """Megatron: this rank's heads and MLP columns/rows; tp_sp adds sequence parallel."""
-    comm, n, r, xp, c = rk.comm, rk.n, rk.r, rk.xp, rk.config
-    wheres = {k: tp_where(k, c, n, r) for k in rk.params}
+    """Megatron: this rank's heads and MLP columns/rows inside its row of t ranks; tp_sp adds sequence
+    parallel; dp_tp all-reduces each unit's gradient shards down the columns once its backward is done."""
+    comm, n, r, xp, c, t = rk.comm, rk.n, rk.r, rk.xp, rk.config, rk.step.inner
+    d, row, col = n // t, r // t, r % t
+    rows, cols = _mesh(n, t)
+    wheres = {k: tp_where(k, c, t, col) for k in rk.params}
     local = {k: take(v, wheres[k]) for k, v in rk.params.items()}
     kv_groups = None
-    if c.n_kv_heads % n:  # K < n: the t/K ranks that share a kv head sum its gradient
-        per = n // c.n_kv_heads
-        kv_groups = [[kv * per + j for j in range(per)] for kv in range(c.n_kv_heads)]
+    if c.n_kv_heads % t:  # K < t: the t/K ranks of a row that share a kv head sum its gradient
+        per = t // c.n_kv_heads
+        kv_groups = [[a * t + kv * per + j for j in range(per)] for a in range(d) for kv in range(c.n_kv_heads)]
     sp = rk.step.strategy == "tp_sp"
 
     def seq_gather(x: Array, tensor: str) -> Array:  # (B, S/n, D) -> (B, S, D)
@@ -235,7 +245,7 @@ def _tp(rk: _Rank) -> TransformerPieces:
         return xp.permute_dims(comm.reduce_scatter(xp.permute_dims(x, (1, 0, 2)), tensor=tensor), (1, 0, 2))
 
     def all_reduce(x: Array, tensor: str) -> Array:
-        return comm.all_reduce(x, tensor=tensor)
+        return comm.all_reduce(x, tensor=tensor, groups=rows)
 
     if sp:
         split = Split(enter=seq_gather, enter_grad=seq_scatter, leave=seq_scatter, leave_grad=seq_gather)
@@ -249,28 +259,40 @@ def _tp(rk: _Rank) -> TransformerPieces:
                 g[k] = comm.all_reduce(g[k], tensor=f"{k} grad", groups=kv_groups)
             elif sp and wheres[k] is None:  # replicated weights saw only this rank's positions
                 g[k] = comm.all_reduce(g[k], tensor=f"{k} grad")
+            if d > 1:
+                g[k] = comm.all_reduce(g[k], tensor=f"{k} grad shard", groups=cols)
 
-    tok, tgt = rk.tokens, rk.targets
+    tok, tgt = rk.batch_part(rk.tokens, row, d), rk.batch_part(rk.targets, row, d)
     if sp:
-        S = tok.shape[1] // n
-        tok, tgt = tok[:, r * S : (r + 1) * S], tgt[:, r * S : (r + 1) * S]
-    model = Model(rk.layers, local_config(c, n), rk.step.dtype, xp)
-    loss, g = rk.walk(lambda names, phase: local, tok, tgt, 1.0 / n if sp else 1.0, split, done, model)
+        S = tok.shape[1] // t  # tp_sp has d = 1: the seq all-gathers span the world
+        tok, tgt = tok[:, col * S : (col + 1) * S], tgt[:, col * S : (col + 1) * S]
+    model = Model(rk.layers, local_config(c, t), rk.step.dtype, xp)
+    loss, g = rk.walk(lambda names, phase: local, tok, tgt, (1.0 / t if sp else 1.0) / d, split, done, model)
     mine = {k: (local[k], wheres[k]) for k in rk.params}
     return rk.pieces(loss / n, {k: (g[k], wheres[k]) for k in rk.params}, mine)
 
 
+def stage_names(config: Any, stage: int, stages: int, /) -> list[str]:
+    """What pipeline stage ``stage`` of ``stages`` holds: its L/p blocks, the embedding on the first and
+    the head on the last."""
+    per = config.n_layers // stages
+    names = [k for b in range(stage * per, (stage + 1) * per) for k in block_names(config, b)]
+    return (["embed"] if stage == 0 else []) + names + (["norm", "lm_head"] if stage == stages - 1 else [])
+
+
 def _pp(rk: _Rank) -> TransformerPieces:
-    """Stage i of p holds L/p blocks (the first the embedding, the last the head) and runs its rows of
-    `pipeline_schedule` on m microbatches; activations go forward and their gradients back as sends."""
-    comm, p, i, xp, c, m = rk.comm, rk.n, rk.r, rk.xp, rk.config, rk.step.microbatches
+    """Stage i of p runs its rows of `pipeline_schedule` on m microbatches of its replica's B/d samples;
+    activations go forward and their gradients back as sends. dp_pp then all-reduces each stage's
+    gradients down its column of d replicas."""
+    comm, xp, c, m, p = rk.comm, rk.xp, rk.config, rk.step.microbatches, rk.step.inner
+    d, i, replica = rk.n // p, rk.r % p, rk.r // p
     per = c.n_layers // p
     blocks = range(i * per, (i + 1) * per)
-    names = [k for b in blocks for k in block_names(c, b)]
-    names = (["embed"] if i == 0 else []) + names + (["norm", "lm_head"] if i == p - 1 else [])
+    names = stage_names(c, i, p)
     stage = {k: rk.params[k] for k in names}
-    B, S = rk.tokens.shape
-    like = xp.zeros((B // m, S, c.d_model), dtype=stage[names[0]].dtype, device=device(stage[names[0]]))
+    tokens, targets = rk.batch_part(rk.tokens, replica, d), rk.batch_part(rk.targets, replica, d)
+    b, S = tokens.shape
+    like = xp.zeros((b // m, S, c.d_model), dtype=stage[names[0]].dtype, device=device(stage[names[0]]))
     sums: dict[str, Array] = {}
     tapes: dict[int, Any] = {}
     loss, ran = 0.0, []
@@ -279,38 +301,48 @@ def _pp(rk: _Rank) -> TransformerPieces:
         if s != i:
             continue
         ran.append(entry)
-        tok, tgt = rk.batch_part(rk.tokens, j, m), rk.batch_part(rk.targets, j, m)
+        tok, tgt = rk.batch_part(tokens, j, m), rk.batch_part(targets, j, m)
         grads: dict[str, Array] = {}
         if op == "F":
-            x = embed_forward(rk.model, stage, tok) if i == 0 else comm.recv(like, src=i - 1)  # (B/m, S, D)
+            x = embed_forward(rk.model, stage, tok) if i == 0 else comm.recv(like, src=rk.r - 1)  # (B/dm, S, D)
             saved = []
-            for b in blocks:
-                x, t = block_forward(rk.model, stage, x, b)
+            for blk in blocks:
+                x, t = block_forward(rk.model, stage, x, blk)
                 saved.append(t)
             if i < p - 1:
-                comm.send(x, dst=i + 1, tensor=f"microbatch {j} activation")
+                comm.send(x, dst=rk.r + 1, tensor=f"microbatch {j} activation")
                 tapes[j] = (saved, None)
             else:
                 value, head = head_forward(rk.model, stage, x, tgt)
-                loss += float(value) / m
+                loss += float(value) / (m * d)
                 tapes[j] = (saved, head)
             continue
         saved, head = tapes.pop(j)
         last = i == p - 1
-        dx = head_backward(rk.model, stage, head, tgt, 1.0 / m, grads) if last else comm.recv(like, src=i + 1)
-        for b, t in zip(reversed(blocks), reversed(saved)):
-            dx = block_backward(rk.model, stage, dx, b, t, grads)
+        dx = head_backward(rk.model, stage, head, tgt, 1.0 / (m * d), grads) if last else comm.recv(like, src=rk.r + 1)
+        for blk, t in zip(reversed(blocks), reversed(saved)):
+            dx = block_backward(rk.model, stage, dx, blk, t, grads)
         if i > 0:
-            comm.send(dx, dst=i - 1, tensor=f"microbatch {j} grad")
+            comm.send(dx, dst=rk.r - 1, tensor=f"microbatch {j} grad")
         else:
             grads["embed"] = embed_backward(rk.model, dx, tok)
         for k, g in grads.items():
             sums[k] = g if k not in sums else sums[k] + g
+    if d > 1:  # one bucket per stage: the stages hold different tensors, and every rank joins each collective
+        _, cols = _mesh(rk.n, p)
+        flat = comm.all_reduce(
+            xp.concat([xp.reshape(sums[k], (-1,)) for k in names]), tensor=f"stage {i} grads", groups=cols
+        )
+        start = 0
+        for k in names:
+            size = math.prod(sums[k].shape)
+            sums[k], start = xp.reshape(flat[start : start + size], sums[k].shape), start + size
     mine = _whole(stage)
-    return rk.pieces(loss, {k: (sums[k], None) for k in names}, mine, ran)
+    return rk.pieces(loss, {k: (sums[k], None) for k in names}, mine, ran if replica == 0 else [])
 
 
 _STRATEGY = {"dp": _dp, "zero1": _dp, "zero2": _zero2_fsdp, "fsdp": _zero2_fsdp, "tp": _tp, "tp_sp": _tp, "pp": _pp}
+_STRATEGY |= {"dp_tp": _tp, "dp_pp": _pp}
 
 
 def transformer_rank(

@@ -44,7 +44,12 @@ def collect(args: argparse.Namespace) -> list[dict[str, Any]]:
         max_seq_len=SEQ,
     )
     wanted = TRANSFORMER_STRATEGIES if args.strategy == "all" else (args.strategy,)
-    options = {s: {"microbatches": args.microbatches if s == "pp" else None, "schedule": args.schedule} for s in wanted}
+    options = {
+        s: {"microbatches": args.microbatches if s in ("pp", "dp_pp") else None, "schedule": args.schedule}
+        for s in wanted
+    }
+    if "dp_tp" in options:
+        options["dp_tp"]["tp_size"] = args.tp_size
     models = {s: transformer_cost(s, config, args.batch, SEQ, args.world_size, **options[s]) for s in wanted}
     params = init_params(config, seed=0, dtype="float32")
     rng = np.random.default_rng(0)
