@@ -33,8 +33,8 @@ MQA_TIED = tensorglot.TransformerConfig(
     tie_embeddings=True,
 )
 GQA_RUNS = [("dp", 2), ("zero1", 2), ("zero2", 4), ("fsdp", 2), ("fsdp", 4), ("tp", 2), ("tp", 4), ("tp_sp", 2)]
-GQA_RUNS += [("tp_sp", 4), ("pp", 2), ("dp_tp", 4), ("dp_pp", 4)]
-MQA_RUNS = [("dp", 4), ("zero1", 4), ("fsdp", 2), ("tp", 4), ("tp_sp", 2), ("dp_tp", 4)]
+GQA_RUNS += [("tp_sp", 4), ("cp", 2), ("cp", 4), ("pp", 2), ("dp_tp", 4), ("dp_pp", 4)]
+MQA_RUNS = [("dp", 4), ("zero1", 4), ("fsdp", 2), ("tp", 4), ("tp_sp", 2), ("cp", 2), ("dp_tp", 4)]
 CASES = [(GQA, s, n) for s, n in GQA_RUNS] + [(MQA_TIED, s, n) for s, n in MQA_RUNS]
 
 
@@ -77,7 +77,7 @@ def test_step_equals_one_device_and_the_cost_model(config, strategy, n):
     )
 
 
-@pytest.mark.parametrize("strategy", ["dp", "zero1", "zero2", "fsdp", "tp", "pp"])
+@pytest.mark.parametrize("strategy", ["dp", "zero1", "zero2", "fsdp", "tp", "cp", "pp"])
 def test_adamw_steps_equal_one_device(strategy):
     params, tokens, targets = _inputs(GQA, seed=1)
     opt = Optimizer("adamw", lr=1e-2, weight_decay=0.1)
@@ -128,6 +128,16 @@ def test_pipeline_runs_the_modelled_schedule(schedule, m):
     np.testing.assert_allclose(got.loss, float(loss), rtol=1e-10)
 
 
+def test_ring_attention_positions_balance_the_causal_work():
+    from tensorglot.parallel.transformer_ring import cp_positions
+
+    n, seq = 4, 16
+    held = [cp_positions(seq, n, r) for r in range(n)]
+    assert sorted(np.concatenate(held).tolist()) == list(range(seq))
+    visible = {int(sum(p + 1 for p in pos)) for pos in held}  # keys a rank's queries see under the mask
+    assert visible == {sum(range(1, seq + 1)) // n}
+
+
 def test_cost_model_closed_forms():
     """The per-collective model against the formulas written by hand (float32, n = 4)."""
     n, c, item = 4, GQA, 4
@@ -148,6 +158,9 @@ def test_cost_model_closed_forms():
     assert sp.bytes_per_device == tp.bytes_per_device + replicated
     pp = P.transformer_cost("pp", c, B, S, 2, microbatches=4)
     assert pp.bytes_by_rank == (act, act)  # 4 microbatches of A/4, one way each
+    cp = P.transformer_cost("cp", c, B, S, 2)
+    kv = B * S // 2 * c.n_kv_heads * c.head_dim * item  # one K or V block
+    assert cp.bytes_by_kind == {"send": c.n_layers * (2 + 6) * kv, "all_reduce": total}  # n−1 = 1 ring step
     adam = P.transformer_cost("fsdp", c, B, S, n, optimizer="adamw")
     assert adam.optimizer_bytes_per_rank == 2 * total // n
 
@@ -159,6 +172,7 @@ def test_cost_model_closed_forms():
         ({"strategy": "dp", "world_size": 3}, "batch = 4 divisible by world_size = 3"),
         ({"strategy": "tp", "world_size": 8}, "n_heads = 4 divisible by the tp size = 8"),
         ({"strategy": "tp_sp", "world_size": 4, "seq": 6}, "sequence length = 6 divisible"),
+        ({"strategy": "cp", "world_size": 2, "seq": 6}, r"sequence length = 6 divisible by 2·world_size"),
         ({"strategy": "pp", "world_size": 2, "microbatches": 3}, "batch per replica = 4 divisible by microbatches = 3"),
         ({"strategy": "dp", "microbatches": 2}, "microbatches are pp's"),
         ({"strategy": "pp", "config": MQA_TIED}, "pp needs untied embeddings"),

@@ -30,7 +30,8 @@ def _inputs(config, seed=0):
 
 @pytest.mark.timeout(240)
 def test_every_strategy_on_two_gloo_ranks_equals_one_device():
-    runs = [(GQA, s) for s in ("dp", "zero1", "zero2", "fsdp", "tp", "tp_sp", "pp")] + [(MQA_TIED, "tp")]
+    runs = [(GQA, s) for s in ("dp", "zero1", "zero2", "fsdp", "tp", "tp_sp", "cp", "pp")]
+    runs += [(MQA_TIED, "tp"), (MQA_TIED, "cp")]
     for config, strategy in runs:
         params, tokens, targets = _inputs(config)
         got = tparallel.transformer_step(params, config, tokens, targets, strategy=strategy, world_size=2, timeout=120)

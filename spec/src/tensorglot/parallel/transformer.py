@@ -18,6 +18,8 @@ Strategies (`TRANSFORMER_STRATEGIES`; the per-rank programs are in `transformer_
     all-reduce after each sublayer forward and one of its input gradient backward. ``tp_sp`` adds
     sequence parallel (arXiv:2205.05198): norms and residual stream on S/n positions, the all-reduces
     become all-gather and reduce-scatter, and the norms', embedding's and head's gradients all-reduced.
+  * ``cp``: context parallel, ring attention over a head and a tail chunk of the sequence per rank
+    (`transformer_ring`); the K/V blocks are sends around the ring, the gradients all-reduced as in dp.
   * ``pp``: the blocks in n stages (the embedding on the first, the head on the last), the batch in m
     microbatches, run by `pipeline_schedule` (gpipe, 1f1b); activations and gradients are sends.
   * ``dp_tp``, ``dp_pp``: a (d, inner) mesh, rank = dp_index·inner + index: tp (or pp) inside each row
@@ -42,7 +44,7 @@ from .schedules import SCHEDULES
 from .step import default_tp_size
 from .transformer_optim import Optimizer, check_optimizer
 
-TRANSFORMER_STRATEGIES = ("dp", "zero1", "zero2", "fsdp", "tp", "tp_sp", "pp", "dp_tp", "dp_pp")
+TRANSFORMER_STRATEGIES = ("dp", "zero1", "zero2", "fsdp", "tp", "tp_sp", "cp", "pp", "dp_tp", "dp_pp")
 #: A piece's place in its whole: None (all of it), ("flat", start, stop) or (axis, start, stop).
 Where = tuple[Any, int, int] | None
 
@@ -115,6 +117,8 @@ def check_transformer_step(
             raise ValueError(f"{fn}: {strategy} needs n_kv_heads = {c.n_kv_heads} to divide or be divided by {t}")
     if strategy == "tp_sp":
         divides("the sequence length", seq, n)
+    if strategy == "cp":
+        divides("the sequence length", seq, 2 * n, "2·world_size (a head and a tail chunk per rank)")
     m = 1
     if strategy in ("pp", "dp_pp"):
         m = inner if microbatches is None else microbatches

@@ -75,9 +75,10 @@ class Model:
     config: TransformerConfig
     dtype: str
     xp: Any
+    positions: Array | None = None  # RoPE's, (S,); None is arange(S) (cp: the rank's own positions)
 
     def pass_(self, weights: dict[str, Array]) -> _Pass:
-        return _Pass(weights, self.dtype, self.config, self.xp)
+        return _Pass(weights, self.dtype, self.config, self.xp, self.positions)
 
     def run(self, kernel: str, arrays: tuple[Array, ...], *options: Any) -> Any:
         return self.layers._run(getattr(self.layers._k, kernel), self.dtype, arrays, *options)

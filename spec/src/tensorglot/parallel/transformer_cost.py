@@ -29,6 +29,7 @@ from .transformer import check_transformer_step
 from .transformer_blocks import block_names, head_names
 from .transformer_optim import OPTIMIZERS
 from .transformer_rank import stage_names, tp_where
+from .transformer_ring import cp_ring_bytes
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,9 @@ def transformer_cost(
         grads = total if strategy in ("dp", "zero1") else total // n
         updated = total if strategy == "dp" else total // n
         return _result(strategy, n, [log] * n, kept, grads, state_arrays * updated)
+    if strategy == "cp":
+        _walk_cp(c, size, batch, seq, n, item, log)
+        return _result(strategy, n, [log] * n, total, total, state_arrays * total)
     if strategy in ("tp", "tp_sp", "dp_tp"):
         t = inner
         act = batch // d * seq * c.d_model * item
@@ -217,6 +221,30 @@ def _walk_tp(c: TransformerConfig, size: dict, local: dict, act: int, t: int, d:
         for sub in ("mlp", "attention"):
             leave_grad(f"{pre}{sub} output grad")
             enter_grad(f"{pre}{sub} input grad")
+        done(block_names(c, i))
+    done(["embed"])
+
+
+def _walk_cp(c: TransformerConfig, size: dict, batch: int, seq: int, n: int, item: int, log: list) -> None:
+    """The ring's K/V blocks (n−1 steps forward; backward n−1 steps of K, V, dK, dV and one of dK, dV home)
+    and dp's all-reduce of each unit's gradients when its backward ends."""
+    kv = cp_ring_bytes(batch, seq, c.n_kv_heads, c.head_dim, n, item)
+
+    def send(names: list[str], step: int) -> None:
+        log.extend(Collective("send", f"ring {name} step {step}", kv, 2) for name in names)
+
+    def done(names: list[str]) -> None:
+        log.extend(Collective("all_reduce", f"{k} grad", size[k], n) for k in names)
+
+    for _ in range(c.n_layers):
+        for step in range(n - 1):
+            send(["k", "v"], step)
+    done(["norm"] if c.tie_embeddings else ["norm", "lm_head"])
+    for i in reversed(range(c.n_layers)):
+        for step in range(n - 1):
+            send(["k", "v", "dk", "dv"], step)
+        if n > 1:
+            send(["dk", "dv"], n - 1)
         done(block_names(c, i))
     done(["embed"])
 

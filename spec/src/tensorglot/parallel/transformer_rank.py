@@ -32,6 +32,7 @@ from .transformer_blocks import (
     head_names,
     local_config,
 )
+from .transformer_ring import cp_rank
 
 Array = Any
 Pieces = dict[str, tuple[Array, Where]]
@@ -75,6 +76,7 @@ class _Rank:
 
     def __init__(self, comm: Collectives, layers: Any, task: Task, native: Callable[[Any], Array]) -> None:
         self.comm, self.task, self.step, self.config = comm, task, task.step, task.config
+        self.native = native
         self.n, self.r = comm.world_size, comm.rank
         self.params = {k: native(v) for k, v in task.params.items()}
         self.tokens, self.targets = native(task.tokens), native(task.targets)
@@ -341,8 +343,8 @@ def _pp(rk: _Rank) -> TransformerPieces:
     return rk.pieces(loss, {k: (sums[k], None) for k in names}, mine, ran if replica == 0 else [])
 
 
-_STRATEGY = {"dp": _dp, "zero1": _dp, "zero2": _zero2_fsdp, "fsdp": _zero2_fsdp, "tp": _tp, "tp_sp": _tp, "pp": _pp}
-_STRATEGY |= {"dp_tp": _tp, "dp_pp": _pp}
+_STRATEGY: dict[str, Callable[[_Rank], TransformerPieces]] = {"dp": _dp, "zero1": _dp, "zero2": _zero2_fsdp}
+_STRATEGY |= {"fsdp": _zero2_fsdp, "tp": _tp, "tp_sp": _tp, "pp": _pp, "dp_tp": _tp, "dp_pp": _pp, "cp": cp_rank}
 
 
 def transformer_rank(
