@@ -32,9 +32,23 @@ class Mesh:
         self.slots: list[Any] = [None] * n  # what each rank brings to the current collective
         self.mail = {(s, d): queue.Queue[np.ndarray]() for s in range(n) for d in range(n)}
         self.log: list[list[Collective]] = [[] for _ in range(n)]
-        # Every rank takes part in every collective (a grouped one runs in all its groups at once, SPMD),
-        # so one barrier of all the ranks serves every group. A failing rank breaks it for the others.
+        # A collective of all the ranks meets at this barrier; one of a group at that group's own
+        # (`barrier_of`), so that a pipeline stage's group need not wait for the other stages.
+        # A failing rank breaks them all for the others.
         self.barrier = threading.Barrier(n, timeout=timeout)
+        self.barriers = {tuple(range(n)): self.barrier}
+        self.lock = threading.Lock()
+
+    def barrier_of(self, group: tuple[int, ...]) -> threading.Barrier:
+        with self.lock:
+            if group not in self.barriers:
+                self.barriers[group] = threading.Barrier(len(group), timeout=self.timeout)
+            return self.barriers[group]
+
+    def abort(self) -> None:
+        with self.lock:
+            for barrier in self.barriers.values():
+                barrier.abort()
 
     def run(self, program: Callable[[Collectives], T], *, what: str = "Mesh.run") -> list[T]:
         """``program`` on every rank at once; the results in rank order. A failing rank stops them all."""
@@ -48,7 +62,7 @@ class Mesh:
                 results[r] = program(comm)
             except BaseException as exc:  # the first error is the cause; the others are broken barriers
                 errors.append(exc)
-                self.barrier.abort()
+                self.abort()
 
         threads = [threading.Thread(target=rank, args=(r,), daemon=True) for r in range(self.n)]
         deadline = time.monotonic() + self.timeout
@@ -59,7 +73,7 @@ class Mesh:
         # Only broken barriers or an empty mailbox, and no other error: a rank waited past the timeout.
         waited = errors and all(isinstance(e, threading.BrokenBarrierError | queue.Empty) for e in errors)
         if any(t.is_alive() for t in threads) or waited:
-            self.barrier.abort()
+            self.abort()
             raise TimeoutError(f"{what} on {self.n} simulated ranks did not finish in {self.timeout:g} s")
         if errors:
             raise errors[0]
@@ -73,10 +87,11 @@ class _Rank(Collectives):
 
     def _exchange(self, x: np.ndarray, group: tuple[int, ...]) -> list[np.ndarray]:
         """The arrays every rank of ``group`` brings, in rank order."""
+        barrier = self.mesh.barrier_of(group)
         self.mesh.slots[self.rank] = x
-        self.mesh.barrier.wait()
+        barrier.wait()
         xs = [self.mesh.slots[r] for r in group]
-        self.mesh.barrier.wait()  # everyone has read before anyone writes the next
+        barrier.wait()  # everyone has read before anyone writes the next
         return xs
 
     def _all_reduce(self, x: np.ndarray, groups: Groups, /) -> np.ndarray:

@@ -1,8 +1,8 @@
 """The spec's `Collectives` over a torch.distributed process group (gloo on CPU, NCCL on GPUs).
 
 Sends are ``isend`` so that two neighbours that both send first cannot deadlock; `wait_sends` waits for
-them at the step's end. dp_tp's row and column groups are created once per process, by every rank in the
-same order (``new_group`` is collective), and kept for the next steps.
+them at the step's end. A grouped collective's group is created by its own ranks at their first use of it
+(``new_group`` with local synchronisation) and kept for the next steps.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from tensorglot.parallel.collectives import Groups
 # "R" makes rank R raise, "R:hang" makes it stop answering.
 FAIL_RANK_ENV = "TENSORGLOT_PARALLEL_FAIL_RANK"
 
-_GROUPS: dict[tuple[tuple[int, ...], ...], list[Any]] = {}
+_GROUPS: dict[tuple[int, ...], Any] = {}  # by its ranks
 
 
 def host(t: torch.Tensor) -> np.ndarray:
@@ -39,9 +39,12 @@ class ProcessGroupCollectives(Collectives):
     def _group(self, groups: Groups) -> Any:
         if groups is None:
             return None
-        if groups not in _GROUPS:
-            _GROUPS[groups] = [dist.new_group(list(g)) for g in groups]
-        return _GROUPS[groups][groups.index(self.group_of(groups))]
+        mine = self.group_of(groups)
+        if mine not in _GROUPS:
+            # Only the group's ranks make it (local synchronisation): a pipeline's stages reach their
+            # first grouped collective at different times, and a world-wide new_group would wait for all.
+            _GROUPS[mine] = dist.new_group(list(mine), use_local_synchronization=True)
+        return _GROUPS[mine]
 
     def _inject_failure(self) -> None:
         rank, _, mode = (self.fail or "").partition(":")

@@ -22,8 +22,9 @@ Strategies (`TRANSFORMER_STRATEGIES`; the per-rank programs are in `transformer_
     (`transformer_ring`); the K/V blocks are sends around the ring, the gradients all-reduced as in dp.
   * ``pp``: the blocks in n stages (the embedding on the first, the head on the last), the batch in m
     microbatches, run by `pipeline_schedule` (gpipe, 1f1b); activations and gradients are sends.
-  * ``dp_tp``, ``dp_pp``: a (d, inner) mesh, rank = dp_index·inner + index: tp (or pp) inside each row
-    on B/d samples, and each rank's gradients all-reduced down its column of d replicas.
+  * ``dp_tp``, ``dp_pp``, ``tp_pp``, ``dp_tp_pp``: a (d, pp, tp) mesh, rank = dp·(pp·tp) + stage·tp +
+    tp_index: each pipeline stage a tp group, each replica on B/d samples, and each rank's gradients
+    all-reduced down its column of d replicas.
 
 Parameters are split flat (zero, fsdp: the i-th 1/n of the flattened array) or on a named axis (tp), so
 a rank's piece is placed back into the whole by `Where`; gathering happens outside the step.
@@ -44,7 +45,20 @@ from .schedules import SCHEDULES
 from .step import default_tp_size
 from .transformer_optim import Optimizer, check_optimizer
 
-TRANSFORMER_STRATEGIES = ("dp", "zero1", "zero2", "fsdp", "tp", "tp_sp", "cp", "pp", "dp_tp", "dp_pp")
+TRANSFORMER_STRATEGIES = (
+    "dp",
+    "zero1",
+    "zero2",
+    "fsdp",
+    "tp",
+    "tp_sp",
+    "cp",
+    "pp",
+    "dp_tp",
+    "dp_pp",
+    "tp_pp",
+    "dp_tp_pp",
+)
 #: A piece's place in its whole: None (all of it), ("flat", start, stop) or (axis, start, stop).
 Where = tuple[Any, int, int] | None
 
@@ -60,7 +74,8 @@ class TransformerStep:
     optimizer: Optimizer
     timeout: float
     dtype: str
-    inner: int = 1  # the tp (tp, tp_sp, dp_tp) or pp (pp, dp_pp) size; the dp size is world_size // inner
+    tp: int = 1  # the mesh: rank = dp_index·(pp·tp) + stage·tp + tp_index; the dp size is n / (pp·tp)
+    pp: int = 1
 
 
 def check_transformer_step(
@@ -74,16 +89,19 @@ def check_transformer_step(
     schedule: str = "1f1b",
     tp_size: int | None = None,
     pp_size: int | None = None,
-) -> tuple[int, int]:
+) -> tuple[int, int, int]:
     """Raise ValueError for a step that cannot run (before any process starts); else the microbatch
-    count and the inner (tp or pp) size: n for tp, tp_sp and pp, ``tp_size``/``pp_size`` (default: the
-    largest divisor of n that is <= √n) for dp_tp/dp_pp, 1 for the rest.
+    count, the tp size and the pp size (the dp size is n / (tp·pp)): tp = n for tp and tp_sp, pp = n for
+    pp; ``tp_size`` and ``pp_size`` choose them on a mesh (default: the largest divisor <= √ of what is
+    left), and tp_pp's pp is n / tp.
 
     >>> cfg = TransformerConfig(vocab_size=16, d_model=8, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=2, d_ff=16)
     >>> check_transformer_step(cfg, 4, 6, "tp", 8)
     Traceback (most recent call last):
     ...
     ValueError: transformer_step: tp needs n_heads = 4 divisible by the tp size = 8
+    >>> check_transformer_step(cfg, 8, 6, "dp_tp_pp", 8)   # (m, tp, pp): a 2 × 2 × 2 mesh
+    (2, 2, 2)
     """
     fn, n, c = "transformer_step", world_size, config
     if strategy not in TRANSFORMER_STRATEGIES:
@@ -95,22 +113,30 @@ def check_transformer_step(
         if size % by:
             raise ValueError(f"{fn}: {strategy} needs {what} = {size} divisible by {by_name} = {by}")
 
-    inner = 1
-    if strategy in ("tp", "tp_sp", "pp"):
-        inner = n
-    elif strategy in ("dp_tp", "dp_pp"):
-        size = tp_size if strategy == "dp_tp" else pp_size
-        inner = default_tp_size(n) if size is None else size
-        if isinstance(inner, bool) or not isinstance(inner, int) or inner < 1 or n % inner:
-            raise ValueError(f"{fn}: {strategy} needs an inner size dividing world_size = {n}, got {size!r}")
-        divides("batch", batch, n // inner, "the dp size")
+    def size_of(name: str, value: int | None, of: int) -> int:
+        size = default_tp_size(of) if value is None else value
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1 or of % size:
+            raise ValueError(f"{fn}: {strategy} needs {name} dividing {of}, got {value!r}")
+        return size
+
+    tp = n if strategy in ("tp", "tp_sp") else 1
+    pp = n if strategy == "pp" else 1
+    if strategy in ("dp_tp", "tp_pp", "dp_tp_pp"):
+        tp = size_of("tp_size", tp_size, n)
+    if strategy == "tp_pp":
+        pp = n // tp
+    elif strategy in ("dp_pp", "dp_tp_pp"):
+        pp = size_of("pp_size", pp_size, n // tp)
+    d = n // (tp * pp)
+    if d > 1 and strategy.startswith("dp_"):
+        divides("batch", batch, d, "the dp size")
     if strategy in ("dp", "zero1", "zero2", "fsdp"):
         divides("batch", batch, n)
     if strategy in ("zero1", "zero2", "fsdp"):
         for name, shape in param_shapes(c).items():
             divides(f"{name}'s size", math.prod(shape), n)
-    if strategy in ("tp", "tp_sp", "dp_tp"):
-        t = inner
+    if tp > 1 or strategy in ("tp", "tp_sp", "dp_tp", "tp_pp", "dp_tp_pp"):
+        t = tp
         divides("n_heads", c.n_heads, t, "the tp size")
         divides("d_ff", c.d_ff, t, "the tp size")
         if c.n_kv_heads % t and t % c.n_kv_heads:
@@ -120,19 +146,19 @@ def check_transformer_step(
     if strategy == "cp":
         divides("the sequence length", seq, 2 * n, "2·world_size (a head and a tail chunk per rank)")
     m = 1
-    if strategy in ("pp", "dp_pp"):
-        m = inner if microbatches is None else microbatches
+    if strategy in ("pp", "dp_pp", "tp_pp", "dp_tp_pp"):
+        m = pp if microbatches is None else microbatches
         if isinstance(m, bool) or not isinstance(m, int) or m < 1:
             raise ValueError(f"{fn}: microbatches must be a positive int, got {microbatches!r}")
-        divides("n_layers", c.n_layers, inner, "the pp size")
-        divides("the batch per replica", batch // (n // inner), m, "microbatches")
+        divides("n_layers", c.n_layers, pp, "the pp size")
+        divides("the batch per replica", batch // d, m, "microbatches")
         if schedule not in SCHEDULES:
             raise ValueError(f"{fn}: unknown schedule {schedule!r}, wanted one of {', '.join(SCHEDULES)}")
         if c.tie_embeddings:
             raise ValueError(f"{fn}: {strategy} needs untied embeddings (embed and the head are on two stages)")
     elif microbatches not in (None, 1):
         raise ValueError(f"{fn}: microbatches are pp's; {strategy} got {microbatches!r}")
-    return m, inner
+    return m, tp, pp
 
 
 @dataclass(frozen=True)
@@ -283,7 +309,7 @@ def transformer_step_function(
           params, config: the model (`tensorglot.init_params`); the step's dtype is the params' one.
           tokens, targets: (B, S) ints; the loss is their mean cross-entropy (`Layers.value_and_grad`).
           strategy: one of ``TRANSFORMER_STRATEGIES``; microbatches (default: the pp size) and schedule
-            are pp's and dp_pp's; tp_size is dp_tp's, pp_size dp_pp's (rank = dp_index · inner + index).
+            are the pipelines'; tp_size and pp_size shape the meshes (`check_transformer_step`).
           optimizer: ``sgd`` (``w − lr·g``) or ``adamw`` (lr, betas, eps, weight_decay as torch's);
             ``state`` is the previous step's ``result.state`` (None: fresh).
           timeout: seconds the step may take; past it the backend raises TimeoutError.
@@ -309,14 +335,14 @@ def transformer_step_function(
             if t.size and (t.min() < 0 or t.max() >= config.vocab_size):
                 raise ValueError(f"{fn}: {name} must lie in [0, vocab_size) = [0, {config.vocab_size})")
         batch, seq = tok.shape
-        m, inner = check_transformer_step(
+        m, tp, pp = check_transformer_step(
             config, batch, seq, strategy, world_size, microbatches=microbatches, schedule=schedule,
             tp_size=tp_size, pp_size=pp_size,
         )  # fmt: skip
         opt = check_optimizer(fn, optimizer, lr, betas, eps, weight_decay)
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
             raise ValueError(f"{fn}: timeout must be a positive number of seconds, got {timeout!r}")
-        step = TransformerStep(strategy, world_size, m, schedule, opt, float(timeout), dtypes.pop(), inner)
+        step = TransformerStep(strategy, world_size, m, schedule, opt, float(timeout), dtypes.pop(), tp, pp)
         st = None
         if opt.state_arrays and state is not None:
             st = {"step": int(state["step"]), **{k: {n: to_host(a) for n, a in state[k].items()} for k in "mv"}}

@@ -80,14 +80,14 @@ def transformer_cost(
     >>> c.bytes_per_device, c.bytes_by_kind
     (8192, {'all_reduce': 8192})
     """
-    m, inner = check_transformer_step(
+    m, tp, pp = check_transformer_step(
         config, batch, seq, strategy, world_size, microbatches=microbatches, schedule=schedule,
         tp_size=tp_size, pp_size=pp_size,
     )  # fmt: skip
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"transformer_cost: optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
     n, c, item = world_size, config, ITEMSIZE[dtype]
-    d = n // inner  # the dp size of dp_tp and dp_pp (1 for tp and pp)
+    d = n // (tp * pp)  # the dp size of the meshes (1 for tp, tp_sp, tp_pp and pp)
     size = {k: math.prod(s) * item for k, s in param_shapes(c).items()}
     total = sum(size.values())
     state_arrays = 2 if optimizer == "adamw" else 0
@@ -124,30 +124,46 @@ def transformer_cost(
     if strategy == "cp":
         _walk_cp(c, size, batch, seq, n, item, log)
         return _result(strategy, n, [log] * n, total, total, state_arrays * total)
+    local = {k: size[k] if tp_where(k, c, tp, 0) is None else size[k] // _tp_parts(k, c, tp) for k in names}
     if strategy in ("tp", "tp_sp", "dp_tp"):
-        t = inner
         act = batch // d * seq * c.d_model * item
-        local = {k: size[k] if tp_where(k, c, t, 0) is None else size[k] // _tp_parts(k, c, t) for k in names}
         kept = sum(local.values())
-        _walk_tp(c, size, local, act, t, d, strategy == "tp_sp", log)
+        _walk_tp(c, size, local, act, tp, d, strategy == "tp_sp", log)
         return _result(strategy, n, [log] * n, kept, kept, state_arrays * kept)
-    # pp, dp_pp: rank = replica·p + stage
-    p = inner
-    micro = batch // d // m * seq * c.d_model * item
+    return _pipeline(strategy, c, local, batch // d // m * seq * c.d_model * item, schedule, m, tp, pp, d, state_arrays)
+
+
+def _pipeline(strategy: str, c: TransformerConfig, local: dict, micro: int, schedule: str, m: int, t, p, d, state):
+    """A pipeline's ranks (rank = replica·(p·t) + stage·t + tp_index): each stage's sends in its schedule's
+    order with, when t > 1, its blocks' tp all-reduces of the (B/(d·m), S, D) microbatch between them;
+    then (K < t) the shared K/V gradients and (d > 1) the stage's gradient bucket down its column."""
     table = pipeline_schedule(schedule, p, m)
     by_stage: list[list[Collective]] = [[] for _ in range(p)]
+    per = c.n_layers // p
     for _, i, op, j in table:
-        if op == "F" and i < p - 1:
-            by_stage[i].append(Collective("send", f"microbatch {j} activation", micro, 2))
-        if op == "B" and i > 0:
-            by_stage[i].append(Collective("send", f"microbatch {j} grad", micro, 2))
+        blocks = range(i * per, (i + 1) * per)
+        ops = by_stage[i]
+        if op == "F":
+            for b in blocks if t > 1 else ():
+                ops += [Collective("all_reduce", f"layers.{b}.{sub} output", micro, t) for sub in ("attention", "mlp")]
+            if i < p - 1:
+                ops.append(Collective("send", f"microbatch {j} activation", micro, 2))
+            continue
+        for b in reversed(blocks) if t > 1 else ():
+            ops += [Collective("all_reduce", f"layers.{b}.{sub} input grad", micro, t) for sub in ("mlp", "attention")]
+        if i > 0:
+            ops.append(Collective("send", f"microbatch {j} grad", micro, 2))
     stages = [stage_names(c, i, p) for i in range(p)]
-    if d > 1:
-        for i in range(p):
-            by_stage[i].append(Collective("all_reduce", f"stage {i} grads", sum(size[k] for k in stages[i]), d))
-    kept = max(sum(size[k] for k in own) for own in stages)
+    for i, ops in enumerate(by_stage):
+        if c.n_kv_heads % t:
+            kv = [k for k in stages[i] if k.endswith((".wk", ".wv"))]
+            ops += [Collective("all_reduce", f"{k} grad", local[k], t // c.n_kv_heads) for k in kv]
+        if d > 1:
+            ops.append(Collective("all_reduce", f"stage {i} grads", sum(local[k] for k in stages[i]), d))
+    kept = max(sum(local[k] for k in own) for own in stages)
+    n = d * p * t
+    out = _result(strategy, n, [by_stage[r // t % p] for r in range(n)], kept, kept, state * kept)
     held = tuple(activations_held(table, p))
-    out = _result(strategy, n, [by_stage[r % p] for r in range(n)], kept, kept, state_arrays * kept)
     return dataclasses.replace(out, bubble=pipeline_bubble(p, m), slots=schedule_slots(table), activations_held=held)
 
 

@@ -229,7 +229,7 @@ def _mesh(n: int, inner: int) -> tuple[list[list[int]], list[list[int]]]:
 def _tp(rk: _Rank) -> TransformerPieces:
     """Megatron: this rank's heads and MLP columns/rows inside its row of t ranks; tp_sp adds sequence
     parallel; dp_tp all-reduces each unit's gradient shards down the columns once its backward is done."""
-    comm, n, r, xp, c, t = rk.comm, rk.n, rk.r, rk.xp, rk.config, rk.step.inner
+    comm, n, r, xp, c, t = rk.comm, rk.n, rk.r, rk.xp, rk.config, rk.step.tp
     d, row, col = n // t, r // t, r % t
     rows, cols = _mesh(n, t)
     wheres = {k: tp_where(k, c, t, col) for k in rk.params}
@@ -284,14 +284,24 @@ def stage_names(config: Any, stage: int, stages: int, /) -> list[str]:
 
 def _pp(rk: _Rank) -> TransformerPieces:
     """Stage i of p runs its rows of `pipeline_schedule` on m microbatches of its replica's B/d samples;
-    activations go forward and their gradients back as sends. dp_pp then all-reduces each stage's
-    gradients down its column of d replicas."""
-    comm, xp, c, m, p = rk.comm, rk.xp, rk.config, rk.step.microbatches, rk.step.inner
-    d, i, replica = rk.n // p, rk.r % p, rk.r // p
-    per = c.n_layers // p
-    blocks = range(i * per, (i + 1) * per)
+    activations go forward and their gradients back as sends to the same tp index of the next stage.
+    With tp > 1 each stage is a Megatron group (its heads and MLP columns, the embedding and head
+    replicated); with d > 1 each rank's gradients are all-reduced down its column, in one bucket."""
+    comm, xp, c, m, p, t = rk.comm, rk.xp, rk.config, rk.step.microbatches, rk.step.pp, rk.step.tp
+    d, replica, i, col = rk.n // (p * t), rk.r // (p * t), rk.r // t % p, rk.r % t
+    blocks = range(i * c.n_layers // p, (i + 1) * c.n_layers // p)
     names = stage_names(c, i, p)
-    stage = {k: rk.params[k] for k in names}
+    wheres = {k: tp_where(k, c, t, col) for k in names}
+    stage = {k: take(rk.params[k], wheres[k]) for k in names}
+    rows = [[a + k for k in range(t)] for a in range(0, rk.n, t)]  # each stage's tp group
+    split = WHOLE
+    if t > 1:
+
+        def all_reduce(x: Array, tensor: str) -> Array:
+            return comm.all_reduce(x, tensor=tensor, groups=rows)
+
+        split = Split(enter_grad=all_reduce, leave=all_reduce)
+    model = Model(rk.layers, local_config(c, t), rk.step.dtype, xp)
     tokens, targets = rk.batch_part(rk.tokens, replica, d), rk.batch_part(rk.targets, replica, d)
     b, S = tokens.shape
     like = xp.zeros((b // m, S, c.d_model), dtype=stage[names[0]].dtype, device=device(stage[names[0]]))
@@ -306,45 +316,52 @@ def _pp(rk: _Rank) -> TransformerPieces:
         tok, tgt = rk.batch_part(tokens, j, m), rk.batch_part(targets, j, m)
         grads: dict[str, Array] = {}
         if op == "F":
-            x = embed_forward(rk.model, stage, tok) if i == 0 else comm.recv(like, src=rk.r - 1)  # (B/dm, S, D)
+            x = embed_forward(model, stage, tok) if i == 0 else comm.recv(like, src=rk.r - t)  # (B/dm, S, D)
             saved = []
             for blk in blocks:
-                x, t = block_forward(rk.model, stage, x, blk)
-                saved.append(t)
+                x, tape = block_forward(model, stage, x, blk, split)
+                saved.append(tape)
             if i < p - 1:
-                comm.send(x, dst=rk.r + 1, tensor=f"microbatch {j} activation")
+                comm.send(x, dst=rk.r + t, tensor=f"microbatch {j} activation")
                 tapes[j] = (saved, None)
             else:
-                value, head = head_forward(rk.model, stage, x, tgt)
-                loss += float(value) / (m * d)
+                value, head = head_forward(model, stage, x, tgt)
+                loss += float(value) / (m * d * t)  # each of the t ranks of the last stage holds it
                 tapes[j] = (saved, head)
             continue
         saved, head = tapes.pop(j)
         last = i == p - 1
-        dx = head_backward(rk.model, stage, head, tgt, 1.0 / (m * d), grads) if last else comm.recv(like, src=rk.r + 1)
-        for blk, t in zip(reversed(blocks), reversed(saved)):
-            dx = block_backward(rk.model, stage, dx, blk, t, grads)
+        dx = head_backward(model, stage, head, tgt, 1.0 / (m * d), grads) if last else comm.recv(like, src=rk.r + t)
+        for blk, tape in zip(reversed(blocks), reversed(saved)):
+            dx = block_backward(model, stage, dx, blk, tape, grads, split)
         if i > 0:
-            comm.send(dx, dst=rk.r - 1, tensor=f"microbatch {j} grad")
+            comm.send(dx, dst=rk.r - t, tensor=f"microbatch {j} grad")
         else:
-            grads["embed"] = embed_backward(rk.model, dx, tok)
+            grads["embed"] = embed_backward(model, dx, tok)
         for k, g in grads.items():
             sums[k] = g if k not in sums else sums[k] + g
+    if c.n_kv_heads % t:  # K < t: the t/K ranks of a stage that share a kv head sum its gradient
+        per = t // c.n_kv_heads
+        kv_groups = [[a + kv * per + q for q in range(per)] for a in range(0, rk.n, t) for kv in range(c.n_kv_heads)]
+        for k in names:
+            if k.endswith((".wk", ".wv")):
+                sums[k] = comm.all_reduce(sums[k], tensor=f"{k} grad", groups=kv_groups)
     if d > 1:  # one bucket per stage: the stages hold different tensors, and every rank joins each collective
-        _, cols = _mesh(rk.n, p)
-        flat = comm.all_reduce(
-            xp.concat([xp.reshape(sums[k], (-1,)) for k in names]), tensor=f"stage {i} grads", groups=cols
-        )
+        _, cols = _mesh(rk.n, p * t)
+        flat = xp.concat([xp.reshape(sums[k], (-1,)) for k in names])
+        flat = comm.all_reduce(flat, tensor=f"stage {i} grads", groups=cols)
         start = 0
         for k in names:
             size = math.prod(sums[k].shape)
             sums[k], start = xp.reshape(flat[start : start + size], sums[k].shape), start + size
-    mine = _whole(stage)
-    return rk.pieces(loss, {k: (sums[k], None) for k in names}, mine, ran if replica == 0 else [])
+    mine = {k: (stage[k], wheres[k]) for k in names}
+    report = ran if replica == 0 and col == 0 else []
+    return rk.pieces(loss, {k: (sums[k], wheres[k]) for k in names}, mine, report)
 
 
 _STRATEGY: dict[str, Callable[[_Rank], TransformerPieces]] = {"dp": _dp, "zero1": _dp, "zero2": _zero2_fsdp}
 _STRATEGY |= {"fsdp": _zero2_fsdp, "tp": _tp, "tp_sp": _tp, "pp": _pp, "dp_tp": _tp, "dp_pp": _pp, "cp": cp_rank}
+_STRATEGY |= {"tp_pp": _pp, "dp_tp_pp": _pp}
 
 
 def transformer_rank(
