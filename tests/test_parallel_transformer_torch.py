@@ -28,6 +28,29 @@ def _inputs(config, seed=0):
     return params, rng.integers(0, config.vocab_size, (B, S)), rng.integers(0, config.vocab_size, (B, S))
 
 
+def _adamw_runs(params, config, tokens, targets, strategy, n, steps=3):
+    """(losses and params after `steps` AdamW steps on one process, the same under `strategy` on n ranks)."""
+    opt = Optimizer("adamw", lr=1e-2, weight_decay=0.1)
+    want, p1, m, v = [], dict(params), {}, {}
+    for t in range(steps):
+        loss, grads = ref.layers.value_and_grad(tokens, targets, p1, config)
+        want.append(float(loss))
+        for k, w in p1.items():
+            p1[k], m[k], v[k] = opt.update(w, grads[k], m.get(k, 0 * w), v.get(k, 0 * w), t)
+    state, got = None, []
+    for _ in range(steps):
+        r = tparallel.transformer_step(
+            params, config, tokens, targets, strategy=strategy, world_size=n, optimizer="adamw", lr=1e-2,
+            weight_decay=0.1, state=state, timeout=300,
+        )  # fmt: skip
+        got.append(r.loss)
+        params, state = r.params, r.state
+    np.testing.assert_allclose(got, want, rtol=1e-10)
+    for k in p1:
+        np.testing.assert_allclose(params[k], p1[k], rtol=1e-10, atol=1e-14, err_msg=k)
+    return r
+
+
 @pytest.mark.timeout(240)
 def test_every_strategy_on_two_gloo_ranks_equals_one_device():
     runs = [(GQA, s) for s in ("dp", "zero1", "zero2", "fsdp", "tp", "tp_sp", "cp", "pp")]
@@ -51,24 +74,7 @@ def test_every_strategy_on_two_gloo_ranks_equals_one_device():
 @pytest.mark.parametrize("strategy", ["fsdp", "tp", "pp"])
 def test_adamw_steps_on_gloo_ranks_equal_one_process(strategy):
     params, tokens, targets = _inputs(GQA, seed=2)
-    opt = Optimizer("adamw", lr=1e-2, weight_decay=0.1)
-    want, p1, m, v = [], dict(params), {}, {}
-    for t in range(3):
-        loss, grads = ref.layers.value_and_grad(tokens, targets, p1, GQA)
-        want.append(float(loss))
-        for k, w in p1.items():
-            p1[k], m[k], v[k] = opt.update(w, grads[k], m.get(k, 0 * w), v.get(k, 0 * w), t)
-    state, got = None, []
-    for _ in range(3):
-        r = tparallel.transformer_step(
-            params, GQA, tokens, targets, strategy=strategy, world_size=2, optimizer="adamw", lr=1e-2,
-            weight_decay=0.1, state=state, timeout=120,
-        )  # fmt: skip
-        got.append(r.loss)
-        params, state = r.params, r.state
-    np.testing.assert_allclose(got, want, rtol=1e-10)
-    for k in p1:
-        np.testing.assert_allclose(params[k], p1[k], rtol=1e-10, atol=1e-14, err_msg=k)
+    _adamw_runs(params, GQA, tokens, targets, strategy, 2)
 
 
 @pytest.mark.timeout(300)
@@ -92,24 +98,7 @@ def test_adamw_under_dp_tp_pp_on_eight_gloo_ranks_equals_one_process():
     """A 2 × 2 × 2 mesh (dp, pp, tp), one kv head replicated in each tp group: three AdamW steps."""
     config = tensorglot.TransformerConfig(**{**GQA.to_dict(), "n_kv_heads": 1})
     params, tokens, targets = _inputs(config, seed=5)
-    opt = Optimizer("adamw", lr=1e-2, weight_decay=0.1)
-    want, p1, m, v = [], dict(params), {}, {}
-    for t in range(3):
-        loss, grads = ref.layers.value_and_grad(tokens, targets, p1, config)
-        want.append(float(loss))
-        for k, w in p1.items():
-            p1[k], m[k], v[k] = opt.update(w, grads[k], m.get(k, 0 * w), v.get(k, 0 * w), t)
-    state, got = None, []
-    for _ in range(3):
-        r = tparallel.transformer_step(
-            params, config, tokens, targets, strategy="dp_tp_pp", world_size=8, optimizer="adamw", lr=1e-2,
-            weight_decay=0.1, state=state, timeout=300,
-        )  # fmt: skip
-        got.append(r.loss)
-        params, state = r.params, r.state
-    np.testing.assert_allclose(got, want, rtol=1e-10)
-    for k in p1:
-        np.testing.assert_allclose(params[k], p1[k], rtol=1e-10, atol=1e-14, err_msg=k)
+    r = _adamw_runs(params, config, tokens, targets, "dp_tp_pp", 8)
     model = P.transformer_cost("dp_tp_pp", config, B, S, 8, dtype="float64", optimizer="adamw")
     assert r.bytes_by_rank == model.bytes_by_rank and r.optimizer_bytes_per_rank == model.optimizer_bytes_per_rank
     assert list(r.schedule) == sorted(P.pipeline_schedule("1f1b", 2, 2))

@@ -195,8 +195,28 @@ class TransformerPieces:
         return TransformerPieces(self.loss, each(self.grads), each(self.params), state, self.memory, self.schedule)
 
 
+class Traffic:
+    """What a measured step and the model both report: the busiest rank's ``collectives`` and every
+    rank's bytes sent, ``bytes_by_rank``."""
+
+    collectives: tuple[Collective, ...]
+    bytes_by_rank: tuple[int, ...]
+
+    @property
+    def bytes_per_device(self) -> int:
+        return max(self.bytes_by_rank)
+
+    @property
+    def bytes_by_kind(self) -> dict[str, int]:
+        """The busiest rank's bytes sent, by kind of collective."""
+        out: dict[str, int] = {}
+        for c in self.collectives:
+            out[c.kind] = out.get(c.kind, 0) + c.bytes_per_device
+        return out
+
+
 @dataclass
-class TransformerStepResult:
+class TransformerStepResult(Traffic):
     """What one training step of the transformer returns, on the host, pieces placed into whole arrays.
 
     ``collectives`` are the busiest rank's, in issue order (kind, the full tensor's bytes V, group size);
@@ -216,18 +236,6 @@ class TransformerStepResult:
     optimizer_bytes_per_rank: int
     schedule: tuple[tuple[int, int, str, int], ...] = ()  # pp: the slots the stages ran
     seconds: float = 0.0
-
-    @property
-    def bytes_per_device(self) -> int:
-        return max(self.bytes_by_rank)
-
-    @property
-    def bytes_by_kind(self) -> dict[str, int]:
-        """The busiest rank's bytes sent, by kind of collective."""
-        out: dict[str, int] = {}
-        for c in self.collectives:
-            out[c.kind] = out.get(c.kind, 0) + c.bytes_per_device
-        return out
 
 
 def place(shapes: Mapping[str, tuple[int, ...]], pieces: Sequence[dict[str, tuple[Any, Where]]]) -> dict:

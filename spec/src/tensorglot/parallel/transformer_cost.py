@@ -25,7 +25,7 @@ from ..params import TransformerConfig, param_shapes
 from .cost import Collective
 from .schedules import activations_held, pipeline_bubble, pipeline_schedule, schedule_slots
 from .step import ITEMSIZE
-from .transformer import check_transformer_step
+from .transformer import Traffic, check_transformer_step
 from .transformer_blocks import block_names, head_names
 from .transformer_optim import OPTIMIZERS
 from .transformer_rank import stage_names, tp_where
@@ -33,7 +33,7 @@ from .transformer_ring import cp_ring_bytes
 
 
 @dataclass(frozen=True)
-class TransformerCost:
+class TransformerCost(Traffic):
     """What the model predicts for one step: ``collectives`` are the busiest rank's, in issue order."""
 
     strategy: str
@@ -46,17 +46,6 @@ class TransformerCost:
     bubble: float = 0.0  # pp: the idle fraction (p−1)/(m+p−1)
     slots: int = 0  # pp: the schedule's time slots
     activations_held: tuple[int, ...] = ()  # pp: the peak microbatches of activations each stage holds
-
-    @property
-    def bytes_per_device(self) -> int:
-        return max(self.bytes_by_rank)
-
-    @property
-    def bytes_by_kind(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for c in self.collectives:
-            out[c.kind] = out.get(c.kind, 0) + c.bytes_per_device
-        return out
 
 
 def transformer_cost(
