@@ -34,7 +34,8 @@ MQA_TIED = tensorglot.TransformerConfig(
 )
 GQA_RUNS = [("dp", 2), ("zero1", 2), ("zero2", 4), ("fsdp", 2), ("fsdp", 4), ("tp", 2), ("tp", 4), ("tp_sp", 2)]
 GQA_RUNS += [("tp_sp", 4), ("cp", 2), ("cp", 4), ("pp", 2), ("dp_tp", 4), ("dp_pp", 4), ("tp_pp", 4), ("dp_tp_pp", 8)]
-MQA_RUNS = [("dp", 4), ("zero1", 4), ("fsdp", 2), ("tp", 4), ("tp_sp", 2), ("cp", 2), ("dp_tp", 4)]
+GQA_RUNS += [("fsdp_tp", 4), ("fsdp_tp", 8)]
+MQA_RUNS = [("dp", 4), ("zero1", 4), ("fsdp", 2), ("tp", 4), ("tp_sp", 2), ("cp", 2), ("dp_tp", 4), ("fsdp_tp", 4)]
 CASES = [(GQA, s, n) for s, n in GQA_RUNS] + [(MQA_TIED, s, n) for s, n in MQA_RUNS]
 
 

@@ -80,7 +80,7 @@ def test_adamw_steps_on_gloo_ranks_equal_one_process(strategy):
 @pytest.mark.timeout(300)
 def test_compositions_on_four_gloo_ranks_equal_one_device():
     config = tensorglot.TransformerConfig(**{**GQA.to_dict(), "n_kv_heads": 1})  # kv replicated in each tp row
-    for strategy in ("dp_tp", "dp_pp"):
+    for strategy in ("dp_tp", "dp_pp", "fsdp_tp"):
         params, tokens, targets = _inputs(config, seed=4)
         got = tparallel.transformer_step(
             params, config, tokens, targets, strategy=strategy, world_size=4, microbatches=None, timeout=150

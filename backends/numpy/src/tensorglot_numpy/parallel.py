@@ -97,12 +97,13 @@ class _Rank(Collectives):
     def _all_reduce(self, x: np.ndarray, groups: Groups, /) -> np.ndarray:
         return np.sum(self._exchange(x, self.group_of(groups)), axis=0).astype(x.dtype)
 
-    def _all_gather(self, shard: np.ndarray, /) -> np.ndarray:
-        return np.concatenate(self._exchange(shard, self.group_of(None)))
+    def _all_gather(self, shard: np.ndarray, groups: Groups, /) -> np.ndarray:
+        return np.concatenate(self._exchange(shard, self.group_of(groups)))
 
-    def _reduce_scatter(self, x: np.ndarray, /) -> np.ndarray:
-        total = np.sum(self._exchange(x, self.group_of(None)), axis=0).astype(x.dtype)
-        return np.split(total, self.world_size)[self.rank]
+    def _reduce_scatter(self, x: np.ndarray, groups: Groups, /) -> np.ndarray:
+        group = self.group_of(groups)
+        total = np.sum(self._exchange(x, group), axis=0).astype(x.dtype)
+        return np.split(total, len(group))[group.index(self.rank)]
 
     def _send(self, x: np.ndarray, dst: int, /) -> None:
         self.mesh.mail[self.rank, dst].put(x.copy())

@@ -59,14 +59,14 @@ class ProcessGroupCollectives(Collectives):
         dist.all_reduce(buf, group=self._group(groups))
         return buf
 
-    def _all_gather(self, shard: torch.Tensor, /) -> torch.Tensor:
-        out = shard.new_empty((self.world_size * shard.shape[0], *shard.shape[1:]))
-        dist.all_gather_single(out, shard.contiguous())
+    def _all_gather(self, shard: torch.Tensor, groups: Groups, /) -> torch.Tensor:
+        out = shard.new_empty((len(self.group_of(groups)) * shard.shape[0], *shard.shape[1:]))
+        dist.all_gather_single(out, shard.contiguous(), group=self._group(groups))
         return out
 
-    def _reduce_scatter(self, x: torch.Tensor, /) -> torch.Tensor:
-        out = x.new_empty((x.shape[0] // self.world_size, *x.shape[1:]))
-        dist.reduce_scatter_single(out, x.contiguous())
+    def _reduce_scatter(self, x: torch.Tensor, groups: Groups, /) -> torch.Tensor:
+        out = x.new_empty((x.shape[0] // len(self.group_of(groups)), *x.shape[1:]))
+        dist.reduce_scatter_single(out, x.contiguous(), group=self._group(groups))
         return out
 
     def _send(self, x: torch.Tensor, dst: int, /) -> None:

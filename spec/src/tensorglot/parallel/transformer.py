@@ -22,6 +22,8 @@ Strategies (`TRANSFORMER_STRATEGIES`; the per-rank programs are in `transformer_
     (`transformer_ring`); the K/V blocks are sends around the ring, the gradients all-reduced as in dp.
   * ``pp``: the blocks in n stages (the embedding on the first, the head on the last), the batch in m
     microbatches, run by `pipeline_schedule` (gpipe, 1f1b); activations and gradients are sends.
+  * ``fsdp_tp`` (`transformer_fsdp_tp`): tp in rows of t, each tp piece split flat fsdp-style down
+    the columns of d (gathered per unit, gradients reduce-scattered).
   * ``dp_tp``, ``dp_pp``, ``tp_pp``, ``dp_tp_pp``: a (d, pp, tp) mesh, rank = dp·(pp·tp) + stage·tp +
     tp_index: each pipeline stage a tp group, each replica on B/d samples, and each rank's gradients
     all-reduced down its column of d replicas.
@@ -58,9 +60,11 @@ TRANSFORMER_STRATEGIES = (
     "dp_pp",
     "tp_pp",
     "dp_tp_pp",
+    "fsdp_tp",
 )
-#: A piece's place in its whole: None (all of it), ("flat", start, stop) or (axis, start, stop).
-Where = tuple[Any, int, int] | None
+#: A piece's place in its whole: None (all of it), ("flat", start, stop), (axis, start, stop), or
+#: ("in", outer, inner): the inner piece of the outer piece (fsdp_tp: a flat shard of a tp piece).
+Where = tuple[Any, Any, Any] | None
 
 
 @dataclass(frozen=True)
@@ -121,21 +125,21 @@ def check_transformer_step(
 
     tp = n if strategy in ("tp", "tp_sp") else 1
     pp = n if strategy == "pp" else 1
-    if strategy in ("dp_tp", "tp_pp", "dp_tp_pp"):
+    if strategy in ("dp_tp", "tp_pp", "dp_tp_pp", "fsdp_tp"):
         tp = size_of("tp_size", tp_size, n)
     if strategy == "tp_pp":
         pp = n // tp
     elif strategy in ("dp_pp", "dp_tp_pp"):
         pp = size_of("pp_size", pp_size, n // tp)
     d = n // (tp * pp)
-    if d > 1 and strategy.startswith("dp_"):
+    if d > 1 and strategy.startswith(("dp_", "fsdp_")):
         divides("batch", batch, d, "the dp size")
     if strategy in ("dp", "zero1", "zero2", "fsdp"):
         divides("batch", batch, n)
     if strategy in ("zero1", "zero2", "fsdp"):
         for name, shape in param_shapes(c).items():
             divides(f"{name}'s size", math.prod(shape), n)
-    if tp > 1 or strategy in ("tp", "tp_sp", "dp_tp", "tp_pp", "dp_tp_pp"):
+    if tp > 1 or strategy in ("tp", "tp_sp", "dp_tp", "tp_pp", "dp_tp_pp", "fsdp_tp"):
         t = tp
         divides("n_heads", c.n_heads, t, "the tp size")
         divides("d_ff", c.d_ff, t, "the tp size")
@@ -143,6 +147,12 @@ def check_transformer_step(
             raise ValueError(f"{fn}: {strategy} needs n_kv_heads = {c.n_kv_heads} to divide or be divided by {t}")
     if strategy == "tp_sp":
         divides("the sequence length", seq, n)
+    if strategy == "fsdp_tp":
+        for name, shape in param_shapes(c).items():
+            parts = 1 if name.endswith("norm") or name in ("embed", "lm_head") else tp
+            if name.endswith((".wk", ".wv")) and c.n_kv_heads % tp:
+                parts = c.n_kv_heads
+            divides(f"{name}'s tensor-parallel piece", math.prod(shape) // parts, d, "the fsdp size")
     if strategy == "cp":
         divides("the sequence length", seq, 2 * n, "2·world_size (a head and a tail chunk per rank)")
     m = 1
@@ -244,16 +254,29 @@ def place(shapes: Mapping[str, tuple[int, ...]], pieces: Sequence[dict[str, tupl
     for ranks in pieces:
         for name, (a, where) in ranks.items():
             a = np.asarray(a)
-            whole = out.setdefault(name, np.zeros(shapes[name], a.dtype))
-            if where is None:
-                whole[...] = a
-            elif where[0] == "flat":
-                whole.reshape(-1)[where[1] : where[2]] = a
-            else:
-                index = [slice(None)] * whole.ndim
-                index[where[0]] = slice(where[1], where[2])
-                whole[tuple(index)] = a
+            _put(out.setdefault(name, np.zeros(shapes[name], a.dtype)), where, a)
     return {k: out[k] for k in shapes if k in out}  # in the parameters' order
+
+
+def _put(whole: np.ndarray, where: Where, a: np.ndarray) -> None:
+    """Write ``a`` at ``where`` in ``whole`` (a contiguous array)."""
+    if where is None:
+        whole[...] = a
+    elif where[0] == "in":  # a piece of a piece: write into a copy of the outer piece, then put it back
+        index = _index(whole.ndim, where[1])
+        outer = np.ascontiguousarray(whole[index])
+        _put(outer, where[2], a)
+        whole[index] = outer
+    elif where[0] == "flat":
+        whole.reshape(-1)[where[1] : where[2]] = a
+    else:
+        whole[_index(whole.ndim, where)] = a
+
+
+def _index(ndim: int, where: Any) -> tuple[slice, ...]:
+    index = [slice(None)] * ndim
+    index[where[0]] = slice(where[1], where[2])
+    return tuple(index)
 
 
 def gather_transformer(task: Task, outputs: Sequence[tuple[TransformerPieces, Sequence[Collective], float]]) -> Any:

@@ -28,8 +28,8 @@ from .step import ITEMSIZE
 from .transformer import Traffic, check_transformer_step
 from .transformer_blocks import block_names, head_names
 from .transformer_optim import OPTIMIZERS
-from .transformer_rank import stage_names, tp_where
 from .transformer_ring import cp_ring_bytes
+from .transformer_shards import stage_names, tp_where
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,7 @@ def transformer_cost(
             for k in reversed(names):
                 ag(k, size[k])
         else:
-            _walk_fsdp(c, size, ag, rs, gather=strategy == "fsdp")
+            _walk_fsdp(c, size, log, n, gather=strategy == "fsdp")
             if strategy == "zero2":
                 for k in names:
                     ag(k, size[k])
@@ -114,6 +114,10 @@ def transformer_cost(
         _walk_cp(c, size, batch, seq, n, item, log)
         return _result(strategy, n, [log] * n, total, total, state_arrays * total)
     local = {k: size[k] if tp_where(k, c, tp, 0) is None else size[k] // _tp_parts(k, c, tp) for k in names}
+    if strategy == "fsdp_tp":
+        kept = sum(local.values()) // d
+        _walk_fsdp(c, local, log, d, gather=True, act=batch // d * seq * c.d_model * item, t=tp)
+        return _result(strategy, n, [log] * n, kept, kept, state_arrays * kept)
     if strategy in ("tp", "tp_sp", "dp_tp"):
         act = batch // d * seq * c.d_model * item
         kept = sum(local.values())
@@ -163,23 +167,44 @@ def _tp_parts(name: str, c: TransformerConfig, n: int) -> int:
     return n
 
 
-def _walk_fsdp(c: TransformerConfig, size: dict[str, int], ag, rs, *, gather: bool) -> None:
-    """The unit-by-unit walk of zero2 (gradients reduce-scattered per unit) and fsdp (gathers too)."""
-    units = [["embed"], *(block_names(c, i) for i in range(c.n_layers)), head_names(c)]
-    if gather:
-        for unit in units:
-            for k in unit:
-                ag(k, size[k])
-    head_owns = ["norm"] if c.tie_embeddings else ["norm", "lm_head"]
-    backward = [(head_names(c), head_owns)]
-    backward += [(block_names(c, i), block_names(c, i)) for i in reversed(range(c.n_layers))]
-    for reads, owns in backward:
+def _walk_fsdp(
+    c: TransformerConfig, size: dict[str, int], log: list, group: int, *, gather: bool, act: int = 0, t: int = 1
+) -> None:
+    """The unit-by-unit walk of zero2 (gradients reduce-scattered per unit), fsdp (gathers too) and
+    fsdp_tp (on each rank's tp pieces ``size``, down columns of ``group``, with the blocks' tp
+    all-reduces of ``act`` in rows of t and, when K < t, the shared K/V gradients' all-reduces)."""
+
+    def ag(k: str) -> None:
         if gather:
-            for k in reads:
-                ag(k, size[k])
-        for k in owns:
-            rs(f"{k} grad", size[k])
-    rs("embed grad", size["embed"])  # the embedding's backward reads no weight: nothing to gather
+            log.append(Collective("all_gather", k, size[k], group))
+
+    def tp_all_reduces(layer: int, names: tuple[str, ...]) -> None:
+        if t > 1:
+            log.extend(Collective("all_reduce", f"layers.{layer}.{sub}", act, t) for sub in names)
+
+    def done(names: list[str]) -> None:
+        for k in names:
+            if t > 1 and c.n_kv_heads % t and k.endswith((".wk", ".wv")):
+                log.append(Collective("all_reduce", f"{k} grad", size[k], t // c.n_kv_heads))
+            log.append(Collective("reduce_scatter", f"{k} grad", size[k], group))
+
+    for k in ["embed"]:
+        ag(k)
+    for i in range(c.n_layers):
+        for k in block_names(c, i):
+            ag(k)
+        tp_all_reduces(i, ("attention output", "mlp output"))
+    for k in head_names(c):
+        ag(k)
+    for k in head_names(c):
+        ag(k)
+    done(["norm"] if c.tie_embeddings else ["norm", "lm_head"])
+    for i in reversed(range(c.n_layers)):
+        for k in block_names(c, i):
+            ag(k)
+        tp_all_reduces(i, ("mlp input grad", "attention input grad"))
+        done(block_names(c, i))
+    done(["embed"])  # the embedding's backward reads no weight: nothing to gather
 
 
 def _walk_tp(c: TransformerConfig, size: dict, local: dict, act: int, t: int, d: int, sp: bool, log: list) -> None:

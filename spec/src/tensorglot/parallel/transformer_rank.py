@@ -32,43 +32,12 @@ from .transformer_blocks import (
     head_names,
     local_config,
 )
+from .transformer_fsdp_tp import fsdp_tp_rank
 from .transformer_ring import cp_rank
+from .transformer_shards import flat_where, mesh_groups, stage_names, take, tp_where
 
 Array = Any
 Pieces = dict[str, tuple[Array, Where]]
-
-
-def take(x: Array, where: Where, /) -> Array:
-    """The piece of ``x`` at ``where``."""
-    if where is None:
-        return x
-    if where[0] == "flat":
-        return array_namespace(x).reshape(x, (-1,))[where[1] : where[2]]
-    index = [slice(None)] * len(x.shape)
-    index[where[0]] = slice(where[1], where[2])
-    return x[tuple(index)]
-
-
-def flat_where(size: int, rank: int, n: int, /) -> Where:
-    """Rank ``rank``'s 1/n of a flattened array of ``size`` elements."""
-    part = size // n
-    return ("flat", rank * part, (rank + 1) * part)
-
-
-def tp_where(name: str, config: Any, t: int, rank: int, /) -> Where:
-    """Rank ``rank``'s piece of ``name`` among t tensor-parallel ranks (None: replicated)."""
-    kind = name.rsplit(".", 1)[-1]
-    N, K, F = config.n_heads, config.n_kv_heads, config.d_ff
-    if kind in ("wq", "wo"):
-        return (1 if kind == "wq" else 0, rank * N // t, (rank + 1) * N // t)
-    if kind in ("wk", "wv"):
-        if K % t == 0:
-            return (1, rank * K // t, (rank + 1) * K // t)
-        kv = rank * K // t  # the kv head this rank's query heads read, replicated on t/K ranks
-        return (1, kv, kv + 1)
-    if kind in ("w_in", "w_gate", "w_up", "w_out", "w_down"):
-        return (0 if kind in ("w_out", "w_down") else 1, rank * F // t, (rank + 1) * F // t)
-    return None
 
 
 class _Rank:
@@ -219,19 +188,12 @@ def _zero2_fsdp(rk: _Rank) -> TransformerPieces:
     return rk.pieces(loss / n, grads, mine)
 
 
-def _mesh(n: int, inner: int) -> tuple[list[list[int]], list[list[int]]]:
-    """A (d, inner) mesh's rows (one tp group or pipeline each) and columns (the d replicas of a rank)."""
-    d = n // inner
-    rows = [[a * inner + k for k in range(inner)] for a in range(d)]
-    return rows, [[a * inner + k for a in range(d)] for k in range(inner)]
-
-
 def _tp(rk: _Rank) -> TransformerPieces:
     """Megatron: this rank's heads and MLP columns/rows inside its row of t ranks; tp_sp adds sequence
     parallel; dp_tp all-reduces each unit's gradient shards down the columns once its backward is done."""
     comm, n, r, xp, c, t = rk.comm, rk.n, rk.r, rk.xp, rk.config, rk.step.tp
     d, row, col = n // t, r // t, r % t
-    rows, cols = _mesh(n, t)
+    rows, cols = mesh_groups(n, t)
     wheres = {k: tp_where(k, c, t, col) for k in rk.params}
     local = {k: take(v, wheres[k]) for k, v in rk.params.items()}
     kv_groups = None
@@ -272,14 +234,6 @@ def _tp(rk: _Rank) -> TransformerPieces:
     loss, g = rk.walk(lambda names, phase: local, tok, tgt, (1.0 / t if sp else 1.0) / d, split, done, model)
     mine = {k: (local[k], wheres[k]) for k in rk.params}
     return rk.pieces(loss / n, {k: (g[k], wheres[k]) for k in rk.params}, mine)
-
-
-def stage_names(config: Any, stage: int, stages: int, /) -> list[str]:
-    """What pipeline stage ``stage`` of ``stages`` holds: its L/p blocks, the embedding on the first and
-    the head on the last."""
-    per = config.n_layers // stages
-    names = [k for b in range(stage * per, (stage + 1) * per) for k in block_names(config, b)]
-    return (["embed"] if stage == 0 else []) + names + (["norm", "lm_head"] if stage == stages - 1 else [])
 
 
 def _pp(rk: _Rank) -> TransformerPieces:
@@ -347,7 +301,7 @@ def _pp(rk: _Rank) -> TransformerPieces:
             if k.endswith((".wk", ".wv")):
                 sums[k] = comm.all_reduce(sums[k], tensor=f"{k} grad", groups=kv_groups)
     if d > 1:  # one bucket per stage: the stages hold different tensors, and every rank joins each collective
-        _, cols = _mesh(rk.n, p * t)
+        _, cols = mesh_groups(rk.n, p * t)
         flat = xp.concat([xp.reshape(sums[k], (-1,)) for k in names])
         flat = comm.all_reduce(flat, tensor=f"stage {i} grads", groups=cols)
         start = 0
@@ -361,7 +315,7 @@ def _pp(rk: _Rank) -> TransformerPieces:
 
 _STRATEGY: dict[str, Callable[[_Rank], TransformerPieces]] = {"dp": _dp, "zero1": _dp, "zero2": _zero2_fsdp}
 _STRATEGY |= {"fsdp": _zero2_fsdp, "tp": _tp, "tp_sp": _tp, "pp": _pp, "dp_tp": _tp, "dp_pp": _pp, "cp": cp_rank}
-_STRATEGY |= {"tp_pp": _pp, "dp_tp_pp": _pp}
+_STRATEGY |= {"tp_pp": _pp, "dp_tp_pp": _pp, "fsdp_tp": fsdp_tp_rank}
 
 
 def transformer_rank(
