@@ -129,6 +129,37 @@ def test_pipeline_runs_the_modelled_schedule(schedule, m):
     np.testing.assert_allclose(got.loss, float(loss), rtol=1e-10)
 
 
+@pytest.mark.parametrize(("strategy", "n", "m", "chunks"), [("pp", 2, 2, 2), ("pp", 2, 4, 2), ("dp_tp_pp", 8, 2, 2)])
+def test_interleaved_pipeline_equals_one_device_with_a_smaller_bubble(strategy, n, m, chunks):
+    from tensorglot.parallel.transformer_schedules import interleaved_schedule
+
+    config = GQA.__class__(**{**GQA.to_dict(), "n_layers": 4, "n_kv_heads": 1})
+    params, tokens, targets = _inputs(config, seed=3)
+    kw = {"microbatches": m, "schedule": "interleaved", "chunks": chunks}
+    got = be.parallel.transformer_step(params, config, tokens, targets, strategy=strategy, world_size=n, **kw)
+    loss, grads = be.layers.value_and_grad(tokens, targets, params, config)
+    np.testing.assert_allclose(got.loss, float(loss), rtol=1e-10)
+    for k in params:
+        np.testing.assert_allclose(got.grads[k], grads[k], rtol=1e-10, atol=1e-14, err_msg=k)
+    model = P.transformer_cost(strategy, config, B, S, n, dtype="float64", **kw)
+    assert got.collectives == model.collectives and got.bytes_by_rank == model.bytes_by_rank
+    p = 2
+    assert list(got.schedule) == sorted(interleaved_schedule(p, m, chunks))
+    plain = P.transformer_cost(strategy, config, B, S, n, microbatches=m, schedule="1f1b")
+    assert model.bubble == pytest.approx((p - 1) / (chunks * m + p - 1)) and model.bubble < plain.bubble
+
+
+def test_interleaved_with_one_chunk_takes_1f1b_slots():
+    from tensorglot.parallel.transformer_schedules import interleaved_schedule
+
+    for p, m in [(2, 2), (4, 4), (4, 8)]:
+        rows = interleaved_schedule(p, m, 1)
+        assert 1 + max(r[0] for r in rows) == P.schedule_slots(P.pipeline_schedule("1f1b", p, m)) == 2 * (m + p - 1)
+        assert sorted((i, op, j) for _, i, op, j, _ in rows) == sorted(
+            (i, op, j) for _, i, op, j in P.pipeline_schedule("1f1b", p, m)
+        )
+
+
 def test_ring_attention_positions_balance_the_causal_work():
     from tensorglot.parallel.transformer_ring import cp_positions
 
@@ -176,6 +207,8 @@ def test_cost_model_closed_forms():
         ({"strategy": "cp", "world_size": 2, "seq": 6}, r"sequence length = 6 divisible by 2·world_size"),
         ({"strategy": "pp", "world_size": 2, "microbatches": 3}, "batch per replica = 4 divisible by microbatches = 3"),
         ({"strategy": "dp", "microbatches": 2}, "microbatches are pp's"),
+        ({"strategy": "pp", "schedule": "interleaved", "chunks": 2}, "chunks dividing n_layers / stages = 2/2"),
+        ({"strategy": "pp", "schedule": "1f1b", "chunks": 2}, "chunks are the interleaved schedule's"),
         ({"strategy": "pp", "config": MQA_TIED}, "pp needs untied embeddings"),
         ({"strategy": "dp", "optimizer": "lion"}, "optimizer must be one of sgd, adamw"),
         ({"strategy": "dp", "timeout": 0}, "timeout must be a positive number"),

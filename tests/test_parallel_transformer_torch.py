@@ -68,6 +68,14 @@ def test_every_strategy_on_two_gloo_ranks_equals_one_device():
         assert got.bytes_by_rank == model.bytes_by_rank, strategy
         assert got.param_bytes_per_rank == model.param_bytes_per_rank, strategy
     assert list(got.schedule) == [] and got.world_size == 2
+    deep = tensorglot.TransformerConfig(**{**GQA.to_dict(), "n_layers": 4})  # interleaved: 2 chunks per device
+    params, tokens, targets = _inputs(deep)
+    kw = {"microbatches": 2, "schedule": "interleaved", "chunks": 2, "timeout": 120}
+    got = tparallel.transformer_step(params, deep, tokens, targets, strategy="pp", world_size=2, **kw)
+    loss, grads = ref.layers.value_and_grad(tokens, targets, params, deep)
+    np.testing.assert_allclose(got.loss, float(loss), rtol=1e-10)
+    for k in params:
+        np.testing.assert_allclose(got.grads[k], grads[k], rtol=1e-10, atol=1e-14, err_msg=f"interleaved {k}")
 
 
 @pytest.mark.timeout(240)

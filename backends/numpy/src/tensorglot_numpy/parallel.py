@@ -30,7 +30,7 @@ class Mesh:
     def __init__(self, n: int, *, timeout: float = 120.0) -> None:
         self.n, self.timeout = n, timeout
         self.slots: list[Any] = [None] * n  # what each rank brings to the current collective
-        self.mail = {(s, d): queue.Queue[np.ndarray]() for s in range(n) for d in range(n)}
+        self.mail: dict[tuple[int, int, int], queue.Queue[np.ndarray]] = {}  # by (src, dst, tag): `mailbox`
         self.log: list[list[Collective]] = [[] for _ in range(n)]
         # A collective of all the ranks meets at this barrier; one of a group at that group's own
         # (`barrier_of`), so that a pipeline stage's group need not wait for the other stages.
@@ -44,6 +44,10 @@ class Mesh:
             if group not in self.barriers:
                 self.barriers[group] = threading.Barrier(len(group), timeout=self.timeout)
             return self.barriers[group]
+
+    def mailbox(self, src: int, dst: int, tag: int) -> queue.Queue[np.ndarray]:
+        with self.lock:
+            return self.mail.setdefault((src, dst, tag), queue.Queue())
 
     def abort(self) -> None:
         with self.lock:
@@ -105,11 +109,11 @@ class _Rank(Collectives):
         total = np.sum(self._exchange(x, group), axis=0).astype(x.dtype)
         return np.split(total, len(group))[group.index(self.rank)]
 
-    def _send(self, x: np.ndarray, dst: int, /) -> None:
-        self.mesh.mail[self.rank, dst].put(x.copy())
+    def _send(self, x: np.ndarray, dst: int, tag: int, /) -> None:
+        self.mesh.mailbox(self.rank, dst, tag).put(x.copy())
 
-    def _recv(self, like: np.ndarray, src: int, /) -> np.ndarray:
-        return self.mesh.mail[src, self.rank].get(timeout=self.mesh.timeout)
+    def _recv(self, like: np.ndarray, src: int, tag: int, /) -> np.ndarray:
+        return self.mesh.mailbox(src, self.rank, tag).get(timeout=self.mesh.timeout)
 
 
 def _prepare(fn: str, params: Mapping[str, Any], x: Any, dy: Any):

@@ -69,13 +69,14 @@ class ProcessGroupCollectives(Collectives):
         dist.reduce_scatter_single(out, x.contiguous(), group=self._group(groups))
         return out
 
-    def _send(self, x: torch.Tensor, dst: int, /) -> None:
+    def _send(self, x: torch.Tensor, dst: int, tag: int, /) -> None:
         buf = x.contiguous()
-        self.pending.append((buf, dist.batch_isend_irecv([dist.P2POp(dist.isend, buf, dst)])))  # buf lives till waited
+        op = dist.P2POp(dist.isend, buf, dst, tag=tag)
+        self.pending.append((buf, dist.batch_isend_irecv([op])))  # buf lives till waited
 
-    def _recv(self, like: torch.Tensor, src: int, /) -> torch.Tensor:
+    def _recv(self, like: torch.Tensor, src: int, tag: int, /) -> torch.Tensor:
         buf = torch.empty_like(like, memory_format=torch.contiguous_format)
-        for work in dist.batch_isend_irecv([dist.P2POp(dist.irecv, buf, src)]):
+        for work in dist.batch_isend_irecv([dist.P2POp(dist.irecv, buf, src, tag=tag)]):
             work.wait()
         return buf
 

@@ -63,14 +63,16 @@ class Collectives:
         self.log.append(Collective("reduce_scatter", tensor, nbytes(x), len(self.group_of(parts))))
         return self._reduce_scatter(x, parts)
 
-    def send(self, x: Any, /, *, dst: int, tensor: str) -> None:
-        """Send ``x`` to rank ``dst`` without waiting for it to be received."""
+    def send(self, x: Any, /, *, dst: int, tensor: str, tag: int = 0) -> None:
+        """Send ``x`` to rank ``dst`` without waiting for it to be received; ``tag`` keeps apart messages
+        that the two ranks would otherwise receive in a different order than they were sent."""
         self.log.append(Collective("send", tensor, nbytes(x), 2))
-        self._send(x, dst)
+        self._send(x, dst, tag)
 
-    def recv(self, like: Any, /, *, src: int) -> Any:
-        """The next array rank ``src`` sends this rank, shaped and typed like ``like`` (the sender logs it)."""
-        return self._recv(like, src)
+    def recv(self, like: Any, /, *, src: int, tag: int = 0) -> Any:
+        """The next array rank ``src`` sends this rank with ``tag``, shaped and typed like ``like`` (the
+        sender logs it)."""
+        return self._recv(like, src, tag)
 
     # The transport: a backend's subclass writes these.
 
@@ -83,8 +85,8 @@ class Collectives:
     def _reduce_scatter(self, x: Any, groups: Groups, /) -> Any:
         raise NotImplementedError
 
-    def _send(self, x: Any, dst: int, /) -> None:
+    def _send(self, x: Any, dst: int, tag: int, /) -> None:
         raise NotImplementedError
 
-    def _recv(self, like: Any, src: int, /) -> Any:
+    def _recv(self, like: Any, src: int, tag: int, /) -> Any:
         raise NotImplementedError

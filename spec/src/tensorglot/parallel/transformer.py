@@ -21,7 +21,8 @@ Strategies (`TRANSFORMER_STRATEGIES`; the per-rank programs are in `transformer_
   * ``cp``: context parallel, ring attention over a head and a tail chunk of the sequence per rank
     (`transformer_ring`); the K/V blocks are sends around the ring, the gradients all-reduced as in dp.
   * ``pp``: the blocks in n stages (the embedding on the first, the head on the last), the batch in m
-    microbatches, run by `pipeline_schedule` (gpipe, 1f1b); activations and gradients are sends.
+    microbatches, run by `pipeline_schedule` (gpipe, 1f1b) or `interleaved_schedule` (``chunks``
+    virtual stages per device); activations and gradients are sends, tagged by stage and microbatch.
   * ``fsdp_tp`` (`transformer_fsdp_tp`): tp in rows of t, each tp piece split flat fsdp-style down
     the columns of d (gathered per unit, gradients reduce-scattered).
   * ``dp_tp``, ``dp_pp``, ``tp_pp``, ``dp_tp_pp``: a (d, pp, tp) mesh, rank = dp·(pp·tp) + stage·tp +
@@ -46,6 +47,8 @@ from .cost import Collective
 from .schedules import SCHEDULES
 from .step import default_tp_size
 from .transformer_optim import Optimizer, check_optimizer
+
+PIPELINE_SCHEDULES = (*SCHEDULES, "interleaved")
 
 TRANSFORMER_STRATEGIES = (
     "dp",
@@ -78,6 +81,7 @@ class TransformerStep:
     optimizer: Optimizer
     timeout: float
     dtype: str
+    chunks: int = 1  # interleaved: the chunks (virtual stages) per pipeline device
     tp: int = 1  # the mesh: rank = dp_index·(pp·tp) + stage·tp + tp_index; the dp size is n / (pp·tp)
     pp: int = 1
 
@@ -162,13 +166,29 @@ def check_transformer_step(
             raise ValueError(f"{fn}: microbatches must be a positive int, got {microbatches!r}")
         divides("n_layers", c.n_layers, pp, "the pp size")
         divides("the batch per replica", batch // d, m, "microbatches")
-        if schedule not in SCHEDULES:
-            raise ValueError(f"{fn}: unknown schedule {schedule!r}, wanted one of {', '.join(SCHEDULES)}")
+        if schedule not in PIPELINE_SCHEDULES:
+            raise ValueError(f"{fn}: unknown schedule {schedule!r}, wanted one of {', '.join(PIPELINE_SCHEDULES)}")
         if c.tie_embeddings:
             raise ValueError(f"{fn}: {strategy} needs untied embeddings (embed and the head are on two stages)")
     elif microbatches not in (None, 1):
         raise ValueError(f"{fn}: microbatches are pp's; {strategy} got {microbatches!r}")
     return m, tp, pp
+
+
+def check_chunks(config: TransformerConfig, schedule: str, stages: int, microbatches: int, chunks: int | None) -> int:
+    """The chunks per pipeline device: ``chunks`` (default 2) for the interleaved schedule, else 1; a
+    ValueError when they do not divide the layers or the microbatches not the stages."""
+    fn = "transformer_step"
+    if schedule != "interleaved":
+        if chunks not in (None, 1):
+            raise ValueError(f"{fn}: chunks are the interleaved schedule's; {schedule} got {chunks!r}")
+        return 1
+    v = 2 if chunks is None else chunks
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1 or config.n_layers % (stages * v):
+        raise ValueError(f"{fn}: interleaved needs chunks dividing n_layers / stages = {config.n_layers}/{stages}")
+    if microbatches % stages:
+        raise ValueError(f"{fn}: interleaved needs microbatches = {microbatches} a multiple of stages = {stages}")
+    return v
 
 
 @dataclass(frozen=True)
@@ -193,7 +213,7 @@ class TransformerPieces:
     params: dict[str, tuple[Any, Where]]
     state: dict[str, dict[str, tuple[Any, Where]]]  # "m", "v"
     memory: dict[str, int]  # "params", "grads", "optimizer_state"
-    schedule: list[tuple[int, int, str, int]] = field(default_factory=list)
+    schedule: list[tuple[Any, ...]] = field(default_factory=list)
 
     def map(self, fn: Callable[[Any], Any]) -> TransformerPieces:
         """The same pieces with ``fn`` applied to every array (to the host, say)."""
@@ -244,7 +264,7 @@ class TransformerStepResult(Traffic):
     param_bytes_per_rank: int
     grad_bytes_per_rank: int
     optimizer_bytes_per_rank: int
-    schedule: tuple[tuple[int, int, str, int], ...] = ()  # pp: the slots the stages ran
+    schedule: tuple[tuple[Any, ...], ...] = ()  # pp: the rows of the table the stages ran
     seconds: float = 0.0
 
 
@@ -324,6 +344,7 @@ def transformer_step_function(
         world_size: int,
         microbatches: int | None = None,
         schedule: str = "1f1b",
+        chunks: int | None = None,
         tp_size: int | None = None,
         pp_size: int | None = None,
         optimizer: str = "sgd",
@@ -373,7 +394,8 @@ def transformer_step_function(
         opt = check_optimizer(fn, optimizer, lr, betas, eps, weight_decay)
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
             raise ValueError(f"{fn}: timeout must be a positive number of seconds, got {timeout!r}")
-        step = TransformerStep(strategy, world_size, m, schedule, opt, float(timeout), dtypes.pop(), tp, pp)
+        v = check_chunks(config, schedule, pp, m, chunks) if pp > 1 or strategy == "pp" else 1
+        step = TransformerStep(strategy, world_size, m, schedule, opt, float(timeout), dtypes.pop(), v, tp, pp)
         st = None
         if opt.state_arrays and state is not None:
             st = {"step": int(state["step"]), **{k: {n: to_host(a) for n, a in state[k].items()} for k in "mv"}}

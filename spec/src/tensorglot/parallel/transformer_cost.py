@@ -23,13 +23,13 @@ from dataclasses import dataclass
 
 from ..params import TransformerConfig, param_shapes
 from .cost import Collective
-from .schedules import activations_held, pipeline_bubble, pipeline_schedule, schedule_slots
 from .step import ITEMSIZE
-from .transformer import Traffic, check_transformer_step
+from .transformer import Traffic, check_chunks, check_transformer_step
 from .transformer_blocks import block_names, head_names
 from .transformer_optim import OPTIMIZERS
 from .transformer_ring import cp_ring_bytes
-from .transformer_shards import stage_names, tp_where
+from .transformer_schedules import interleaved_held
+from .transformer_shards import device_names, pipeline_table, tp_where
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,7 @@ def transformer_cost(
     *,
     microbatches: int | None = None,
     schedule: str = "1f1b",
+    chunks: int | None = None,
     tp_size: int | None = None,
     pp_size: int | None = None,
     dtype: str = "float32",
@@ -123,30 +124,33 @@ def transformer_cost(
         kept = sum(local.values())
         _walk_tp(c, size, local, act, tp, d, strategy == "tp_sp", log)
         return _result(strategy, n, [log] * n, kept, kept, state_arrays * kept)
-    return _pipeline(strategy, c, local, batch // d // m * seq * c.d_model * item, schedule, m, tp, pp, d, state_arrays)
+    v = check_chunks(c, schedule, pp, m, chunks)
+    micro = batch // d // m * seq * c.d_model * item
+    return _pipeline(strategy, c, local, micro, schedule, m, tp, pp, d, v, state_arrays)
 
 
-def _pipeline(strategy: str, c: TransformerConfig, local: dict, micro: int, schedule: str, m: int, t, p, d, state):
-    """A pipeline's ranks (rank = replica·(p·t) + stage·t + tp_index): each stage's sends in its schedule's
+def _pipeline(strategy: str, c: TransformerConfig, local: dict, micro: int, schedule: str, m: int, t, p, d, v, state):
+    """A pipeline's ranks (rank = replica·(p·t) + stage·t + tp_index): each device's sends in its table's
     order with, when t > 1, its blocks' tp all-reduces of the (B/(d·m), S, D) microbatch between them;
-    then (K < t) the shared K/V gradients and (d > 1) the stage's gradient bucket down its column."""
-    table = pipeline_schedule(schedule, p, m)
+    then (K < t) the shared K/V gradients and (d > 1) the device's gradient bucket down its column."""
+    v, table = pipeline_table(schedule, p, m, v)
     by_stage: list[list[Collective]] = [[] for _ in range(p)]
-    per = c.n_layers // p
-    for _, i, op, j in table:
-        blocks = range(i * per, (i + 1) * per)
+    per, last = c.n_layers // (p * v), p * v - 1
+    for _, i, op, j, ch in table:
+        vs = ch * p + i
+        blocks = range(vs * per, (vs + 1) * per)
         ops = by_stage[i]
         if op == "F":
             for b in blocks if t > 1 else ():
                 ops += [Collective("all_reduce", f"layers.{b}.{sub} output", micro, t) for sub in ("attention", "mlp")]
-            if i < p - 1:
+            if vs < last:
                 ops.append(Collective("send", f"microbatch {j} activation", micro, 2))
             continue
         for b in reversed(blocks) if t > 1 else ():
             ops += [Collective("all_reduce", f"layers.{b}.{sub} input grad", micro, t) for sub in ("mlp", "attention")]
-        if i > 0:
+        if vs > 0:
             ops.append(Collective("send", f"microbatch {j} grad", micro, 2))
-    stages = [stage_names(c, i, p) for i in range(p)]
+    stages = [device_names(c, i, p, v) for i in range(p)]
     for i, ops in enumerate(by_stage):
         if c.n_kv_heads % t:
             kv = [k for k in stages[i] if k.endswith((".wk", ".wv"))]
@@ -156,8 +160,9 @@ def _pipeline(strategy: str, c: TransformerConfig, local: dict, micro: int, sche
     kept = max(sum(local[k] for k in own) for own in stages)
     n = d * p * t
     out = _result(strategy, n, [by_stage[r // t % p] for r in range(n)], kept, kept, state * kept)
-    held = tuple(activations_held(table, p))
-    return dataclasses.replace(out, bubble=pipeline_bubble(p, m), slots=schedule_slots(table), activations_held=held)
+    slots = 1 + max(row[0] for row in table)
+    held = tuple(interleaved_held(table, p))
+    return dataclasses.replace(out, bubble=1 - 2 * m * v / slots, slots=slots, activations_held=held)
 
 
 def _tp_parts(name: str, c: TransformerConfig, n: int) -> int:

@@ -16,7 +16,6 @@ from typing import Any
 from array_api_compat import array_namespace, device
 
 from .collectives import Collectives, nbytes
-from .schedules import pipeline_schedule
 from .transformer import Task, TransformerPieces, Where
 from .transformer_blocks import (
     WHOLE,
@@ -34,7 +33,7 @@ from .transformer_blocks import (
 )
 from .transformer_fsdp_tp import fsdp_tp_rank
 from .transformer_ring import cp_rank
-from .transformer_shards import flat_where, mesh_groups, stage_names, take, tp_where
+from .transformer_shards import device_names, flat_where, mesh_groups, pipeline_table, take, tp_where
 
 Array = Any
 Pieces = dict[str, tuple[Array, Where]]
@@ -243,8 +242,9 @@ def _pp(rk: _Rank) -> TransformerPieces:
     replicated); with d > 1 each rank's gradients are all-reduced down its column, in one bucket."""
     comm, xp, c, m, p, t = rk.comm, rk.xp, rk.config, rk.step.microbatches, rk.step.pp, rk.step.tp
     d, replica, i, col = rk.n // (p * t), rk.r // (p * t), rk.r // t % p, rk.r % t
-    blocks = range(i * c.n_layers // p, (i + 1) * c.n_layers // p)
-    names = stage_names(c, i, p)
+    v, table = pipeline_table(rk.step.schedule, p, m, rk.step.chunks)
+    V, per = p * v, c.n_layers // (p * v)  # virtual stages; chunk ch of device i is virtual stage ch·p + i
+    names = device_names(c, i, p, v)
     wheres = {k: tp_where(k, c, t, col) for k in names}
     stage = {k: take(rk.params[k], wheres[k]) for k in names}
     rows = [[a + k for k in range(t)] for a in range(0, rk.n, t)]  # each stage's tp group
@@ -259,37 +259,49 @@ def _pp(rk: _Rank) -> TransformerPieces:
     tokens, targets = rk.batch_part(rk.tokens, replica, d), rk.batch_part(rk.targets, replica, d)
     b, S = tokens.shape
     like = xp.zeros((b // m, S, c.d_model), dtype=stage[names[0]].dtype, device=device(stage[names[0]]))
+
+    def rank_of(vs: int) -> int:  # the rank of this one's replica and tp index that runs virtual stage vs
+        return replica * p * t + vs % p * t + col
+
     sums: dict[str, Array] = {}
-    tapes: dict[int, Any] = {}
+    tapes: dict[tuple[int, int], Any] = {}
     loss, ran = 0.0, []
-    for entry in pipeline_schedule(rk.step.schedule, p, m):
-        _, s, op, j = entry
+    for entry in table:
+        _, s, op, j, ch = entry
         if s != i:
             continue
-        ran.append(entry)
+        ran.append(entry if v > 1 else entry[:4])
+        vs = ch * p + i
+        blocks = range(vs * per, (vs + 1) * per)
         tok, tgt = rk.batch_part(tokens, j, m), rk.batch_part(targets, j, m)
         grads: dict[str, Array] = {}
-        if op == "F":
-            x = embed_forward(model, stage, tok) if i == 0 else comm.recv(like, src=rk.r - t)  # (B/dm, S, D)
+        if op == "F":  # a message's tag: 2·(its sender's virtual stage·m + j), + 1 for gradients
+            x = (
+                embed_forward(model, stage, tok)
+                if vs == 0
+                else comm.recv(like, src=rank_of(vs - 1), tag=2 * ((vs - 1) * m + j))
+            )
             saved = []
             for blk in blocks:
                 x, tape = block_forward(model, stage, x, blk, split)
                 saved.append(tape)
-            if i < p - 1:
-                comm.send(x, dst=rk.r + t, tensor=f"microbatch {j} activation")
-                tapes[j] = (saved, None)
+            if vs < V - 1:
+                comm.send(x, dst=rank_of(vs + 1), tensor=f"microbatch {j} activation", tag=2 * (vs * m + j))
+                tapes[j, ch] = (saved, None)
             else:
                 value, head = head_forward(model, stage, x, tgt)
                 loss += float(value) / (m * d * t)  # each of the t ranks of the last stage holds it
-                tapes[j] = (saved, head)
+                tapes[j, ch] = (saved, head)
             continue
-        saved, head = tapes.pop(j)
-        last = i == p - 1
-        dx = head_backward(model, stage, head, tgt, 1.0 / (m * d), grads) if last else comm.recv(like, src=rk.r + t)
+        saved, head = tapes.pop((j, ch))
+        if vs == V - 1:
+            dx = head_backward(model, stage, head, tgt, 1.0 / (m * d), grads)
+        else:
+            dx = comm.recv(like, src=rank_of(vs + 1), tag=2 * ((vs + 1) * m + j) + 1)
         for blk, tape in zip(reversed(blocks), reversed(saved)):
             dx = block_backward(model, stage, dx, blk, tape, grads, split)
-        if i > 0:
-            comm.send(dx, dst=rk.r - t, tensor=f"microbatch {j} grad")
+        if vs > 0:
+            comm.send(dx, dst=rank_of(vs - 1), tensor=f"microbatch {j} grad", tag=2 * (vs * m + j) + 1)
         else:
             grads["embed"] = embed_backward(model, dx, tok)
         for k, g in grads.items():

@@ -8,8 +8,11 @@ from typing import Any
 
 from array_api_compat import array_namespace
 
+from ..params import param_shapes
+from .schedules import pipeline_schedule
 from .transformer import Where
 from .transformer_blocks import block_names
+from .transformer_schedules import interleaved_schedule
 
 Array = Any
 
@@ -62,3 +65,18 @@ def stage_names(config: Any, stage: int, stages: int, /) -> list[str]:
     per = config.n_layers // stages
     names = [k for b in range(stage * per, (stage + 1) * per) for k in block_names(config, b)]
     return (["embed"] if stage == 0 else []) + names + (["norm", "lm_head"] if stage == stages - 1 else [])
+
+
+def device_names(config: Any, device: int, devices: int, chunks: int, /) -> list[str]:
+    """What pipeline device ``device`` holds: the stages ch·p + device of its ``chunks`` chunks, in the
+    parameters' order."""
+    held = {k for ch in range(chunks) for k in stage_names(config, ch * devices + device, devices * chunks)}
+    return [k for k in param_shapes(config) if k in held]
+
+
+def pipeline_table(schedule: str, stages: int, microbatches: int, chunks: int, /) -> tuple[int, list]:
+    """(chunks per device, the rows ``(slot, device, op, microbatch, chunk)`` the devices run): the
+    interleaved table, or `pipeline_schedule`'s with chunk 0."""
+    if schedule == "interleaved":
+        return chunks, interleaved_schedule(stages, microbatches, chunks)
+    return 1, [(*row, 0) for row in pipeline_schedule(schedule, stages, microbatches)]
