@@ -124,7 +124,12 @@ def test_pipeline_runs_the_modelled_schedule(schedule, m):
     assert list(got.schedule) == sorted(P.pipeline_schedule(schedule, 4, m))
     model = P.transformer_cost("pp", config, B, S, 4, microbatches=m, schedule=schedule, dtype="float64")
     assert got.bytes_by_rank == model.bytes_by_rank
+    assert got.activation_bytes_by_stage == model.activation_bytes_by_stage  # the tapes each stage kept
     assert model.slots == 2 * (m + 4 - 1) and model.bubble == pytest.approx(3 / (m + 3))
+    gpipe = P.transformer_cost("pp", config, B, S, 4, microbatches=m, schedule="gpipe", dtype="float64")
+    if schedule == "1f1b":  # 1F1B's point: stage i keeps min(p − i, m) microbatches, not m
+        assert all(a <= g for a, g in zip(model.activation_bytes_by_stage, gpipe.activation_bytes_by_stage))
+        assert model.activation_bytes_by_stage[-1] < gpipe.activation_bytes_by_stage[-1]
     loss, _ = be.layers.value_and_grad(tokens, targets, params, config)
     np.testing.assert_allclose(got.loss, float(loss), rtol=1e-10)
 
@@ -143,6 +148,7 @@ def test_interleaved_pipeline_equals_one_device_with_a_smaller_bubble(strategy, 
         np.testing.assert_allclose(got.grads[k], grads[k], rtol=1e-10, atol=1e-14, err_msg=k)
     model = P.transformer_cost(strategy, config, B, S, n, dtype="float64", **kw)
     assert got.collectives == model.collectives and got.bytes_by_rank == model.bytes_by_rank
+    assert got.activation_bytes_by_stage == model.activation_bytes_by_stage
     p = 2
     assert list(got.schedule) == sorted(interleaved_schedule(p, m, chunks))
     plain = P.transformer_cost(strategy, config, B, S, n, microbatches=m, schedule="1f1b")

@@ -266,6 +266,7 @@ class TransformerStepResult(Traffic):
     optimizer_bytes_per_rank: int
     schedule: tuple[tuple[Any, ...], ...] = ()  # pp: the rows of the table the stages ran
     seconds: float = 0.0
+    activation_bytes_by_stage: tuple[int, ...] = ()  # pp: the peak bytes of tapes each device kept
 
 
 def place(shapes: Mapping[str, tuple[int, ...]], pieces: Sequence[dict[str, tuple[Any, Where]]]) -> dict:
@@ -324,6 +325,9 @@ def gather_transformer(task: Task, outputs: Sequence[tuple[TransformerPieces, Se
         memory["optimizer_state"],
         tuple(sorted(e for p in pieces for e in p.schedule)),
         max(seconds),
+        tuple(pieces[i * task.step.tp].memory["activations"] for i in range(task.step.pp))
+        if "activations" in pieces[0].memory
+        else (),
     )
 
 

@@ -46,6 +46,7 @@ class TransformerCost(Traffic):
     bubble: float = 0.0  # pp: the idle fraction (p−1)/(m+p−1)
     slots: int = 0  # pp: the schedule's time slots
     activations_held: tuple[int, ...] = ()  # pp: the peak microbatches of activations each stage holds
+    activation_bytes_by_stage: tuple[int, ...] = ()  # pp: the peak bytes of the tapes each device keeps
 
 
 def transformer_cost(
@@ -162,7 +163,26 @@ def _pipeline(strategy: str, c: TransformerConfig, local: dict, micro: int, sche
     out = _result(strategy, n, [by_stage[r // t % p] for r in range(n)], kept, kept, state * kept)
     slots = 1 + max(row[0] for row in table)
     held = tuple(interleaved_held(table, p))
-    return dataclasses.replace(out, bubble=1 - 2 * m * v / slots, slots=slots, activations_held=held)
+    tapes = _tape_peaks(c, table, p, v, t, micro)
+    out = dataclasses.replace(out, bubble=1 - 2 * m * v / slots, slots=slots, activations_held=held)
+    return dataclasses.replace(out, activation_bytes_by_stage=tapes)
+
+
+def _tape_peaks(c: TransformerConfig, table: list, p: int, v: int, t: int, micro: int) -> tuple[int, ...]:
+    """Each device's peak bytes of tapes, kept from a chunk's F to its B: per block x, a, h, m (each one
+    microbatch's (b, S, D)), q and y (N/t heads), k and v (the rank's kv heads); the head's x, n, logits."""
+    D, H = c.d_model, c.head_dim
+    heads, kv = c.n_heads // t, max(c.n_kv_heads // t, 1)
+    per_d = micro // D  # b·S·itemsize
+    block = per_d * (4 * D + 2 * heads * H + 2 * kv * H)
+    head = per_d * (2 * D + c.vocab_size)
+    per, last = c.n_layers // (p * v), p * v - 1
+    held, peak = [0] * p, [0] * p
+    for _, i, op, _, ch in sorted(table, key=lambda e: (e[0], e[2] == "B")):
+        size = per * block + (head if ch * p + i == last else 0)
+        held[i] += size if op == "F" else -size
+        peak[i] = max(peak[i], held[i])
+    return tuple(peak)
 
 
 def _tp_parts(name: str, c: TransformerConfig, n: int) -> int:

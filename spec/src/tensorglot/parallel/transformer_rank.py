@@ -265,7 +265,7 @@ def _pp(rk: _Rank) -> TransformerPieces:
 
     sums: dict[str, Array] = {}
     tapes: dict[tuple[int, int], Any] = {}
-    loss, ran = 0.0, []
+    loss, ran, held, peak = 0.0, [], 0, 0  # held: the bytes of the tapes kept from F to B
     for entry in table:
         _, s, op, j, ch = entry
         if s != i:
@@ -288,12 +288,16 @@ def _pp(rk: _Rank) -> TransformerPieces:
             if vs < V - 1:
                 comm.send(x, dst=rank_of(vs + 1), tensor=f"microbatch {j} activation", tag=2 * (vs * m + j))
                 tapes[j, ch] = (saved, None)
+                held += _tape_bytes(saved, None)
             else:
                 value, head = head_forward(model, stage, x, tgt)
                 loss += float(value) / (m * d * t)  # each of the t ranks of the last stage holds it
                 tapes[j, ch] = (saved, head)
+                held += _tape_bytes(saved, head)
             continue
+        peak = max(peak, held)
         saved, head = tapes.pop((j, ch))
+        held -= _tape_bytes(saved, head)
         if vs == V - 1:
             dx = head_backward(model, stage, head, tgt, 1.0 / (m * d), grads)
         else:
@@ -322,7 +326,14 @@ def _pp(rk: _Rank) -> TransformerPieces:
             sums[k], start = xp.reshape(flat[start : start + size], sums[k].shape), start + size
     mine = {k: (stage[k], wheres[k]) for k in names}
     report = ran if replica == 0 and col == 0 else []
-    return rk.pieces(loss, {k: (sums[k], wheres[k]) for k in names}, mine, report)
+    out = rk.pieces(loss, {k: (sums[k], wheres[k]) for k in names}, mine, report)
+    out.memory["activations"] = peak
+    return out
+
+
+def _tape_bytes(blocks: list[dict[str, Array]], head: tuple | None) -> int:
+    """What a microbatch's forward keeps for its backward: each block's tape and the head's."""
+    return sum(nbytes(a) for tape in blocks for a in tape.values()) + sum(nbytes(a) for a in head or ())
 
 
 _STRATEGY: dict[str, Callable[[_Rank], TransformerPieces]] = {"dp": _dp, "zero1": _dp, "zero2": _zero2_fsdp}
