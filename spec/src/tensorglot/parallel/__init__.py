@@ -88,9 +88,9 @@ from .transformer import Task as Task
 from .transformer import TransformerPieces as TransformerPieces
 from .transformer import TransformerStep as TransformerStep
 from .transformer import TransformerStepResult as TransformerStepResult
-from .transformer import check_transformer_step as check_transformer_step
 from .transformer import gather_transformer as gather_transformer
 from .transformer import transformer_step_function as transformer_step_function
+from .transformer_checks import check_transformer_step as check_transformer_step
 from .transformer_cost import TransformerCost as TransformerCost
 from .transformer_cost import transformer_cost as transformer_cost
 from .transformer_optim import OPTIMIZERS as OPTIMIZERS

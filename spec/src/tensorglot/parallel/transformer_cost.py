@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from ..params import TransformerConfig, param_shapes
 from .cost import Collective
 from .step import ITEMSIZE
-from .transformer import Traffic, check_chunks, check_transformer_step
+from .transformer import Traffic
 from .transformer_blocks import block_names, head_names
+from .transformer_checks import check_chunks, check_transformer_step
 from .transformer_optim import OPTIMIZERS
 from .transformer_ring import cp_ring_bytes
 from .transformer_schedules import interleaved_held
