@@ -110,3 +110,15 @@ def test_adamw_under_dp_tp_pp_on_eight_gloo_ranks_equals_one_process():
     model = P.transformer_cost("dp_tp_pp", config, B, S, 8, dtype="float64", optimizer="adamw")
     assert r.bytes_by_rank == model.bytes_by_rank and r.optimizer_bytes_per_rank == model.optimizer_bytes_per_rank
     assert list(r.schedule) == sorted(P.pipeline_schedule("1f1b", 2, 2))
+
+
+@pytest.mark.timeout(180)
+def test_a_failing_rank_stops_the_transformer_step_with_its_error(monkeypatch):
+    import time
+
+    params, tokens, targets = _inputs(GQA)
+    monkeypatch.setenv(tparallel.FAIL_RANK_ENV, "1")  # rank 1 raises at its first all-reduce
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"rank 1 of 2 failed: RuntimeError: injected failure on rank 1"):
+        tparallel.transformer_step(params, GQA, tokens, targets, strategy="tp", world_size=2, timeout=60)
+    assert time.monotonic() - start < 60
