@@ -21,6 +21,7 @@ from .registry import resolve_name
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default=None, help="backend to run (default: the selected one)")
+    parser.add_argument("--model", choices=("mlp", "transformer"), default="mlp", help="what one step trains")
     parser.add_argument("--strategy", default="all", help=f"one of {', '.join(spec.STRATEGIES)}, or all")
     parser.add_argument("--world-size", type=int, default=2, help="devices (ranks) to split the step over")
     parser.add_argument("--layers", type=int, default=4)
@@ -100,6 +101,10 @@ def _timed(step: Callable[[], spec.StepResult], repeats: int) -> tuple[spec.Step
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.model == "transformer":
+        from .parallel import transformer_report
+
+        return transformer_report.run(args)
     rows = collect(args)
     if args.json:
         print(json.dumps(rows, indent=2))

@@ -177,3 +177,21 @@ class _Backward:
         c = self.c
         weight = weight + c.norm_offset if c.norm_offset else weight
         return self.run(self.k.rms_norm_backward, self.dt, (x, weight, dy), c.norm_eps)
+
+
+# The two halves of a block's backward, for the parallel step's units (`tensorglot.parallel.transformer_blocks`),
+# which put their collectives between them: each adds its parameters' gradients to ``grads``.
+def _mlp_backward(layers: Layers, dz: Array, p: _Pass, layer: int, s: dict[str, Array], grads: dict) -> Array:
+    """Back through ``mlp(m)``: dm (a tensor-parallel rank's partial sum when its weights are shards)."""
+    back = _Backward(layers, p)
+    dm = back.mlp(s["m"], layer, dz)
+    grads.update(back.grads)
+    return dm
+
+
+def _attention_backward(layers: Layers, do: Array, p: _Pass, layer: int, s: dict[str, Array], grads: dict) -> Array:
+    """Back through ``attention(a)`` and its output projection: da."""
+    back = _Backward(layers, p)
+    da = back.attention(s, layer, do)
+    grads.update(back.grads)
+    return da

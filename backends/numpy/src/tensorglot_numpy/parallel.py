@@ -34,11 +34,29 @@ class Mesh:
         check_timeout("Mesh", timeout)
         self.n, self.timeout = n, timeout
         self.slots: list[Any] = [None] * n  # what each rank brings to the current collective
-        self.mail = {(s, d): queue.Queue[np.ndarray]() for s in range(n) for d in range(n)}
+        self.mail: dict[tuple[int, int, int], queue.Queue[np.ndarray]] = {}  # by (src, dst, tag): `mailbox`
         self.log: list[list[Collective]] = [[] for _ in range(n)]
-        # Every rank takes part in every collective (a grouped one runs in all its groups at once, SPMD),
-        # so one barrier of all the ranks serves every group. A failing rank breaks it for the others.
+        # A collective of all the ranks meets at this barrier; one of a group at that group's own
+        # (`barrier_of`), so that a pipeline stage's group need not wait for the other stages.
+        # A failing rank breaks them all for the others.
         self.barrier = threading.Barrier(n, timeout=timeout)
+        self.barriers = {tuple(range(n)): self.barrier}
+        self.lock = threading.Lock()
+
+    def barrier_of(self, group: tuple[int, ...]) -> threading.Barrier:
+        with self.lock:
+            if group not in self.barriers:
+                self.barriers[group] = threading.Barrier(len(group), timeout=self.timeout)
+            return self.barriers[group]
+
+    def mailbox(self, src: int, dst: int, tag: int) -> queue.Queue[np.ndarray]:
+        with self.lock:
+            return self.mail.setdefault((src, dst, tag), queue.Queue())
+
+    def abort(self) -> None:
+        with self.lock:
+            for barrier in self.barriers.values():
+                barrier.abort()
 
     def run(self, program: Callable[[Collectives], T], *, what: str = "Mesh.run") -> list[T]:
         """``program`` on every rank at once; the results in rank order. A failing rank stops them all."""
@@ -52,7 +70,7 @@ class Mesh:
                 results[r] = program(comm)
             except BaseException as exc:  # the first error is the cause; the others are broken barriers
                 errors.append(exc)
-                self.barrier.abort()
+                self.abort()
 
         threads = [threading.Thread(target=rank, args=(r,), daemon=True) for r in range(self.n)]
         deadline = time.monotonic() + self.timeout
@@ -63,7 +81,7 @@ class Mesh:
         # Only broken barriers or an empty mailbox, and no other error: a rank waited past the timeout.
         waited = errors and all(isinstance(e, threading.BrokenBarrierError | queue.Empty) for e in errors)
         if any(t.is_alive() for t in threads) or waited:
-            self.barrier.abort()
+            self.abort()
             raise TimeoutError(f"{what} on {self.n} simulated ranks did not finish in {self.timeout:g} s")
         if errors:
             raise errors[0]
@@ -77,27 +95,29 @@ class _Rank(Collectives):
 
     def _exchange(self, x: np.ndarray, group: tuple[int, ...]) -> list[np.ndarray]:
         """The arrays every rank of ``group`` brings, in rank order."""
+        barrier = self.mesh.barrier_of(group)
         self.mesh.slots[self.rank] = x
-        self.mesh.barrier.wait()
+        barrier.wait()
         xs = [self.mesh.slots[r] for r in group]
-        self.mesh.barrier.wait()  # everyone has read before anyone writes the next
+        barrier.wait()  # everyone has read before anyone writes the next
         return xs
 
     def _all_reduce(self, x: np.ndarray, groups: Groups, /) -> np.ndarray:
         return np.sum(self._exchange(x, self.group_of(groups)), axis=0).astype(x.dtype)
 
-    def _all_gather(self, shard: np.ndarray, /) -> np.ndarray:
-        return np.concatenate(self._exchange(shard, self.group_of(None)))
+    def _all_gather(self, shard: np.ndarray, groups: Groups, /) -> np.ndarray:
+        return np.concatenate(self._exchange(shard, self.group_of(groups)))
 
-    def _reduce_scatter(self, x: np.ndarray, /) -> np.ndarray:
-        total = np.sum(self._exchange(x, self.group_of(None)), axis=0).astype(x.dtype)
-        return np.split(total, self.world_size)[self.rank]
+    def _reduce_scatter(self, x: np.ndarray, groups: Groups, /) -> np.ndarray:
+        group = self.group_of(groups)
+        total = np.sum(self._exchange(x, group), axis=0).astype(x.dtype)
+        return np.split(total, len(group))[group.index(self.rank)]
 
-    def _send(self, x: np.ndarray, dst: int, /) -> None:
-        self.mesh.mail[self.rank, dst].put(x.copy())
+    def _send(self, x: np.ndarray, dst: int, tag: int, /) -> None:
+        self.mesh.mailbox(self.rank, dst, tag).put(x.copy())
 
-    def _recv(self, like: np.ndarray, src: int, /) -> np.ndarray:
-        return self.mesh.mail[src, self.rank].get(timeout=self.mesh.timeout)
+    def _recv(self, like: np.ndarray, src: int, tag: int, /) -> np.ndarray:
+        return self.mesh.mailbox(src, self.rank, tag).get(timeout=self.mesh.timeout)
 
 
 def _prepare(fn: str, params: Mapping[str, Any], x: Any, dy: Any):
@@ -119,3 +139,20 @@ step, single_step = spec.parallel_functions(_prepare, _run, spec.one_device_step
 
 def max_world_size() -> int | None:
     return None
+
+
+def _run_transformer(task: spec.Task) -> spec.TransformerStepResult:
+    import tensorglot
+
+    mesh = Mesh(task.step.world_size, timeout=task.step.timeout)
+    layers = tensorglot.get_backend("numpy").layers
+    start = time.perf_counter()
+    pieces = mesh.run(
+        lambda comm: spec.transformer_rank(comm, layers, task, np.asarray),
+        what=f"transformer_step: {task.step.strategy}",
+    )
+    seconds = time.perf_counter() - start
+    return spec.gather_transformer(task, [(p, log, seconds) for p, log in zip(pieces, mesh.log)])
+
+
+transformer_step = spec.transformer_step_function(np.asarray, _run_transformer)

@@ -1,8 +1,8 @@
 """The spec's `Collectives` over a torch.distributed process group (gloo on CPU, NCCL on GPUs).
 
 Sends are ``isend`` so that two neighbours that both send first cannot deadlock; `wait_sends` waits for
-them at the step's end. dp_tp's row and column groups are created once per process, by every rank in the
-same order (``new_group`` is collective), and kept for the next steps.
+them at the step's end. A grouped collective's group is created by its own ranks at their first use of it
+(``new_group`` with local synchronisation) and kept for the next steps.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from tensorglot.parallel.collectives import Groups
 # "R" makes rank R raise, "R:hang" makes it stop answering.
 FAIL_RANK_ENV = "TENSORGLOT_PARALLEL_FAIL_RANK"
 
-_GROUPS: dict[tuple[tuple[int, ...], ...], list[Any]] = {}
+_GROUPS: dict[tuple[int, ...], Any] = {}  # by its ranks
 
 
 def host(t: torch.Tensor) -> np.ndarray:
@@ -39,9 +39,12 @@ class ProcessGroupCollectives(Collectives):
     def _group(self, groups: Groups) -> Any:
         if groups is None:
             return None
-        if groups not in _GROUPS:
-            _GROUPS[groups] = [dist.new_group(list(g)) for g in groups]
-        return _GROUPS[groups][groups.index(self.group_of(groups))]
+        mine = self.group_of(groups)
+        if mine not in _GROUPS:
+            # Only the group's ranks make it (local synchronisation): a pipeline's stages reach their
+            # first grouped collective at different times, and a world-wide new_group would wait for all.
+            _GROUPS[mine] = dist.new_group(list(mine), use_local_synchronization=True)
+        return _GROUPS[mine]
 
     def _inject_failure(self) -> None:
         rank, _, mode = (self.fail or "").partition(":")
@@ -56,23 +59,24 @@ class ProcessGroupCollectives(Collectives):
         dist.all_reduce(buf, group=self._group(groups))
         return buf
 
-    def _all_gather(self, shard: torch.Tensor, /) -> torch.Tensor:
-        out = shard.new_empty((self.world_size * shard.shape[0], *shard.shape[1:]))
-        dist.all_gather_single(out, shard.contiguous())
+    def _all_gather(self, shard: torch.Tensor, groups: Groups, /) -> torch.Tensor:
+        out = shard.new_empty((len(self.group_of(groups)) * shard.shape[0], *shard.shape[1:]))
+        dist.all_gather_single(out, shard.contiguous(), group=self._group(groups))
         return out
 
-    def _reduce_scatter(self, x: torch.Tensor, /) -> torch.Tensor:
-        out = x.new_empty((x.shape[0] // self.world_size, *x.shape[1:]))
-        dist.reduce_scatter_single(out, x.contiguous())
+    def _reduce_scatter(self, x: torch.Tensor, groups: Groups, /) -> torch.Tensor:
+        out = x.new_empty((x.shape[0] // len(self.group_of(groups)), *x.shape[1:]))
+        dist.reduce_scatter_single(out, x.contiguous(), group=self._group(groups))
         return out
 
-    def _send(self, x: torch.Tensor, dst: int, /) -> None:
+    def _send(self, x: torch.Tensor, dst: int, tag: int, /) -> None:
         buf = x.contiguous()
-        self.pending.append((buf, dist.batch_isend_irecv([dist.P2POp(dist.isend, buf, dst)])))  # buf lives till waited
+        op = dist.P2POp(dist.isend, buf, dst, tag=tag)
+        self.pending.append((buf, dist.batch_isend_irecv([op])))  # buf lives till waited
 
-    def _recv(self, like: torch.Tensor, src: int, /) -> torch.Tensor:
+    def _recv(self, like: torch.Tensor, src: int, tag: int, /) -> torch.Tensor:
         buf = torch.empty_like(like, memory_format=torch.contiguous_format)
-        for work in dist.batch_isend_irecv([dist.P2POp(dist.irecv, buf, src)]):
+        for work in dist.batch_isend_irecv([dist.P2POp(dist.irecv, buf, src, tag=tag)]):
             work.wait()
         return buf
 

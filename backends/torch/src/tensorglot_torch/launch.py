@@ -40,7 +40,7 @@ def _device(rank: int, n: int) -> tuple[str, torch.device]:
     return "gloo", torch.device("cpu")
 
 
-def run_rank(config: spec.StepConfig, arrays: dict[str, np.ndarray], device: torch.device, fail: str | None):
+def run_rank(config: spec.StepConfig, arrays: dict[str, np.ndarray], fail: str | None, device: torch.device):
     """This rank's part of the step, timed between barriers: its host pieces, its log and the seconds."""
     rank, n = dist.get_rank(), dist.get_world_size()
     ts = {k: torch.from_numpy(v).to(device=device, dtype=DTYPES[config.dtype]) for k, v in arrays.items()}
@@ -75,8 +75,8 @@ def _serve(rank: int, n: int, port: int, tasks: Any, results: Any, threads: int,
             raise SystemExit(1) from None
         results.put(("ready", rank, None))
         while (task := tasks.get()) is not None:
-            config, arrays, fail = task
-            results.put(("ok", rank, run_rank(config, arrays, device, fail)))
+            runner, args = task  # runner(*args, device): `run_rank`, or another program of the ranks
+            results.put(("ok", rank, runner(*args, device)))
         dist.destroy_process_group()
     except BaseException as exc:  # report every failure, then die: the parent kills the other ranks
         if not isinstance(exc, SystemExit):
@@ -169,37 +169,42 @@ def _under_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def _torchrun_rank(config: spec.StepConfig, arrays: dict[str, np.ndarray]) -> list[Any]:
+def _torchrun_rank(world_size: int, timeout: float, runner: Any, args: tuple[Any, ...]) -> list[Any]:
     """Under torchrun this process is one rank: its part of the step, then every rank's (outside the step).
 
     A rank that stops answering is caught by the process group's timeout, and torchrun stops the others.
     """
     n = int(os.environ["WORLD_SIZE"])
-    if config.world_size != n:
-        raise ValueError(f"step: world_size = {config.world_size}, but torchrun started {n} ranks")
+    if world_size != n:
+        raise ValueError(f"step: world_size = {world_size}, but torchrun started {n} ranks")
     backend, device = _device(int(os.environ.get("LOCAL_RANK", os.environ["RANK"])), n)
     if not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend, timeout=timedelta(seconds=config.timeout))
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
     ranks: list[Any] = [None] * n
-    dist.all_gather_object(ranks, run_rank(config, arrays, device, os.environ.get(FAIL_RANK_ENV)))
+    dist.all_gather_object(ranks, runner(*args, device))
     return ranks
+
+
+def run_ranks(n: int, timeout: float, what: str, runner: Any, args: tuple[Any, ...]) -> list[Any]:
+    """``runner(*args, device)`` on n ranks (kept spawned ones, or torchrun's), every rank's result in
+    rank order; the first to fail, or the timeout, kills them all. ``runner`` must be picklable."""
+    if _under_torchrun():
+        return _torchrun_rank(n, timeout, runner, args)
+    if n not in _POOLS:
+        _POOLS[n] = _Pool(n, timeout, f"{what} (starting the ranks)")
+    try:
+        return _POOLS[n].run((runner, args), what, timeout)
+    except BaseException:
+        _POOLS.pop(n).close(kill=True)
+        raise
 
 
 def launch(config: spec.StepConfig, arrays: dict[str, np.ndarray]) -> spec.StepResult:
     """Run one step on ``config.world_size`` ranks; the first to fail, or the timeout, kills them all."""
-    n = config.world_size
-    if _under_torchrun():
-        ranks = _torchrun_rank(config, arrays)
-    else:
-        if n not in _POOLS:
-            _POOLS[n] = _Pool(n, config.timeout, f"{config.strategy} (starting the ranks)")
-        try:
-            ranks = _POOLS[n].run((config, arrays, os.environ.get(FAIL_RANK_ENV)), config.strategy, config.timeout)
-        except BaseException:
-            _POOLS.pop(n).close(kill=True)
-            raise
+    args = (config, arrays, os.environ.get(FAIL_RANK_ENV))
+    ranks = run_ranks(config.world_size, config.timeout, config.strategy, run_rank, args)
     pieces, logs, seconds = zip(*ranks)
     return spec.gather_result(config, pieces, logs, max(seconds))
 

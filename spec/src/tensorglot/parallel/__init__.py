@@ -27,6 +27,12 @@ By concern:
     from the same layer functions);
   * `devices`: `request_host_devices`, a plugin hook.
 
+The transformer (`transformer`, `transformer_rank`, `transformer_blocks`, `transformer_ring`,
+`transformer_fsdp_tp`, `transformer_shards`, `transformer_schedules`, `transformer_cost`): one training
+step of the spec's model under dp, zero1, zero2, fsdp, tp, tp_sp, cp, pp (gpipe, 1f1b, interleaved)
+and the meshes dp_tp, dp_pp, tp_pp, dp_tp_pp, fsdp_tp, written once per rank over the same
+`Collectives` (``be.parallel.transformer_step``), with its own cost model (`transformer_cost`).
+
 Every backend returns host NumPy arrays in a `StepResult` (bfloat16 widened to float32): gathering
 the shards into full arrays happens outside the step and is not counted.
 """
@@ -76,3 +82,18 @@ from .step import parallel_functions as parallel_functions
 from .step import single_result as single_result
 from .step import step_config as step_config
 from .step import step_result as step_result
+from .transformer import PIPELINE_SCHEDULES as PIPELINE_SCHEDULES
+from .transformer import TRANSFORMER_STRATEGIES as TRANSFORMER_STRATEGIES
+from .transformer import Task as Task
+from .transformer import TransformerPieces as TransformerPieces
+from .transformer import TransformerStep as TransformerStep
+from .transformer import TransformerStepResult as TransformerStepResult
+from .transformer import gather_transformer as gather_transformer
+from .transformer import transformer_step_function as transformer_step_function
+from .transformer_checks import check_transformer_step as check_transformer_step
+from .transformer_cost import TransformerCost as TransformerCost
+from .transformer_cost import transformer_cost as transformer_cost
+from .transformer_optim import OPTIMIZERS as OPTIMIZERS
+from .transformer_optim import Optimizer as Optimizer
+from .transformer_rank import transformer_rank as transformer_rank
+from .transformer_schedules import interleaved_schedule as interleaved_schedule

@@ -26,6 +26,11 @@ def nbytes(x: Any, /) -> int:
     return math.prod(x.shape) * array_namespace(x).finfo(x.dtype).bits // 8
 
 
+def _partition(groups: Sequence[Sequence[int]] | None) -> Groups:
+    """``groups`` as tuples; one group (or None) is None, the whole world."""
+    return None if groups is None or len(groups) == 1 else tuple(tuple(g) for g in groups)
+
+
 class Collectives:
     """One rank's collectives over ``world_size`` ranks; ``log`` holds what it took part in, in order."""
 
@@ -41,42 +46,47 @@ class Collectives:
 
     def all_reduce(self, x: Any, /, *, tensor: str, groups: Sequence[Sequence[int]] | None = None) -> Any:
         """The sum of ``x`` over this rank's group; ``groups`` partitions the ranks (None: one group of all)."""
-        parts = None if groups is None or len(groups) == 1 else tuple(tuple(g) for g in groups)
+        parts = _partition(groups)
         self.log.append(Collective("all_reduce", tensor, nbytes(x), len(self.group_of(parts))))
         return self._all_reduce(x, parts)
 
-    def all_gather(self, shard: Any, /, *, tensor: str) -> Any:
-        """Every rank's ``shard`` concatenated on axis 0, in rank order; V is the gathered tensor."""
-        self.log.append(Collective("all_gather", tensor, nbytes(shard) * self.world_size, self.world_size))
-        return self._all_gather(shard)
+    def all_gather(self, shard: Any, /, *, tensor: str, groups: Sequence[Sequence[int]] | None = None) -> Any:
+        """Every ``shard`` of this rank's group concatenated on axis 0, in rank order; V is the gathered tensor."""
+        parts = _partition(groups)
+        size = len(self.group_of(parts))
+        self.log.append(Collective("all_gather", tensor, nbytes(shard) * size, size))
+        return self._all_gather(shard, parts)
 
-    def reduce_scatter(self, x: Any, /, *, tensor: str) -> Any:
-        """This rank's 1/n (on axis 0) of the sum of every rank's ``x``; V is ``x``."""
-        self.log.append(Collective("reduce_scatter", tensor, nbytes(x), self.world_size))
-        return self._reduce_scatter(x)
+    def reduce_scatter(self, x: Any, /, *, tensor: str, groups: Sequence[Sequence[int]] | None = None) -> Any:
+        """This rank's 1/g (on axis 0, by its place in its group of g) of the sum of its group's ``x``; V is ``x``."""
+        parts = _partition(groups)
+        self.log.append(Collective("reduce_scatter", tensor, nbytes(x), len(self.group_of(parts))))
+        return self._reduce_scatter(x, parts)
 
-    def send(self, x: Any, /, *, dst: int, tensor: str) -> None:
-        """Send ``x`` to rank ``dst`` without waiting for it to be received."""
+    def send(self, x: Any, /, *, dst: int, tensor: str, tag: int = 0) -> None:
+        """Send ``x`` to rank ``dst`` without waiting for it to be received; ``tag`` keeps apart messages
+        that the two ranks would otherwise receive in a different order than they were sent."""
         self.log.append(Collective("send", tensor, nbytes(x), 2))
-        self._send(x, dst)
+        self._send(x, dst, tag)
 
-    def recv(self, like: Any, /, *, src: int) -> Any:
-        """The next array rank ``src`` sends this rank, shaped and typed like ``like`` (the sender logs it)."""
-        return self._recv(like, src)
+    def recv(self, like: Any, /, *, src: int, tag: int = 0) -> Any:
+        """The next array rank ``src`` sends this rank with ``tag``, shaped and typed like ``like`` (the
+        sender logs it)."""
+        return self._recv(like, src, tag)
 
     # The transport: a backend's subclass writes these.
 
     def _all_reduce(self, x: Any, groups: Groups, /) -> Any:
         raise NotImplementedError
 
-    def _all_gather(self, shard: Any, /) -> Any:
+    def _all_gather(self, shard: Any, groups: Groups, /) -> Any:
         raise NotImplementedError
 
-    def _reduce_scatter(self, x: Any, /) -> Any:
+    def _reduce_scatter(self, x: Any, groups: Groups, /) -> Any:
         raise NotImplementedError
 
-    def _send(self, x: Any, dst: int, /) -> None:
+    def _send(self, x: Any, dst: int, tag: int, /) -> None:
         raise NotImplementedError
 
-    def _recv(self, like: Any, src: int, /) -> Any:
+    def _recv(self, like: Any, src: int, tag: int, /) -> Any:
         raise NotImplementedError

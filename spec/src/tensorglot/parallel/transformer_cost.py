@@ -1,0 +1,311 @@
+"""The cost model of a transformer training step: what each rank sends, collective by collective, what it
+keeps, and for pipelines the slots and the bubble, by the ring conventions of `cost`.
+
+With P_k one parameter's bytes, A = B·S·D·itemsize one residual-stream activation, n ranks (per step):
+  * dp: all-reduce every gradient, 2(n−1)/n·ΣP_k; zero1 and zero2 the same bytes as a reduce-scatter
+    of each gradient and an all-gather of each updated parameter; fsdp adds a second all-gather (each
+    unit before its backward, the embedding excepted: its backward reads no weight), 3(n−1)/n·ΣP_k
+    less the embedding's backward gather.
+  * tp: four all-reduces of A per block (two forward, two backward), 8L(n−1)/n·A, plus, when K < n,
+    an all-reduce of each replicated K/V weight's gradient among its n/K ranks; tp_sp: the same bytes
+    as all-gathers and reduce-scatters, plus an all-reduce of every replicated weight's gradient.
+  * pp: each stage sends a (B/m, S, D) activation per microbatch forward and its gradient back.
+
+Memory per rank: parameters kept between steps, gradients held after the backward, optimizer state
+(AdamW: 2 arrays per parameter element the rank updates).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from ..params import TransformerConfig, param_shapes
+from .cost import Collective
+from .step import ITEMSIZE
+from .transformer import Traffic
+from .transformer_blocks import block_names, head_names
+from .transformer_checks import check_chunks, check_transformer_step
+from .transformer_optim import OPTIMIZERS
+from .transformer_ring import cp_ring_bytes
+from .transformer_schedules import interleaved_held
+from .transformer_shards import device_names, pipeline_table, tp_where
+
+
+@dataclass(frozen=True)
+class TransformerCost(Traffic):
+    """What the model predicts for one step: ``collectives`` are the busiest rank's, in issue order."""
+
+    strategy: str
+    world_size: int
+    collectives: tuple[Collective, ...]
+    bytes_by_rank: tuple[int, ...]
+    param_bytes_per_rank: int
+    grad_bytes_per_rank: int
+    optimizer_bytes_per_rank: int
+    bubble: float = 0.0  # pp: the idle fraction (p−1)/(m+p−1)
+    slots: int = 0  # pp: the schedule's time slots
+    activations_held: tuple[int, ...] = ()  # pp: the peak microbatches of activations each stage holds
+    activation_bytes_by_stage: tuple[int, ...] = ()  # pp: the peak bytes of the tapes each device keeps
+
+
+def transformer_cost(
+    strategy: str,
+    config: TransformerConfig,
+    batch: int,
+    seq: int,
+    world_size: int,
+    *,
+    microbatches: int | None = None,
+    schedule: str = "1f1b",
+    chunks: int | None = None,
+    tp_size: int | None = None,
+    pp_size: int | None = None,
+    dtype: str = "float32",
+    optimizer: str = "sgd",
+) -> TransformerCost:
+    """The collectives, bytes and memory of one step of ``strategy`` (`transformer_step`'s options).
+
+    >>> cfg = TransformerConfig(vocab_size=16, d_model=8, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=2, d_ff=16)
+    >>> c = transformer_cost("tp", cfg, 4, 8, 2)   # 8 all-reduces of A = 4·8·8·4 bytes, 2(n−1)/n = 1
+    >>> c.bytes_per_device, c.bytes_by_kind
+    (8192, {'all_reduce': 8192})
+    """
+    m, tp, pp = check_transformer_step(
+        config, batch, seq, strategy, world_size, microbatches=microbatches, schedule=schedule,
+        tp_size=tp_size, pp_size=pp_size,
+    )  # fmt: skip
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"transformer_cost: optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+    n, c, item = world_size, config, ITEMSIZE[dtype]
+    d = n // (tp * pp)  # the dp size of the meshes (1 for tp, tp_sp, tp_pp and pp)
+    size = {k: math.prod(s) * item for k, s in param_shapes(c).items()}
+    total = sum(size.values())
+    state_arrays = 2 if optimizer == "adamw" else 0
+    log: list[Collective] = []  # every rank's but pp's, which fills `by_rank`
+
+    def ar(tensor: str, v: int, group: int = n) -> None:
+        log.append(Collective("all_reduce", tensor, v, group))
+
+    def ag(tensor: str, v: int) -> None:
+        log.append(Collective("all_gather", tensor, v, n))
+
+    def rs(tensor: str, v: int) -> None:
+        log.append(Collective("reduce_scatter", tensor, v, n))
+
+    names = list(size)
+    if strategy in ("dp", "zero1", "zero2", "fsdp"):
+        if strategy == "dp":
+            for k in reversed(names):
+                ar(f"{k} grad", size[k])
+        elif strategy == "zero1":
+            for k in reversed(names):
+                rs(f"{k} grad", size[k])
+            for k in reversed(names):
+                ag(k, size[k])
+        else:
+            _walk_fsdp(c, size, log, n, gather=strategy == "fsdp")
+            if strategy == "zero2":
+                for k in names:
+                    ag(k, size[k])
+        kept = total if strategy != "fsdp" else total // n
+        grads = total if strategy in ("dp", "zero1") else total // n
+        updated = total if strategy == "dp" else total // n
+        return _result(strategy, n, [log] * n, kept, grads, state_arrays * updated)
+    if strategy == "cp":
+        _walk_cp(c, size, batch, seq, n, item, log)
+        return _result(strategy, n, [log] * n, total, total, state_arrays * total)
+    local = {k: size[k] if tp_where(k, c, tp, 0) is None else size[k] // _tp_parts(k, c, tp) for k in names}
+    if strategy == "fsdp_tp":
+        kept = sum(local.values()) // d
+        _walk_fsdp(c, local, log, d, gather=True, act=batch // d * seq * c.d_model * item, t=tp)
+        return _result(strategy, n, [log] * n, kept, kept, state_arrays * kept)
+    if strategy in ("tp", "tp_sp", "dp_tp"):
+        act = batch // d * seq * c.d_model * item
+        kept = sum(local.values())
+        _walk_tp(c, size, local, act, tp, d, strategy == "tp_sp", log)
+        return _result(strategy, n, [log] * n, kept, kept, state_arrays * kept)
+    v = check_chunks(c, schedule, pp, m, chunks)
+    micro = batch // d // m * seq * c.d_model * item
+    return _pipeline(strategy, c, local, micro, schedule, m, tp, pp, d, v, state_arrays)
+
+
+def _pipeline(strategy: str, c: TransformerConfig, local: dict, micro: int, schedule: str, m: int, t, p, d, v, state):
+    """A pipeline's ranks (rank = replica·(p·t) + stage·t + tp_index): each device's sends in its table's
+    order with, when t > 1, its blocks' tp all-reduces of the (B/(d·m), S, D) microbatch between them;
+    then (K < t) the shared K/V gradients and (d > 1) the device's gradient bucket down its column."""
+    v, table = pipeline_table(schedule, p, m, v)
+    by_stage: list[list[Collective]] = [[] for _ in range(p)]
+    per, last = c.n_layers // (p * v), p * v - 1
+    for _, i, op, j, ch in table:
+        vs = ch * p + i
+        blocks = range(vs * per, (vs + 1) * per)
+        ops = by_stage[i]
+        if op == "F":
+            for b in blocks if t > 1 else ():
+                ops += [Collective("all_reduce", f"layers.{b}.{sub} output", micro, t) for sub in ("attention", "mlp")]
+            if vs < last:
+                ops.append(Collective("send", f"microbatch {j} activation", micro, 2))
+            continue
+        for b in reversed(blocks) if t > 1 else ():
+            ops += [Collective("all_reduce", f"layers.{b}.{sub} input grad", micro, t) for sub in ("mlp", "attention")]
+        if vs > 0:
+            ops.append(Collective("send", f"microbatch {j} grad", micro, 2))
+    stages = [device_names(c, i, p, v) for i in range(p)]
+    for i, ops in enumerate(by_stage):
+        if c.n_kv_heads % t:
+            kv = [k for k in stages[i] if k.endswith((".wk", ".wv"))]
+            ops += [Collective("all_reduce", f"{k} grad", local[k], t // c.n_kv_heads) for k in kv]
+        if d > 1:
+            ops.append(Collective("all_reduce", f"stage {i} grads", sum(local[k] for k in stages[i]), d))
+    kept = max(sum(local[k] for k in own) for own in stages)
+    n = d * p * t
+    out = _result(strategy, n, [by_stage[r // t % p] for r in range(n)], kept, kept, state * kept)
+    slots = 1 + max(row[0] for row in table)
+    held = tuple(interleaved_held(table, p))
+    tapes = _tape_peaks(c, table, p, v, t, micro)
+    out = dataclasses.replace(out, bubble=1 - 2 * m * v / slots, slots=slots, activations_held=held)
+    return dataclasses.replace(out, activation_bytes_by_stage=tapes)
+
+
+def _tape_peaks(c: TransformerConfig, table: list, p: int, v: int, t: int, micro: int) -> tuple[int, ...]:
+    """Each device's peak bytes of tapes, kept from a chunk's F to its B: per block x, a, h, m (each one
+    microbatch's (b, S, D)), q and y (N/t heads), k and v (the rank's kv heads); the head's x, n, logits."""
+    D, H = c.d_model, c.head_dim
+    heads, kv = c.n_heads // t, max(c.n_kv_heads // t, 1)
+    per_d = micro // D  # b·S·itemsize
+    block = per_d * (4 * D + 2 * heads * H + 2 * kv * H)
+    head = per_d * (2 * D + c.vocab_size)
+    per, last = c.n_layers // (p * v), p * v - 1
+    held, peak = [0] * p, [0] * p
+    for _, i, op, _, ch in sorted(table, key=lambda e: (e[0], e[2] == "B")):
+        size = per * block + (head if ch * p + i == last else 0)
+        held[i] += size if op == "F" else -size
+        peak[i] = max(peak[i], held[i])
+    return tuple(peak)
+
+
+def _tp_parts(name: str, c: TransformerConfig, n: int) -> int:
+    """Into how many parts ``name`` is split over n tensor-parallel ranks (K/V when K < n: K, one head each)."""
+    if name.endswith((".wk", ".wv")) and c.n_kv_heads % n:
+        return c.n_kv_heads
+    return n
+
+
+def _walk_fsdp(
+    c: TransformerConfig, size: dict[str, int], log: list, group: int, *, gather: bool, act: int = 0, t: int = 1
+) -> None:
+    """The unit-by-unit walk of zero2 (gradients reduce-scattered per unit), fsdp (gathers too) and
+    fsdp_tp (on each rank's tp pieces ``size``, down columns of ``group``, with the blocks' tp
+    all-reduces of ``act`` in rows of t and, when K < t, the shared K/V gradients' all-reduces)."""
+
+    def ag(k: str) -> None:
+        if gather:
+            log.append(Collective("all_gather", k, size[k], group))
+
+    def tp_all_reduces(layer: int, names: tuple[str, ...]) -> None:
+        if t > 1:
+            log.extend(Collective("all_reduce", f"layers.{layer}.{sub}", act, t) for sub in names)
+
+    def done(names: list[str]) -> None:
+        for k in names:
+            if t > 1 and c.n_kv_heads % t and k.endswith((".wk", ".wv")):
+                log.append(Collective("all_reduce", f"{k} grad", size[k], t // c.n_kv_heads))
+            log.append(Collective("reduce_scatter", f"{k} grad", size[k], group))
+
+    for k in ["embed"]:
+        ag(k)
+    for i in range(c.n_layers):
+        for k in block_names(c, i):
+            ag(k)
+        tp_all_reduces(i, ("attention output", "mlp output"))
+    for k in head_names(c):
+        ag(k)
+    for k in head_names(c):
+        ag(k)
+    done(["norm"] if c.tie_embeddings else ["norm", "lm_head"])
+    for i in reversed(range(c.n_layers)):
+        for k in block_names(c, i):
+            ag(k)
+        tp_all_reduces(i, ("mlp input grad", "attention input grad"))
+        done(block_names(c, i))
+    done(["embed"])  # the embedding's backward reads no weight: nothing to gather
+
+
+def _walk_tp(c: TransformerConfig, size: dict, local: dict, act: int, t: int, d: int, sp: bool, log: list) -> None:
+    """Megatron's f and g per sublayer (tp: all-reduces in a row of t; tp_sp: all-gathers and
+    reduce-scatters), the replicated K/V gradients' grouped all-reduces, (tp_sp) the replicated
+    weights' all-reduces, and (dp_tp) each gradient shard's all-reduce down a column of d."""
+
+    def ar(tensor: str, v: int, group: int = t) -> None:
+        log.append(Collective("all_reduce", tensor, v, group))
+
+    def ag(tensor: str, v: int) -> None:
+        log.append(Collective("all_gather", tensor, v, t))
+
+    def rs(tensor: str, v: int) -> None:
+        log.append(Collective("reduce_scatter", tensor, v, t))
+
+    def enter(tensor: str) -> None:  # f: the identity, or sp's all-gather
+        if sp:
+            ag(tensor, act)
+
+    def leave(tensor: str) -> None:  # g: an all-reduce, or sp's reduce-scatter
+        (rs if sp else ar)(tensor, act)
+
+    enter_grad, leave_grad = leave, enter  # their backwards swap them
+
+    for i in range(c.n_layers):
+        pre = f"layers.{i}."
+        for sub in ("attention", "mlp"):
+            enter(f"{pre}{sub} input")
+            leave(f"{pre}{sub} output")
+
+    def done(names: list[str]) -> None:
+        for k in names:
+            if c.n_kv_heads % t and k.endswith((".wk", ".wv")):
+                ar(f"{k} grad", local[k], t // c.n_kv_heads)
+            elif sp and tp_where(k, c, t, 0) is None:
+                ar(f"{k} grad", size[k])
+            if d > 1:
+                ar(f"{k} grad shard", local[k], d)
+
+    done(["norm"] if c.tie_embeddings else ["norm", "lm_head"])
+    for i in reversed(range(c.n_layers)):
+        pre = f"layers.{i}."
+        for sub in ("mlp", "attention"):
+            leave_grad(f"{pre}{sub} output grad")
+            enter_grad(f"{pre}{sub} input grad")
+        done(block_names(c, i))
+    done(["embed"])
+
+
+def _walk_cp(c: TransformerConfig, size: dict, batch: int, seq: int, n: int, item: int, log: list) -> None:
+    """The ring's K/V blocks (n−1 steps forward; backward n−1 steps of K, V, dK, dV and one of dK, dV home)
+    and dp's all-reduce of each unit's gradients when its backward ends."""
+    kv = cp_ring_bytes(batch, seq, c.n_kv_heads, c.head_dim, n, item)
+
+    def send(names: list[str], step: int) -> None:
+        log.extend(Collective("send", f"ring {name} step {step}", kv, 2) for name in names)
+
+    def done(names: list[str]) -> None:
+        log.extend(Collective("all_reduce", f"{k} grad", size[k], n) for k in names)
+
+    for _ in range(c.n_layers):
+        for step in range(n - 1):
+            send(["k", "v"], step)
+    done(["norm"] if c.tie_embeddings else ["norm", "lm_head"])
+    for i in reversed(range(c.n_layers)):
+        for step in range(n - 1):
+            send(["k", "v", "dk", "dv"], step)
+        if n > 1:
+            send(["dk", "dv"], n - 1)
+        done(block_names(c, i))
+    done(["embed"])
+
+
+def _result(strategy: str, n: int, by_rank, kept: int, grads: int, state: int) -> TransformerCost:
+    bytes_by_rank = tuple(sum(x.bytes_per_device for x in log) for log in by_rank)
+    busiest = max(range(n), key=bytes_by_rank.__getitem__)
+    return TransformerCost(strategy, n, tuple(by_rank[busiest]), bytes_by_rank, kept, grads, state)
