@@ -158,7 +158,9 @@ class Forward(FrontEnd):
         y = self._run(self._k.attention, p.dtype, (q, k_all, v_all), causal, mask, scale, *self._softcap(p))
         y = xp.reshape(y, (B, S, N * H))  # (B, S, N·H)
         if saved is not None:
-            saved.update(q_lin=q_lin, k_lin=k_lin, q=q, k=k, v=v, y=y, causal=causal, mask=mask)
+            saved.update(q=q, k=k, v=v, y=y, causal=causal, mask=mask)
+            if c.qk_norm is not None:  # the norm's backward reads its input; else the tape keeps no more
+                saved.update(q_lin=q_lin, k_lin=k_lin)
         wo = xp.reshape(w[pre + "wo"], (N * H, D))
         return self._linear(y, wo, w.get(pre + "bo"), p)  # (B, S, D)
 

@@ -333,7 +333,8 @@ def _pp(rk: _Rank) -> TransformerPieces:
 
 def _tape_bytes(blocks: list[dict[str, Array]], head: tuple | None) -> int:
     """What a microbatch's forward keeps for its backward: each block's tape and the head's."""
-    return sum(nbytes(a) for tape in blocks for a in tape.values()) + sum(nbytes(a) for a in head or ())
+    arrays = [a for tape in blocks for a in tape.values() if hasattr(a, "shape")]  # not the causal flag, a None mask
+    return sum(nbytes(a) for a in arrays) + sum(nbytes(a) for a in head or ())
 
 
 _STRATEGY: dict[str, Callable[[_Rank], TransformerPieces]] = {"dp": _dp, "zero1": _dp, "zero2": _zero2_fsdp}
