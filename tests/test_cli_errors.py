@@ -104,7 +104,7 @@ def test_parallel_keeps_only_the_last_result_of_its_repeats(monkeypatch, capsys)
 def test_bench_keeps_its_results_when_the_json_path_fails_after_the_run(tmp_path, monkeypatch, capsys):
     row = cli.Row("ops.softmax.fwd_bwd", 1.5, "ms")
     monkeypatch.setattr(cli, "measure_machine", lambda **kw: {"matmul_gflops": 1.0, "bandwidth_gbs": 1.0})
-    monkeypatch.setattr(cli, "ROWS", [lambda ctx: [row]])
+    monkeypatch.setattr(cli, "GROUPS", {"ops": lambda ctx: [row]})
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     target = tmp_path / "out"
     target.mkdir()
