@@ -23,15 +23,7 @@ pytest.importorskip("safetensors", reason="checkpoints are safetensors files")
 
 from tensorglot.checkpoints import parity  # noqa: E402 (after the skips: it needs transformers)
 
-
-def _needs(family: str) -> list:
-    """Gemma needs the geglu kernel and an attention kernel with softcap (issue 15, item 1)."""
-    has = hasattr(tensorglot.get_backend("numpy").kernels, "geglu")
-    missing = family in parity.NEEDS_GEGLU and not has
-    return [pytest.mark.skip(reason="the backends lack the geglu kernel Gemma needs")] if missing else []
-
-
-FAMILIES = [pytest.param(f, marks=_needs(f)) for f in parity.FAMILIES]
+FAMILIES = list(parity.FAMILIES)
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +31,6 @@ def saved(tmp_path_factory):
     """family → (HF model, its directory), made once per module."""
     out = {}
     for family in parity.FAMILIES:
-        if _needs(family):
-            continue
         path = tmp_path_factory.mktemp(family.replace("-", "_"))
         model = parity.tiny_model(family)
         model.save_pretrained(path)

@@ -12,7 +12,6 @@ rest) and, for `tensorglot.training`, the tape of what the backward pass needs.
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from array_api_compat import array_namespace, device
 from .cache import KVCache, visible_mask
 from .encodings import frequency_table, yarn_attention_factor
 from .frontend import HALF, FrontEnd, index_ids, shape
+from .kernels import GATES
 from .param_layout import GATED, attention_shapes, block_norms, mlp_shapes
 from .params import TransformerConfig
 
@@ -167,15 +167,7 @@ class Forward(FrontEnd):
     def _softcap(self, p: _Pass) -> tuple[float, ...]:
         """The attention kernel's softcap option, passed only when the config sets one."""
         cap = p.config.attn_softcap
-        if cap is None:
-            return ()
-        if "softcap" not in inspect.signature(self._k.attention).parameters:
-            # Softcapping sits between the scores and the softmax, inside the kernel.
-            raise ValueError(
-                f"transformer: config.attn_softcap = {cap} needs an attention kernel with softcap, which the "
-                f"{self._be.name} backend's lacks"
-            )
-        return (cap,)
+        return () if cap is None else (cap,)
 
     def _project(self, x: Array, p: _Pass, pre: str, name: str, heads: int) -> Array:
         """x · w{name} (+ b{name}): (B, S, heads·H)."""
@@ -223,17 +215,10 @@ class Forward(FrontEnd):
         if c.mlp_bias:
             x, weights, b_out = _fold_biases(x, weights, p.params, pre, c, xp)
         if act in GATED:
-            out = self._run(self._gated(act), p.dtype, (x, *weights))
+            out = self._run(self._k.gated_mlp, p.dtype, (x, *weights), GATES[act])
         else:
             out = self._run(self._k.mlp, p.dtype, (x, *weights), act)
         return out + b_out if c.mlp_bias else out
-
-    def _gated(self, act: str, backward: str = "") -> Any:
-        """The kernel of a gated MLP (``swiglu`` or ``geglu``), or its ``_backward``."""
-        kernel = getattr(self._k, act + backward, None)
-        if kernel is None:
-            raise ValueError(f"transformer: activation {act!r} needs the {act} kernel, which {self._be.name} lacks")
-        return kernel
 
     def _linear(self, x: Array, w: Array, b: Array | None, p: _Pass) -> Array:
         return self._run(self._k.linear, p.dtype, (x, w, b))
@@ -246,9 +231,9 @@ class Forward(FrontEnd):
         return self._rms(x, p.params[name], p)
 
     def _rms(self, x: Array, weight: Array, p: _Pass) -> Array:
-        round_to = p.dtype if p.dtype in HALF else None
-        weight = weight + p.config.norm_offset if p.config.norm_offset else weight  # Gemma's 1 + w
-        return self._run(self._k.rms_norm, p.dtype, (x, weight), p.config.norm_eps, round_to)
+        offset = float(p.config.norm_offset)  # Gemma's 1 + w: the product taken in float32, then cast
+        round_to = p.dtype if p.dtype in HALF and not offset else None  # else Llama's: rounded, then × w
+        return self._run(self._k.rms_norm, p.dtype, (x, weight), p.config.norm_eps, round_to, offset)
 
     def _rope(self, x: Array, p: _Pass, sign: float, layer: int = 0) -> Array:
         if p.config.position != "rope":

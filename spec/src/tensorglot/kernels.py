@@ -68,6 +68,11 @@ from array_api_compat import array_namespace
 FLASH = ("flash_attention", "flash_attention_backward")
 
 
+#: The gated MLPs and their gate's activation: ``swiglu`` and ``geglu`` (and their backwards) are one pair
+#: of kernels, ``gated_mlp(x, w_gate, w_up, w_down, activation)`` and ``gated_mlp_backward(..., dy, activation)``.
+GATES = {"swiglu": "silu", "geglu": "gelu_tanh"}
+
+
 def visible_keys(i0: int, i1: int, s: int, t: int, causal: bool, window: int | None) -> tuple[int, int]:
     """The keys ``[lo, hi)`` that some query of ``[i0, i1)`` may see (bottom-right causal, sliding window),
     ``(0, 0)`` when none: a blockwise kernel visits only the key tiles that meet this range."""

@@ -18,6 +18,7 @@ from . import checks
 from .attention import FLASH_NAMES as FLASH_NAMES
 from .attention import AttentionOps
 from .frontend import HALF, shape
+from .kernels import GATES
 
 Array = Any
 Activation = Literal["relu", "gelu", "gelu_tanh", "silu"]
@@ -306,9 +307,11 @@ class Ops(AttentionOps):
                 raise checks.bad_shape(fn, arg, shape(a), f"({shape(x)[-1]},), x's last axis")
 
     def _gated(self, fn, *arrays):
-        """A gated MLP's front end (swiglu, geglu and their backward): validate, then run the kernel ``fn``."""
+        """A gated MLP's front end (swiglu, geglu and their backward): validate, then run the one gated
+        kernel (``gated_mlp`` or its backward) with ``fn``'s gate activation."""
         arrays, dtype = self._gated_inputs(fn, *arrays)
-        return self._run(getattr(self._k, fn), dtype, arrays)
+        kernel = self._k.gated_mlp_backward if fn.endswith("_backward") else self._k.gated_mlp
+        return self._run(kernel, dtype, arrays, GATES[fn.removesuffix("_backward")])
 
     def _gated_inputs(self, fn, x, w_gate, w_up, w_down, dy=None):
         named = {"x": x, "w_gate": w_gate, "w_up": w_up, "w_down": w_down} | ({} if dy is None else {"dy": dy})

@@ -8,8 +8,10 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .params import TransformerConfig
 
+from .kernels import GATES
+
 #: The gated MLPs (three weights: w_gate, w_up, w_down).
-GATED = ("swiglu", "geglu")
+GATED = tuple(GATES)
 
 
 def norm_names(name: str, config: TransformerConfig, /) -> tuple[str, ...]:

@@ -20,6 +20,7 @@ from array_api_compat import array_namespace, device
 from . import checks
 from .forward import _fold_biases, _head, _on_device, _Pass, mlp_names
 from .frontend import index_ids, shape
+from .kernels import GATES
 from .param_layout import GATED, block_norms
 
 if TYPE_CHECKING:
@@ -147,7 +148,7 @@ class _Backward:
         if c.mlp_bias:
             x, weights, _ = _fold_biases(m, weights, w, pre, c, xp)
         if c.activation in GATED:
-            dx, *dws = run(self.layers._gated(c.activation, "_backward"), dt, (x, *weights, dz))
+            dx, *dws = run(k.gated_mlp_backward, dt, (x, *weights, dz), GATES[c.activation])
         else:
             dx, *dws = run(k.mlp_backward, dt, (x, *weights, dz), c.activation)
         if not c.mlp_bias:
@@ -175,8 +176,7 @@ class _Backward:
 
     def rms(self, x: Array, weight: Array, dy: Array) -> tuple[Array, Array]:
         c = self.c
-        weight = weight + c.norm_offset if c.norm_offset else weight
-        return self.run(self.k.rms_norm_backward, self.dt, (x, weight, dy), c.norm_eps)
+        return self.run(self.k.rms_norm_backward, self.dt, (x, weight, dy), c.norm_eps, float(c.norm_offset))
 
 
 # The two halves of a block's backward, for the parallel step's units (`tensorglot.parallel.transformer_blocks`),

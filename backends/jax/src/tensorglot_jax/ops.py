@@ -124,28 +124,12 @@ def _gated_fwd(x, w_gate, w_up, w_down, activation):
     return (_activation(g, activation)[0] * u) @ w_down, (x, w_gate, w_up, w_down, g, u)
 
 
-_gated = vjp_kernel(_gated_fwd, lambda activation, res, dy: _gated_grads(activation, dy, *res), (4,))
+gated_mlp = vjp_kernel(_gated_fwd, lambda activation, res, dy: _gated_grads(activation, dy, *res), (4,))
 
 
 @partial(jax.jit, static_argnums=5)
-def _gated_backward(x, w_gate, w_up, w_down, dy, activation):
+def gated_mlp_backward(x, w_gate, w_up, w_down, dy, activation):
     return _gated_grads(activation, dy, x, w_gate, w_up, w_down, x @ w_gate, x @ w_up)
-
-
-def swiglu(x, w_gate, w_up, w_down):
-    return _gated(x, w_gate, w_up, w_down, "silu")
-
-
-def swiglu_backward(x, w_gate, w_up, w_down, dy):
-    return _gated_backward(x, w_gate, w_up, w_down, dy, "silu")
-
-
-def geglu(x, w_gate, w_up, w_down):
-    return _gated(x, w_gate, w_up, w_down, "gelu_tanh")
-
-
-def geglu_backward(x, w_gate, w_up, w_down, dy):
-    return _gated_backward(x, w_gate, w_up, w_down, dy, "gelu_tanh")
 
 
 # -- RMSNorm ---------------------------------------------------------------------------------------

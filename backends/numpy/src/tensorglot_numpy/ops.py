@@ -104,34 +104,18 @@ def mlp_backward(x, w_in, w_out, dy, activation):
     return dh @ w_in.T, _flat2d(x).T @ _flat2d(dh), dw_out
 
 
-def _gated(x, w_gate, w_up, w_down, activation):
+def gated_mlp(x, w_gate, w_up, w_down, activation):
     g = x @ w_gate  # (..., F)
     return (_activation(g, activation)[0] * (x @ w_up)) @ w_down
 
 
-def _gated_backward(x, w_gate, w_up, w_down, dy, activation):
+def gated_mlp_backward(x, w_gate, w_up, w_down, dy, activation):
     g, u = x @ w_gate, x @ w_up  # (..., F)
     s, ds_dg = _activation(g, activation)
     da = dy @ w_down.T
     dg, du = da * u * ds_dg, da * s
     dx = dg @ w_gate.T + du @ w_up.T
     return dx, _flat2d(x).T @ _flat2d(dg), _flat2d(x).T @ _flat2d(du), _flat2d(s * u).T @ _flat2d(dy)
-
-
-def swiglu(x, w_gate, w_up, w_down):
-    return _gated(x, w_gate, w_up, w_down, "silu")
-
-
-def swiglu_backward(x, w_gate, w_up, w_down, dy):
-    return _gated_backward(x, w_gate, w_up, w_down, dy, "silu")
-
-
-def geglu(x, w_gate, w_up, w_down):
-    return _gated(x, w_gate, w_up, w_down, "gelu_tanh")
-
-
-def geglu_backward(x, w_gate, w_up, w_down, dy):
-    return _gated_backward(x, w_gate, w_up, w_down, dy, "gelu_tanh")
 
 
 # -- norms -----------------------------------------------------------------------------------------

@@ -184,23 +184,9 @@ class GatedMLP(torch.autograd.Function):
         return *_gated_backward(x, w_gate, w_up, w_down, dy, ctx.activation, (g, u), ctx.needs_input_grad), None
 
 
-_gated_mlp = _kernel(GatedMLP)
-
-
-def swiglu(x, w_gate, w_up, w_down):
-    return _gated_mlp(x, w_gate, w_up, w_down, "silu")
-
-
-def swiglu_backward(x, w_gate, w_up, w_down, dy):
-    return _gated_backward(x, w_gate, w_up, w_down, dy, "silu")
-
-
-def geglu(x, w_gate, w_up, w_down):
-    return _gated_mlp(x, w_gate, w_up, w_down, "gelu_tanh")
-
-
-def geglu_backward(x, w_gate, w_up, w_down, dy):
-    return _gated_backward(x, w_gate, w_up, w_down, dy, "gelu_tanh")
+#: The gated-MLP kernels behind ``swiglu`` (activation silu) and ``geglu`` (gelu_tanh).
+gated_mlp = _kernel(GatedMLP)
+gated_mlp_backward = _gated_backward
 
 
 # -- RMSNorm ---------------------------------------------------------------------------------------

@@ -105,13 +105,13 @@ def mlp_backward(x, w_in, w_out, dy, activation):
     return xp.matmul(dh, xp.matrix_transpose(w_in)), _weight_grad(x, dh), _weight_grad(a, dy)
 
 
-def _gated(x, w_gate, w_up, w_down, activation):
+def gated_mlp(x, w_gate, w_up, w_down, activation):
     xp = array_namespace(x)
     a, _ = _ACTIVATIONS[activation](xp.matmul(x, w_gate))  # (..., F)
     return xp.matmul(a * xp.matmul(x, w_up), w_down)
 
 
-def _gated_backward(x, w_gate, w_up, w_down, dy, activation):
+def gated_mlp_backward(x, w_gate, w_up, w_down, dy, activation):
     xp = array_namespace(x)
     up = xp.matmul(x, w_up)  # (..., F)
     s, ds = _ACTIVATIONS[activation](xp.matmul(x, w_gate))
@@ -119,22 +119,6 @@ def _gated_backward(x, w_gate, w_up, w_down, dy, activation):
     dg, du = da * up * ds, da * s
     dx = xp.matmul(dg, xp.matrix_transpose(w_gate)) + xp.matmul(du, xp.matrix_transpose(w_up))
     return dx, _weight_grad(x, dg), _weight_grad(x, du), _weight_grad(s * up, dy)
-
-
-def swiglu(x, w_gate, w_up, w_down):
-    return _gated(x, w_gate, w_up, w_down, "silu")
-
-
-def swiglu_backward(x, w_gate, w_up, w_down, dy):
-    return _gated_backward(x, w_gate, w_up, w_down, dy, "silu")
-
-
-def geglu(x, w_gate, w_up, w_down):
-    return _gated(x, w_gate, w_up, w_down, "gelu_tanh")
-
-
-def geglu_backward(x, w_gate, w_up, w_down, dy):
-    return _gated_backward(x, w_gate, w_up, w_down, dy, "gelu_tanh")
 
 
 # -- norms -----------------------------------------------------------------------------------------

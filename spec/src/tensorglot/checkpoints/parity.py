@@ -61,8 +61,6 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
         ),
     ),
 }
-#: The families whose kernels (softcapped attention, GeGLU) a backend may lack.
-NEEDS_GEGLU = ("gemma2", "gemma3_text")
 _SIZES = dict(
     hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, max_position_embeddings=64,

@@ -120,12 +120,7 @@ def as_ints(backend: Any, x: Any) -> np.ndarray:
 
 @pytest.fixture(params=list(CONFIGS))
 def config(request: pytest.FixtureRequest, backend: Any) -> TransformerConfig:
-    config = tiny_config(request.param)
-    if config.activation == "geglu" and not hasattr(backend.kernels, "geglu"):
-        pytest.skip(f"backend {backend.name!r} lacks the geglu kernel")
-    if config.attn_softcap and "softcap" not in inspect.signature(backend.kernels.attention).parameters:
-        pytest.skip(f"backend {backend.name!r}'s attention kernel lacks softcap")
-    return config
+    return tiny_config(request.param)
 
 
 def best_dtype(backend: Any) -> str:
