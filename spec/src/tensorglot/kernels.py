@@ -93,6 +93,15 @@ def visible_queries(j0: int, j1: int, s: int, t: int, causal: bool, window: int 
     return (lo, hi) if lo < hi else (0, 0)
 
 
+def visible_keys_mask(rows: Any, cols: Any, offset: int, window: int | None) -> Any:
+    """(len(rows), len(cols)) bool, in ``rows``' array library: query ``rows[i]`` sees key ``cols[j]`` iff
+    ``cols[j] <= rows[i] + offset`` (bottom-right causal, offset = T − S) and, with a window W,
+    ``cols[j] > rows[i] + offset − W``."""
+    diagonal = rows[:, None] + offset  # (S, 1)
+    see = cols[None, :] <= diagonal  # (S, T)
+    return see if window is None else see & (cols[None, :] > diagonal - window)
+
+
 def softcapped(scores: Any, softcap: float | None) -> tuple[Any, Any]:
     """``(softcap · tanh(scores / softcap), its derivative 1 − tanh²)``, or ``(scores, None)`` without a cap,
     in the scores' own array library (any array-API namespace, traced JAX arrays included)."""

@@ -14,7 +14,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from tensorglot.kernels import softcapped
+from tensorglot.kernels import softcapped, visible_keys_mask
 
 from ._common import flat2d, vjp_kernel
 from .encodings import rope as rope
@@ -221,8 +221,7 @@ def _probs(q, k, causal, mask, scale, softcap, window):
         grouped = mask.reshape(b, K, N // K, s, t).transpose(0, 1, 3, 2, 4) if n > 1 else mask[:, :, :, None]
         allowed = grouped  # (B|1, K|1, S|1, G|1, T|1)
     if causal:
-        diagonal, j = jnp.arange(S)[:, None] + (T - S), jnp.arange(T)[None, :]  # bottom-right
-        c = j <= diagonal if window is None else (j <= diagonal) & (j > diagonal - window)
+        c = visible_keys_mask(jnp.arange(S), jnp.arange(T), T - S, window)  # (S, T), bottom-right
         allowed = c[:, None, :] if allowed is None else allowed & c[:, None, :]  # (S, 1, T)
     if allowed is not None:
         scores = jnp.where(allowed, scores, -jnp.inf)

@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from tensorglot.kernels import softcapped
+from tensorglot.kernels import softcapped, visible_keys_mask
 
 from .encodings import rope as rope
 from .flash import flash_attention as flash_attention
@@ -163,11 +163,7 @@ def layer_norm_backward(x, weight, dy, eps, bias):
 
 def _visible(S, T, causal, window):
     """(S, T) bool, where query i may see key j (bottom-right causal, the window counting back), or None."""
-    if not causal:
-        return None
-    diagonal = np.arange(S)[:, None] + (T - S)  # (S, 1): query i sees keys j <= i + T − S
-    allowed = np.arange(T)[None, :] <= diagonal
-    return allowed if window is None else allowed & (np.arange(T)[None, :] > diagonal - window)
+    return visible_keys_mask(np.arange(S), np.arange(T), T - S, window) if causal else None
 
 
 def _probs(q, k, v, causal, mask, scale, softcap, window):

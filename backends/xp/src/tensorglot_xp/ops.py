@@ -11,7 +11,7 @@ import math
 
 from array_api_compat import array_namespace, device
 
-from tensorglot.kernels import softcapped
+from tensorglot.kernels import softcapped, visible_keys_mask
 
 from .special import erf
 
@@ -59,34 +59,21 @@ def linear_backward(x, w, dy, bias):
 # -- activations: each gives (act(h), act'(h)) -------------------------------------------------------
 
 
-def _sigmoid(h):
+def _activation(h, name):
+    """(act(h), act'(h)) of relu (its derivative at 0 taken as 0), gelu, gelu_tanh or silu."""
     xp = array_namespace(h)
-    z = xp.exp(-xp.abs(h))  # never overflows: 1/(1 + e^−h) for h ≥ 0, e^h/(1 + e^h) below
-    return xp.where(h >= 0.0, 1.0, z) / (1.0 + z)
-
-
-def _relu(h):
-    xp = array_namespace(h)
-    return xp.maximum(h, 0.0), xp.astype(h > 0.0, h.dtype)  # the derivative at 0 is taken as 0
-
-
-def _gelu(h):
-    cdf = 0.5 * (1.0 + erf(h / math.sqrt(2.0)))
-    return h * cdf, cdf + h * array_namespace(h).exp(-0.5 * h * h) / math.sqrt(2.0 * math.pi)
-
-
-def _gelu_tanh(h):
-    c = math.sqrt(2.0 / math.pi)
-    t = array_namespace(h).tanh(c * (h + 0.044715 * h**3))
-    return 0.5 * h * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * c * (1.0 + 3 * 0.044715 * h * h)
-
-
-def _silu(h):
-    s = _sigmoid(h)
+    if name == "relu":
+        return xp.maximum(h, 0.0), xp.astype(h > 0.0, h.dtype)
+    if name == "gelu":
+        cdf = 0.5 * (1.0 + erf(h / math.sqrt(2.0)))
+        return h * cdf, cdf + h * xp.exp(-0.5 * h * h) / math.sqrt(2.0 * math.pi)
+    if name == "gelu_tanh":
+        c = math.sqrt(2.0 / math.pi)
+        t = xp.tanh(c * (h + 0.044715 * h**3))
+        return 0.5 * h * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * c * (1.0 + 3 * 0.044715 * h * h)
+    z = xp.exp(-xp.abs(h))  # silu's sigmoid, never overflowing: 1/(1 + e^−h) for h ≥ 0, e^h/(1 + e^h) below
+    s = xp.where(h >= 0.0, 1.0, z) / (1.0 + z)
     return h * s, s * (1.0 + h * (1.0 - s))
-
-
-_ACTIVATIONS = {"relu": _relu, "gelu": _gelu, "gelu_tanh": _gelu_tanh, "silu": _silu}
 
 
 # -- MLPs ------------------------------------------------------------------------------------------
@@ -94,27 +81,27 @@ _ACTIVATIONS = {"relu": _relu, "gelu": _gelu, "gelu_tanh": _gelu_tanh, "silu": _
 
 def mlp(x, w_in, w_out, activation):
     xp = array_namespace(x)
-    a, _ = _ACTIVATIONS[activation](xp.matmul(x, w_in))  # (..., F)
+    a, _ = _activation(xp.matmul(x, w_in), activation)  # (..., F)
     return xp.matmul(a, w_out)
 
 
 def mlp_backward(x, w_in, w_out, dy, activation):
     xp = array_namespace(x)
-    a, da = _ACTIVATIONS[activation](xp.matmul(x, w_in))  # the pre-activation, recomputed
+    a, da = _activation(xp.matmul(x, w_in), activation)  # the pre-activation, recomputed
     dh = xp.matmul(dy, xp.matrix_transpose(w_out)) * da  # (..., F)
     return xp.matmul(dh, xp.matrix_transpose(w_in)), _weight_grad(x, dh), _weight_grad(a, dy)
 
 
 def gated_mlp(x, w_gate, w_up, w_down, activation):
     xp = array_namespace(x)
-    a, _ = _ACTIVATIONS[activation](xp.matmul(x, w_gate))  # (..., F)
+    a, _ = _activation(xp.matmul(x, w_gate), activation)  # (..., F)
     return xp.matmul(a * xp.matmul(x, w_up), w_down)
 
 
 def gated_mlp_backward(x, w_gate, w_up, w_down, dy, activation):
     xp = array_namespace(x)
     up = xp.matmul(x, w_up)  # (..., F)
-    s, ds = _ACTIVATIONS[activation](xp.matmul(x, w_gate))
+    s, ds = _activation(xp.matmul(x, w_gate), activation)
     da = xp.matmul(dy, xp.matrix_transpose(w_down))
     dg, du = da * up * ds, da * s
     dx = xp.matmul(dg, xp.matrix_transpose(w_gate)) + xp.matmul(du, xp.matrix_transpose(w_up))
@@ -201,10 +188,7 @@ def visible(causal, mask, rows, cols, offset, window=None):
     ``offset`` = T − S, and a ``window`` W also hides the keys at or before the diagonal minus W."""
     if not causal:
         return mask
-    diagonal = rows[:, None] + offset  # (S, 1)
-    see = cols[None, :] <= diagonal  # (S, T)
-    if window is not None:
-        see = see & (cols[None, :] > diagonal - window)
+    see = visible_keys_mask(rows, cols, offset, window)  # (S, T)
     return see if mask is None else see & mask
 
 
