@@ -10,6 +10,7 @@ configs that cannot be honoured are refused; torch's autograd equals the explici
 from __future__ import annotations
 
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -173,3 +174,27 @@ def test_torch_autograd_equals_the_explicit_backward(saved, family):
     assert float(value) == pytest.approx(float(want_value), rel=1e-12)
     for name in params:
         np.testing.assert_allclose(be.to_numpy(grads[name]), be.to_numpy(want[name]), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("family", ["qwen2", "gpt2", "gemma2"])
+def test_the_server_engine_serves_a_family_checkpoint_with_transformers_tokens(saved, family):
+    """`tensorglot serve --checkpoint` loads through `serving.Model`: any family, the tokens of HF generate."""
+    from tensorglot.serving import Model
+    from tensorglot.serving.online import Job, OnlineEngine
+    from tensorglot.serving.sampling import SamplingParams
+
+    model, path = saved[family]
+    tokens = parity.prompt()
+    want = parity.hf_generate(model, tokens)[0, parity.SEQ :].tolist()
+    engine = OnlineEngine(Model("numpy", checkpoint=str(path)), max_batch=2, block_size=4).start()
+    try:
+        assert engine.ready.wait(60) and engine.load_error is None, engine.load_error
+        got: list[int] = []
+        done = threading.Event()
+        params = SamplingParams(max_tokens=parity.NEW, temperature=0.0)
+        engine.submit(Job(np.asarray(tokens[0]), params, lambda t: got.append(t) or True, lambda *a: done.set()))
+        assert done.wait(120), "the engine did not finish"
+    finally:
+        engine.close()
+    assert got == want

@@ -26,7 +26,7 @@ DEMO_MODEL: dict[str, Any] = {
 @dataclass(frozen=True)
 class Model:
     """A backend name and either ``config`` (a `TransformerConfig` dict) with ``seed`` or a Hugging Face
-    Llama ``checkpoint`` directory (`tensorglot.checkpoints.load_llama`). Plain data: it crosses
+    ``checkpoint`` directory of any family `tensorglot.checkpoints.load_hf` reads. Plain data: it crosses
     process boundaries, and each process loads its own copy."""
 
     backend: str
@@ -37,9 +37,9 @@ class Model:
 
     def load_config(self) -> TransformerConfig:
         if self.checkpoint is not None:
-            from ..checkpoints import load_llama
+            from ..checkpoints import load_hf
 
-            return load_llama(self.checkpoint)[1]
+            return load_hf(self.checkpoint)[1]
         if self.config is None:
             raise ValueError("Model: give a config or a checkpoint")
         return TransformerConfig.from_dict(self.config)
@@ -47,9 +47,9 @@ class Model:
     def load(self) -> tuple[Any, dict[str, Any], TransformerConfig]:
         be = get_backend(self.backend)
         if self.checkpoint is not None:
-            from ..checkpoints import load_llama
+            from ..checkpoints import load_hf
 
-            raw, config = load_llama(self.checkpoint, dtype=self.dtype)
+            raw, config = load_hf(self.checkpoint, dtype=self.dtype)
         else:
             config = self.load_config()
             raw = init_params(config, self.seed, dtype=self.dtype)
