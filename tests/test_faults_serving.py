@@ -42,18 +42,17 @@ def _reference(req: Request) -> list[int]:
     return out[0, len(req.prompt) :].tolist()
 
 
-# Missing capability (issue 14, item 3): a prefill worker frozen while it sends a request's KV makes the
-# decode worker's gloo receive time out, and that fails the decode worker instead of the one request.
-MID_TRANSFER = "a prefill worker frozen mid-transfer can time out the decode worker's receive and fail it"
-
-
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize(
-    "after", [-1, pytest.param(1, marks=pytest.mark.skip(reason=MID_TRANSFER))], ids=["at-start-up", "mid-run"]
+    "mode,after,interval",
+    [("stop", -1, 0.003), ("stop", 1, 0.003), ("stop-sending", 1, 0.8)],
+    ids=["at-start-up", "mid-run", "mid-transfer"],
 )
-def test_a_frozen_prefill_worker_costs_only_its_own_requests(after):
-    reqs = _requests(8)
-    faults = [Fault(1, "stop", after=after)]  # SIGSTOP: its heartbeat stops with it
+def test_a_frozen_prefill_worker_costs_only_its_own_requests(mode, after, interval):
+    # mid-transfer: frozen after the header and one array of a request's KV, so the decode worker's receive
+    # times out; the later arrivals (0.8 s apart) come after that timeout and must still be served.
+    reqs = _requests(8, interval=interval)
+    faults = [Fault(1, mode, after=after)]  # SIGSTOP: its heartbeat stops with it
     out = serve(reqs, MODEL, prefill_workers=2, timeout_s=3, faults=faults, deadline_s=150)
     for req, rec in zip(reqs, out["requests"]):
         assert rec["error"] is None and rec["tokens"] == _reference(req), req.rid

@@ -38,7 +38,8 @@ logger = logging.getLogger("tensorglot.serving")
 class Fault:
     """Fault injection for tests: prefill worker ``rank`` dies (``die``), stops answering (``hang``: its
     transport's threads still run) or is frozen whole (``stop``: SIGSTOP) when its request number
-    ``after`` (from 0; -1 with ``stop``: at start-up, before its model loads) arrives. The decode
+    ``after`` (from 0; -1 with ``stop``: at start-up, before its model loads) arrives, or is frozen
+    while it sends that request's KV (``stop-sending``: the header and one array sent). The decode
     worker dies (``die``) or is frozen (``stop``) once it has finished ``after`` + 1 requests."""
 
     rank: int
@@ -204,7 +205,7 @@ def prefill_worker(t: tr.Transport, opts: Options, model: Model, fault: Fault | 
         if msg.header is None or msg.header[0] == tr.STOP:
             break
         rid, P, max_new = msg.header[1:4]
-        if fault is not None and handled >= fault.after:
+        if fault is not None and handled >= fault.after and fault.mode != "stop-sending":
             if fault.mode == "die":
                 os._exit(3)
             if fault.mode == "stop":  # frozen, its transport's threads too (the launcher kills it)
@@ -217,6 +218,10 @@ def prefill_worker(t: tr.Transport, opts: Options, model: Model, fault: Fault | 
             config.n_layers, config.n_kv_heads, config.head_dim, tr.now_us(), tr.digest(arrays),
             int(pre.seconds * 1e6), t.rank,
         )  # fmt: skip
+        if fault is not None and handled >= fault.after and fault.mode == "stop-sending":
+            t.send(decode, head, arrays[:1])  # the header and the first layer's keys, then frozen mid-KV
+            t.drain(opts.timeout_s)
+            os.kill(os.getpid(), signal.SIGSTOP)
         t.send(decode, head, arrays)  # layer by layer, after the header
         handled += 1
         for dst in t.failures():
