@@ -21,15 +21,16 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from ..param_layout import GATED
 from ..params import TransformerConfig, param_shapes
 from .cost import Collective
+from .schedules import activations_held
 from .step import ITEMSIZE
 from .transformer import Traffic
 from .transformer_blocks import block_names, head_names
 from .transformer_checks import check_chunks, check_transformer_step
 from .transformer_optim import OPTIMIZERS
 from .transformer_ring import cp_ring_bytes
-from .transformer_schedules import interleaved_held
 from .transformer_shards import device_names, pipeline_table, tp_where
 
 
@@ -142,6 +143,8 @@ def _pipeline(strategy: str, c: TransformerConfig, local: dict, micro: int, sche
         vs = ch * p + i
         blocks = range(vs * per, (vs + 1) * per)
         ops = by_stage[i]
+        if op == "W":  # ZB-H1's weight gradients: nothing to send
+            continue
         if op == "F":
             for b in blocks if t > 1 else ():
                 ops += [Collective("all_reduce", f"layers.{b}.{sub} output", micro, t) for sub in ("attention", "mlp")]
@@ -163,25 +166,45 @@ def _pipeline(strategy: str, c: TransformerConfig, local: dict, micro: int, sche
     n = d * p * t
     out = _result(strategy, n, [by_stage[r // t % p] for r in range(n)], kept, kept, state * kept)
     slots = 1 + max(row[0] for row in table)
-    held = tuple(interleaved_held(table, p))
+    held = tuple(activations_held([row[:4] for row in table], p))
     tapes = _tape_peaks(c, table, p, v, t, micro)
-    out = dataclasses.replace(out, bubble=1 - 2 * m * v / slots, slots=slots, activations_held=held)
+    bubble = 1 - len(table) / (p * slots)  # every device runs the same number of ops, one slot each
+    out = dataclasses.replace(out, bubble=bubble, slots=slots, activations_held=held)
     return dataclasses.replace(out, activation_bytes_by_stage=tapes)
 
 
 def _tape_peaks(c: TransformerConfig, table: list, p: int, v: int, t: int, micro: int) -> tuple[int, ...]:
     """Each device's peak bytes of tapes, kept from a chunk's F to its B: per block x, a, h, m (each one
-    microbatch's (b, S, D)), q and y (N/t heads), k and v (the rank's kv heads); the head's x, n, logits."""
-    D, H = c.d_model, c.head_dim
+    microbatch's (b, S, D)), q and y (N/t heads), k and v (the rank's kv heads); the head's x, n, logits.
+    ZB-H1's W keeps, from B to W, each linear's input and output gradient: per block a, dq, dk, dv (q,
+    k, v), y and do (wo), m, dz and 2 (gated: 3) (b, S, F/t) of the MLP; the head's n and dlogits; on
+    the first stage the embedding's (b, S, D) gradient. B's peak holds the tape and these at once (a, m,
+    y and the head's n are the same arrays)."""
+    D, H, F = c.d_model, c.head_dim, c.d_ff // t
     heads, kv = c.n_heads // t, max(c.n_kv_heads // t, 1)
     per_d = micro // D  # b·S·itemsize
     block = per_d * (4 * D + 2 * heads * H + 2 * kv * H)
     head = per_d * (2 * D + c.vocab_size)
+    w_block = per_d * (4 * D + 2 * heads * H + 2 * kv * H + (3 if c.activation in GATED else 2) * F)
+    w_head, w_embed = per_d * (D + c.vocab_size), per_d * D
+    shared_block, shared_head = per_d * (2 * D + heads * H), per_d * D
     per, last = c.n_layers // (p * v), p * v - 1
+    zero_bubble = any(row[2] == "W" for row in table)
     held, peak = [0] * p, [0] * p
-    for _, i, op, _, ch in sorted(table, key=lambda e: (e[0], e[2] == "B")):
-        size = per * block + (head if ch * p + i == last else 0)
-        held[i] += size if op == "F" else -size
+    for _, i, op, _, ch in sorted(table, key=lambda e: e[0]):
+        vs = ch * p + i
+        tape = per * block + (head if vs == last else 0)
+        kept = shared = 0
+        if zero_bubble:
+            kept = per * w_block + (w_head if vs == last else 0) + (w_embed if vs == 0 else 0)
+            shared = per * shared_block + (shared_head if vs == last else 0)
+        if op == "F":
+            held[i] += tape
+        elif op == "B":
+            peak[i] = max(peak[i], held[i] + kept - shared)
+            held[i] += kept - tape
+        else:
+            held[i] -= kept
         peak[i] = max(peak[i], held[i])
     return tuple(peak)
 
