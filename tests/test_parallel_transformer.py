@@ -155,6 +155,56 @@ def test_interleaved_pipeline_equals_one_device_with_a_smaller_bubble(strategy, 
     assert model.bubble == pytest.approx((p - 1) / (chunks * m + p - 1)) and model.bubble < plain.bubble
 
 
+@pytest.mark.parametrize(
+    ("strategy", "n", "m", "activation"),
+    [
+        ("pp", 4, 4, "swiglu"),
+        ("pp", 2, 4, "gelu"),
+        ("pp", 4, 2, "relu"),
+        ("tp_pp", 4, 2, "swiglu"),
+        ("dp_tp_pp", 8, 2, "gelu"),
+    ],
+)
+def test_zero_bubble_pipeline_equals_one_device_with_a_third_of_1f1bs_bubble(strategy, n, m, activation):
+    config = GQA.__class__(**{**GQA.to_dict(), "n_layers": 4, "activation": activation})
+    params, tokens, targets = _inputs(config, seed=6)
+    kw = {"microbatches": m, "schedule": "zb_h1"}
+    got = be.parallel.transformer_step(params, config, tokens, targets, strategy=strategy, world_size=n, lr=0.1, **kw)
+    loss, grads = be.layers.value_and_grad(tokens, targets, params, config)
+    np.testing.assert_allclose(got.loss, float(loss), rtol=1e-10)
+    for k in params:
+        np.testing.assert_allclose(got.grads[k], grads[k], rtol=1e-10, atol=1e-14, err_msg=k)
+        np.testing.assert_allclose(got.params[k], params[k] - 0.1 * grads[k], rtol=1e-10, atol=1e-14, err_msg=k)
+    model = P.transformer_cost(strategy, config, B, S, n, dtype="float64", **kw)
+    assert got.collectives == model.collectives and got.bytes_by_rank == model.bytes_by_rank
+    assert got.activation_bytes_by_stage == model.activation_bytes_by_stage  # tapes and W's buffers
+    p = model.activations_held.__len__()
+    assert list(got.schedule) == sorted(P.pipeline_schedule("zb_h1", p, m))
+    ran = 1 + max(row[0] for row in got.schedule)  # the slots the stages actually ran
+    assert ran == model.slots and sum(op == "W" for _, _, op, _ in got.schedule) == p * m
+    if m >= p:  # the paper's H1: (p−1)(T_F + T_B − T_W) idle slots per stage
+        assert model.slots == 3 * m + p - 1 and model.bubble == pytest.approx((p - 1) / (3 * m + p - 1))
+    plain = P.transformer_cost(strategy, config, B, S, n, microbatches=m, schedule="1f1b", dtype="float64")
+    assert model.bubble < plain.bubble
+    assert max(model.activations_held) == max(plain.activations_held)  # ZB-H1: 1F1B's min(p, m) microbatches
+
+
+def test_zero_bubble_schedule_laws():
+    for p, m in [(1, 3), (2, 2), (3, 5), (4, 2), (4, 8)]:
+        table = P.pipeline_schedule("zb_h1", p, m)
+        slot = {(op, i, j): t for t, i, op, j in table}
+        assert len(slot) == len(table) == 3 * p * m
+        for (op, i, j), t in slot.items():  # each op after what it reads
+            if op == "W":
+                assert t > slot["B", i, j]
+            elif op == "B":
+                assert t > (slot["F", i, j] if i == p - 1 else slot["B", i + 1, j])
+            elif i > 0:
+                assert t > slot["F", i - 1, j]
+        assert len({(t, i) for t, i, _, _ in table}) == len(table)  # one op per stage and slot
+        assert P.activations_held(table, p) == [min(p, m)] * p  # from F to W
+
+
 def test_interleaved_with_one_chunk_takes_1f1b_slots():
     from tensorglot.parallel.transformer_schedules import interleaved_schedule
 
@@ -215,6 +265,8 @@ def test_cost_model_closed_forms():
         ({"strategy": "dp", "microbatches": 2}, "microbatches are pp's"),
         ({"strategy": "pp", "schedule": "interleaved", "chunks": 2}, "chunks dividing n_layers / stages = 2/2"),
         ({"strategy": "pp", "schedule": "1f1b", "chunks": 2}, "chunks are the interleaved schedule's"),
+        ({"strategy": "pp", "schedule": "zb_h1", "chunks": 2}, "chunks are the interleaved schedule's; zb_h1"),
+        ({"strategy": "pp", "schedule": "zb_h2"}, "unknown schedule 'zb_h2', wanted one of gpipe, 1f1b, interleaved"),
         ({"strategy": "pp", "config": MQA_TIED}, "pp needs untied embeddings"),
         ({"strategy": "dp", "optimizer": "lion"}, "optimizer must be one of sgd, adamw"),
         ({"strategy": "dp", "timeout": 0}, "timeout must be a positive number"),
