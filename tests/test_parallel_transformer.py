@@ -76,6 +76,7 @@ def test_step_equals_one_device_and_the_cost_model(config, strategy, n):
         model.param_bytes_per_rank,
         model.grad_bytes_per_rank,
     )
+    assert got.activation_bytes_per_rank == model.activation_bytes_per_rank > 0  # the tapes a rank kept
 
 
 @pytest.mark.parametrize("strategy", ["dp", "zero1", "zero2", "fsdp", "tp", "cp", "pp"])
@@ -249,6 +250,12 @@ def test_cost_model_closed_forms():
     cp = P.transformer_cost("cp", c, B, S, 2)
     kv = B * S // 2 * c.n_kv_heads * c.head_dim * item  # one K or V block
     assert cp.bytes_by_kind == {"send": c.n_layers * (2 + 6) * kv, "all_reduce": total}  # n−1 = 1 ring step
+    D, H, N, K, V, L = c.d_model, c.head_dim, c.n_heads, c.n_kv_heads, c.vocab_size, c.n_layers
+    tape = L * (4 * D + 2 * N * H + 2 * K * H) + 2 * D + V  # per position: every block's tape, the head's
+    assert P.transformer_cost("dp", c, B, S, n).activation_bytes_per_rank == B // n * S * tape * item
+    assert P.transformer_cost("cp", c, B, S, 2).activation_bytes_per_rank == B * S // 2 * tape * item
+    sp_tape = L * (2 * D // 2 + 2 * D + 2 * (N // 2) * H + 2 * (K // 2) * H) + (2 * D + V) // 2
+    assert P.transformer_cost("tp_sp", c, B, S, 2).activation_bytes_per_rank == B * S * sp_tape * item
     adam = P.transformer_cost("fsdp", c, B, S, n, optimizer="adamw")
     assert adam.optimizer_bytes_per_rank == 2 * total // n
 
@@ -296,5 +303,42 @@ def test_cli_prints_measured_against_modelled(capsys):
         assert r["bytes_by_kind_measured"] == r["bytes_by_kind_model"] and r["bytes_per_device_measured"] > 0
         assert r["param_bytes_per_rank"][0] == r["param_bytes_per_rank"][1]
         assert r["max_abs_error"] < 1e-5
+        assert r["activation_bytes_per_rank"][0] == r["activation_bytes_per_rank"][1] > 0
     assert main([*args, "--strategy", "ring"]) != 0
     assert "unknown transformer strategy 'ring'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("schedule", "chunks", "slots"), [("zb_h1", None, 3 * 4 + 2 - 1), ("interleaved", "2", 18)])
+def test_cli_runs_every_pipeline_schedule(schedule, chunks, slots, capsys):
+    from tensorglot.cli import main
+
+    args = ["parallel", "--model", "transformer", "--backend", "numpy", "--world-size", "2", "--layers", "4"]
+    args += ["--batch", "4", "--d-model", "8", "--d-ff", "16", "--repeats", "1", "--microbatches", "4"]
+    args += ["--strategy", "pp", "--schedule", schedule, *(["--chunks", chunks] if chunks else [])]
+    assert main([*args, "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["schedule"] == schedule and row["slots"] == [slots, slots]
+    assert row["bytes_by_kind_measured"] == row["bytes_by_kind_model"] and row["max_abs_error"] < 1e-5
+    assert main(args) == 0
+    assert "measured differs" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--model", "transformer", "--strategy", "pp", "--schedule", "zb_h2"], "argument --schedule: invalid choice"),
+        (["--model", "transformer", "--strategy", "pp", "--chunks", "0"], "argument --chunks: wanted a positive int"),
+        (["--model", "transformer", "--strategy", "pp", "--chunks", "2"], "chunks are the interleaved schedule's"),
+        (["--strategy", "pp", "--schedule", "zb_h1"], "the MLP's pipeline runs gpipe or 1f1b without --chunks"),
+    ],
+)
+def test_cli_refuses_a_bad_schedule_in_one_line(flags, message, capsys):
+    from tensorglot.cli import main
+
+    try:
+        code = main(["parallel", "--backend", "numpy", "--layers", "2", "--batch", "4", *flags])
+    except SystemExit as exit_:  # argparse's own errors
+        code = exit_.code
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("tensorglot parallel: error: ") and message in err[0], err

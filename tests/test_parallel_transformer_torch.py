@@ -67,6 +67,7 @@ def test_every_strategy_on_two_gloo_ranks_equals_one_device():
         assert got.collectives == model.collectives, strategy
         assert got.bytes_by_rank == model.bytes_by_rank, strategy
         assert got.param_bytes_per_rank == model.param_bytes_per_rank, strategy
+        assert got.activation_bytes_per_rank == model.activation_bytes_per_rank, strategy
     assert list(got.schedule) == [] and got.world_size == 2
     deep = tensorglot.TransformerConfig(**{**GQA.to_dict(), "n_layers": 4})  # interleaved: 2 chunks per device
     params, tokens, targets = _inputs(deep)

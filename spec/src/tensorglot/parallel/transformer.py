@@ -145,6 +145,7 @@ class TransformerStepResult(Traffic):
     schedule: tuple[tuple[Any, ...], ...] = ()  # pp: the rows of the table the stages ran
     seconds: float = 0.0
     activation_bytes_by_stage: tuple[int, ...] = ()  # pp: the peak bytes of tapes each device kept
+    activation_bytes_per_rank: int = 0  # the peak bytes of tapes (ZB-H1: and W's buffers) a rank kept
 
 
 def place(shapes: Mapping[str, tuple[int, ...]], pieces: Sequence[dict[str, tuple[Any, Where]]]) -> dict:
@@ -204,8 +205,9 @@ def gather_transformer(task: Task, outputs: Sequence[tuple[TransformerPieces, Se
         tuple(sorted(e for p in pieces for e in p.schedule)),
         max(seconds),
         tuple(pieces[i * task.step.tp].memory["activations"] for i in range(task.step.pp))
-        if "activations" in pieces[0].memory
+        if task.step.strategy in ("pp", "dp_pp", "tp_pp", "dp_tp_pp")
         else (),
+        max(p.memory.get("activations", 0) for p in pieces),
     )
 
 

@@ -24,6 +24,7 @@ TRANSFORMER_STRATEGIES = (
     "dp_tp_pp",
     "fsdp_tp",
 )
+PIPELINES = ("pp", "dp_pp", "tp_pp", "dp_tp_pp")  # the strategies that run a pipeline schedule
 PIPELINE_SCHEDULES = (*SCHEDULES, "interleaved", ZERO_BUBBLE)
 #: The architecture fields a parallel step honours only at these values (every other config field is free).
 LLAMA_BLOCK = {"norm_placement": "pre", "norm_kind": "rms", "norm_bias": False, "norm_offset": 0.0,

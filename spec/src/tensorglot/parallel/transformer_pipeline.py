@@ -16,6 +16,7 @@ from typing import Any
 
 from array_api_compat import device
 
+from ..training import Deferred
 from .collectives import nbytes
 from .transformer import TransformerPieces
 from .transformer_blocks import (
@@ -68,7 +69,7 @@ def pp_rank(rk: Any) -> TransformerPieces:
 
     sums: dict[str, Array] = {}
     tapes: dict[tuple[int, int], Any] = {}
-    waiting: dict[tuple[int, int], tuple[list, Array | None, int]] = {}  # ZB-H1: B done, W to come
+    waiting: dict[tuple[int, int], tuple[Deferred, Array | None, int]] = {}  # ZB-H1: B done, W to come
     loss, ran, held, peak = 0.0, [], 0, 0  # held: the bytes of tapes (and W's buffers) kept
     for entry in table:
         _, s, op, j, ch = entry
@@ -100,14 +101,14 @@ def pp_rank(rk: Any) -> TransformerPieces:
             peak = max(peak, held)
             continue
         if op == "W":
-            deferred, dx, size = waiting.pop((j, ch))
-            weight_backward(model, deferred, grads)
-            if dx is not None:
-                grads["embed"] = embed_backward(model, dx, tok)
+            pending, first, size = waiting.pop((j, ch))
+            weight_backward(model, pending, grads)
+            if first is not None:  # the first stage's W: the embedding's gradient from what B sent it
+                grads["embed"] = embed_backward(model, first, tok)
             held -= size
         else:
             saved, head = tapes.pop((j, ch))
-            deferred = [] if zero_bubble else None
+            deferred: Deferred | None = [] if zero_bubble else None
             if vs == V - 1:
                 dx = head_backward(model, stage, head, tgt, 1.0 / (m * d), grads, deferred)
             else:
@@ -118,10 +119,10 @@ def pp_rank(rk: Any) -> TransformerPieces:
                 comm.send(dx, dst=rank_of(vs - 1), tensor=f"microbatch {j} grad", tag=2 * (vs * m + j) + 1)
             elif deferred is None:
                 grads["embed"] = embed_backward(model, dx, tok)
-            tape = _tape_arrays(saved, head)
+            arrays = _tape_arrays(saved, head)
             kept = [a for _, x, dy, _ in deferred or () for a in (x, dy)] + ([dx] if vs == 0 and zero_bubble else [])
-            peak = max(peak, held - _bytes(tape) + _bytes(tape + kept))  # W's buffers share some of the tape
-            held += _bytes(kept) - _bytes(tape)
+            peak = max(peak, held - _bytes(arrays) + _bytes(arrays + kept))  # W's buffers share some of the tape
+            held += _bytes(kept) - _bytes(arrays)
             if deferred is not None:
                 waiting[j, ch] = (deferred, dx if vs == 0 else None, _bytes(kept))
         for k, g in grads.items():
@@ -145,6 +146,11 @@ def pp_rank(rk: Any) -> TransformerPieces:
     out = rk.pieces(loss, {k: (sums[k], wheres[k]) for k in names}, mine, report)
     out.memory["activations"] = peak
     return out
+
+
+def tape_bytes(blocks: list[dict[str, Array]], head: tuple | None) -> int:
+    """The bytes of the tapes of ``blocks`` and the head (None: none)."""
+    return _bytes(_tape_arrays(blocks, head))
 
 
 def _tape_arrays(blocks: list[dict[str, Array]], head: tuple | None) -> list[Array]:

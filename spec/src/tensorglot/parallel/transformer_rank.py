@@ -32,7 +32,7 @@ from .transformer_blocks import (
     local_config,
 )
 from .transformer_fsdp_tp import fsdp_tp_rank
-from .transformer_pipeline import pp_rank
+from .transformer_pipeline import pp_rank, tape_bytes
 from .transformer_ring import cp_rank
 from .transformer_shards import flat_where, mesh_groups, take, tp_where
 
@@ -55,6 +55,7 @@ class _Rank:
         self.xp = array_namespace(self.params["embed"])
         self.model = Model(layers, task.config, task.step.dtype, self.xp)
         self.layers = layers
+        self.activations = 0  # the peak bytes of the units' tapes, kept from their forward to their backward
 
     def batch_part(self, x: Array, i: int, k: int) -> Array:
         size = x.shape[0] // k
@@ -87,6 +88,7 @@ class _Rank:
             "params": sum(nbytes(a) for a, _ in new.values()),
             "grads": sum(nbytes(a) for a, _ in grads.values()),
             "optimizer_state": state_bytes,
+            "activations": self.activations,
         }
         return TransformerPieces(loss, grads, new, state, memory, schedule or [])
 
@@ -110,6 +112,7 @@ class _Rank:
             x, saved = block_forward(m, weights(block_names(c, i), "forward"), x, i, split)
             tapes.append(saved)
         loss, head = head_forward(m, weights(head_names(c), "forward"), x, targets)
+        self.activations = tape_bytes(tapes, head)  # every unit's tape is alive as the backward starts
         grads: dict[str, Array] = {}
         dx = head_backward(m, weights(head_names(c), "backward"), head, targets, dloss, grads)
         done(["norm"] if c.tie_embeddings else ["norm", "lm_head"], grads)
@@ -131,7 +134,7 @@ def _dp(rk: _Rank) -> TransformerPieces:
     zero1 reduce-scatters them instead, updates its 1/n and all-gathers the parameters."""
     comm, n, r = rk.comm, rk.n, rk.r
     tok, tgt = rk.batch_part(rk.tokens, r, n), rk.batch_part(rk.targets, r, n)
-    loss, grads = rk.layers.value_and_grad(tok, tgt, rk.params, rk.config)
+    loss, grads = rk.walk(lambda names, phase: rk.params, tok, tgt, 1.0)  # value_and_grad, its tapes counted
     names = list(reversed(list(rk.params)))  # backward order: the head's gradients are ready first
     if rk.step.strategy == "dp":
         summed = {k: comm.all_reduce(grads[k], tensor=f"{k} grad") / n for k in names}
@@ -154,6 +157,7 @@ def _zero_update(rk: _Rank, loss: float, shards: Pieces) -> TransformerPieces:
         "params": sum(nbytes(a) for a, _ in params.values()),
         "grads": sum(nbytes(rk.params[k]) for k in shards) if rk.step.strategy == "zero1" else 0,
         "optimizer_state": state_bytes,
+        "activations": rk.activations,
     }
     if rk.step.strategy == "zero2":  # only the 1/n shards outlive each unit's backward
         memory["grads"] = sum(nbytes(g) for g, _ in shards.values())
