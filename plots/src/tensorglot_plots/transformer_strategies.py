@@ -30,19 +30,19 @@ CONFIG = tensorglot.TransformerConfig(
     activation="swiglu",
 )
 BATCH, SEQ, WORLD, MICROBATCHES, DTYPE = 16, 2048, 8, 8, "bfloat16"
-#: (label, strategy, options): every strategy, pp under 1F1B and ZB-H1; the meshes at their default sizes
-RUNS = [(s, s, {}) for s in parallel.TRANSFORMER_STRATEGIES if s != "pp"]
-RUNS += [("pp 1f1b", "pp", {"schedule": "1f1b"}), ("pp zb_h1", "pp", {"schedule": "zb_h1"})]
+#: (label, strategy, schedule): every strategy, pp under 1F1B and ZB-H1; the meshes at their default sizes
+RUNS = [(s, s, "1f1b") for s in parallel.TRANSFORMER_STRATEGIES if s != "pp"]
+RUNS += [("pp 1f1b", "pp", "1f1b"), ("pp zb_h1", "pp", "zb_h1")]
 KINDS = ("all_reduce", "all_gather", "reduce_scatter", "send")
 MEMORY = ("params", "grads", "optimizer state", "activations")
 
 
 def data(backend: Any) -> dict[str, Any]:
     labels, sent, kept, bubbles = [], [], [], []
-    for label, strategy, options in RUNS:
+    for label, strategy, schedule in RUNS:
         m = MICROBATCHES if strategy == "pp" else None
         c = parallel.transformer_cost(
-            strategy, CONFIG, BATCH, SEQ, WORLD, microbatches=m, dtype=DTYPE, optimizer="adamw", **options
+            strategy, CONFIG, BATCH, SEQ, WORLD, microbatches=m, dtype=DTYPE, optimizer="adamw", schedule=schedule
         )
         if "_" in strategy and strategy != "tp_sp":  # a mesh: its sizes as check_transformer_step picks them
             _, tp, pp = check_transformer_step(CONFIG, BATCH, SEQ, strategy, WORLD, microbatches=m)
