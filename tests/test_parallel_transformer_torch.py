@@ -118,6 +118,17 @@ def test_compositions_on_four_gloo_ranks_equal_one_device():
             np.testing.assert_allclose(got.grads[k], grads[k], rtol=1e-10, atol=1e-14, err_msg=f"{strategy} {k}")
         model = P.transformer_cost(strategy, config, B, S, 4, dtype="float64")
         assert got.collectives == model.collectives and got.bytes_by_rank == model.bytes_by_rank, strategy
+    params, tokens, targets = _inputs(config, seed=8)  # ZB-H1 with a tp all-reduce inside every B
+    kw = {"microbatches": 2, "schedule": "zb_h1", "timeout": 150}
+    got = tparallel.transformer_step(params, config, tokens, targets, strategy="tp_pp", world_size=4, **kw)
+    loss, grads = ref.layers.value_and_grad(tokens, targets, params, config)
+    np.testing.assert_allclose(got.loss, float(loss), rtol=1e-10)
+    for k in params:
+        np.testing.assert_allclose(got.grads[k], grads[k], rtol=1e-10, atol=1e-14, err_msg=f"tp_pp zb_h1 {k}")
+    kw.pop("timeout")
+    model = P.transformer_cost("tp_pp", config, B, S, 4, dtype="float64", **kw)
+    assert got.collectives == model.collectives and got.activation_bytes_by_stage == model.activation_bytes_by_stage
+    assert list(got.schedule) == sorted(P.pipeline_schedule("zb_h1", 2, 2))
 
 
 @pytest.mark.timeout(420)

@@ -176,16 +176,17 @@ class _Backward:
         return dx[..., :D]
 
     # ZB-H1's B (arXiv:2401.10241): the input gradient through each linear, dx = dy · wᵀ, keeping what
-    # its weight gradient xᵀ · dy needs (x and dy) for W (`_weight_grads`). The Llama block only (no
-    # biases, no QK-norm: what the parallel step runs).
+    # its weight gradient xᵀ · dy needs (x and dy) for W (`_weight_grads`). Linears without biases only
+    # (the Llama block the parallel step runs); the norms' gradients stay in B.
     def input_grad(self, x: Array, w2: Array, dy: Array, name: str) -> Array:
         """dy · wᵀ, leaving (name, x, dy) for W."""
         self._defer(name, x, dy, shape(self.p.params[name]))
         return self.run(self.k.linear, self.dt, (dy, w2.T, None))
 
     def _defer(self, name: str, x: Array, dy: Array, to: tuple[int, ...]) -> None:
-        if self.deferred is None:
-            raise RuntimeError("_Backward: a weight gradient was deferred outside ZB-H1's B pass")
+        c = self.c
+        if self.deferred is None or c.qkv_bias or c.o_bias or c.mlp_bias:
+            raise ValueError(f"_Backward: {name}'s weight gradient can be deferred only in a B pass without biases")
         self.deferred.append((name, x, dy, to))
 
     def mlp_input_grad(self, m: Array, names: list[str], weights: list[Array], dz: Array) -> Array:
