@@ -37,6 +37,7 @@ def _range(text: str, name: str) -> tuple[int, int]:
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="torch", help="the backend that runs the model (default torch)")
     parser.add_argument("--prefill-workers", type=positive_int, default=1, metavar="P", help="prefill processes")
+    parser.add_argument("--decode-workers", type=positive_int, default=1, metavar="M", help="decode processes")
     parser.add_argument("--requests", type=positive_int, default=8, metavar="R", help="how many requests")
     parser.add_argument(
         "--prompt-len", type=lambda s: _range(s, "--prompt-len"), default=(8, 64), metavar="A:B",
@@ -92,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
             requests,
             model,
             prefill_workers=args.prefill_workers,
+            decode_workers=args.decode_workers,
             colocated=args.colocated,
             transport=args.transport,
             timeout_s=args.timeout,

@@ -19,8 +19,8 @@ from typing import Any, NoReturn
 
 from ..parallel.devices import PORT_ATTEMPTS, abandon_queue, free_port, port_taken, stop_processes
 from ..params import TransformerConfig
+from . import router, workers
 from . import transport as tr
-from . import workers
 from .admission import Request
 from .model import Model
 
@@ -63,7 +63,7 @@ def _rank_main(rank: int, world: int, port: int, role: str, args: tuple, out: An
             out.put(("port", f"rank {rank} ({role}): {type(exc).__name__}: {exc}"))
             _exit(out, 1)
         if role == "router":
-            workers.router(t, *args)
+            router.router(t, *args)
         elif role == "prefill":
             workers.prefill_worker(t, *args)
         else:
@@ -108,12 +108,12 @@ def _start_and_collect(
 ) -> dict[str, Any]:  # fmt: skip
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    P = opts.prefill_workers
-    world, port = P + 2, free_port()
+    P, M = opts.prefill_workers, opts.decode_workers
+    world, port = P + M + 1, free_port()
     faults = {f.rank: f for f in opts.faults}
     roles: list[tuple[str, tuple]] = [("router", (opts, requests, config, out))]
     roles += [("prefill", (opts, model, faults.get(r))) for r in range(1, P + 1)]
-    roles += [("decode", (opts, model, faults.get(P + 1)))]
+    roles += [("decode", (opts, model, faults.get(r))) for r in range(P + 1, P + M + 1)]
     with thread_env(opts.threads):
         procs = [
             ctx.Process(target=_rank_main, args=(r, world, port, role, args, out), daemon=True)

@@ -7,7 +7,7 @@ and a BLAKE2b `digest` of their bytes, which the decode worker checks: the KV it
 computed, bit for bit, whatever the transport.
 
 Kinds and their fields (after kind, rid):
-  REQUEST  prompt_len, max_new                         payload: prompt (P,) int64
+  REQUEST  prompt_len, max_new, decode                 payload: prompt (P,) int64 (decode: where the KV goes)
   KV       prompt_len, max_new, first_token, dtype, n_layers, K, H, sent_us, digest, prefill_us, worker
            payload: k_0, v_0, k_1, v_1, ... each (P, K, H) of dtype
   RECEIVED worker                                      (decode → router: request rid's KV arrived)

@@ -1,14 +1,9 @@
-"""The ranks of disaggregated serving, over any `Transport`: rank 0 routes, ranks 1..P prefill, rank
-P + 1 decodes.
+"""The worker ranks of disaggregated serving, over any `Transport`: ranks 1..P prefill, ranks
+P + 1..P + M decode (rank 0 routes: `tensorglot.serving.router`).
 
-Routing: a request goes to the live prefill worker with the fewest in flight (at most
-``max_inflight`` each), or to the decode worker itself when no prefill worker is left.
-
-Faults: the router expects the decode worker's RECEIVED for each request it handed out; a prefill
-worker that makes no progress for ``timeout_s`` (dead or hung), or that a send cannot reach, is
-declared dead — logged, the decode worker told to stop listening to it — and its requests are
-recomputed elsewhere with the same tokens. The decode worker keeps the first KV of a request and drops
-a late duplicate.
+A prefill worker sends each request's KV to the decode rank its REQUEST names. A decode worker keeps
+the first KV of a request and drops a late duplicate (a request recomputed after its prefill worker
+was declared dead keeps its decode worker).
 """
 
 from __future__ import annotations
@@ -20,15 +15,11 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
-from ..params import TransformerConfig
 from . import transport as tr
-from .admission import Arrivals, Request
 from .engine import DecodeEngine, Sequence, prefill
-from .metrics import rejected_record, request_record
 from .model import Model
 
 logger = logging.getLogger("tensorglot.serving")
@@ -49,6 +40,7 @@ class Fault:
 @dataclass
 class Options:
     prefill_workers: int = 1
+    decode_workers: int = 1
     timeout_s: float = 30.0
     max_inflight: int = 2
     max_batch: int = 16
@@ -63,12 +55,6 @@ def beat_s(opts: Options) -> float:
     return min(1.0, opts.timeout_s / 4)
 
 
-def route(live: list[int], inflight: dict[int, list[int]], max_inflight: int) -> int | None:
-    """The least-loaded live prefill worker with room, or None when all are full."""
-    ready = [w for w in live if len(inflight[w]) < max_inflight]
-    return min(ready, key=lambda w: len(inflight[w])) if ready else None
-
-
 def heartbeat(t: tr.Transport, every_s: float) -> None:
     """Send BEAT to the router every ``every_s`` seconds from a daemon thread, for as long as this
     process runs: a frozen process (SIGSTOP) stops beating, a busy one does not."""
@@ -81,114 +67,7 @@ def heartbeat(t: tr.Transport, every_s: float) -> None:
     threading.Thread(target=beat, daemon=True, name="heartbeat").start()
 
 
-def router(t: tr.Transport, opts: Options, requests: list[Request], config: TransformerConfig, out: Any) -> None:
-    decode = opts.prefill_workers + 1
-    workers = list(range(1, decode + 1))
-    t.listen(workers)  # READY, BEAT and, from the decode worker, RECEIVED and DONE
-    live = list(range(1, decode))
-    inflight: dict[int, list[int]] = {w: [] for w in live}
-    progress = dict.fromkeys(live, 0.0)
-    seen = dict.fromkeys(workers, time.monotonic())  # when each worker was last heard from
-    ready: set[int] = set()
-    by_id = {r.rid: r for r in requests}
-    waiting = deque[Request]()
-    recomputed: set[int] = set()
-    results: dict[int, dict[str, Any]] = {}
-    events: list[str] = []
-    decode_error: str | None = None
-
-    def declare_dead(w: int, why: str) -> None:
-        live.remove(w)
-        lost = inflight.pop(w)
-        where = f"prefill rank(s) {live}" if live else f"the decode rank {decode}"
-        events.append(f"prefill worker rank {w} {why}; recomputing request(s) {lost} on {where}")
-        t.send(decode, tr.header(tr.DEAD, -1, w))
-        t.drop(w)
-        for rid in reversed(lost):
-            waiting.appendleft(by_id[rid])
-            recomputed.add(rid)
-
-    def receive(timeout: float) -> None:
-        """One message, if any: who is alive, ready, done; a worker silent past the timeout is dead."""
-        nonlocal decode_error
-        msg = t.recv(timeout)
-        if msg is not None and msg.header is None:
-            if msg.src == decode:
-                decode_error = f"the decode worker (rank {decode}) failed: {msg.error}"
-            elif msg.src in live:
-                declare_dead(msg.src, f"could not be reached ({msg.error})")
-        elif msg is not None and msg.header is not None:
-            seen[msg.src] = time.monotonic()
-            head = msg.header
-            kind, rid = head[0], head[1]
-            if kind == tr.READY:
-                ready.add(msg.src)
-            elif kind == tr.RECEIVED:
-                w = head[2]
-                if w in inflight and rid in inflight[w]:
-                    inflight[w].remove(rid)
-                if w in progress:
-                    progress[w] = time.monotonic()
-            elif kind == tr.DONE:
-                done(rid, head, msg.payload[0])
-        now = time.monotonic()
-        if decode_error is None and now - seen[decode] > opts.timeout_s:
-            decode_error = f"the decode worker (rank {decode}) sent nothing for {opts.timeout_s:g} s"
-        for w in list(live):
-            if now - seen[w] > opts.timeout_s:
-                declare_dead(w, f"sent nothing for {opts.timeout_s:.1f} s (died or frozen)")
-            elif inflight[w] and now - progress[w] > opts.timeout_s:
-                declare_dead(w, f"delivered nothing for {opts.timeout_s:.1f} s (died or stopped answering)")
-        for dst in t.failures():
-            if dst in live:
-                declare_dead(dst, "could not be reached (its connection failed)")
-
-    def done(rid: int, head: list[int], tokens: np.ndarray) -> None:
-        first_us, last_us, kv_bytes, transfer_us, prefill_us, worker, ok, dig = head[3:11]
-        results[rid] = request_record(
-            by_id[rid], tokens.tolist(), t_first=first_us / 1e6, t_last=last_us / 1e6, kv_bytes=kv_bytes,
-            transfer_s=transfer_us / 1e6, prefill_s=prefill_us / 1e6, worker=worker,
-            recomputed=rid in recomputed, kv_digest_ok=bool(ok),
-        )  # fmt: skip
-        results[rid]["kv_digest"] = dig
-        out.put(("progress", len(results)))
-
-    # Every worker has loaded its model (or is dead): the clock starts now.
-    while decode_error is None and not ready >= {*live, decode}:
-        receive(0.01)
-    out.put(("started", None))
-    arrivals = Arrivals(requests)
-    while len(results) < len(requests) and decode_error is None:
-        for error in arrivals.admit(config, waiting, results):
-            events.append(f"rejected: {error}")
-            out.put(("progress", len(results)))
-        while waiting:
-            target = route(live, inflight, opts.max_inflight) if live else decode
-            if target is None:
-                break
-            req = waiting.popleft()
-            prompt = np.asarray(req.prompt, dtype=np.int64)
-            t.send(target, tr.header(tr.REQUEST, req.rid, len(prompt), req.max_new_tokens), [prompt])
-            if target != decode:
-                if not inflight[target]:
-                    progress[target] = time.monotonic()
-                inflight[target].append(req.rid)
-        receive(arrivals.wait_s(0.002))
-    wall = time.time() - arrivals.t0
-    if decode_error is not None:  # what completed is kept; the rest fail with the reason
-        unfinished = [r.rid for r in requests if r.rid not in results]
-        events.append(f"{decode_error}; request(s) {unfinished} failed")
-        for r in requests:
-            if r.rid not in results:
-                results[r.rid] = rejected_record(r, f"request {r.rid}: {decode_error}")
-    for dst in [*live, *([decode] if decode_error is None else [])]:
-        t.send(dst, tr.header(tr.STOP))
-    t.drain(opts.timeout_s)
-    out.put(("result", {"requests": [results[r.rid] for r in requests], "events": events, "wall_s": wall}))
-
-
 def prefill_worker(t: tr.Transport, opts: Options, model: Model, fault: Fault | None) -> None:
-    decode = opts.prefill_workers + 1
     heartbeat(t, beat_s(opts))
     if fault is not None and fault.after < 0 and fault.mode == "stop":  # frozen during start-up
         os.kill(os.getpid(), signal.SIGSTOP)
@@ -203,7 +82,7 @@ def prefill_worker(t: tr.Transport, opts: Options, model: Model, fault: Fault | 
             continue
         if msg.header is None or msg.header[0] == tr.STOP:
             break
-        rid, P, max_new = msg.header[1:4]
+        rid, P, max_new, decode = msg.header[1:5]
         if fault is not None and handled >= fault.after:
             if fault.mode == "die":
                 os._exit(3)
@@ -238,7 +117,7 @@ def decode_worker(t: tr.Transport, opts: Options, model: Model, fault: Fault | N
     engine = DecodeEngine(be, params, config, max_batch=opts.max_batch, block_size=opts.block_size)
     engine.warm_up()
     t.send(0, tr.header(tr.READY))
-    t.listen(list(range(t.rank)))
+    t.listen(list(range(opts.prefill_workers + 1)))  # the router and the prefill workers
     seen: set[int] = set()
     waiting: deque[tuple[Sequence, list[np.ndarray], list[np.ndarray]]] = deque()
     stopping = False
