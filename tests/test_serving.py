@@ -220,3 +220,30 @@ def test_router_routes_by_outstanding_work():
 
     assert work(Request(0, np.arange(10), 7), block_size=4) == 7 + 4  # 16 tokens of budget: 4 blocks
     assert work(Request(1, np.arange(1), 1), block_size=16) == 1 + 1
+
+
+@needs_transport
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("prefix_blocks", [64, 0], ids=["prefix-aware", "no-cache"])
+def test_a_shared_prefix_is_routed_to_the_prefill_worker_that_holds_it(prefix_blocks):
+    rng = np.random.default_rng(3)
+    shared = {g: rng.integers(0, CONFIG.vocab_size, size=32) for g in "ab"}  # two full blocks of 16 each
+    groups = "ababab"
+    reqs = [
+        Request(i, np.concatenate([shared[g], rng.integers(0, CONFIG.vocab_size, size=2 + i % 3)]), 3,
+                arrival_s=0.0 if i < 2 else 0.3 * i)
+        for i, g in enumerate(groups)
+    ]  # fmt: skip
+    out = serve(reqs, Model("numpy", CONFIG.to_dict(), seed=0), prefill_workers=2, prefix_blocks=prefix_blocks,
+                timeout_s=60)  # fmt: skip
+    recs = out["requests"]
+    for req, rec in zip(reqs, recs):
+        assert rec["tokens"] == _reference("numpy", req.prompt, req.max_new_tokens), req.rid
+    cached = [rec["prefill_cached_tokens"] for rec in recs]
+    if prefix_blocks:
+        # a and b arrive together and go to ranks 1 and 2; each later one goes where its prefix is
+        assert [rec["worker"] for rec in recs] == [1, 2, 1, 2, 1, 2]
+        assert cached == [0, 0, 32, 32, 32, 32]  # 128 of 6 * 32 + 12 prompt tokens not computed again
+    else:
+        assert cached == [0] * 6

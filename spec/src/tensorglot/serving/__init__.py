@@ -71,6 +71,7 @@ def serve(
     *,
     prefill_workers: int = 1,
     decode_workers: int = 1,
+    prefix_blocks: int = 0,
     colocated: bool = False,
     transport: str | None = None,
     timeout_s: float = 30.0,
@@ -101,6 +102,7 @@ def serve(
     opts = Options(
         prefill_workers=prefill_workers,
         decode_workers=decode_workers,
+        prefix_blocks=prefix_blocks,
         timeout_s=timeout_s,
         max_batch=max_batch,
         block_size=block_size,

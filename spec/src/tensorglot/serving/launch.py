@@ -130,6 +130,26 @@ def _start_and_collect(
     return result
 
 
+def start_workers(model: Model, opts: workers.Options) -> tuple[list[Any], int, Any]:
+    """Spawn the worker ranks 1..P + M of a server on a free port, whose rank 0 (the router) the caller
+    joins itself; returns the processes, the port and the queue their errors come on (keep it alive
+    until they have started: they unpickle it)."""
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    P, M = opts.prefill_workers, opts.decode_workers
+    world, port = P + M + 1, free_port()
+    faults = {f.rank: f for f in opts.faults}
+    roles = [("prefill" if r <= P else "decode", (opts, model, faults.get(r))) for r in range(1, world)]
+    with thread_env(opts.threads):
+        procs = [
+            ctx.Process(target=_rank_main, args=(r, world, port, role, args, out), daemon=True)
+            for r, (role, args) in enumerate(roles, start=1)
+        ]
+        for p in procs:
+            p.start()
+    return procs, port, out
+
+
 def _process_main(fn: Callable[..., Any], requests: list[Request], model: Model, opts: Any, out: Any) -> None:
     try:
         result = fn(requests, model, opts, on_progress=lambda n: out.put(("progress", n)))

@@ -20,7 +20,7 @@ decode worker. When no decode worker is left the unfinished requests fail with t
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Any
 
 import numpy as np
@@ -29,12 +29,16 @@ from ..params import TransformerConfig
 from . import transport as tr
 from .admission import Arrivals, Request
 from .metrics import rejected_record, request_record
+from .prefix import block_keys
 
 
-def route(live: list[int], inflight: dict[int, list[int]], max_inflight: int) -> int | None:
-    """The least-loaded live prefill worker with room, or None when all are full."""
+def route(
+    live: list[int], inflight: dict[int, list[int]], max_inflight: int, matched: dict[int, int] | None = None
+) -> int | None:
+    """The live prefill worker with room that holds the longest prefix (``matched`` blocks), then the
+    least loaded; None when all are full."""
     ready = [w for w in live if len(inflight[w]) < max_inflight]
-    return min(ready, key=lambda w: len(inflight[w])) if ready else None
+    return min(ready, key=lambda w: (-(matched or {}).get(w, 0), len(inflight[w]))) if ready else None
 
 
 def work(req: Request, block_size: int) -> int:
@@ -64,6 +68,9 @@ class Router:
         self.results: dict[int, dict[str, Any]] = {}
         self.events: list[str] = []
         self.decode_error: str | None = None  # set when the last decode worker is gone
+        self.sampling: dict[int, np.ndarray] = {}  # a server's requests: `tr.pack_sampling`
+        # The block keys each prefill worker's prefix cache holds, least recently used first.
+        self.held = {w: OrderedDict[bytes, None]() for w in self.live} if opts.prefix_blocks else {}
 
     # -- routing -----------------------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -79,20 +86,61 @@ class Router:
 
     def dispatch(self) -> None:
         while self.waiting and self.decode:
-            w = route(self.live, self.inflight, self.opts.max_inflight) if self.live else None
+            matched = self.matched(self.waiting[0]) if self.held else None
+            w = route(self.live, self.inflight, self.opts.max_inflight, matched) if self.live else None
             if self.live and w is None:
                 break
             req = self.waiting.popleft()
             d = self.pick_decode(req)
             prompt = np.asarray(req.prompt, dtype=np.int64)
-            self.t.send(d if w is None else w, tr.header(tr.REQUEST, req.rid, len(prompt), req.max_new_tokens, d),
-                        [prompt])  # fmt: skip
+            sampling = self.sampling.get(req.rid)
+            extra = [] if sampling is None else [sampling]
+            head = tr.header(tr.REQUEST, req.rid, len(prompt), req.max_new_tokens, d, sum(map(len, extra)))
+            self.t.send(d if w is None else w, head, [prompt, *extra])
             self.assigned[req.rid] = d
             self.outstanding[d][req.rid] = work(req, self.opts.block_size)
             if w is not None:
+                if self.held:
+                    self.remember(w, prompt)
                 if not self.inflight[w]:
                     self.progress[w] = time.monotonic()
                 self.inflight[w].append(req.rid)
+
+    def matched(self, req: Request) -> dict[int, int]:
+        """How many leading blocks of the prompt each prefill worker holds (never its last token, as
+        `PrefixCache.match`)."""
+        keys = block_keys(np.asarray(req.prompt)[:-1], self.opts.block_size)
+        out = {}
+        for w, held in self.held.items():
+            out[w] = next((i for i, key in enumerate(keys) if key not in held), len(keys))
+        return out
+
+    def remember(self, w: int, prompt: np.ndarray) -> None:
+        """Mirror worker ``w``'s `PrefixCache` after it prefills ``prompt``: it handles its requests in
+        the order sent, so the same least-recently-used rule gives the same blocks."""
+        held = self.held[w]
+        for key in block_keys(prompt, self.opts.block_size):
+            held[key] = None
+            held.move_to_end(key)
+        while len(held) > self.opts.prefix_blocks:
+            held.popitem(last=False)
+
+    def cancel(self, rid: int) -> None:
+        """Forget request ``rid`` and tell its decode worker to drop it (a server's request only)."""
+        if rid in self.by_id:
+            self.waiting = deque(r for r in self.waiting if r.rid != rid)
+        for rids in self.inflight.values():
+            if rid in rids:
+                rids.remove(rid)
+        d = self.assigned.pop(rid, None)
+        if d in self.outstanding:
+            self.outstanding[d].pop(rid, None)
+            self.t.send(d, tr.header(tr.CANCEL, rid))
+        self.by_id.pop(rid, None)
+        self.sampling.pop(rid, None)
+
+    def tokens(self, rid: int, tokens: np.ndarray) -> None:
+        """A TOKEN message: a server's request's next tokens (the batch router ignores them)."""
 
     def requeue(self, rids: list[int]) -> None:
         for rid in reversed(rids):
@@ -108,6 +156,7 @@ class Router:
         for d in self.decode:
             self.t.send(d, tr.header(tr.DEAD, -1, w))
         self.t.drop(w)
+        self.held.pop(w, None)
         self.requeue(lost)
 
     def decode_lost(self, d: int, why: str) -> None:
@@ -147,7 +196,9 @@ class Router:
                     self.inflight[w].remove(rid)
                 if w in self.progress:
                     self.progress[w] = time.monotonic()
-            elif kind == tr.DONE and msg.src in self.outstanding and rid not in self.results:
+            elif kind == tr.TOKEN and msg.src in self.outstanding and rid in self.outstanding[msg.src]:
+                self.tokens(rid, msg.payload[0])
+            elif kind == tr.DONE and msg.src in self.outstanding and rid not in self.results and rid in self.by_id:
                 self.outstanding[msg.src].pop(rid, None)
                 self.assigned.pop(rid, None)
                 self.done(rid, head, msg.payload[0], msg.src)
@@ -176,6 +227,7 @@ class Router:
         )  # fmt: skip
         self.results[rid]["kv_digest"] = dig
         self.results[rid]["decode_worker"] = decode
+        self.results[rid]["prefill_cached_tokens"] = int(head[11])
 
     def wait_ready(self) -> None:
         """Until every worker has loaded its model (or is gone): the clock starts then."""

@@ -15,12 +15,15 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from . import transport as tr
-from .engine import DecodeEngine, Sequence, prefill
+from .engine import Prefilled, Sequence, prefill
 from .model import Model
+from .online import Job, _Engine, _offer
+from .prefix import PrefixCache, PromptPrefill
 
 logger = logging.getLogger("tensorglot.serving")
 
@@ -41,6 +44,7 @@ class Fault:
 class Options:
     prefill_workers: int = 1
     decode_workers: int = 1
+    prefix_blocks: int = 0  # each prefill worker's prefix cache, in blocks of block_size (0: none)
     timeout_s: float = 30.0
     max_inflight: int = 2
     max_batch: int = 16
@@ -73,6 +77,7 @@ def prefill_worker(t: tr.Transport, opts: Options, model: Model, fault: Fault | 
         os.kill(os.getpid(), signal.SIGSTOP)
     be, params, config = model.load()
     prefill(be, params, config, np.zeros(2, dtype=np.int64))  # warm-up: first calls are not timed
+    prefix = PrefixCache(opts.block_size, opts.prefix_blocks) if opts.prefix_blocks else None
     t.send(0, tr.header(tr.READY))
     t.listen([0])
     handled = 0
@@ -89,18 +94,38 @@ def prefill_worker(t: tr.Transport, opts: Options, model: Model, fault: Fault | 
             if fault.mode == "stop":  # frozen, its transport's threads too (the launcher kills it)
                 os.kill(os.getpid(), signal.SIGSTOP)
             time.sleep(3600)  # hang: alive, answering nothing (the launcher ends it)
-        pre = prefill(be, params, config, msg.payload[0])
+        pre, cached = _prefill(be, params, config, msg.payload[0], prefix)
         arrays = pre.arrays
+        sampled = msg.payload[1:]  # a server's request: its sampling, and the logits to sample from
         head = tr.header(
             tr.KV, rid, P, max_new, pre.first_token, tr.DTYPES.index(str(arrays[0].dtype)),
             config.n_layers, config.n_kv_heads, config.head_dim, tr.now_us(), tr.digest(arrays),
-            int(pre.seconds * 1e6), t.rank,
+            int(pre.seconds * 1e6), t.rank, len(sampled[0]) if sampled else 0, config.vocab_size, cached,
         )  # fmt: skip
-        t.send(decode, head, arrays)  # layer by layer, after the header
+        logits = [pre.logits] if sampled and pre.logits is not None else []
+        t.send(decode, head, [*arrays, *sampled, *logits])  # layer by layer, after the header
         handled += 1
         for dst in t.failures():
             logger.warning("prefill rank %d: a send to rank %d failed or timed out", t.rank, dst)
     t.drain(opts.timeout_s)
+
+
+def _prefill(
+    be: Any, params: Any, config: Any, prompt: np.ndarray, prefix: PrefixCache | None
+) -> tuple[Prefilled, int]:
+    """The prompt's first token and KV, computed past the longest prefix ``prefix`` holds (whose full
+    blocks it then keeps); also how many prompt tokens came from the cache."""
+    if prefix is None:
+        return prefill(be, params, config, prompt), 0
+    blocks = prefix.match(prompt)
+    try:
+        state = PromptPrefill(be, params, config, prompt, blocks)
+        state.run()
+        pre = state.finish()
+    finally:
+        prefix.unpin(blocks)
+    prefix.store(prompt, pre.k, pre.v)
+    return pre, state.cached
 
 
 def _done_header(seq: Sequence) -> np.ndarray:
@@ -108,13 +133,31 @@ def _done_header(seq: Sequence) -> np.ndarray:
     return tr.header(
         tr.DONE, seq.rid, len(seq.tokens), int(seq.t_first * 1e6), int(seq.t_last * 1e6),
         i["kv_bytes"], i["transfer_us"], i["prefill_us"], i["worker"], int(i["digest_ok"]), i["digest"],
+        i.get("cached", 0),
     )  # fmt: skip
+
+
+def _sampled(seq: Sequence, sampling: np.ndarray, logits: np.ndarray) -> Sequence:
+    """A server's request: its first token drawn from ``logits`` by its own sampler, which the decode
+    steps go on with; the tokens it takes are kept in ``info["unsent"]`` until streamed (TOKEN)."""
+    params, choice = tr.unpack_sampling(sampling)
+    unsent: list[int] = []
+
+    def take(token: int) -> bool:
+        unsent.append(token)
+        return True
+
+    job = Job(np.zeros(0, np.int64), params, take, lambda reason, error: None, choice)
+    first = job.sampler(logits)
+    seq.max_new = 1 if _offer(job, first, 1) is not None else params.max_tokens
+    seq.tokens, seq.info["job"], seq.info["unsent"] = [first], job, unsent
+    return seq
 
 
 def decode_worker(t: tr.Transport, opts: Options, model: Model, fault: Fault | None = None) -> None:
     heartbeat(t, beat_s(opts))
     be, params, config = model.load()
-    engine = DecodeEngine(be, params, config, max_batch=opts.max_batch, block_size=opts.block_size)
+    engine = _Engine(be, params, config, max_batch=opts.max_batch, block_size=opts.block_size)
     engine.warm_up()
     t.send(0, tr.header(tr.READY))
     t.listen(list(range(opts.prefill_workers + 1)))  # the router and the prefill workers
@@ -126,6 +169,7 @@ def decode_worker(t: tr.Transport, opts: Options, model: Model, fault: Fault | N
 
     def finish(seq: Sequence) -> None:
         nonlocal finished
+        seq.t_last = seq.t_last or time.time()
         t.send(0, _done_header(seq), [np.asarray(seq.tokens, dtype=np.int64)])
         finished += 1
         if fault is not None and finished > fault.after:  # what was sent arrives first
@@ -150,7 +194,8 @@ def decode_worker(t: tr.Transport, opts: Options, model: Model, fault: Fault | N
                 max_new, first, sent_us, dig, prefill_us, worker = (msg.header[i] for i in (3, 4, 9, 10, 11, 12))
                 t.send(0, tr.header(tr.RECEIVED, rid, msg.src))
                 seen.add(rid)
-                arrays, got = msg.payload, tr.digest(msg.payload)
+                arrays = msg.payload[: 2 * config.n_layers]  # then a server's sampling and logits
+                got = tr.digest(arrays)
                 info = {
                     "kv_bytes": sum(a.nbytes for a in arrays),
                     "transfer_us": int(msg.t_recv * 1e6) - sent_us,
@@ -158,8 +203,11 @@ def decode_worker(t: tr.Transport, opts: Options, model: Model, fault: Fault | N
                     "worker": worker,
                     "digest_ok": got == dig,  # the bytes prefill computed, bit for bit
                     "digest": got,
+                    "cached": msg.header[15],
                 }
                 seq = Sequence(rid, msg.header[2], max_new, [first], msg.t_recv, info)
+                if msg.header[13]:
+                    seq = _sampled(seq, msg.payload[-2], msg.payload[-1])
                 waiting.append((seq, arrays[0::2], arrays[1::2]))
             elif kind == tr.REQUEST:  # no prefill worker is left: prefill here
                 seen.add(rid)
@@ -173,7 +221,14 @@ def decode_worker(t: tr.Transport, opts: Options, model: Model, fault: Fault | N
                     "digest": tr.digest(pre.arrays),
                 }
                 seq = Sequence(rid, msg.header[2], msg.header[3], [pre.first_token], time.time(), info)
+                if len(msg.payload) > 1 and pre.logits is not None:
+                    seq = _sampled(seq, msg.payload[1], pre.logits)
                 waiting.append((seq, pre.k, pre.v))
+            elif kind == tr.CANCEL:  # a server's client left, or a stop string ended it
+                seen.add(rid)
+                waiting = deque(w for w in waiting if w[0].rid != rid)
+                if rid in engine.active:
+                    engine.drop(rid)
             elif kind == tr.DEAD:
                 t.drop(msg.header[2])
             elif kind == tr.STOP:
@@ -185,6 +240,10 @@ def decode_worker(t: tr.Transport, opts: Options, model: Model, fault: Fault | N
         if engine.active:
             for done in engine.step():
                 finish(done)
-        elif stopping and not waiting:
+        for seq in engine.active.values():  # a server's tokens stream back as they come
+            if seq.info.get("unsent"):
+                t.send(0, tr.header(tr.TOKEN, seq.rid, len(seq.info["unsent"])), [np.asarray(seq.info["unsent"])])
+                seq.info["unsent"].clear()
+        if not engine.active and stopping and not waiting:
             break
     t.drain(opts.timeout_s)
