@@ -77,6 +77,30 @@ def test_losing_the_decode_worker_keeps_the_requests_it_completed(mode, why):
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.parametrize("mode,why", [("die", "failed: "), ("stop", "sent nothing for 3 s")], ids=["killed", "frozen"])
+def test_a_lost_decode_worker_costs_only_its_unfinished_requests_which_are_recomputed(mode, why):
+    reqs = _requests(8, interval=0.0)  # all at once: rank 3 holds several when its first one finishes
+    out = serve(reqs, MODEL, prefill_workers=1, decode_workers=2, timeout_s=3, faults=[Fault(3, mode, after=0)],
+                deadline_s=150)  # fmt: skip
+    for req, rec in zip(reqs, out["requests"]):
+        assert rec["error"] is None and rec["tokens"] == _reference(req), req.rid
+    recomputed = [r for r in out["requests"] if r["recomputed"]]
+    assert recomputed and all(r["decode_worker"] == 2 for r in recomputed)
+    assert any(f"the decode worker (rank 3) {why}" in e and "recomputing" in e for e in out["events"])
+
+
+@pytest.mark.timeout(180)
+def test_with_no_prefill_worker_left_each_decode_worker_prefills_its_own():
+    reqs = _requests(6, interval=0.05)
+    out = serve(reqs, MODEL, prefill_workers=1, decode_workers=2, timeout_s=3, faults=[Fault(1, "die", after=0)],
+                deadline_s=150)  # fmt: skip
+    for req, rec in zip(reqs, out["requests"]):
+        assert rec["error"] is None and rec["tokens"] == _reference(req), req.rid
+    assert {r["worker"] for r in out["requests"]} == {2, 3}  # each prefilled where it decodes
+    assert all(r["worker"] == r["decode_worker"] for r in out["requests"])
+
+
+@pytest.mark.timeout(180)
 def test_a_taken_port_is_retried_on_another(monkeypatch):
     import tensorglot.serving.launch as launch
 
