@@ -63,7 +63,7 @@ class _Rank:
         opt, step, new = self.step.optimizer, 0, {}
         state: dict[str, Pieces] = {"m": {}, "v": {}}
         if self.task.state is not None:
-            step = int(self.task.state["step"])
+            step = self.task.state["step"]  # an int, or an array where the step is traced (JAX)
         for name, (w, where) in pieces.items():
             m = v = None
             if opt.state_arrays:
