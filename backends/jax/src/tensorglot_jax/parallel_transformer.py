@@ -62,7 +62,8 @@ class ShardMapCollectives(spec.Collectives):
     """One device's collectives inside `jax.shard_map`: its rank is `lax.axis_index` over the mesh."""
 
     def __init__(self, shape: tuple[int, ...], names: tuple[str, ...]) -> None:
-        super().__init__(jax.lax.axis_index(names), int(np.prod(shape)))
+        rank: Any = jax.lax.axis_index(names)  # traced: the spec's pieces and groups take it as data
+        super().__init__(rank, int(np.prod(shape)))
         self.shape, self.names = shape, names
 
     def group_of(self, groups: spec.collectives.Groups, /) -> tuple[int, ...]:
@@ -158,12 +159,12 @@ def _run(task: spec.Task) -> spec.TransformerStepResult:
     layers = tensorglot.get_backend("jax").layers
     dt = jnp.float64 if s.dtype == "float64" else jnp.float32
     params = {k: jnp.asarray(v, dt) for k, v in task.params.items()}
-    state = None
+    state: dict[str, Any] | None = None
     if s.optimizer.state_arrays:  # AdamW's first step from zeros, its count traced: one program for every step
-        fresh = task.state is None
-        state = {"step": jnp.asarray(0 if fresh else task.state["step"])}
-        for x in "mv":
-            state[x] = {k: jnp.zeros_like(w) if fresh else jnp.asarray(task.state[x][k], dt) for k, w in params.items()}
+        zeros = {k: jnp.zeros_like(w) for k, w in params.items()}
+        before = task.state or {"step": 0, "m": zeros, "v": zeros}
+        state = {"step": jnp.asarray(before["step"])}
+        state |= {x: {k: jnp.asarray(before[x][k], dt) for k in params} for x in "mv"}
     args = (params, jnp.asarray(task.tokens), jnp.asarray(task.targets), state)
     compiled, mesh, traced, bytes_by_rank = _compiled(task, layers, args)
     placed = jax.device_put(args, NamedSharding(mesh, P()))
