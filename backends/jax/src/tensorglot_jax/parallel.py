@@ -374,4 +374,5 @@ def max_world_size() -> int | None:
     return len(jax.devices())
 
 
-from .parallel_transformer import transformer_step as transformer_step  # noqa: E402  (it uses this module)
+from .parallel_transformer import STRATEGIES as TRANSFORMER_STRATEGIES  # noqa: E402, F401  (they use this module)
+from .parallel_transformer import transformer_step as transformer_step  # noqa: E402
