@@ -100,8 +100,9 @@ def _native(a: Any) -> jax.Array:
 
 
 def _program(task: spec.Task, layers: Any):
-    """(the jitted shard_map program, the mesh, its axis names, what its tracing recorded): the program
-    takes (params, tokens, targets, state) replicated and returns every rank's dynamic leaves stacked."""
+    """(the jitted shard_map program, its mesh, what tracing it records): the program takes (params,
+    tokens, targets, state) replicated and returns every rank's arrays among its pieces' leaves, stacked
+    by rank; the record holds the pieces' tree, their static leaves (part counts, memory) and the log."""
     shape, names = mesh_axes(task.step, task.config.n_kv_heads)
     n = task.step.world_size
     mesh = jax.make_mesh(shape, names, axis_types=(AxisType.Explicit,) * len(names), devices=jax.devices()[:n])
@@ -116,7 +117,8 @@ def _program(task: spec.Task, layers: Any):
             (pieces.loss, pieces.grads, pieces.params, pieces.state, pieces.memory)
         )
         dynamic = [i for i, a in enumerate(leaves) if isinstance(a, jax.Array)]
-        traced.update(tree=tree, leaves=leaves, dynamic=dynamic, log=list(comm.log))
+        static = [None if i in dynamic else a for i, a in enumerate(leaves)]  # no tracer outlives its trace
+        traced.update(tree=tree, leaves=static, dynamic=dynamic, log=list(comm.log))
         return tuple(jnp.asarray(leaves[i])[None] for i in dynamic)  # (1, ...): stacked by rank
 
     fn = jax.shard_map(body, mesh=mesh, in_specs=P(), out_specs=P(names), check_vma=False)
@@ -185,6 +187,11 @@ def _run_with_deadline(task: spec.Task) -> spec.TransformerStepResult:
         raise ValueError(
             f"transformer_step: strategy {s.strategy!r} does not run on JAX (it runs {', '.join(STRATEGIES)}): "
             "a pipeline stage runs its own rows of the schedule, which one traced SPMD program does not hold"
+        )
+    if s.dtype == "float64" and not jax.config.read("jax_enable_x64"):
+        raise TypeError(
+            "transformer_step: float64 params need JAX's x64 mode (JAX would silently compute in float32); "
+            "set JAX_ENABLE_X64=1 before starting Python"
         )
     check_devices("transformer_step", s.world_size)
     return with_deadline(f"transformer_step: {s.strategy}", s.world_size, s.timeout, _run, task)
