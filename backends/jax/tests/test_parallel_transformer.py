@@ -105,6 +105,7 @@ def test_step_equals_one_device_and_the_cost_model(config, strategy, n, optimize
         model.grad_bytes_per_rank,
         model.optimizer_bytes_per_rank,
     )
+    assert got.activation_bytes_per_rank == model.activation_bytes_per_rank > 0  # the tapes a rank kept
 
 
 def test_adamw_steps_carry_the_sharded_state():

@@ -70,6 +70,8 @@ def serve(
     model: Model,
     *,
     prefill_workers: int = 1,
+    decode_workers: int = 1,
+    prefix_blocks: int = 0,
     colocated: bool = False,
     transport: str | None = None,
     timeout_s: float = 30.0,
@@ -87,8 +89,9 @@ def serve(
     ``error`` (a request longer than the context is rejected with a message; the others run).
     ``transport`` names a registered transport (None: torch's if installed); colocated needs none.
     """
-    if isinstance(prefill_workers, bool) or not isinstance(prefill_workers, int) or prefill_workers < 1:
-        raise ValueError(f"serve: prefill_workers must be an int >= 1, got {prefill_workers!r}")
+    for name, count in (("prefill_workers", prefill_workers), ("decode_workers", decode_workers)):
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"serve: {name} must be an int >= 1, got {count!r}")
     for name, seconds in (("timeout_s", timeout_s), ("deadline_s", deadline_s)):
         # A zero timeout would declare every healthy worker dead at its first request.
         if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0 < seconds < math.inf:
@@ -98,6 +101,8 @@ def serve(
         raise ValueError("serve: request ids must be unique")
     opts = Options(
         prefill_workers=prefill_workers,
+        decode_workers=decode_workers,
+        prefix_blocks=prefix_blocks,
         timeout_s=timeout_s,
         max_batch=max_batch,
         block_size=block_size,
@@ -111,6 +116,6 @@ def serve(
     else:
         config = model.load_config()
         result = run_disaggregated(requests, model, config, opts, on_progress=on_progress, deadline_s=deadline_s)
-        mode = f"disaggregated ({prefill_workers} prefill + 1 decode)"
+        mode = f"disaggregated ({prefill_workers} prefill + {decode_workers} decode)"
     result["summary"] = summarize(result["requests"], mode=mode, wall_s=result.pop("wall_s"))
     return result
