@@ -26,11 +26,12 @@ See docs/serving.md.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
 from .admission import Request, check_request
-from .colocated import run_colocated
+from .colocated import check_chunk, run_colocated
 from .engine import DecodeEngine, Prefilled, Sequence, prefill
 from .launch import run_disaggregated, run_in_process
 from .metrics import summarize
@@ -71,6 +72,7 @@ def serve(
     *,
     prefill_workers: int = 1,
     colocated: bool = False,
+    prefill_chunk: int | None = None,
     transport: str | None = None,
     timeout_s: float = 30.0,
     max_batch: int = 16,
@@ -86,6 +88,7 @@ def serve(
     ``ttft_s``, ``tpot_s``, ``e2e_s``, ``kv_bytes``, ``transfer_s``, ``worker``, ``recomputed`` and
     ``error`` (a request longer than the context is rejected with a message; the others run).
     ``transport`` names a registered transport (None: torch's if installed); colocated needs none.
+    ``prefill_chunk`` (colocated only): prefill ``T`` prompt tokens per loop, each followed by a decode step.
     """
     if isinstance(prefill_workers, bool) or not isinstance(prefill_workers, int) or prefill_workers < 1:
         raise ValueError(f"serve: prefill_workers must be an int >= 1, got {prefill_workers!r}")
@@ -93,6 +96,9 @@ def serve(
         # A zero timeout would declare every healthy worker dead at its first request.
         if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0 < seconds < math.inf:
             raise ValueError(f"serve: {name} must be a positive, finite number of seconds, got {seconds!r}")
+    check_chunk("serve", "prefill_chunk", prefill_chunk)
+    if prefill_chunk is not None and not colocated:
+        raise ValueError(f"serve: prefill_chunk={prefill_chunk!r} needs colocated=True (a worker prefills whole)")
     ids = [r.rid for r in requests]
     if len(set(ids)) != len(ids):
         raise ValueError("serve: request ids must be unique")
@@ -106,8 +112,9 @@ def serve(
         faults=list(faults or []),
     )
     if colocated:
-        result = run_in_process(run_colocated, requests, model, opts, on_progress=on_progress, deadline_s=deadline_s)
-        mode = "colocated"
+        loop = functools.partial(run_colocated, chunk_tokens=prefill_chunk)
+        result = run_in_process(loop, requests, model, opts, on_progress=on_progress, deadline_s=deadline_s)
+        mode = "colocated" if prefill_chunk is None else f"colocated (chunked prefill, {prefill_chunk} tokens)"
     else:
         config = model.load_config()
         result = run_disaggregated(requests, model, config, opts, on_progress=on_progress, deadline_s=deadline_s)
