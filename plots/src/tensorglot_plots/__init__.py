@@ -31,6 +31,7 @@ FIGURES = (
     "sharding_costs",
     "pipeline_schedules",
     "kv_cache",
+    "serving_goodput",
 )
 
 

@@ -109,6 +109,13 @@ def summarize(records: list[Record], wall_s: float, *, slo_ttft: float, slo_tpot
     return goodput.summarize([r.latency() for r in records], wall_s, slo_ttft=slo_ttft, slo_tpot=slo_tpot)
 
 
+def model_card(url: str) -> dict[str, Any]:
+    """The server's first model in ``/v1/models`` (its ``id``, and ``vocab_size`` where it says)."""
+    import httpx
+
+    return dict(httpx.get(url.rstrip("/") + "/v1/models", timeout=30).json()["data"][0])
+
+
 def sweep(url: str, rates: list[float], *, slo_ttft: float, slo_tpot: float, **kw: Any) -> list[dict[str, Any]]:
     """One `summarize` row per rate, each with its ``rate``."""
     rows = []
@@ -131,9 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    import httpx
-
-    card = httpx.get(args.url.rstrip("/") + "/v1/models", timeout=30).json()["data"][0]
+    card = model_card(args.url)
     lo, _, hi = args.prompt_len.partition(":")
     rows = sweep(
         args.url, [float(r) for r in args.rates.split(",")], slo_ttft=args.slo_ttft, slo_tpot=args.slo_tpot,

@@ -22,7 +22,6 @@ JSON (schema ``tensorglot.bench.serve/1``)::
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import os
 import platform
@@ -133,19 +132,14 @@ def run_url(
     slo_tpot: float, model: str | None = None, seed: int = 0, timeout_s: float = 300.0,
 ) -> dict[str, Any]:  # fmt: skip
     """The load generator against a running server (mode ``url``), in the same JSON."""
-    import httpx
-
-    card = httpx.get(url.rstrip("/") + "/v1/models", timeout=30).json()["data"][0]
-    vocab = int(card.get("vocab_size", 256))
-    machine, rows = _machine(), []
-    for rate in rates:
-        records, wall = asyncio.run(loadgen.run_rate(
-            url, rate, requests=requests, prompt_len=prompt_len, max_tokens=max_tokens, vocab=vocab,
-            model=model or card["id"], seed=seed, timeout_s=timeout_s,
-        ))  # fmt: skip
-        rows.append(
-            {"mode": "url", "rate": rate} | loadgen.summarize(records, wall, slo_ttft=slo_ttft, slo_tpot=slo_tpot)
-        )
+    card = loadgen.model_card(url)
+    machine = _machine()
+    rows = loadgen.sweep(
+        url, rates, slo_ttft=slo_ttft, slo_tpot=slo_tpot, requests=requests, prompt_len=prompt_len,
+        max_tokens=max_tokens, vocab=int(card.get("vocab_size", 256)), model=model or card["id"], seed=seed,
+        timeout_s=timeout_s,
+    )  # fmt: skip
+    rows = [{"mode": "url"} | r for r in rows]
     machine["loadavg_after"] = list(os.getloadavg())
     workload = {"url": url, "model": model or card["id"], "requests": requests, "prompt_len": list(prompt_len),
                 "max_tokens": max_tokens, "seed": seed}  # fmt: skip

@@ -1,0 +1,100 @@
+"""Goodput and SLO attainment against the arrival rate, disaggregated and colocated with chunked prefill,
+from a ``tensorglot bench serve --json`` sweep (`tensorglot.serving.sweep`).
+
+A sweep takes minutes, so the figure draws a measured sweep committed beside this module
+(``data/serving_goodput.json``, the run docs/serving.md quotes); ``TENSORGLOT_GOODPUT_JSON=PATH`` draws
+another. The backend the figure is asked for does not run anything: the sweep names its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from . import style
+
+SWEEP = Path(__file__).with_name("data") / "serving_goodput.json"
+#: every number is measured (on the machine of the sweep, not the backend the figure is drawn with)
+MEASURED = frozenset({"rates", "goodput", "attainment", "ttft_p99", "tpot_p99", "labels", "slo", "workload",
+                      "machine", "best_ratio"})  # fmt: skip
+MARKERS = {"colocated": "o", "1p1d": "s", "2p1d": "^", "url": "D"}
+
+
+def load(path: str | Path | None = None) -> dict[str, Any]:
+    """The sweep at ``path`` (default: ``TENSORGLOT_GOODPUT_JSON``, else the committed one)."""
+    path = Path(path or os.environ.get("TENSORGLOT_GOODPUT_JSON") or SWEEP)
+    try:
+        sweep = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"serving_goodput: cannot read the sweep {path}: {exc}") from None
+    if sweep.get("schema") != "tensorglot.bench.serve/1":
+        raise ValueError(f"serving_goodput: {path} is not a tensorglot bench serve sweep: {sweep.get('schema')!r}")
+    return sweep
+
+
+def data(backend: Any) -> dict[str, Any]:
+    sweep = load()
+    modes = list(sweep["modes"])
+
+    def per_mode(key: str) -> dict[str, np.ndarray]:
+        return {m: np.array([r[key] for r in sweep["rows"] if r["mode"] == m], dtype=np.float64) for m in modes}
+
+    rates = per_mode("rate")
+    return {
+        "rates": rates,
+        "goodput": per_mode("goodput_rps"),
+        "attainment": per_mode("slo_attainment"),
+        "ttft_p99": per_mode("ttft_p99_s"),
+        "tpot_p99": per_mode("tpot_p99_s"),
+        "labels": dict(sweep["modes"]),
+        "slo": dict(sweep["slo"]),
+        "workload": dict(sweep["workload"]),
+        "machine": dict(sweep["machine"]),
+        "best_ratio": dict(sweep["best_ratio"]),
+    }
+
+
+def draw(d: dict[str, Any]) -> Any:
+    slo, w, machine = d["slo"], d["workload"], d["machine"]
+    top = max(float(r.max()) for r in d["rates"].values())
+    with style.context():
+        fig, (good, attain) = plt.subplots(1, 2, figsize=(11, 4.6), layout="constrained")
+        good.plot([0, top], [0, top], color=style.COLORS["idle"], linestyle="--", label="the arrival rate")
+        for mode, rates in d["rates"].items():
+            label, marker = d["labels"][mode], MARKERS.get(mode, "o")
+            good.plot(rates, d["goodput"][mode], marker=marker, label=label)
+            attain.plot(rates, 100 * d["attainment"][mode], marker=marker, label=label)
+        good.set_title("goodput: requests/s that meet both targets")
+        good.set_ylabel("goodput (requests/s)")
+        attain.set_title("SLO attainment")
+        attain.set_ylabel("requests that meet both targets (%)")
+        attain.axhline(90, color=style.COLORS["idle"], linestyle=":", label="90 %")
+        attain.set_ylim(0, 105)
+        for ax in (good, attain):
+            ax.set_xlabel("arrival rate (requests/s, Poisson)")
+            ax.set_xlim(0, top * 1.05)
+        good.set_ylim(bottom=0)
+        best = [(d["labels"][m], r) for m, r in d["best_ratio"].items() if r is not None]
+        ratios = "\n".join(f"{name} ÷ colocated: {r:.2f}" for name, r in best)
+        good.legend(title=f"best goodput over the sweep,\n{ratios}" if ratios else None, loc="upper left")
+        attain.legend(loc="lower left")
+        fig.suptitle(
+            f"Goodput at TTFT ≤ {1e3 * slo['ttft_s']:.0f} ms and TPOT ≤ {1e3 * slo['tpot_s']:.0f} ms: "
+            f"disaggregated vs colocated with chunked prefill"
+        )
+        lo, hi = w["prompt_len"]
+        who = f"{w['backend']} backend, {w['model']}" if "backend" in w else f"the server at {w['url']}, {w['model']}"
+        load = (machine["loadavg_before"][0] + machine["loadavg_after"][0]) / 2
+        fig.text(
+            0.5, -0.02,
+            f"{who}; {w['requests']} requests per rate, prompts of {lo}–{hi} tokens, "
+            f"{w['max_tokens']} new tokens each, seed {w['seed']}; one thread per process; {machine['cpus']} CPUs "
+            f"at load average ~{load:.0f} ({machine['date'][:10]})",
+            ha="center", va="top", fontsize=8.5,
+        )  # fmt: skip
+    return fig
