@@ -20,8 +20,8 @@ from . import style
 
 SWEEP = Path(__file__).with_name("data") / "serving_goodput.json"
 #: every number is measured (on the machine of the sweep, not the backend the figure is drawn with)
-MEASURED = frozenset({"rates", "goodput", "attainment", "ttft_p99", "tpot_p99", "labels", "slo", "workload",
-                      "machine", "best_ratio"})  # fmt: skip
+MEASURED = frozenset({"rates", "goodput", "attainment", "goodput_runs", "attainment_runs", "ttft_p99", "tpot_p99",
+                      "labels", "slo", "workload", "machine", "best_ratio"})  # fmt: skip
 MARKERS = {"colocated": "o", "1p1d": "s", "2p1d": "^", "url": "D"}
 
 
@@ -44,8 +44,14 @@ def data(backend: Any) -> dict[str, Any]:
     def per_mode(key: str) -> dict[str, np.ndarray]:
         return {m: np.array([r[key] for r in sweep["rows"] if r["mode"] == m], dtype=np.float64) for m in modes}
 
+    def runs(key: str) -> dict[str, np.ndarray]:  # (rates, runs): every run's value, one column without repeats
+        return {m: np.array([r["runs"][key] if "runs" in r else [r[key]] for r in sweep["rows"] if r["mode"] == m],
+                            dtype=np.float64) for m in modes}  # fmt: skip
+
     rates = per_mode("rate")
     return {
+        "goodput_runs": runs("goodput_rps"),
+        "attainment_runs": runs("slo_attainment"),
         "rates": rates,
         "goodput": per_mode("goodput_rps"),
         "attainment": per_mode("slo_attainment"),
@@ -67,9 +73,14 @@ def draw(d: dict[str, Any]) -> Any:
         good.plot([0, top], [0, top], color=style.COLORS["idle"], linestyle="--", label="the arrival rate")
         for mode, rates in d["rates"].items():
             label, marker = d["labels"][mode], MARKERS.get(mode, "o")
-            good.plot(rates, d["goodput"][mode], marker=marker, label=label)
-            attain.plot(rates, 100 * d["attainment"][mode], marker=marker, label=label)
-        good.set_title("goodput: requests/s that meet both targets")
+            (line,) = good.plot(rates, d["goodput"][mode], marker=marker, label=label)
+            attain.plot(rates, 100 * d["attainment"][mode], marker=marker, label=label, color=line.get_color())
+            if d["goodput_runs"][mode].shape[1] > 1:  # every run's value, faint, around the median
+                for ax, runs in ((good, d["goodput_runs"][mode]), (attain, 100 * d["attainment_runs"][mode])):
+                    ax.plot(np.repeat(rates, runs.shape[1]), runs.ravel(), marker, color=line.get_color(), alpha=0.25)
+        k = next(iter(d["goodput_runs"].values())).shape[1]
+        each = f" (median of {k} runs, each run faint)" if k > 1 else ""
+        good.set_title(f"goodput: requests/s that meet both targets{each}")
         good.set_ylabel("goodput (requests/s)")
         attain.set_title("SLO attainment")
         attain.set_ylabel("requests that meet both targets (%)")

@@ -57,6 +57,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slo-ttft", type=positive_seconds, default=0.5, metavar="S", help="TTFT target (s)")
     parser.add_argument("--slo-tpot", type=positive_seconds, default=0.05, metavar="S", help="TPOT target (s)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the arrivals, the prompts and the model")
+    parser.add_argument("--repeats", type=positive_int, default=1, metavar="K", help="run the sweep K times: medians")
     parser.add_argument("--deadline", type=positive_seconds, default=600.0, metavar="S", help="per run (s)")
     parser.add_argument("--json", metavar="PATH", help="also write the sweep as JSON to PATH")
 
@@ -81,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
               f"{args.backend}; {len(args.rates)} rates x {args.requests} requests", file=sys.stderr)  # fmt: skip
         result = sweep.run_sweep(
             args.rates, modes=modes, backend=args.backend, checkpoint=args.checkpoint,
-            prefill_chunk=args.prefill_chunk, deadline_s=args.deadline,
+            prefill_chunk=args.prefill_chunk, deadline_s=args.deadline, repeats=args.repeats,
             on_row=_progress, **common,
         )  # fmt: skip
     print(sweep.report(result))

@@ -18,6 +18,10 @@ JSON (schema ``tensorglot.bench.serve/1``)::
      "slo": {"ttft_s", "tpot_s"}, "modes": {mode: label},
      "rows": [{"mode", "rate", <goodput.summarize keys>, "same_tokens"}],
      "ratios": [{"mode", "rate", "goodput_ratio"}], "best": {mode: goodput_rps}, "best_ratio": {mode: ratio}}
+
+``--repeats K`` (or `combine` of K sweeps): every number of a row is the median over the K runs, each row
+adds ``"runs": {"goodput_rps": [...], "slo_attainment": [...]}``, and the top level ``"repeats": K`` and
+``"best_ratio_runs": {mode: [each run's best ratio]}``; ``machine.loadavg_runs`` is each run's load.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ import os
 import platform
 from collections.abc import Callable
 from typing import Any
+
+import numpy as np
 
 from . import goodput, loadgen
 from .admission import Request
@@ -84,9 +90,27 @@ def run_sweep(
     prefill_chunk: int | None = 64,
     seed: int = 0,
     deadline_s: float = 600.0,
+    repeats: int = 1,
     on_row: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Serve each rate's requests in each mode; the sweep as the module's JSON describes it."""
+    """Serve each rate's requests in each mode, the whole sweep ``repeats`` times (then `combine`d); the
+    sweep as the module's JSON describes it."""
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"run_sweep: repeats must be an int >= 1, got {repeats!r}")
+    kw: dict[str, Any] = dict(
+        modes=modes, requests=requests, prompt_len=prompt_len, max_tokens=max_tokens, slo_ttft=slo_ttft,
+        slo_tpot=slo_tpot, backend=backend, checkpoint=checkpoint, prefill_chunk=prefill_chunk, seed=seed,
+        deadline_s=deadline_s, on_row=on_row,
+    )  # fmt: skip
+    runs = [_run_once(rates, **kw) for _ in range(repeats)]
+    return runs[0] if repeats == 1 else combine(runs)
+
+
+def _run_once(
+    rates: list[float], *, modes: list[str], requests: int, prompt_len: tuple[int, int], max_tokens: int,
+    slo_ttft: float, slo_tpot: float, backend: str, checkpoint: str | None, prefill_chunk: int | None, seed: int,
+    deadline_s: float, on_row: Callable[[dict[str, Any]], None] | None,
+) -> dict[str, Any]:  # fmt: skip
     unknown = [m for m in modes if m not in MODES]
     if unknown or not modes:
         raise ValueError(f"run_sweep: modes must be among {', '.join(MODES)}, got {modes!r}")
@@ -127,6 +151,45 @@ def run_sweep(
             "modes": {m: label(m, prefill_chunk) for m in modes}, "rows": rows, **_ratios(rows, modes)}  # fmt: skip
 
 
+def _median(values: list[Any]) -> Any:
+    numbers = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
+    if not numbers:
+        return None
+    m = float(np.median(numbers))
+    return int(m) if all(isinstance(v, int) for v in numbers) and m.is_integer() else m
+
+
+def combine(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Sweeps of one workload as one: each row's numbers are the medians over the runs (its ``runs`` keeps
+    every run's goodput and attainment), the ratios are of those medians, ``best_ratio_runs`` has each run's."""
+    if not results:
+        raise ValueError("combine: wanted at least one sweep, got none")
+    first = results[0]
+
+    def shape(r: dict[str, Any]) -> Any:
+        return r["workload"], r["slo"], r["modes"], [(x["mode"], x["rate"]) for x in r["rows"]]
+
+    for i, r in enumerate(results[1:], 1):
+        if shape(r) != shape(first):
+            raise ValueError(f"combine: sweep {i} differs from sweep 0 in its workload, SLO, modes or rates")
+    rows = []
+    for i, row in enumerate(first["rows"]):
+        runs = [r["rows"][i] for r in results]
+        out: dict[str, Any] = {"mode": row["mode"], "rate": row["rate"]}
+        for key in row:
+            if key not in out:
+                out[key] = _median([x[key] for x in runs])
+        out["errors"] = sorted({e for x in runs for e in x["errors"]})[:3]
+        out["same_tokens"] = all(x["same_tokens"] for x in runs)
+        out["runs"] = {k: [x[k] for x in runs] for k in ("goodput_rps", "slo_attainment")}
+        rows.append(out)
+    machine = first["machine"] | {"loadavg_after": results[-1]["machine"]["loadavg_after"],
+                                  "loadavg_runs": [r["machine"]["loadavg_before"][0] for r in results]}  # fmt: skip
+    best_runs = {m: [r["best_ratio"].get(m) for r in results] for m in first["best_ratio"]}
+    return first | {"machine": machine, "repeats": len(results), "rows": rows, **_ratios(rows, list(first["modes"])),
+                    "best_ratio_runs": best_runs}  # fmt: skip
+
+
 def run_url(
     url: str, rates: list[float], *, requests: int, prompt_len: tuple[int, int], max_tokens: int, slo_ttft: float,
     slo_tpot: float, model: str | None = None, seed: int = 0, timeout_s: float = 300.0,
@@ -159,6 +222,9 @@ def report(result: dict[str, Any]) -> str:
         )  # fmt: skip
         best = "-" if ratio is None else f"{ratio:.2f}"
         lines.append(f"goodput {m} ÷ colocated: best over the sweep {best}; per rate {per_rate}")
+        if "best_ratio_runs" in result:
+            each = ", ".join("-" if r is None else f"{r:.2f}" for r in result["best_ratio_runs"][m])
+            lines.append(f"  medians of {result['repeats']} runs; each run's best ratio: {each}")
     load = result["machine"]
     lines.append(f"{load['cpus']} CPUs, load average {load['loadavg_before'][0]:.1f} before, "
                  f"{load['loadavg_after'][0]:.1f} after")  # fmt: skip
