@@ -100,12 +100,13 @@ def draw(d: dict[str, Any]) -> Any:
         )
         lo, hi = w["prompt_len"]
         who = f"{w['backend']} backend, {w['model']}" if "backend" in w else f"the server at {w['url']}, {w['model']}"
-        load = (machine["loadavg_before"][0] + machine["loadavg_after"][0]) / 2
+        runs = machine.get("loadavg_runs", [machine["loadavg_before"][0], machine["loadavg_after"][0]])
+        load = f"{min(runs):.0f}–{max(runs):.0f}" if round(min(runs)) != round(max(runs)) else f"~{runs[0]:.0f}"
         fig.text(
             0.5, -0.02,
             f"{who}; {w['requests']} requests per rate, prompts of {lo}–{hi} tokens, "
             f"{w['max_tokens']} new tokens each, seed {w['seed']}; one thread per process; {machine['cpus']} CPUs "
-            f"at load average ~{load:.0f} ({machine['date'][:10]})",
+            f"at load average {load} ({machine['date'][:10]})",
             ha="center", va="top", fontsize=8.5,
         )  # fmt: skip
     return fig
