@@ -10,7 +10,8 @@ registers (tensorglot-torch: ``torch.distributed``). Modules, by concept: `admis
 context check, arrivals), `engine` (prefill and the continuous-batching decode loop), `pool` (the
 paged KV pool on `tensorglot.cache.PagedSlotMap`), `workers` (router with its routing policy, prefill
 and decode ranks, faults), `transport` (the interface and the messages), `launch` (processes),
-`colocated`, `metrics`, `cli` (``tensorglot serve``). The HTTP server (``tensorglot serve --port``):
+`colocated` (with chunked prefill), `metrics`, `cli` (``tensorglot serve``); `goodput` (attainment and
+goodput, shared with the load generator) and `sweep` (``tensorglot bench serve``). The HTTP server (``tensorglot serve --port``):
 `sampling`, `online` (its in-process continuous-batching engine), `prefix`, `text`, `openai_schema`, `http`,
 `measure`, `loadgen`.
 See docs/serving.md.
