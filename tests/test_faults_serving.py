@@ -42,18 +42,17 @@ def _reference(req: Request) -> list[int]:
     return out[0, len(req.prompt) :].tolist()
 
 
-# Missing capability (issue 14, item 3): a prefill worker frozen while it sends a request's KV makes the
-# decode worker's gloo receive time out, and that fails the decode worker instead of the one request.
-MID_TRANSFER = "a prefill worker frozen mid-transfer can time out the decode worker's receive and fail it"
-
-
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize(
-    "after", [-1, pytest.param(1, marks=pytest.mark.skip(reason=MID_TRANSFER))], ids=["at-start-up", "mid-run"]
+    "mode,after,interval",
+    [("stop", -1, 0.003), ("stop", 1, 0.003), ("stop-sending", 1, 0.8)],
+    ids=["at-start-up", "mid-run", "mid-transfer"],
 )
-def test_a_frozen_prefill_worker_costs_only_its_own_requests(after):
-    reqs = _requests(8)
-    faults = [Fault(1, "stop", after=after)]  # SIGSTOP: its heartbeat stops with it
+def test_a_frozen_prefill_worker_costs_only_its_own_requests(mode, after, interval):
+    # mid-transfer: frozen after the header and one array of a request's KV, so the decode worker's receive
+    # times out; the later arrivals (0.8 s apart) come after that timeout and must still be served.
+    reqs = _requests(8, interval=interval)
+    faults = [Fault(1, mode, after=after)]  # SIGSTOP: its heartbeat stops with it
     out = serve(reqs, MODEL, prefill_workers=2, timeout_s=3, faults=faults, deadline_s=150)
     for req, rec in zip(reqs, out["requests"]):
         assert rec["error"] is None and rec["tokens"] == _reference(req), req.rid
@@ -75,6 +74,30 @@ def test_losing_the_decode_worker_keeps_the_requests_it_completed(mode, why):
         if rec["error"] is not None:
             assert rec["tokens"] == [] and f"the decode worker (rank 2) {why}" in rec["error"]
     assert any(f"the decode worker (rank 2) {why}" in e and "failed" in e for e in out["events"])
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("mode,why", [("die", "failed: "), ("stop", "sent nothing for 3 s")], ids=["killed", "frozen"])
+def test_a_lost_decode_worker_costs_only_its_unfinished_requests_which_are_recomputed(mode, why):
+    reqs = _requests(8, interval=0.0)  # all at once: rank 3 holds several when its first one finishes
+    out = serve(reqs, MODEL, prefill_workers=1, decode_workers=2, timeout_s=3, faults=[Fault(3, mode, after=0)],
+                deadline_s=150)  # fmt: skip
+    for req, rec in zip(reqs, out["requests"]):
+        assert rec["error"] is None and rec["tokens"] == _reference(req), req.rid
+    recomputed = [r for r in out["requests"] if r["recomputed"]]
+    assert recomputed and all(r["decode_worker"] == 2 for r in recomputed)
+    assert any(f"the decode worker (rank 3) {why}" in e and "recomputing" in e for e in out["events"])
+
+
+@pytest.mark.timeout(180)
+def test_with_no_prefill_worker_left_each_decode_worker_prefills_its_own():
+    reqs = _requests(6, interval=0.05)
+    out = serve(reqs, MODEL, prefill_workers=1, decode_workers=2, timeout_s=3, faults=[Fault(1, "die", after=0)],
+                deadline_s=150)  # fmt: skip
+    for req, rec in zip(reqs, out["requests"]):
+        assert rec["error"] is None and rec["tokens"] == _reference(req), req.rid
+    assert {r["worker"] for r in out["requests"]} == {2, 3}  # each prefilled where it decodes
+    assert all(r["worker"] == r["decode_worker"] for r in out["requests"])
 
 
 @pytest.mark.timeout(180)

@@ -76,6 +76,7 @@ def test_step_equals_one_device_and_the_cost_model(config, strategy, n):
         model.param_bytes_per_rank,
         model.grad_bytes_per_rank,
     )
+    assert got.activation_bytes_per_rank == model.activation_bytes_per_rank > 0  # the tapes a rank kept
 
 
 @pytest.mark.parametrize("strategy", ["dp", "zero1", "zero2", "fsdp", "tp", "cp", "pp"])
@@ -155,6 +156,56 @@ def test_interleaved_pipeline_equals_one_device_with_a_smaller_bubble(strategy, 
     assert model.bubble == pytest.approx((p - 1) / (chunks * m + p - 1)) and model.bubble < plain.bubble
 
 
+@pytest.mark.parametrize(
+    ("strategy", "n", "m", "activation"),
+    [
+        ("pp", 4, 4, "swiglu"),
+        ("pp", 2, 4, "gelu"),
+        ("pp", 4, 2, "relu"),
+        ("tp_pp", 4, 2, "swiglu"),
+        ("dp_tp_pp", 8, 2, "gelu"),
+    ],
+)
+def test_zero_bubble_pipeline_equals_one_device_with_a_third_of_1f1bs_bubble(strategy, n, m, activation):
+    config = GQA.__class__(**{**GQA.to_dict(), "n_layers": 4, "activation": activation})
+    params, tokens, targets = _inputs(config, seed=6)
+    kw = {"microbatches": m, "schedule": "zb_h1"}
+    got = be.parallel.transformer_step(params, config, tokens, targets, strategy=strategy, world_size=n, lr=0.1, **kw)
+    loss, grads = be.layers.value_and_grad(tokens, targets, params, config)
+    np.testing.assert_allclose(got.loss, float(loss), rtol=1e-10)
+    for k in params:
+        np.testing.assert_allclose(got.grads[k], grads[k], rtol=1e-10, atol=1e-14, err_msg=k)
+        np.testing.assert_allclose(got.params[k], params[k] - 0.1 * grads[k], rtol=1e-10, atol=1e-14, err_msg=k)
+    model = P.transformer_cost(strategy, config, B, S, n, dtype="float64", **kw)
+    assert got.collectives == model.collectives and got.bytes_by_rank == model.bytes_by_rank
+    assert got.activation_bytes_by_stage == model.activation_bytes_by_stage  # tapes and W's buffers
+    p = model.activations_held.__len__()
+    assert list(got.schedule) == sorted(P.pipeline_schedule("zb_h1", p, m))
+    ran = 1 + max(row[0] for row in got.schedule)  # the slots the stages actually ran
+    assert ran == model.slots and sum(op == "W" for _, _, op, _ in got.schedule) == p * m
+    if m >= p:  # the paper's H1: (p−1)(T_F + T_B − T_W) idle slots per stage
+        assert model.slots == 3 * m + p - 1 and model.bubble == pytest.approx((p - 1) / (3 * m + p - 1))
+    plain = P.transformer_cost(strategy, config, B, S, n, microbatches=m, schedule="1f1b", dtype="float64")
+    assert model.bubble < plain.bubble
+    assert max(model.activations_held) == max(plain.activations_held)  # ZB-H1: 1F1B's min(p, m) microbatches
+
+
+def test_zero_bubble_schedule_laws():
+    for p, m in [(1, 3), (2, 2), (3, 5), (4, 2), (4, 8)]:
+        table = P.pipeline_schedule("zb_h1", p, m)
+        slot = {(op, i, j): t for t, i, op, j in table}
+        assert len(slot) == len(table) == 3 * p * m
+        for (op, i, j), t in slot.items():  # each op after what it reads
+            if op == "W":
+                assert t > slot["B", i, j]
+            elif op == "B":
+                assert t > (slot["F", i, j] if i == p - 1 else slot["B", i + 1, j])
+            elif i > 0:
+                assert t > slot["F", i - 1, j]
+        assert len({(t, i) for t, i, _, _ in table}) == len(table)  # one op per stage and slot
+        assert P.activations_held(table, p) == [min(p, m)] * p  # from F to W
+
+
 def test_interleaved_with_one_chunk_takes_1f1b_slots():
     from tensorglot.parallel.transformer_schedules import interleaved_schedule
 
@@ -199,6 +250,12 @@ def test_cost_model_closed_forms():
     cp = P.transformer_cost("cp", c, B, S, 2)
     kv = B * S // 2 * c.n_kv_heads * c.head_dim * item  # one K or V block
     assert cp.bytes_by_kind == {"send": c.n_layers * (2 + 6) * kv, "all_reduce": total}  # n−1 = 1 ring step
+    D, H, N, K, V, L = c.d_model, c.head_dim, c.n_heads, c.n_kv_heads, c.vocab_size, c.n_layers
+    tape = L * (4 * D + 2 * N * H + 2 * K * H) + 2 * D + V  # per position: every block's tape, the head's
+    assert P.transformer_cost("dp", c, B, S, n).activation_bytes_per_rank == B // n * S * tape * item
+    assert P.transformer_cost("cp", c, B, S, 2).activation_bytes_per_rank == B * S // 2 * tape * item
+    sp_tape = L * (2 * D // 2 + 2 * D + 2 * (N // 2) * H + 2 * (K // 2) * H) + (2 * D + V) // 2
+    assert P.transformer_cost("tp_sp", c, B, S, 2).activation_bytes_per_rank == B * S * sp_tape * item
     adam = P.transformer_cost("fsdp", c, B, S, n, optimizer="adamw")
     assert adam.optimizer_bytes_per_rank == 2 * total // n
 
@@ -215,6 +272,8 @@ def test_cost_model_closed_forms():
         ({"strategy": "dp", "microbatches": 2}, "microbatches are pp's"),
         ({"strategy": "pp", "schedule": "interleaved", "chunks": 2}, "chunks dividing n_layers / stages = 2/2"),
         ({"strategy": "pp", "schedule": "1f1b", "chunks": 2}, "chunks are the interleaved schedule's"),
+        ({"strategy": "pp", "schedule": "zb_h1", "chunks": 2}, "chunks are the interleaved schedule's; zb_h1"),
+        ({"strategy": "pp", "schedule": "zb_h2"}, "unknown schedule 'zb_h2', wanted one of gpipe, 1f1b, interleaved"),
         ({"strategy": "pp", "config": MQA_TIED}, "pp needs untied embeddings"),
         ({"strategy": "dp", "optimizer": "lion"}, "optimizer must be one of sgd, adamw"),
         ({"strategy": "dp", "timeout": 0}, "timeout must be a positive number"),
@@ -244,5 +303,42 @@ def test_cli_prints_measured_against_modelled(capsys):
         assert r["bytes_by_kind_measured"] == r["bytes_by_kind_model"] and r["bytes_per_device_measured"] > 0
         assert r["param_bytes_per_rank"][0] == r["param_bytes_per_rank"][1]
         assert r["max_abs_error"] < 1e-5
+        assert r["activation_bytes_per_rank"][0] == r["activation_bytes_per_rank"][1] > 0
     assert main([*args, "--strategy", "ring"]) != 0
     assert "unknown transformer strategy 'ring'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("schedule", "chunks", "slots"), [("zb_h1", None, 3 * 4 + 2 - 1), ("interleaved", "2", 18)])
+def test_cli_runs_every_pipeline_schedule(schedule, chunks, slots, capsys):
+    from tensorglot.cli import main
+
+    args = ["parallel", "--model", "transformer", "--backend", "numpy", "--world-size", "2", "--layers", "4"]
+    args += ["--batch", "4", "--d-model", "8", "--d-ff", "16", "--repeats", "1", "--microbatches", "4"]
+    args += ["--strategy", "pp", "--schedule", schedule, *(["--chunks", chunks] if chunks else [])]
+    assert main([*args, "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["schedule"] == schedule and row["slots"] == [slots, slots]
+    assert row["bytes_by_kind_measured"] == row["bytes_by_kind_model"] and row["max_abs_error"] < 1e-5
+    assert main(args) == 0
+    assert "measured differs" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--model", "transformer", "--strategy", "pp", "--schedule", "zb_h2"], "argument --schedule: invalid choice"),
+        (["--model", "transformer", "--strategy", "pp", "--chunks", "0"], "argument --chunks: wanted a positive int"),
+        (["--model", "transformer", "--strategy", "pp", "--chunks", "2"], "chunks are the interleaved schedule's"),
+        (["--strategy", "pp", "--schedule", "zb_h1"], "the MLP's pipeline runs gpipe or 1f1b without --chunks"),
+    ],
+)
+def test_cli_refuses_a_bad_schedule_in_one_line(flags, message, capsys):
+    from tensorglot.cli import main
+
+    try:
+        code = main(["parallel", "--backend", "numpy", "--layers", "2", "--batch", "4", *flags])
+    except SystemExit as exit_:  # argparse's own errors
+        code = exit_.code
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("tensorglot parallel: error: ") and message in err[0], err

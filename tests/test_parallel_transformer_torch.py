@@ -67,6 +67,7 @@ def test_every_strategy_on_two_gloo_ranks_equals_one_device():
         assert got.collectives == model.collectives, strategy
         assert got.bytes_by_rank == model.bytes_by_rank, strategy
         assert got.param_bytes_per_rank == model.param_bytes_per_rank, strategy
+        assert got.activation_bytes_per_rank == model.activation_bytes_per_rank, strategy
     assert list(got.schedule) == [] and got.world_size == 2
     deep = tensorglot.TransformerConfig(**{**GQA.to_dict(), "n_layers": 4})  # interleaved: 2 chunks per device
     params, tokens, targets = _inputs(deep)
@@ -76,6 +77,24 @@ def test_every_strategy_on_two_gloo_ranks_equals_one_device():
     np.testing.assert_allclose(got.loss, float(loss), rtol=1e-10)
     for k in params:
         np.testing.assert_allclose(got.grads[k], grads[k], rtol=1e-10, atol=1e-14, err_msg=f"interleaved {k}")
+
+
+@pytest.mark.timeout(180)
+def test_zero_bubble_pipeline_on_two_gloo_ranks_equals_one_device_and_runs_the_modelled_slots():
+    config = tensorglot.TransformerConfig(**{**GQA.to_dict(), "activation": "swiglu"})
+    params, tokens, targets = _inputs(config, seed=7)
+    kw = {"microbatches": 4, "schedule": "zb_h1"}
+    got = tparallel.transformer_step(params, config, tokens, targets, strategy="pp", world_size=2, timeout=120, **kw)
+    loss, grads = ref.layers.value_and_grad(tokens, targets, params, config)
+    np.testing.assert_allclose(got.loss, float(loss), rtol=1e-10)
+    for k in params:
+        np.testing.assert_allclose(got.grads[k], grads[k], rtol=1e-10, atol=1e-14, err_msg=f"zb_h1 {k}")
+    model = P.transformer_cost("pp", config, B, S, 2, dtype="float64", **kw)
+    assert got.collectives == model.collectives and got.bytes_by_rank == model.bytes_by_rank
+    assert got.activation_bytes_by_stage == model.activation_bytes_by_stage
+    assert list(got.schedule) == sorted(P.pipeline_schedule("zb_h1", 2, 4))
+    assert 1 + max(row[0] for row in got.schedule) == model.slots == 3 * 4 + 2 - 1
+    assert model.bubble < P.transformer_cost("pp", config, B, S, 2, microbatches=4, schedule="1f1b").bubble
 
 
 @pytest.mark.timeout(240)
@@ -99,6 +118,17 @@ def test_compositions_on_four_gloo_ranks_equal_one_device():
             np.testing.assert_allclose(got.grads[k], grads[k], rtol=1e-10, atol=1e-14, err_msg=f"{strategy} {k}")
         model = P.transformer_cost(strategy, config, B, S, 4, dtype="float64")
         assert got.collectives == model.collectives and got.bytes_by_rank == model.bytes_by_rank, strategy
+    params, tokens, targets = _inputs(config, seed=8)  # ZB-H1 with a tp all-reduce inside every B
+    kw = {"microbatches": 2, "schedule": "zb_h1", "timeout": 150}
+    got = tparallel.transformer_step(params, config, tokens, targets, strategy="tp_pp", world_size=4, **kw)
+    loss, grads = ref.layers.value_and_grad(tokens, targets, params, config)
+    np.testing.assert_allclose(got.loss, float(loss), rtol=1e-10)
+    for k in params:
+        np.testing.assert_allclose(got.grads[k], grads[k], rtol=1e-10, atol=1e-14, err_msg=f"tp_pp zb_h1 {k}")
+    kw.pop("timeout")
+    model = P.transformer_cost("tp_pp", config, B, S, 4, dtype="float64", **kw)
+    assert got.collectives == model.collectives and got.activation_bytes_by_stage == model.activation_bytes_by_stage
+    assert list(got.schedule) == sorted(P.pipeline_schedule("zb_h1", 2, 2))
 
 
 @pytest.mark.timeout(420)

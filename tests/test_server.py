@@ -315,10 +315,3 @@ def test_the_demo_model_takes_token_ids_and_a_leaving_client_cancels():
             time.sleep(0.05)
     finally:
         assert srv.stop() == 0
-
-
-@pytest.mark.timeout(120)
-def test_the_http_server_refuses_worker_counts():
-    cmd = [sys.executable, "-m", "tensorglot.cli", "serve", "--port", str(_free_port()), "--prefill-workers", "2"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "--prefill-workers" in done.stderr

@@ -197,3 +197,53 @@ def test_each_malformed_request_fails_alone_with_its_reason():
 def test_serve_refuses_a_timeout_it_cannot_honour(timeout):
     with pytest.raises(ValueError, match="serve: timeout_s must be a positive, finite number of seconds"):
         serve([Request(0, np.arange(3), 2)], Model("numpy", CONFIG.to_dict()), timeout_s=timeout)
+
+
+@needs_transport
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
+def test_two_decode_workers_share_the_load_and_tokens_equal_generate():
+    reqs = _workload(8)
+    for r in reqs:
+        r.arrival_s = 0.0  # the first two are routed back to back: to rank 2, then to the less loaded rank 3
+    out = serve(reqs, Model("numpy", CONFIG.to_dict(), seed=0), prefill_workers=1, decode_workers=2, timeout_s=60)
+    for req, rec in zip(reqs, out["requests"]):
+        assert rec["error"] is None and rec["kv_digest_ok"]
+        assert rec["tokens"] == _reference("numpy", req.prompt, req.max_new_tokens), req.rid
+        assert rec["worker"] == 1 and rec["decode_worker"] in (2, 3)
+    assert [rec["decode_worker"] for rec in out["requests"][:2]] == [2, 3]
+    assert out["summary"]["mode"] == "disaggregated (1 prefill + 2 decode)"
+
+
+def test_router_routes_by_outstanding_work():
+    from tensorglot.serving.router import work
+
+    assert work(Request(0, np.arange(10), 7), block_size=4) == 7 + 4  # 16 tokens of budget: 4 blocks
+    assert work(Request(1, np.arange(1), 1), block_size=16) == 1 + 1
+
+
+@needs_transport
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("prefix_blocks", [64, 0], ids=["prefix-aware", "no-cache"])
+def test_a_shared_prefix_is_routed_to_the_prefill_worker_that_holds_it(prefix_blocks):
+    rng = np.random.default_rng(3)
+    shared = {g: rng.integers(0, CONFIG.vocab_size, size=32) for g in "ab"}  # two full blocks of 16 each
+    groups = "ababab"
+    reqs = [
+        Request(i, np.concatenate([shared[g], rng.integers(0, CONFIG.vocab_size, size=2 + i % 3)]), 3,
+                arrival_s=0.0 if i < 2 else 0.3 * i)
+        for i, g in enumerate(groups)
+    ]  # fmt: skip
+    out = serve(reqs, Model("numpy", CONFIG.to_dict(), seed=0), prefill_workers=2, prefix_blocks=prefix_blocks,
+                timeout_s=60)  # fmt: skip
+    recs = out["requests"]
+    for req, rec in zip(reqs, recs):
+        assert rec["tokens"] == _reference("numpy", req.prompt, req.max_new_tokens), req.rid
+    cached = [rec["prefill_cached_tokens"] for rec in recs]
+    if prefix_blocks:
+        # a and b arrive together and go to ranks 1 and 2; each later one goes where its prefix is
+        assert [rec["worker"] for rec in recs] == [1, 2, 1, 2, 1, 2]
+        assert cached == [0, 0, 32, 32, 32, 32]  # 128 of 6 * 32 + 12 prompt tokens not computed again
+    else:
+        assert cached == [0] * 6

@@ -174,6 +174,23 @@ def test_pipeline_bubble_of_both_schedules_equals_the_spec() -> None:
     assert list(d["1f1b"]["peak_activations"]) == [min(p - i, m) for i in range(p)]
 
 
+def test_transformer_strategies_draw_the_cost_model_and_zb_h1_has_the_smaller_bubble() -> None:
+    from tensorglot_plots import transformer_strategies as fig
+
+    d = figure_data("transformer_strategies", "numpy")
+    assert len(d["labels"]) == len(fig.RUNS) == len(parallel.TRANSFORMER_STRATEGIES) + 1
+    tp = parallel.transformer_cost("tp", fig.CONFIG, fig.BATCH, fig.SEQ, fig.WORLD, dtype=fig.DTYPE, optimizer="adamw")
+    i = d["labels"].index("tp")
+    assert d["bytes_by_kind"][i].tolist() == [tp.bytes_by_kind["all_reduce"], 0, 0, 0]
+    want = [tp.param_bytes_per_rank, tp.grad_bytes_per_rank, tp.optimizer_bytes_per_rank, tp.activation_bytes_per_rank]
+    assert d["memory"][i].tolist() == want
+    one, zb = d["labels"].index("pp 1f1b"), d["labels"].index("pp zb_h1")
+    p, m = fig.WORLD, fig.MICROBATCHES
+    assert d["bubble"][one] == pytest.approx((p - 1) / (m + p - 1))
+    assert d["bubble"][zb] == pytest.approx((p - 1) / (3 * m + p - 1))
+    assert d["memory"][zb][3] > d["memory"][one][3]  # W's buffers outlive B: more activation memory
+
+
 def test_kv_cache_generates_the_same_tokens_and_faster_for_long_outputs() -> None:
     d = figure_data("kv_cache", "numpy")
     assert d["same_tokens"]

@@ -30,6 +30,7 @@ FIGURES = (
     "attention_roofline",
     "sharding_costs",
     "pipeline_schedules",
+    "transformer_strategies",
     "kv_cache",
     "serving_goodput",
 )

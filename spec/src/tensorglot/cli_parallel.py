@@ -29,7 +29,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--d-model", type=int, default=64)
     parser.add_argument("--d-ff", type=int, default=256)
     parser.add_argument("--microbatches", type=int, default=4, help="pp's microbatches")
-    parser.add_argument("--schedule", choices=spec.SCHEDULES, default="1f1b", help="pp's schedule")
+    parser.add_argument(
+        "--schedule",
+        choices=spec.PIPELINE_SCHEDULES,
+        default="1f1b",
+        help="pp's schedule (interleaved and zb_h1: --model transformer only)",
+    )
+    parser.add_argument(
+        "--chunks", type=positive_int, default=None, help="virtual stages per device of the interleaved schedule"
+    )
     parser.add_argument("--tp-size", type=int, default=None, help="dp_tp's tensor-parallel size")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument(
@@ -47,6 +55,11 @@ def collect(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.strategy != "all" and args.strategy not in spec.STRATEGIES:
         raise ValueError(
             f"parallel: unknown strategy {args.strategy!r}, wanted one of {', '.join(spec.STRATEGIES)} or all"
+        )
+    if args.schedule not in spec.SCHEDULES or args.chunks is not None:
+        raise ValueError(
+            f"parallel: the MLP's pipeline runs {' or '.join(spec.SCHEDULES)} without --chunks; got --schedule "
+            f"{args.schedule}{'' if args.chunks is None else f' --chunks {args.chunks}'} (use --model transformer)"
         )
     shape = spec.MLPShape(args.layers, args.batch, args.d_model, args.d_ff, args.dtype)
     name = resolve_name(args.backend)

@@ -27,6 +27,9 @@ if TYPE_CHECKING:
     from .layers import Layers
 
 Array = Any
+#: ZB-H1's deferred weight gradients: (parameter name, the linear's input x, its output's gradient dy,
+#: the parameter's shape); W computes each as xᵀ · dy.
+Deferred = list[tuple[str, Array, Array, tuple[int, ...]]]
 
 
 def _inputs(layers: Layers, fn: str, tokens: Any, targets: Any, params: Any, config: Any) -> Any:
@@ -81,6 +84,7 @@ class _Backward:
         self.layers, self.p, self.k, self.run = layers, p, layers._k, layers._run
         self.c, self.dt, self.xp = p.config, p.dtype, p.xp
         self.grads: dict[str, Array] = {}
+        self.deferred: Deferred | None = None  # ZB-H1's B: the linears' weight gradients are left to W
 
     def block(self, dout: Array, layer: int, s: dict[str, Array]) -> Array:
         """dx of one block; ``s`` is what its forward saved."""
@@ -105,10 +109,13 @@ class _Backward:
         B, S, D = shape(do)
         N, K, H = c.n_heads, c.n_kv_heads, c.head_dim
         wo = xp.reshape(w[pre + "wo"], (N * H, D))
-        dy, dwo, dbo = run(k.linear_backward, dt, (s["y"], wo, do), c.o_bias)
-        self.grads[pre + "wo"] = xp.reshape(dwo, (N, H, D))
-        if c.o_bias:
-            self.grads[pre + "bo"] = dbo
+        if self.deferred is not None:
+            dy = self.input_grad(s["y"], wo, do, pre + "wo")
+        else:
+            dy, dwo, dbo = run(k.linear_backward, dt, (s["y"], wo, do), c.o_bias)
+            self.grads[pre + "wo"] = xp.reshape(dwo, (N, H, D))
+            if c.o_bias:
+                self.grads[pre + "bo"] = dbo
         dy = xp.reshape(dy, (B, S, N, H))  # (B, S, N, H)
         scale = c.attn_scale or 1.0 / math.sqrt(H)
         options = (s["causal"], s["mask"], scale, *self.layers._softcap(self.p))
@@ -119,6 +126,10 @@ class _Backward:
         for name, d, heads in (("q", dq, N), ("k", dk, K), ("v", dv, K)):
             d = self.qk_norm(s.get(name + "_lin"), pre + name + "_norm", d, heads)  # (B, S, heads·H)
             w2 = xp.reshape(w[pre + "w" + name], (D, heads * H))
+            if self.deferred is not None:
+                dxi = self.input_grad(s["a"], w2, d, pre + "w" + name)
+                da = dxi if da is None else da + dxi
+                continue
             dxi, dw, db = run(k.linear_backward, dt, (s["a"], w2, d), c.qkv_bias)
             da = dxi if da is None else da + dxi
             self.grads[pre + "w" + name] = xp.reshape(dw, (D, heads, H))
@@ -144,6 +155,8 @@ class _Backward:
         pre = f"layers.{layer}."
         names = [n for n in mlp_names(c) if n.startswith("w")]
         weights = [w[pre + n] for n in names]
+        if self.deferred is not None:
+            return self.mlp_input_grad(m, [pre + n for n in names], weights, dz)
         x = m
         if c.mlp_bias:
             x, weights, _ = _fold_biases(m, weights, w, pre, c, xp)
@@ -161,6 +174,56 @@ class _Backward:
         self.grads[pre + names[-1]] = dws[-1]
         self.grads[pre + biases[-1]] = xp.sum(xp.reshape(dz, (-1, D)), axis=0)
         return dx[..., :D]
+
+    # ZB-H1's B (arXiv:2401.10241): the input gradient through each linear, dx = dy · wᵀ, keeping what
+    # its weight gradient xᵀ · dy needs (x and dy) for W (`_weight_grads`). Linears without biases only
+    # (the Llama block the parallel step runs); the norms' gradients stay in B.
+    def input_grad(self, x: Array, w2: Array, dy: Array, name: str) -> Array:
+        """dy · wᵀ, leaving (name, x, dy) for W."""
+        self._defer(name, x, dy, shape(self.p.params[name]))
+        return self.run(self.k.linear, self.dt, (dy, w2.T, None))
+
+    def _defer(self, name: str, x: Array, dy: Array, to: tuple[int, ...]) -> None:
+        c = self.c
+        if self.deferred is None or c.qkv_bias or c.o_bias or c.mlp_bias:
+            raise ValueError(f"_Backward: {name}'s weight gradient can be deferred only in a B pass without biases")
+        self.deferred.append((name, x, dy, to))
+
+    def mlp_input_grad(self, m: Array, names: list[str], weights: list[Array], dz: Array) -> Array:
+        """dm of the MLP unfused, its linears one by one and the activation between them, recomputing
+        the hidden layer as the fused kernel does."""
+        k, run, dt, act = self.k, self.run, self.dt, self.c.activation
+
+        def lin(x: Array, w2: Array) -> Array:
+            return run(k.linear, dt, (x, w2, None))
+
+        *inputs, w_last = weights
+        pre = [lin(m, w) for w in inputs]  # (B, S, F): the gate and up projections, or the one input's
+        dlast = lin(dz, w_last.T)  # the gradient of the last linear's input
+        if act in GATED:
+            g, u = pre
+            s = self.activation(g, GATES[act], None)
+            dg, du = self.activation(g, GATES[act], dlast * u), dlast * s
+            self._defer(names[0], m, dg, shape(inputs[0]))
+            self._defer(names[1], m, du, shape(inputs[1]))
+            self._defer(names[2], s * u, dz, shape(w_last))
+            return lin(dg, inputs[0].T) + lin(du, inputs[1].T)
+        dh = self.activation(pre[0], act, dlast)
+        self._defer(names[0], m, dh, shape(inputs[0]))
+        self._defer(names[1], self.activation(pre[0], act, None), dz, shape(w_last))
+        return lin(dh, inputs[0].T)
+
+    def activation(self, h: Array, name: str, dy: Array | None) -> Array:
+        """act(h), or with ``dy`` act'(h) · dy. The kernels hold the activations only inside the fused
+        MLPs: a 1 × 1 MLP of unit weights is the activation alone, so its kernels give both exactly."""
+        xp = self.xp
+        one = xp.ones((1, 1), dtype=h.dtype, device=device(h))
+        flat = xp.reshape(h, (-1, 1))  # (B·S·F, 1): every element a sample
+        if dy is None:
+            out = self.run(self.k.mlp, self.dt, (flat, one, one), name)
+        else:
+            out = self.run(self.k.mlp_backward, self.dt, (flat, one, one, xp.reshape(dy, (-1, 1))), name)[0]
+        return xp.reshape(out, shape(h))
 
     def norm(self, x: Array, name: str, dy: Array) -> Array:
         """dx of the norm ``name`` (of the config's kind) applied to x; its weight's (and bias's) gradient."""
@@ -181,17 +244,32 @@ class _Backward:
 
 # The two halves of a block's backward, for the parallel step's units (`tensorglot.parallel.transformer_blocks`),
 # which put their collectives between them: each adds its parameters' gradients to ``grads``.
-def _mlp_backward(layers: Layers, dz: Array, p: _Pass, layer: int, s: dict[str, Array], grads: dict) -> Array:
+# With ``deferred`` (ZB-H1's B) each leaves its linears' weight gradients there, for `_weight_grads`.
+def _mlp_backward(
+    layers: Layers, dz: Array, p: _Pass, layer: int, s: dict[str, Array], grads: dict, deferred: Deferred | None = None
+) -> Array:
     """Back through ``mlp(m)``: dm (a tensor-parallel rank's partial sum when its weights are shards)."""
     back = _Backward(layers, p)
+    back.deferred = deferred
     dm = back.mlp(s["m"], layer, dz)
     grads.update(back.grads)
     return dm
 
 
-def _attention_backward(layers: Layers, do: Array, p: _Pass, layer: int, s: dict[str, Array], grads: dict) -> Array:
+def _attention_backward(
+    layers: Layers, do: Array, p: _Pass, layer: int, s: dict[str, Array], grads: dict, deferred: Deferred | None = None
+) -> Array:
     """Back through ``attention(a)`` and its output projection: da."""
     back = _Backward(layers, p)
+    back.deferred = deferred
     da = back.attention(s, layer, do)
     grads.update(back.grads)
     return da
+
+
+def _weight_grads(layers: Layers, dtype: str, deferred: Deferred, grads: dict) -> None:
+    """ZB-H1's W: each deferred linear's weight gradient xᵀ · dy (over every position), into ``grads``."""
+    for name, x, dy, to in deferred:
+        xp = array_namespace(x)
+        x2, dy2 = xp.reshape(x, (-1, shape(x)[-1])), xp.reshape(dy, (-1, shape(dy)[-1]))  # (B·S, in), (B·S, out)
+        grads[name] = xp.reshape(layers._run(layers._k.linear, dtype, (x2.T, dy2, None)), to)

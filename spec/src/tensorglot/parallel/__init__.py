@@ -27,9 +27,10 @@ By concern:
     from the same layer functions);
   * `devices`: `request_host_devices`, a plugin hook.
 
-The transformer (`transformer`, `transformer_rank`, `transformer_blocks`, `transformer_ring`,
-`transformer_fsdp_tp`, `transformer_shards`, `transformer_schedules`, `transformer_cost`): one training
-step of the spec's model under dp, zero1, zero2, fsdp, tp, tp_sp, cp, pp (gpipe, 1f1b, interleaved)
+The transformer (`transformer`, `transformer_rank`, `transformer_pipeline`, `transformer_blocks`,
+`transformer_ring`, `transformer_fsdp_tp`, `transformer_shards`, `transformer_schedules`,
+`transformer_cost`): one training step of the spec's model under dp, zero1, zero2, fsdp, tp, tp_sp, cp,
+pp (gpipe, 1f1b, interleaved, zb_h1)
 and the meshes dp_tp, dp_pp, tp_pp, dp_tp_pp, fsdp_tp, written once per rank over the same
 `Collectives` (``be.parallel.transformer_step``), with its own cost model (`transformer_cost`).
 
@@ -62,6 +63,7 @@ from .mlp import param_names as param_names
 from .mlp import rank_step as rank_step
 from .mlp import sgd as sgd
 from .schedules import SCHEDULES as SCHEDULES
+from .schedules import ZERO_BUBBLE as ZERO_BUBBLE
 from .schedules import activations_held as activations_held
 from .schedules import pipeline_bubble as pipeline_bubble
 from .schedules import pipeline_schedule as pipeline_schedule

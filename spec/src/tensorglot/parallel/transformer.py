@@ -21,8 +21,9 @@ Strategies (`TRANSFORMER_STRATEGIES`; the per-rank programs are in `transformer_
   * ``cp``: context parallel, ring attention over a head and a tail chunk of the sequence per rank
     (`transformer_ring`); the K/V blocks are sends around the ring, the gradients all-reduced as in dp.
   * ``pp``: the blocks in n stages (the embedding on the first, the head on the last), the batch in m
-    microbatches, run by `pipeline_schedule` (gpipe, 1f1b) or `interleaved_schedule` (``chunks``
-    virtual stages per device); activations and gradients are sends, tagged by stage and microbatch.
+    microbatches, run by `pipeline_schedule` (gpipe, 1f1b, zb_h1: the backward split into B and W) or
+    `interleaved_schedule` (``chunks`` virtual stages per device) (`transformer_pipeline`); activations
+    and gradients are sends, tagged by stage and microbatch.
   * ``fsdp_tp`` (`transformer_fsdp_tp`): tp in rows of t, each tp piece split flat fsdp-style down
     the columns of d (gathered per unit, gradients reduce-scattered).
   * ``dp_tp``, ``dp_pp``, ``tp_pp``, ``dp_tp_pp``: a (d, pp, tp) mesh, rank = dp·(pp·tp) + stage·tp +
@@ -145,6 +146,7 @@ class TransformerStepResult(Traffic):
     schedule: tuple[tuple[Any, ...], ...] = ()  # pp: the rows of the table the stages ran
     seconds: float = 0.0
     activation_bytes_by_stage: tuple[int, ...] = ()  # pp: the peak bytes of tapes each device kept
+    activation_bytes_per_rank: int = 0  # the peak bytes of tapes (ZB-H1: and W's buffers) a rank kept
 
 
 def place(shapes: Mapping[str, tuple[int, ...]], pieces: Sequence[dict[str, tuple[Any, Where]]]) -> dict:
@@ -204,8 +206,9 @@ def gather_transformer(task: Task, outputs: Sequence[tuple[TransformerPieces, Se
         tuple(sorted(e for p in pieces for e in p.schedule)),
         max(seconds),
         tuple(pieces[i * task.step.tp].memory["activations"] for i in range(task.step.pp))
-        if "activations" in pieces[0].memory
+        if task.step.strategy in ("pp", "dp_pp", "tp_pp", "dp_tp_pp")
         else (),
+        max(p.memory.get("activations", 0) for p in pieces),
     )
 
 

@@ -21,7 +21,7 @@ from array_api_compat import device
 from ..forward import _head, _Pass, mlp_names
 from ..frontend import index_ids
 from ..params import TransformerConfig
-from ..training import _attention_backward, _mlp_backward
+from ..training import Deferred, _attention_backward, _mlp_backward, _weight_grads
 
 Array = Any
 Hook = Callable[[Array, str], Array]
@@ -106,15 +106,26 @@ def block_forward(m: Model, w: dict[str, Array], x: Array, layer: int, split: Sp
 
 
 def block_backward(
-    m: Model, w: dict[str, Array], dout: Array, layer: int, saved: dict, grads: dict, split: Split = WHOLE, /
+    m: Model,
+    w: dict[str, Array],
+    dout: Array,
+    layer: int,
+    saved: dict,
+    grads: dict,
+    split: Split = WHOLE,
+    /,
+    deferred: Deferred | None = None,
 ) -> Array:
-    """`tensorglot.training`'s block backward with the split's collectives between its halves: dx."""
+    """`tensorglot.training`'s block backward with the split's collectives between its halves: dx.
+    With ``deferred`` it is ZB-H1's B: the linears' weight gradients are left there for `weight_backward`
+    (the norms' are computed here: they are small and read what B has at hand)."""
     lay, p, pre, eps = m.layers, m.pass_(w), f"layers.{layer}.", m.config.norm_eps
-    dm = _mlp_backward(lay, split.leave_grad(dout, pre + "mlp output grad"), p, layer, saved, grads)
+    dm = _mlp_backward(lay, split.leave_grad(dout, pre + "mlp output grad"), p, layer, saved, grads, deferred)
     dm = split.enter_grad(dm, pre + "mlp input grad")
     dh_norm, grads[pre + "mlp_norm"] = m.run("rms_norm_backward", (saved["h"], w[pre + "mlp_norm"], dm), eps)
     dh = dout + dh_norm
-    da = _attention_backward(lay, split.leave_grad(dh, pre + "attention output grad"), p, layer, saved, grads)
+    da = split.leave_grad(dh, pre + "attention output grad")
+    da = _attention_backward(lay, da, p, layer, saved, grads, deferred)
     da = split.enter_grad(da, pre + "attention input grad")
     dx_norm, grads[pre + "attn_norm"] = m.run("rms_norm_backward", (saved["x"], w[pre + "attn_norm"], da), eps)
     return dh + dx_norm
@@ -128,16 +139,37 @@ def head_forward(m: Model, w: dict[str, Array], x: Array, targets: Array, /) -> 
     return m.run("cross_entropy", (logits,), targets), (x, n, logits)
 
 
-def head_backward(m: Model, w: dict[str, Array], saved: tuple, targets: Array, dloss: float, grads: dict, /) -> Array:
+def head_backward(
+    m: Model,
+    w: dict[str, Array],
+    saved: tuple,
+    targets: Array,
+    dloss: float,
+    grads: dict,
+    /,
+    deferred: Deferred | None = None,
+) -> Array:
     """Back from ``dloss`` (the weight of this piece's mean in the step's loss) to dx; the head's
-    gradients go to ``grads`` (tied: ``embed`` gets dhead.T, to be added to the embedding's)."""
+    gradients go to ``grads`` (tied: ``embed`` gets dhead.T, to be added to the embedding's). With
+    ``deferred`` (ZB-H1's B, untied) the output projection's is left there for `weight_backward`."""
     x, n, logits = saved
     d = m.xp.full((), dloss, dtype=logits.dtype, device=device(logits))
     dlogits = m.run("cross_entropy_backward", (logits, d), targets)
-    dn, dhead, _ = m.run("linear_backward", (n, _head(w, m.config), dlogits), False)
+    head = _head(w, m.config)
+    if deferred is not None:
+        deferred.append(("lm_head", n, dlogits, tuple(head.shape)))
+        dn = m.run("linear", (dlogits, head.T, None))
+        dx, grads["norm"] = m.run("rms_norm_backward", (x, w["norm"], dn), m.config.norm_eps)
+        return dx
+    dn, dhead, _ = m.run("linear_backward", (n, head, dlogits), False)
     dx, grads["norm"] = m.run("rms_norm_backward", (x, w["norm"], dn), m.config.norm_eps)
     if m.config.tie_embeddings:
         grads["embed"] = dhead.T
     else:
         grads["lm_head"] = dhead
     return dx
+
+
+def weight_backward(m: Model, deferred: Deferred, grads: dict, /) -> None:
+    """ZB-H1's W: the weight gradients a B pass left in ``deferred``, into ``grads``."""
+    _weight_grads(m.layers, m.dtype, deferred, grads)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 from ..params import TransformerConfig, param_shapes
-from .schedules import SCHEDULES
+from .schedules import SCHEDULES, ZERO_BUBBLE
 from .step import default_tp_size
 
 TRANSFORMER_STRATEGIES = (
@@ -24,7 +24,8 @@ TRANSFORMER_STRATEGIES = (
     "dp_tp_pp",
     "fsdp_tp",
 )
-PIPELINE_SCHEDULES = (*SCHEDULES, "interleaved")
+PIPELINES = ("pp", "dp_pp", "tp_pp", "dp_tp_pp")  # the strategies that run a pipeline schedule
+PIPELINE_SCHEDULES = (*SCHEDULES, "interleaved", ZERO_BUBBLE)
 #: The architecture fields a parallel step honours only at these values (every other config field is free).
 LLAMA_BLOCK = {"norm_placement": "pre", "norm_kind": "rms", "norm_bias": False, "norm_offset": 0.0,
                "qkv_bias": False, "o_bias": False, "mlp_bias": False, "qk_norm": None, "windows": None,

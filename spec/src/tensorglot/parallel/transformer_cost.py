@@ -12,7 +12,17 @@ With P_k one parameter's bytes, A = B·S·D·itemsize one residual-stream activa
   * pp: each stage sends a (B/m, S, D) activation per microbatch forward and its gradient back.
 
 Memory per rank: parameters kept between steps, gradients held after the backward, optimizer state
-(AdamW: 2 arrays per parameter element the rank updates).
+(AdamW: 2 arrays per parameter element the rank updates), and activations: the tapes every unit keeps
+from its forward to its backward, all alive as the backward starts. A block's tape holds the stream x
+and h at the rank's s_r positions, the sublayer inputs a and m, and q, y (N_r heads), k, v (K_r kv
+heads) at its s_i positions; the head's x, n (D) and logits (V) at s_r. With b samples per rank:
+    L · b·(2·s_r·D + s_i·(2D + 2·N_r·H + 2·K_r·H)) + b·s_r·(2D + V), times the itemsize, where
+  * dp, zero1, zero2, fsdp: b = B/n, s_r = s_i = S, N_r = N, K_r = K (the whole local batch's);
+  * tp (dp_tp, fsdp_tp: b = B/d): N_r = N/t, K_r = max(K/t, 1) (heads and columns split; the stream
+    and the sublayer inputs are whole);
+  * tp_sp: s_r = S/t (norms and the stream sequence-split), s_i = S (a sublayer's gathered input);
+  * cp: s_r = s_i = S/n (the ring's log-sum-exp, (B, N, S/n) per layer, is not counted);
+  * pipelines: the peak over a device's schedule (`_tape_peaks`), one microbatch's tape per F held.
 """
 
 from __future__ import annotations
@@ -21,15 +31,16 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from ..param_layout import GATED
 from ..params import TransformerConfig, param_shapes
 from .cost import Collective
+from .schedules import activations_held
 from .step import ITEMSIZE
 from .transformer import Traffic
 from .transformer_blocks import block_names, head_names
 from .transformer_checks import check_chunks, check_transformer_step
 from .transformer_optim import OPTIMIZERS
 from .transformer_ring import cp_ring_bytes
-from .transformer_schedules import interleaved_held
 from .transformer_shards import device_names, pipeline_table, tp_where
 
 
@@ -48,6 +59,7 @@ class TransformerCost(Traffic):
     slots: int = 0  # pp: the schedule's time slots
     activations_held: tuple[int, ...] = ()  # pp: the peak microbatches of activations each stage holds
     activation_bytes_by_stage: tuple[int, ...] = ()  # pp: the peak bytes of the tapes each device keeps
+    activation_bytes_per_rank: int = 0  # the peak bytes of the tapes (ZB-H1: and W's buffers) a rank keeps
 
 
 def transformer_cost(
@@ -112,20 +124,24 @@ def transformer_cost(
         kept = total if strategy != "fsdp" else total // n
         grads = total if strategy in ("dp", "zero1") else total // n
         updated = total if strategy == "dp" else total // n
-        return _result(strategy, n, [log] * n, kept, grads, state_arrays * updated)
+        tapes = _tapes(c, batch // n, seq, seq, 1, item)
+        return _result(strategy, n, [log] * n, kept, grads, state_arrays * updated, tapes)
     if strategy == "cp":
         _walk_cp(c, size, batch, seq, n, item, log)
-        return _result(strategy, n, [log] * n, total, total, state_arrays * total)
+        tapes = _tapes(c, batch, seq // n, seq // n, 1, item)
+        return _result(strategy, n, [log] * n, total, total, state_arrays * total, tapes)
     local = {k: size[k] if tp_where(k, c, tp, 0) is None else size[k] // _tp_parts(k, c, tp) for k in names}
     if strategy == "fsdp_tp":
         kept = sum(local.values()) // d
         _walk_fsdp(c, local, log, d, gather=True, act=batch // d * seq * c.d_model * item, t=tp)
-        return _result(strategy, n, [log] * n, kept, kept, state_arrays * kept)
+        tapes = _tapes(c, batch // d, seq, seq, tp, item)
+        return _result(strategy, n, [log] * n, kept, kept, state_arrays * kept, tapes)
     if strategy in ("tp", "tp_sp", "dp_tp"):
         act = batch // d * seq * c.d_model * item
         kept = sum(local.values())
         _walk_tp(c, size, local, act, tp, d, strategy == "tp_sp", log)
-        return _result(strategy, n, [log] * n, kept, kept, state_arrays * kept)
+        tapes = _tapes(c, batch // d, seq // tp if strategy == "tp_sp" else seq, seq, tp, item)
+        return _result(strategy, n, [log] * n, kept, kept, state_arrays * kept, tapes)
     v = check_chunks(c, schedule, pp, m, chunks)
     micro = batch // d // m * seq * c.d_model * item
     return _pipeline(strategy, c, local, micro, schedule, m, tp, pp, d, v, state_arrays)
@@ -142,6 +158,8 @@ def _pipeline(strategy: str, c: TransformerConfig, local: dict, micro: int, sche
         vs = ch * p + i
         blocks = range(vs * per, (vs + 1) * per)
         ops = by_stage[i]
+        if op == "W":  # ZB-H1's weight gradients: nothing to send
+            continue
         if op == "F":
             for b in blocks if t > 1 else ():
                 ops += [Collective("all_reduce", f"layers.{b}.{sub} output", micro, t) for sub in ("attention", "mlp")]
@@ -163,25 +181,53 @@ def _pipeline(strategy: str, c: TransformerConfig, local: dict, micro: int, sche
     n = d * p * t
     out = _result(strategy, n, [by_stage[r // t % p] for r in range(n)], kept, kept, state * kept)
     slots = 1 + max(row[0] for row in table)
-    held = tuple(interleaved_held(table, p))
+    held = tuple(activations_held([row[:4] for row in table], p))
     tapes = _tape_peaks(c, table, p, v, t, micro)
-    out = dataclasses.replace(out, bubble=1 - 2 * m * v / slots, slots=slots, activations_held=held)
-    return dataclasses.replace(out, activation_bytes_by_stage=tapes)
+    bubble = 1 - len(table) / (p * slots)  # every device runs the same number of ops, one slot each
+    out = dataclasses.replace(out, bubble=bubble, slots=slots, activations_held=held)
+    return dataclasses.replace(out, activation_bytes_by_stage=tapes, activation_bytes_per_rank=max(tapes))
+
+
+def _tapes(c: TransformerConfig, b: int, s_r: int, s_i: int, t: int, item: int) -> int:
+    """The bytes of every unit's tape on a rank of b samples (see the module's formula)."""
+    D, H = c.d_model, c.head_dim
+    heads, kv = c.n_heads // t, max(c.n_kv_heads // t, 1)
+    block = b * (2 * s_r * D + s_i * (2 * D + 2 * heads * H + 2 * kv * H))
+    return (c.n_layers * block + b * s_r * (2 * D + c.vocab_size)) * item
 
 
 def _tape_peaks(c: TransformerConfig, table: list, p: int, v: int, t: int, micro: int) -> tuple[int, ...]:
     """Each device's peak bytes of tapes, kept from a chunk's F to its B: per block x, a, h, m (each one
-    microbatch's (b, S, D)), q and y (N/t heads), k and v (the rank's kv heads); the head's x, n, logits."""
-    D, H = c.d_model, c.head_dim
+    microbatch's (b, S, D)), q and y (N/t heads), k and v (the rank's kv heads); the head's x, n, logits.
+    ZB-H1's W keeps, from B to W, each linear's input and output gradient: per block a, dq, dk, dv (q,
+    k, v), y and do (wo), m, dz and 2 (gated: 3) (b, S, F/t) of the MLP; the head's n and dlogits; on
+    the first stage the embedding's (b, S, D) gradient. B's peak holds the tape and these at once (a, m,
+    y and the head's n are the same arrays)."""
+    D, H, F = c.d_model, c.head_dim, c.d_ff // t
     heads, kv = c.n_heads // t, max(c.n_kv_heads // t, 1)
     per_d = micro // D  # b·S·itemsize
     block = per_d * (4 * D + 2 * heads * H + 2 * kv * H)
     head = per_d * (2 * D + c.vocab_size)
+    w_block = per_d * (4 * D + 2 * heads * H + 2 * kv * H + (3 if c.activation in GATED else 2) * F)
+    w_head, w_embed = per_d * (D + c.vocab_size), per_d * D
+    shared_block, shared_head = per_d * (2 * D + heads * H), per_d * D
     per, last = c.n_layers // (p * v), p * v - 1
+    zero_bubble = any(row[2] == "W" for row in table)
     held, peak = [0] * p, [0] * p
-    for _, i, op, _, ch in sorted(table, key=lambda e: (e[0], e[2] == "B")):
-        size = per * block + (head if ch * p + i == last else 0)
-        held[i] += size if op == "F" else -size
+    for _, i, op, _, ch in sorted(table, key=lambda e: e[0]):
+        vs = ch * p + i
+        tape = per * block + (head if vs == last else 0)
+        kept = shared = 0
+        if zero_bubble:
+            kept = per * w_block + (w_head if vs == last else 0) + (w_embed if vs == 0 else 0)
+            shared = per * shared_block + (shared_head if vs == last else 0)
+        if op == "F":
+            held[i] += tape
+        elif op == "B":
+            peak[i] = max(peak[i], held[i] + kept - shared)
+            held[i] += kept - tape
+        else:
+            held[i] -= kept
         peak[i] = max(peak[i], held[i])
     return tuple(peak)
 
@@ -305,7 +351,8 @@ def _walk_cp(c: TransformerConfig, size: dict, batch: int, seq: int, n: int, ite
     done(["embed"])
 
 
-def _result(strategy: str, n: int, by_rank, kept: int, grads: int, state: int) -> TransformerCost:
+def _result(strategy: str, n: int, by_rank, kept: int, grads: int, state: int, tapes: int = 0) -> TransformerCost:
     bytes_by_rank = tuple(sum(x.bytes_per_device for x in log) for log in by_rank)
     busiest = max(range(n), key=bytes_by_rank.__getitem__)
-    return TransformerCost(strategy, n, tuple(by_rank[busiest]), bytes_by_rank, kept, grads, state)
+    cost = TransformerCost(strategy, n, tuple(by_rank[busiest]), bytes_by_rank, kept, grads, state)
+    return dataclasses.replace(cost, activation_bytes_per_rank=tapes)

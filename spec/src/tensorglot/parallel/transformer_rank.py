@@ -13,7 +13,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from array_api_compat import array_namespace, device
+from array_api_compat import array_namespace
 
 from .collectives import Collectives, nbytes
 from .transformer import Task, TransformerPieces, Where
@@ -32,8 +32,9 @@ from .transformer_blocks import (
     local_config,
 )
 from .transformer_fsdp_tp import fsdp_tp_rank
+from .transformer_pipeline import pp_rank, tape_bytes
 from .transformer_ring import cp_rank
-from .transformer_shards import device_names, flat_where, mesh_groups, pipeline_table, take, tp_where
+from .transformer_shards import flat_where, mesh_groups, take, tp_where
 
 Array = Any
 Pieces = dict[str, tuple[Array, Where]]
@@ -54,6 +55,7 @@ class _Rank:
         self.xp = array_namespace(self.params["embed"])
         self.model = Model(layers, task.config, task.step.dtype, self.xp)
         self.layers = layers
+        self.activations = 0  # the peak bytes of the units' tapes, kept from their forward to their backward
 
     def batch_part(self, x: Array, i: int, k: int) -> Array:
         size = x.shape[0] // k
@@ -86,6 +88,7 @@ class _Rank:
             "params": sum(nbytes(a) for a, _ in new.values()),
             "grads": sum(nbytes(a) for a, _ in grads.values()),
             "optimizer_state": state_bytes,
+            "activations": self.activations,
         }
         return TransformerPieces(loss, grads, new, state, memory, schedule or [])
 
@@ -109,6 +112,7 @@ class _Rank:
             x, saved = block_forward(m, weights(block_names(c, i), "forward"), x, i, split)
             tapes.append(saved)
         loss, head = head_forward(m, weights(head_names(c), "forward"), x, targets)
+        self.activations = tape_bytes(tapes, head)  # every unit's tape is alive as the backward starts
         grads: dict[str, Array] = {}
         dx = head_backward(m, weights(head_names(c), "backward"), head, targets, dloss, grads)
         done(["norm"] if c.tie_embeddings else ["norm", "lm_head"], grads)
@@ -130,7 +134,7 @@ def _dp(rk: _Rank) -> TransformerPieces:
     zero1 reduce-scatters them instead, updates its 1/n and all-gathers the parameters."""
     comm, n, r = rk.comm, rk.n, rk.r
     tok, tgt = rk.batch_part(rk.tokens, r, n), rk.batch_part(rk.targets, r, n)
-    loss, grads = rk.layers.value_and_grad(tok, tgt, rk.params, rk.config)
+    loss, grads = rk.walk(lambda names, phase: rk.params, tok, tgt, 1.0)  # value_and_grad, its tapes counted
     names = list(reversed(list(rk.params)))  # backward order: the head's gradients are ready first
     if rk.step.strategy == "dp":
         summed = {k: comm.all_reduce(grads[k], tensor=f"{k} grad") / n for k in names}
@@ -153,6 +157,7 @@ def _zero_update(rk: _Rank, loss: float, shards: Pieces) -> TransformerPieces:
         "params": sum(nbytes(a) for a, _ in params.values()),
         "grads": sum(nbytes(rk.params[k]) for k in shards) if rk.step.strategy == "zero1" else 0,
         "optimizer_state": state_bytes,
+        "activations": rk.activations,
     }
     if rk.step.strategy == "zero2":  # only the 1/n shards outlive each unit's backward
         memory["grads"] = sum(nbytes(g) for g, _ in shards.values())
@@ -235,111 +240,9 @@ def _tp(rk: _Rank) -> TransformerPieces:
     return rk.pieces(loss / n, {k: (g[k], wheres[k]) for k in rk.params}, mine)
 
 
-def _pp(rk: _Rank) -> TransformerPieces:
-    """Stage i of p runs its rows of `pipeline_schedule` on m microbatches of its replica's B/d samples;
-    activations go forward and their gradients back as sends to the same tp index of the next stage.
-    With tp > 1 each stage is a Megatron group (its heads and MLP columns, the embedding and head
-    replicated); with d > 1 each rank's gradients are all-reduced down its column, in one bucket."""
-    comm, xp, c, m, p, t = rk.comm, rk.xp, rk.config, rk.step.microbatches, rk.step.pp, rk.step.tp
-    d, replica, i, col = rk.n // (p * t), rk.r // (p * t), rk.r // t % p, rk.r % t
-    v, table = pipeline_table(rk.step.schedule, p, m, rk.step.chunks)
-    V, per = p * v, c.n_layers // (p * v)  # virtual stages; chunk ch of device i is virtual stage ch·p + i
-    names = device_names(c, i, p, v)
-    wheres = {k: tp_where(k, c, t, col) for k in names}
-    stage = {k: take(rk.params[k], wheres[k]) for k in names}
-    rows = [[a + k for k in range(t)] for a in range(0, rk.n, t)]  # each stage's tp group
-    split = WHOLE
-    if t > 1:
-
-        def all_reduce(x: Array, tensor: str) -> Array:
-            return comm.all_reduce(x, tensor=tensor, groups=rows)
-
-        split = Split(enter_grad=all_reduce, leave=all_reduce)
-    model = Model(rk.layers, local_config(c, t), rk.step.dtype, xp)
-    tokens, targets = rk.batch_part(rk.tokens, replica, d), rk.batch_part(rk.targets, replica, d)
-    b, S = tokens.shape
-    like = xp.zeros((b // m, S, c.d_model), dtype=stage[names[0]].dtype, device=device(stage[names[0]]))
-
-    def rank_of(vs: int) -> int:  # the rank of this one's replica and tp index that runs virtual stage vs
-        return replica * p * t + vs % p * t + col
-
-    sums: dict[str, Array] = {}
-    tapes: dict[tuple[int, int], Any] = {}
-    loss, ran, held, peak = 0.0, [], 0, 0  # held: the bytes of the tapes kept from F to B
-    for entry in table:
-        _, s, op, j, ch = entry
-        if s != i:
-            continue
-        ran.append(entry if v > 1 else entry[:4])
-        vs = ch * p + i
-        blocks = range(vs * per, (vs + 1) * per)
-        tok, tgt = rk.batch_part(tokens, j, m), rk.batch_part(targets, j, m)
-        grads: dict[str, Array] = {}
-        if op == "F":  # a message's tag: 2·(its sender's virtual stage·m + j), + 1 for gradients
-            x = (
-                embed_forward(model, stage, tok)
-                if vs == 0
-                else comm.recv(like, src=rank_of(vs - 1), tag=2 * ((vs - 1) * m + j))
-            )
-            saved = []
-            for blk in blocks:
-                x, tape = block_forward(model, stage, x, blk, split)
-                saved.append(tape)
-            if vs < V - 1:
-                comm.send(x, dst=rank_of(vs + 1), tensor=f"microbatch {j} activation", tag=2 * (vs * m + j))
-                tapes[j, ch] = (saved, None)
-                held += _tape_bytes(saved, None)
-            else:
-                value, head = head_forward(model, stage, x, tgt)
-                loss += float(value) / (m * d * t)  # each of the t ranks of the last stage holds it
-                tapes[j, ch] = (saved, head)
-                held += _tape_bytes(saved, head)
-            continue
-        peak = max(peak, held)
-        saved, head = tapes.pop((j, ch))
-        held -= _tape_bytes(saved, head)
-        if vs == V - 1:
-            dx = head_backward(model, stage, head, tgt, 1.0 / (m * d), grads)
-        else:
-            dx = comm.recv(like, src=rank_of(vs + 1), tag=2 * ((vs + 1) * m + j) + 1)
-        for blk, tape in zip(reversed(blocks), reversed(saved)):
-            dx = block_backward(model, stage, dx, blk, tape, grads, split)
-        if vs > 0:
-            comm.send(dx, dst=rank_of(vs - 1), tensor=f"microbatch {j} grad", tag=2 * (vs * m + j) + 1)
-        else:
-            grads["embed"] = embed_backward(model, dx, tok)
-        for k, g in grads.items():
-            sums[k] = g if k not in sums else sums[k] + g
-    if c.n_kv_heads % t:  # K < t: the t/K ranks of a stage that share a kv head sum its gradient
-        per = t // c.n_kv_heads
-        kv_groups = [[a + kv * per + q for q in range(per)] for a in range(0, rk.n, t) for kv in range(c.n_kv_heads)]
-        for k in names:
-            if k.endswith((".wk", ".wv")):
-                sums[k] = comm.all_reduce(sums[k], tensor=f"{k} grad", groups=kv_groups)
-    if d > 1:  # one bucket per stage: the stages hold different tensors, and every rank joins each collective
-        _, cols = mesh_groups(rk.n, p * t)
-        flat = xp.concat([xp.reshape(sums[k], (-1,)) for k in names])
-        flat = comm.all_reduce(flat, tensor=f"stage {i} grads", groups=cols)
-        start = 0
-        for k in names:
-            size = math.prod(sums[k].shape)
-            sums[k], start = xp.reshape(flat[start : start + size], sums[k].shape), start + size
-    mine = {k: (stage[k], wheres[k]) for k in names}
-    report = ran if replica == 0 and col == 0 else []
-    out = rk.pieces(loss, {k: (sums[k], wheres[k]) for k in names}, mine, report)
-    out.memory["activations"] = peak
-    return out
-
-
-def _tape_bytes(blocks: list[dict[str, Array]], head: tuple | None) -> int:
-    """What a microbatch's forward keeps for its backward: each block's tape and the head's."""
-    arrays = [a for tape in blocks for a in tape.values() if hasattr(a, "shape")]  # not the causal flag, a None mask
-    return sum(nbytes(a) for a in arrays) + sum(nbytes(a) for a in head or ())
-
-
 _STRATEGY: dict[str, Callable[[_Rank], TransformerPieces]] = {"dp": _dp, "zero1": _dp, "zero2": _zero2_fsdp}
-_STRATEGY |= {"fsdp": _zero2_fsdp, "tp": _tp, "tp_sp": _tp, "pp": _pp, "dp_tp": _tp, "dp_pp": _pp, "cp": cp_rank}
-_STRATEGY |= {"tp_pp": _pp, "dp_tp_pp": _pp, "fsdp_tp": fsdp_tp_rank}
+_STRATEGY |= {"fsdp": _zero2_fsdp, "tp": _tp, "tp_sp": _tp, "dp_tp": _tp, "cp": cp_rank, "fsdp_tp": fsdp_tp_rank}
+_STRATEGY |= {"pp": pp_rank, "dp_pp": pp_rank, "tp_pp": pp_rank, "dp_tp_pp": pp_rank}
 
 
 def transformer_rank(

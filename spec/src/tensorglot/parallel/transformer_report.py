@@ -1,6 +1,8 @@
 """``tensorglot parallel --model transformer``: run the transformer's step under each strategy on a
 backend and print what it measured against `transformer_cost` (bytes per device by collective, memory
-per rank, pipeline bubble), with max |error| against the backend's one-device `value_and_grad`."""
+per rank, activation memory per rank, pipeline slots and bubble), with max |error| against the
+backend's one-device `value_and_grad`. ``--schedule`` (gpipe, 1f1b, interleaved with ``--chunks``,
+zb_h1) and ``--microbatches`` shape the pipelines."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import numpy as np
 
 from ..params import TransformerConfig, init_params
 from .transformer import TRANSFORMER_STRATEGIES
+from .transformer_checks import PIPELINES
 from .transformer_cost import transformer_cost
 
 SEQ, HEADS, KV_HEADS, VOCAB = 16, 4, 2, 64
@@ -44,10 +47,10 @@ def collect(args: argparse.Namespace) -> list[dict[str, Any]]:
         max_seq_len=SEQ,
     )
     wanted = TRANSFORMER_STRATEGIES if args.strategy == "all" else (args.strategy,)
-    options = {
-        s: {"microbatches": args.microbatches if s in ("pp", "dp_pp") else None, "schedule": args.schedule}
-        for s in wanted
-    }
+    options: dict[str, dict[str, Any]] = {s: {} for s in wanted}
+    for s in set(wanted) & set(PIPELINES):  # tp_pp and dp_tp_pp keep their default m (the pp size)
+        options[s] = {"microbatches": args.microbatches if s in ("pp", "dp_pp") else None}
+        options[s] |= {"schedule": args.schedule, "chunks": args.chunks}
     if "dp_tp" in options:
         options["dp_tp"]["tp_size"] = args.tp_size
     models = {s: transformer_cost(s, config, args.batch, SEQ, args.world_size, **options[s]) for s in wanted}
@@ -76,6 +79,9 @@ def collect(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "bytes_by_kind_model": model.bytes_by_kind,
                 "param_bytes_per_rank": [got.param_bytes_per_rank, model.param_bytes_per_rank],
                 "grad_bytes_per_rank": [got.grad_bytes_per_rank, model.grad_bytes_per_rank],
+                "activation_bytes_per_rank": [got.activation_bytes_per_rank, model.activation_bytes_per_rank],
+                "schedule": options[s].get("schedule"),
+                "slots": [1 + max(row[0] for row in got.schedule), model.slots] if got.schedule else None,
                 "bubble": model.bubble,
                 "seconds_per_step": statistics.median(r.seconds for r in runs),
             }
@@ -92,8 +98,18 @@ def run(args: argparse.Namespace) -> int:
         f"tensorglot parallel --model transformer: backend {rows[0]['backend']}, {args.world_size} devices, "
         f"L={args.layers} B={args.batch} S={SEQ} D={args.d_model} N={HEADS} K={KV_HEADS} F={args.d_ff} V={VOCAB} "
         f"float32; pp: {args.microbatches} microbatches, {args.schedule}"
+        + (f", {args.chunks} chunks" if args.chunks else "")
     )
-    header = ("strategy", "max|err|", "bytes/dev measured", "model", "by kind", "param B/rank", "grad B/rank", "s/step")
+    header: tuple[str, ...] = (
+        "strategy",
+        "max|err|",
+        "bytes/dev measured",
+        "model",
+        "by kind",
+        "param B/rank",
+        "grad B/rank",
+    )
+    header += ("act B/rank", "bubble", "s/step")
     table = [header] + [
         (
             r["strategy"],
@@ -103,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
             " ".join(f"{k}={v}" for k, v in r["bytes_by_kind_measured"].items()),
             str(r["param_bytes_per_rank"][0]),
             str(r["grad_bytes_per_rank"][0]),
+            str(r["activation_bytes_per_rank"][0]),
+            f"{r['bubble']:.3g}" if r["slots"] else "",
             f"{r['seconds_per_step']:.3g}",
         )
         for r in rows
@@ -116,6 +134,8 @@ def run(args: argparse.Namespace) -> int:
         if r["bytes_by_kind_measured"] != r["bytes_by_kind_model"]
         or r["param_bytes_per_rank"][0] != r["param_bytes_per_rank"][1]
         or r["grad_bytes_per_rank"][0] != r["grad_bytes_per_rank"][1]
+        or r["activation_bytes_per_rank"][0] != r["activation_bytes_per_rank"][1]
+        or (r["slots"] and r["slots"][0] != r["slots"][1])
     ]
     if bad:
         print(f"measured differs from the model for: {', '.join(bad)}")

@@ -11,7 +11,8 @@ context check, arrivals), `engine` (prefill and the continuous-batching decode l
 paged KV pool on `tensorglot.cache.PagedSlotMap`), `workers` (router with its routing policy, prefill
 and decode ranks, faults), `transport` (the interface and the messages), `launch` (processes),
 `colocated` (with chunked prefill), `metrics`, `cli` (``tensorglot serve``); `goodput` (attainment and
-goodput, shared with the load generator) and `sweep` (``tensorglot bench serve``). The HTTP server (``tensorglot serve --port``):
+goodput, shared with the load generator) and `sweep` (``tensorglot bench serve``). The HTTP server
+(``tensorglot serve --port``):
 `sampling`, `online` (its in-process continuous-batching engine), `prefix`, `text`, `openai_schema`, `http`,
 `measure`, `loadgen`.
 See docs/serving.md.
@@ -72,6 +73,8 @@ def serve(
     model: Model,
     *,
     prefill_workers: int = 1,
+    decode_workers: int = 1,
+    prefix_blocks: int = 0,
     colocated: bool = False,
     prefill_chunk: int | None = None,
     transport: str | None = None,
@@ -91,8 +94,9 @@ def serve(
     ``transport`` names a registered transport (None: torch's if installed); colocated needs none.
     ``prefill_chunk`` (colocated only): prefill ``T`` prompt tokens per loop, each followed by a decode step.
     """
-    if isinstance(prefill_workers, bool) or not isinstance(prefill_workers, int) or prefill_workers < 1:
-        raise ValueError(f"serve: prefill_workers must be an int >= 1, got {prefill_workers!r}")
+    for name, count in (("prefill_workers", prefill_workers), ("decode_workers", decode_workers)):
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"serve: {name} must be an int >= 1, got {count!r}")
     for name, seconds in (("timeout_s", timeout_s), ("deadline_s", deadline_s)):
         # A zero timeout would declare every healthy worker dead at its first request.
         if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0 < seconds < math.inf:
@@ -105,6 +109,8 @@ def serve(
         raise ValueError("serve: request ids must be unique")
     opts = Options(
         prefill_workers=prefill_workers,
+        decode_workers=decode_workers,
+        prefix_blocks=prefix_blocks,
         timeout_s=timeout_s,
         max_batch=max_batch,
         block_size=block_size,
@@ -119,6 +125,6 @@ def serve(
     else:
         config = model.load_config()
         result = run_disaggregated(requests, model, config, opts, on_progress=on_progress, deadline_s=deadline_s)
-        mode = f"disaggregated ({prefill_workers} prefill + 1 decode)"
+        mode = f"disaggregated ({prefill_workers} prefill + {decode_workers} decode)"
     result["summary"] = summarize(result["requests"], mode=mode, wall_s=result.pop("wall_s"))
     return result

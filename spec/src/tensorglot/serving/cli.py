@@ -37,7 +37,8 @@ def _range(text: str, name: str) -> tuple[int, int]:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="torch", help="the backend that runs the model (default torch)")
-    parser.add_argument("--prefill-workers", type=positive_int, default=1, metavar="P", help="prefill processes")
+    parser.add_argument("--prefill-workers", type=positive_int, metavar="P", help="prefill processes (default 1)")
+    parser.add_argument("--decode-workers", type=positive_int, metavar="M", help="decode processes (default 1)")
     parser.add_argument("--requests", type=positive_int, default=8, metavar="R", help="how many requests")
     parser.add_argument(
         "--prompt-len", type=lambda s: _range(s, "--prompt-len"), default=(8, 64), metavar="A:B",
@@ -61,7 +62,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, help="serve the OpenAI HTTP API on this port")
     parser.add_argument("--host", default="127.0.0.1", help="the address the HTTP server binds (default 127.0.0.1)")
     parser.add_argument("--model-name", help="the model id the HTTP API reports (default: the checkpoint's folder)")
-    parser.add_argument("--prefix-cache-blocks", type=int, default=0, metavar="N", help="HTTP: cache N prompt blocks")
+    parser.add_argument(
+        "--prefix-cache-blocks", type=int, default=0, metavar="N", help="cache N prompt blocks (per prefill worker)"
+    )
     parser.add_argument(
         "--prefill-chunk", type=positive_int, metavar="T",
         help="prefill T prompt tokens per step, each followed by a decode step (HTTP, or batch with --colocated)",
@@ -101,7 +104,9 @@ def run(args: argparse.Namespace) -> int:
         out = serve(
             requests,
             model,
-            prefill_workers=args.prefill_workers,
+            prefill_workers=args.prefill_workers or 1,
+            decode_workers=args.decode_workers or 1,
+            prefix_blocks=args.prefix_cache_blocks,
             colocated=args.colocated,
             prefill_chunk=args.prefill_chunk,
             transport=args.transport,

@@ -1,5 +1,6 @@
 """``tensorglot serve --port P``: an OpenAI-compatible HTTP server (Starlette on uvicorn) in front of the
-in-process `OnlineEngine`.
+in-process `OnlineEngine`, or, with ``--prefill-workers``/``--decode-workers``, of the router and worker
+processes (`tensorglot.serving.cluster.WorkerEngine`, the same interface).
 
 Endpoints: ``GET /health`` (200 once the model is loaded, 503 before), ``GET /v1/models``,
 ``POST /v1/completions`` and, when the checkpoint has a chat template, ``POST /v1/chat/completions``;
@@ -23,10 +24,12 @@ from typing import Any
 
 import numpy as np
 
+from .cluster import WorkerEngine
 from .model import DEMO_MODEL, Model
 from .online import Job, OnlineEngine
 from .openai_schema import ApiError, Plan, read_chat, read_completion, usage
 from .text import Text, TextStream
+from .workers import Options
 
 
 class _Choice:
@@ -42,7 +45,7 @@ class _Request:
     """A request's jobs, and the queue their events come back on from the engine thread:
     ``(choice index, text piece, token or None, finish reason or None, error or None)``."""
 
-    def __init__(self, plan: Plan, text: Text | None, engine: OnlineEngine) -> None:
+    def __init__(self, plan: Plan, text: Text | None, engine: OnlineEngine | WorkerEngine) -> None:
         self.plan, self.loop = plan, asyncio.get_running_loop()
         self.events: asyncio.Queue[tuple[int, str, int | None, str | None, str | None]] = asyncio.Queue()
         self.choices, self.jobs = [], []
@@ -101,7 +104,7 @@ class _Request:
         return usage(sum(len(p) for p in self.plan.prompts), sum(len(c.tokens) for c in self.choices))
 
 
-def create_app(engine: OnlineEngine, text: Text | None, *, model_name: str) -> Any:
+def create_app(engine: OnlineEngine | WorkerEngine, text: Text | None, *, model_name: str) -> Any:
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -227,10 +230,6 @@ def run_http(args: Any) -> int:
     """Serve until SIGINT or SIGTERM (uvicorn's handlers), then drain and return 0."""
     import uvicorn
 
-    if args.prefill_workers != 1 or getattr(args, "decode_workers", 1) != 1:
-        print("tensorglot serve --port: the HTTP server runs one in-process engine; --prefill-workers and "
-              "--decode-workers are for batch mode (see docs/serving.md)", file=sys.stderr)  # fmt: skip
-        return 2
     if args.checkpoint is None:  # the seeded random model, token-id prompts only (for load tests)
         text, name = None, args.model_name or "demo"
         model = Model(args.backend, DEMO_MODEL, seed=args.seed, dtype=args.dtype)
@@ -239,7 +238,14 @@ def run_http(args: Any) -> int:
         text = Text.load(directory) if (directory / "tokenizer.json").is_file() else None
         name = args.model_name or directory.resolve().name
         model = Model(args.backend, checkpoint=str(directory), dtype=args.dtype)
-    engine = OnlineEngine(model, prefix_cache_blocks=args.prefix_cache_blocks, chunk_tokens=args.prefill_chunk)
+    engine: Any
+    if args.prefill_workers is None and args.decode_workers is None:
+        engine = OnlineEngine(model, prefix_cache_blocks=args.prefix_cache_blocks, chunk_tokens=args.prefill_chunk)
+    else:  # the router in this process, the workers in their own
+        opts = Options(prefill_workers=args.prefill_workers or 1, decode_workers=args.decode_workers or 1,
+                       timeout_s=args.timeout, transport=args.transport,
+                       prefix_blocks=args.prefix_cache_blocks)  # fmt: skip
+        engine = WorkerEngine(model, opts)
     app = create_app(engine, text, model_name=name)
     print(f"tensorglot serve: http://{args.host}:{args.port} model {name!r} on backend {args.backend}", file=sys.stderr)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",

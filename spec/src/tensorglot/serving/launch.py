@@ -19,8 +19,8 @@ from typing import Any, NoReturn
 
 from ..parallel.devices import PORT_ATTEMPTS, abandon_queue, free_port, port_taken, stop_processes
 from ..params import TransformerConfig
+from . import router, workers
 from . import transport as tr
-from . import workers
 from .admission import Request
 from .model import Model
 
@@ -63,7 +63,7 @@ def _rank_main(rank: int, world: int, port: int, role: str, args: tuple, out: An
             out.put(("port", f"rank {rank} ({role}): {type(exc).__name__}: {exc}"))
             _exit(out, 1)
         if role == "router":
-            workers.router(t, *args)
+            router.router(t, *args)
         elif role == "prefill":
             workers.prefill_worker(t, *args)
         else:
@@ -108,12 +108,12 @@ def _start_and_collect(
 ) -> dict[str, Any]:  # fmt: skip
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    P = opts.prefill_workers
-    world, port = P + 2, free_port()
+    P, M = opts.prefill_workers, opts.decode_workers
+    world, port = P + M + 1, free_port()
     faults = {f.rank: f for f in opts.faults}
     roles: list[tuple[str, tuple]] = [("router", (opts, requests, config, out))]
     roles += [("prefill", (opts, model, faults.get(r))) for r in range(1, P + 1)]
-    roles += [("decode", (opts, model, faults.get(P + 1)))]
+    roles += [("decode", (opts, model, faults.get(r))) for r in range(P + 1, P + M + 1)]
     with thread_env(opts.threads):
         procs = [
             ctx.Process(target=_rank_main, args=(r, world, port, role, args, out), daemon=True)
@@ -128,6 +128,26 @@ def _start_and_collect(
         stop_processes(procs, grace=2 if result is not None else 0)  # the result is in: nothing to lose
         abandon_queue(out)
     return result
+
+
+def start_workers(model: Model, opts: workers.Options) -> tuple[list[Any], int, Any]:
+    """Spawn the worker ranks 1..P + M of a server on a free port, whose rank 0 (the router) the caller
+    joins itself; returns the processes, the port and the queue their errors come on (keep it alive
+    until they have started: they unpickle it)."""
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    P, M = opts.prefill_workers, opts.decode_workers
+    world, port = P + M + 1, free_port()
+    faults = {f.rank: f for f in opts.faults}
+    roles = [("prefill" if r <= P else "decode", (opts, model, faults.get(r))) for r in range(1, world)]
+    with thread_env(opts.threads):
+        procs = [
+            ctx.Process(target=_rank_main, args=(r, world, port, role, args, out), daemon=True)
+            for r, (role, args) in enumerate(roles, start=1)
+        ]
+        for p in procs:
+            p.start()
+    return procs, port, out
 
 
 def _process_main(fn: Callable[..., Any], requests: list[Request], model: Model, opts: Any, out: Any) -> None:

@@ -7,12 +7,18 @@ and a BLAKE2b `digest` of their bytes, which the decode worker checks: the KV it
 computed, bit for bit, whatever the transport.
 
 Kinds and their fields (after kind, rid):
-  REQUEST  prompt_len, max_new                         payload: prompt (P,) int64
-  KV       prompt_len, max_new, first_token, dtype, n_layers, K, H, sent_us, digest, prefill_us, worker
-           payload: k_0, v_0, k_1, v_1, ... each (P, K, H) of dtype
+  REQUEST  prompt_len, max_new, decode, sampling_len    payload: prompt (P,) int64 (decode: where the KV goes)
+           [, sampling (sampling_len,) float64: `pack_sampling`, for a server's sampled request]
+  KV       prompt_len, max_new, first_token, dtype, n_layers, K, H, sent_us, digest, prefill_us, worker,
+           sampling_len, V, cached (prompt tokens the prefill worker's prefix cache gave)
+           payload: k_0, v_0, k_1, v_1, ... each (P, K, H) of dtype [, sampling, logits (V,) float64: the
+           prompt's last logits, which the decode worker samples the first token from]
   RECEIVED worker                                      (decode → router: request rid's KV arrived)
-  DONE     n, first_us, last_us, kv_bytes, transfer_us, prefill_us, worker, digest_ok, digest
+  DONE     n, first_us, last_us, kv_bytes, transfer_us, prefill_us, worker, digest_ok, digest, cached
            payload: tokens (n,) int64
+  TOKEN    n                                           payload: the request's next n tokens (n,) int64
+                                                       (decode → router, for a server's streamed request)
+  CANCEL                                               (router → decode: drop the request)
   DEAD     worker                                      (router → decode: stop listening to it)
   STOP                                                 (no more requests)
   READY                                                (worker → router: model loaded, warmed up)
@@ -32,8 +38,10 @@ from typing import NamedTuple, Protocol
 
 import numpy as np
 
+from .sampling import SamplingParams
+
 HEADER = 16
-REQUEST, KV, RECEIVED, DONE, DEAD, STOP, READY, BEAT = range(1, 9)
+REQUEST, KV, RECEIVED, DONE, DEAD, STOP, READY, BEAT, TOKEN, CANCEL = range(1, 11)
 DTYPES = ("float32", "float64", "float16")  # what `Backend.to_numpy` gives (bfloat16 is widened)
 
 PayloadSpec = Callable[[list[int]], list[tuple[tuple[int, ...], str]]]
@@ -133,9 +141,28 @@ def digest(arrays: Sequence[np.ndarray]) -> int:
 def payload_spec(h: list[int]) -> list[tuple[tuple[int, ...], str]]:
     """The shapes and dtype names of the arrays that follow header ``h``."""
     kind = h[0]
-    if kind in (REQUEST, DONE):
+    if kind == REQUEST:
+        spec: list[tuple[tuple[int, ...], str]] = [((h[2],), "int64")]
+        return spec + ([((h[5],), "float64")] if h[5] else [])
+    if kind in (DONE, TOKEN):
         return [((h[2],), "int64")]
     if kind == KV:
-        P, dt, L, K, H = h[2], h[5], h[6], h[7], h[8]
-        return [((P, K, H), DTYPES[dt])] * (2 * L)
+        P, dt, L, K, H, S, V = h[2], h[5], h[6], h[7], h[8], h[13], h[14]
+        return [((P, K, H), DTYPES[dt])] * (2 * L) + ([((S,), "float64"), ((V,), "float64")] if S else [])
     return []
+
+
+def pack_sampling(params: SamplingParams, choice: int) -> np.ndarray:
+    """A server job's sampling as float64 values (exact for the ints): max_tokens, temperature, top_k,
+    top_p, min_p, seed (-1: none), choice, then the stop token ids."""
+    seed = -1 if params.seed is None else params.seed
+    head = [params.max_tokens, params.temperature, params.top_k, params.top_p, params.min_p, seed, choice]
+    return np.asarray([*head, *params.stop_token_ids], dtype=np.float64)
+
+
+def unpack_sampling(values: np.ndarray) -> tuple[SamplingParams, int]:
+    """`pack_sampling`'s inverse: the params and the choice index."""
+    v = values.tolist()
+    seed = None if v[5] < 0 else int(v[5])
+    stops = tuple(int(x) for x in v[7:])
+    return SamplingParams(int(v[0]), v[1], int(v[2]), v[3], v[4], seed, stops), int(v[6])

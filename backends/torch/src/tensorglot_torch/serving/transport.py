@@ -9,6 +9,10 @@ header, then exactly the payload it announces. Pitfalls met on the way:
   * Messages from one source match receives in posting order: a header ``irecv`` posted before the
     previous payload's receives would swallow the payload, hence one thread per source.
   * The group's own timeout is long (an idle worker waits for work); every payload has its own.
+  * Those are not gloo's timeouts: a gloo wait that times out closes *every* pair of the rank
+    ("Application timeout caused pair closure"), so one frozen peer would cut this rank off from all
+    the others. Waits are untimed; a watchdog reports a transfer past its deadline (an error
+    `Message`, or the destination in `failures`) and leaves its thread blocked on the dead peer.
 NumPy arrays travel through ``torch.from_numpy`` (no copy on CPU).
 """
 
@@ -47,13 +51,33 @@ class TorchTransport:
             world_size=world_size,
             timeout=datetime.timedelta(hours=1),  # idle receives wait on it; transfers have their own
         )
-        self._wait = datetime.timedelta(seconds=timeout_s)
         self._outboxes: dict[int, queue.Queue] = {}
         self._failed: set[int] = set()
         self._reported: set[int] = set()
         self._inbox: queue.Queue = queue.Queue()
         self._dropped: set[int] = set()
         self._lock = threading.Lock()
+        # peer -> monotonic deadline of the transfer in progress with it, for the watchdog
+        self._recv_due: dict[int, float] = {}
+        self._send_due: dict[int, float] = {}
+        self._late: set[int] = set()  # sources whose payload missed its deadline (reported once)
+        threading.Thread(target=self._watch, daemon=True, name="transport-watchdog").start()
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(min(0.05, self.timeout_s / 10))
+            now = time.monotonic()
+            with self._lock:
+                for dst, due in list(self._send_due.items()):
+                    if now > due:
+                        del self._send_due[dst]
+                        self._failed.add(dst)
+                for src, due in list(self._recv_due.items()):
+                    if now > due:
+                        del self._recv_due[src]
+                        self._late.add(src)
+                        why = f"TimeoutError: its payload did not arrive within {self.timeout_s:g} s"
+                        self._inbox.put(Message(src, None, [], time.time(), why))
 
     # -- sending -----------------------------------------------------------------------------------
     def send(self, dst: int, header: np.ndarray, arrays: Sequence[np.ndarray] = (), /) -> None:
@@ -71,10 +95,14 @@ class TorchTransport:
         while True:
             tensors = q.get()
             try:
+                with self._lock:
+                    self._send_due[dst] = time.monotonic() + self.timeout_s
                 works = [_posted(dist.isend(t, dst)) for t in tensors]
                 for w in works:
-                    w.wait(self._wait)
-            except Exception:  # gloo raises RuntimeError subclasses: peer closed, timed out
+                    w.wait()  # untimed (see the module's note); the watchdog marks it failed when late
+                with self._lock:
+                    self._send_due.pop(dst, None)
+            except Exception:  # gloo raises RuntimeError subclasses: peer closed
                 self._failed.add(dst)
                 return
             finally:
@@ -105,12 +133,22 @@ class TorchTransport:
                 h = buf.cpu().tolist()
                 spec = self.payload_spec(h)
                 payload = [torch.empty(s, dtype=getattr(torch, d), device=self.device) for s, d in spec]
+                with self._lock:
+                    self._recv_due[src] = time.monotonic() + self.timeout_s
                 works = [_posted(dist.irecv(b, src)) for b in payload]
                 for w in works:
-                    w.wait(self._wait)
-            except Exception as exc:  # peer closed or payload timed out
-                self._inbox.put(Message(src, None, [], time.time(), f"{type(exc).__name__}: {str(exc)[:200]}"))
+                    w.wait()  # untimed (see the module's note); the watchdog reports it when late
+            except Exception as exc:  # peer closed
+                with self._lock:
+                    self._recv_due.pop(src, None)
+                    if src not in self._late:
+                        why = f"{type(exc).__name__}: {str(exc)[:200]}"
+                        self._inbox.put(Message(src, None, [], time.time(), why))
                 return
+            with self._lock:
+                self._recv_due.pop(src, None)
+                if src in self._late:  # already reported as failed: nothing more comes from it
+                    return
             if src not in self._dropped:
                 self._inbox.put(Message(src, h, [b.cpu().numpy() for b in payload], time.time()))
 
