@@ -11,6 +11,7 @@ the caller's (B, S, N, H) layout, so no whole-size copy of q, k, v or the output
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -81,7 +82,8 @@ class _TileMasks:
 
     def __init__(self, mg, causal, window, S, T, dtype, device):
         self.args, self.dtype, self.device = (mg, causal, window), dtype, device
-        self.S, self.T, self.memo = S, T, None if mg is not None else {}
+        self.S, self.T = S, T
+        self.memo: dict[tuple[int, int, int], Any] | None = None if mg is not None else {}
 
     def __call__(self, i0, i1, j0, j1):
         """(allowed, bias) of tile (i0:i1, j0:j1), or None if every query of it may attend every key."""
