@@ -59,6 +59,7 @@ class _Pass:
     mask: dict[int | None, Any] | None = None
     tape: list[dict[str, Array]] | None = None
     rope: tuple[tuple[np.ndarray, float, str, int], ...] = field(init=False)
+    folded: dict[str, list[Array]] = field(init=False, default_factory=dict)  # by layer prefix, see `_mlp`
 
     def __post_init__(self) -> None:
         self.rope = _rope_tables(self.config)
@@ -212,8 +213,9 @@ class Forward(FrontEnd):
         c, xp = p.config, p.xp
         pre, act = f"layers.{layer}.", c.activation
         weights = [p.params[pre + n] for n in mlp_names(c) if n.startswith("w")]
-        if c.mlp_bias:
-            x, weights, b_out = _fold_biases(x, weights, p.params, pre, c, xp)
+        if c.mlp_bias:  # the folded weights are made once per pass, not once per decoding step
+            x, weights, b_out = _fold_biases(x, weights, p.params, pre, c, xp, p.folded.get(pre))
+            p.folded[pre] = weights
         if act in GATED:
             out = self._run(self._k.gated_mlp, p.dtype, (x, *weights), GATES[act])
         else:
@@ -242,17 +244,21 @@ class Forward(FrontEnd):
         return self._run(self._k.rope, p.dtype, (x,), p.positions, inv_freq, mscale, sign, style, r)
 
 
-def _fold_biases(x: Array, weights: list, params: Mapping, pre: str, c: TransformerConfig, xp: Any) -> Any:
+def _fold_biases(
+    x: Array, weights: list, params: Mapping, pre: str, c: TransformerConfig, xp: Any, folded: list | None = None
+) -> Any:
     """The fused MLP kernels take no biases: a column of ones appended to x carries the input biases
     as one more row of each input weight, (D + 1, F); the output bias is added after. Returns the
-    augmented x, the weights and the output bias."""
+    augmented x, the weights (``folded``, the weights an earlier call returned, when given) and the output bias."""
     ones = xp.ones((*shape(x)[:-1], 1), dtype=x.dtype, device=device(x))
     xa = xp.concat([x, ones], axis=-1)  # (B, S, D + 1)
-    *inputs, out = weights
     gated = c.activation in GATED
-    biases = ("b_gate", "b_up") if gated else ("b_in",)
-    folded = [xp.concat([w, params[pre + b][None, :]], axis=0) for w, b in zip(inputs, biases)]  # (D + 1, F)
-    return xa, [*folded, out], params[pre + ("b_down" if gated else "b_out")]
+    if folded is None:
+        *inputs, out = weights
+        biases = ("b_gate", "b_up") if gated else ("b_in",)
+        rows = [xp.concat([w, params[pre + b][None, :]], axis=0) for w, b in zip(inputs, biases)]  # (D + 1, F)
+        folded = [*rows, out]
+    return xa, folded, params[pre + ("b_down" if gated else "b_out")]
 
 
 def _on_device(host: np.ndarray, like: Array) -> Array:

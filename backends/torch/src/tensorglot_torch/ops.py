@@ -114,20 +114,30 @@ def _act_grad(h, name):
 # -- MLPs ------------------------------------------------------------------------------------------
 
 
-def _mlp(x, w_in, w_out, activation):
-    """(y, saved): saved is act(h) for relu (its sign is the derivative), else the pre-activation h."""
+def _mlp_saved(x, w_in, activation):
+    """What the backward needs of the forward: act(h) for relu (its sign is the derivative), else the
+    pre-activation h; h = x @ w_in, (M, F)."""
     h = _flat2d(x) @ w_in  # (M, F)
-    a = h.relu_() if activation == "relu" else _ACT[activation](h)
-    return (a @ w_out).reshape(*x.shape[:-1], w_out.shape[1]), a if activation == "relu" else h
+    return h.relu_() if activation == "relu" else h
+
+
+def _mlp(x, w_in, w_out, activation):
+    """(y, saved), saved as `_mlp_saved` makes it."""
+    saved = _mlp_saved(x, w_in, activation)
+    a = saved if activation == "relu" else _ACT[activation](saved)
+    return (a @ w_out).reshape(*x.shape[:-1], w_out.shape[1]), saved
 
 
 def mlp_backward(x, w_in, w_out, dy, activation, saved=None, needs=ALL):
-    """``saved``: what the forward kept (see `_mlp`), recomputed from x when None."""
-    saved = _mlp(x, w_in, w_out, activation)[1] if saved is None else saved
+    """``saved``: what the forward kept (see `_mlp_saved`), recomputed from x when None (x @ w_in only: the
+    output product is not needed)."""
+    saved = _mlp_saved(x, w_in, activation) if saved is None else saved
     dh = _flat2d(dy) @ w_out.T  # (M, F)
     if activation == "relu":
         a = saved
-        dh.masked_fill_(a <= 0, 0.0)  # relu'(0) = 0
+        # dh ← 0 where a <= 0 (relu'(0) = 0), in place: one pass, against masked_fill_'s bool temporary and
+        # its several times slower kernel (the MLP backward's largest cost after its products)
+        torch.ops.aten.threshold_backward.grad_input(dh, a, 0.0, grad_input=dh)
     else:
         a = _ACT[activation](saved)
         dh.mul_(_act_grad(saved, activation))
@@ -157,8 +167,8 @@ def _gated(x, w_gate, w_up, w_down, activation):
 
 def _gated_backward(x, w_gate, w_up, w_down, dy, activation, gu=None, needs=ALL):
     """``gu``: the forward's (x @ w_gate, x @ w_up), recomputed when None."""
-    g, u = _gated(x, w_gate, w_up, w_down, activation)[1:] if gu is None else gu
     x2, dy2 = _flat2d(x), _flat2d(dy)
+    g, u = (x2 @ w_gate, x2 @ w_up) if gu is None else gu  # (M, F); the output product is not needed
     s = _ACT[activation](g)
     da = dy2 @ w_down.T  # (M, F)
     dg, du = da * u * _act_grad(g, activation), da.mul_(s)
@@ -371,15 +381,34 @@ def attention(q, k, v, causal, mask, scale, softcap=None, window=None):
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if q.shape[1] != 1 or mask is not None or grad:
         return _attention_function(q, k, v, causal, mask, scale, softcap, window)
-    # A decoding step: one query per sequence sees every key (causal is bottom-right), or the last W. The
-    # query heads of a kv head are the rows of one product, so keys and values are not repeated per query head.
+    return _decode_attention(q, k, v, causal, scale, softcap, window)
+
+
+def _rows(x):
+    """(B, T, K, H) → (B, T·K, H), a view when each sequence's rows are contiguous (a contiguous cache's)."""
+    B, T, K, H = x.shape
+    return x.reshape(B, T * K, H)
+
+
+def _decode_attention(q, k, v, causal, scale, softcap, window):
+    """A decoding step: one query per sequence sees every key (causal is bottom-right), or the last W.
+
+    A cache's keys are (B, T, K, H) with each sequence's T·K rows contiguous: laying them out by kv head
+    (B, K, T, H) would copy all of them every step, which costs more than the step's products. So each query
+    head meets every kv head's keys in one product per sequence, (N, H) · (T·K, H)ᵀ, and keeps its own head's
+    scores (head n reads kv head n // G), the K-fold products being cheaper than the copy; likewise for values.
+    """
     B, _, N, H = q.shape
     K = k.shape[2]
+    G = N // K
     if window is not None and causal:
         k, v = k[:, -window:], v[:, -window:]  # (B, min(W, T), K, H)
-    qg = q.reshape(B, K, N // K, H) * scale  # (B, K, G, H): query head k·G + g reads kv head k
-    scores = torch.matmul(qg, k.permute(0, 2, 3, 1))  # (B, K, G, T)
+    T = k.shape[1]
+    every = torch.bmm(q.reshape(B, N, H) * scale, _rows(k).transpose(1, 2))  # (B, N, T·K)
+    scores = every.view(B, K, G, T, K).diagonal(dim1=1, dim2=4)  # (B, G, T, K): head k·G + g against kv head k
+    scores = scores.permute(0, 3, 1, 2).reshape(B, N, T)  # (B, N, T)
     if softcap is not None:
         scores = scores.div_(softcap).tanh_().mul_(softcap)
     p = _softmax(scores, -1)
-    return torch.matmul(p, v.transpose(1, 2)).reshape(B, 1, N, H)  # (B, K, G, H) → (B, 1, N, H)
+    out = torch.bmm(p, v.reshape(B, T, K * H)).view(B, K, G, K, H)  # every head's p against every kv head
+    return out.diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2).reshape(B, 1, N, H)  # (B, G, H, K) → (B, 1, N, H)
