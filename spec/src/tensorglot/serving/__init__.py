@@ -12,7 +12,8 @@ paged KV pool on `tensorglot.cache.PagedSlotMap`), `workers` (router with its ro
 and decode ranks, faults), `transport` (the interface and the messages), `launch` (processes),
 `colocated`, `metrics`, `cli` (``tensorglot serve``). The HTTP server (``tensorglot serve --port``):
 `sampling`, `online` (its in-process continuous-batching engine), `prefix`, `text`, `openai_schema`, `http`,
-`measure`, `loadgen`.
+`measure`, `loadgen`. Prefix blocks on both sides of the handoff: `mirror` (the router's copy and the
+pair rule), `handoff` (the decode worker's blocks).
 See docs/serving.md.
 
 >>> import numpy as np, tensorglot
