@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -25,6 +24,7 @@ for _module, _why in [
 
 import httpx  # noqa: E402
 import openai  # noqa: E402
+from server_health import wait_healthy  # noqa: E402
 
 import tensorglot  # noqa: E402
 from tensorglot.parallel.devices import free_port  # noqa: E402
@@ -48,17 +48,12 @@ def server():
     cmd = [sys.executable, "-m", "tensorglot.cli", "serve", "--backend", "numpy", "--port", str(port),
            "--prefill-workers", "1", "--decode-workers", "2", "--timeout", "20"]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 120
+
+    def exited() -> str | None:
+        return None if proc.poll() is None else f"the server exited with {proc.returncode}: {proc.stdout.read()}"
+
     try:
-        while True:
-            assert proc.poll() is None, f"the server exited with {proc.returncode}: {proc.stdout.read()}"
-            assert time.monotonic() < deadline, "the server did not become healthy within 120 s"
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+        wait_healthy(url, exited, within_s=120)
         yield url, openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -13,7 +13,7 @@ and decode ranks, faults), `transport` (the interface and the messages), `launch
 `colocated`, `metrics`, `cli` (``tensorglot serve``). The HTTP server (``tensorglot serve --port``):
 `sampling`, `online` (its in-process continuous-batching engine), `prefix`, `text`, `openai_schema`, `http`,
 `measure`, `loadgen`. Prefix blocks on both sides of the handoff: `mirror` (the router's copy and the
-pair rule), `handoff` (the decode worker's blocks).
+pair rule), `handoff` (the decode worker's blocks). `torchrun`: the same ranks under torchrun.
 See docs/serving.md.
 
 >>> import numpy as np, tensorglot

@@ -150,6 +150,10 @@ class WorkerEngine:
     def _connect(self, config: TransformerConfig) -> ServerRouter:
         factory = tr.get_transport(self.opts.transport)
         world = self.opts.prefill_workers + self.opts.decode_workers + 1
+        if self.opts.address is not None:  # torchrun started the workers (`tensorglot.serving.torchrun`)
+            opts = self.opts
+            t = factory(0, world, address=opts.address, timeout_s=opts.timeout_s, payload_spec=tr.payload_spec)
+            return ServerRouter(t, self.opts, config, self.stats)
         for attempt in range(1, PORT_ATTEMPTS + 1):
             self.procs, port, self._errors = start_workers(self.model, self.opts)
             try:
