@@ -45,8 +45,9 @@ def server():
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = os.environ | {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "tensorglot.cli", "serve", "--backend", "numpy", "--port", str(port),
-           "--prefill-workers", "1", "--decode-workers", "2", "--timeout", "20"]  # fmt: skip
+    # with prefix blocks, a repeated prompt is computed and sent again only past its cached blocks
+    cmd = [sys.executable, "-m", "tensorglot.cli", "serve", "--backend", "numpy", "--port", str(port), "--timeout",
+           "20", "--prefill-workers", "1", "--decode-workers", "2", "--prefix-cache-blocks", "64"]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def exited() -> str | None:

@@ -152,3 +152,22 @@ def test_shared_prefixes_are_sent_once_to_each_decode_worker_and_tokens_equal_ge
     assert [rec["kv_bytes_saved"] for rec in recs] == [0, 0] + [32 * TOKEN_BYTES] * 4
     whole = sum(len(q.prompt) for q in reqs) * TOKEN_BYTES
     assert sum(rec["kv_bytes"] for rec in recs) == whole - 4 * 32 * TOKEN_BYTES  # 128 of 210 tokens' KV stayed
+
+
+@pytest.mark.skipif(not registry().transports(), reason="needs a serving transport (tensorglot-torch provides one)")
+@pytest.mark.distributed
+@pytest.mark.timeout(180)
+def test_a_dead_prefill_worker_costs_its_decode_turns_nothing_and_tokens_equal_generate():
+    """Rank 1 dies at its second request; that request keeps its decode worker and its turn there, so
+    the requests numbered after it (waiting for it in order) run once rank 2 has recomputed it."""
+    from tensorglot.serving import Fault
+
+    rng = np.random.default_rng(4)
+    shared = rng.integers(0, CONFIG.vocab_size, size=16)
+    reqs = [Request(i, np.r_[shared, rng.integers(0, CONFIG.vocab_size, size=1 + i)], 4) for i in range(6)]
+    out = serve(reqs, Model("numpy", CONFIG.to_dict(), seed=0), prefill_workers=2, prefix_blocks=64, timeout_s=3,
+                faults=[Fault(1, "die", after=1)])  # fmt: skip
+    recs = out["requests"]
+    for req, rec in zip(reqs, recs):
+        assert rec["error"] is None and rec["tokens"] == _reference(req.prompt, req.max_new_tokens), req.rid
+    assert out["summary"]["recomputed"] >= 1 and any("prefill worker rank 1" in e for e in out["events"])
