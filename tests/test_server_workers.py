@@ -87,6 +87,9 @@ def test_greedy_equals_generate_and_streaming_equals_non_streaming(server):
     assert [t for c in chunks for t in _ids(c.choices[0])] == _ids(out.choices[0])
     assert len(chunks) >= 10  # a chunk per token: streamed as the decode worker produces them
     assert chunks[-1].choices[0].finish_reason == "length"
+    # the second time, the prompt's full block (16 of 17 tokens) is neither computed nor sent again
+    stats = httpx.get(server[0] + "/health").json()["stats"]
+    assert stats["prefill_cached_tokens"] >= 16 and stats["decode_cached_tokens"] >= 16
 
 
 @pytest.mark.timeout(300)
