@@ -91,7 +91,9 @@ def test_a_lost_decode_worker_costs_only_its_unfinished_requests_which_are_recom
 
 @pytest.mark.timeout(180)
 def test_with_no_prefill_worker_left_each_decode_worker_prefills_its_own():
-    reqs = _requests(6, interval=0.05)
+    # all at once: they wait together for the router, which spreads them by outstanding work (one at a time,
+    # each could finish before the next arrives and all would go to the lowest rank)
+    reqs = _requests(6, interval=0.0)
     out = serve(reqs, MODEL, prefill_workers=1, decode_workers=2, timeout_s=3, faults=[Fault(1, "die", after=0)],
                 deadline_s=150)  # fmt: skip
     for req, rec in zip(reqs, out["requests"]):

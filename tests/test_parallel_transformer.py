@@ -11,7 +11,7 @@ import pytest
 
 import tensorglot
 from tensorglot import parallel as P
-from tensorglot.parallel.transformer_optim import Optimizer
+from tensorglot.parallel.transformer_optim import Optimizer, one_device_steps
 
 be = tensorglot.get_backend("numpy")
 B, S = 4, 8
@@ -46,16 +46,7 @@ def _inputs(config, seed=0):
 
 
 def _one_device(params, config, tokens, targets, opt, steps):
-    """`steps` steps on one device: value_and_grad and the optimizer on whole arrays."""
-    losses, m, v = [], {}, {}
-    for t in range(steps):
-        loss, grads = be.layers.value_and_grad(tokens, targets, params, config)
-        losses.append(float(loss))
-        new = {}
-        for k, w in params.items():
-            new[k], m[k], v[k] = opt.update(w, grads[k], m.get(k, np.zeros_like(w)), v.get(k, np.zeros_like(w)), t)
-        params = new
-    return losses, grads, params
+    return one_device_steps(be.layers, params, config, tokens, targets, opt, steps)
 
 
 @pytest.mark.parametrize(("config", "strategy", "n"), CASES, ids=lambda c: getattr(c, "activation", c))

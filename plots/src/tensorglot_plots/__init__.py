@@ -32,6 +32,7 @@ FIGURES = (
     "pipeline_schedules",
     "transformer_strategies",
     "kv_cache",
+    "serving_goodput",
 )
 
 

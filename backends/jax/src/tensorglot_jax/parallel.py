@@ -312,20 +312,30 @@ def _host(a: Any) -> np.ndarray:
 _WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tensorglot-jax-step")
 
 
-def _run_with_deadline(c: spec.StepConfig, ps: dict[str, Any], x: Any, dy: Any) -> StepResult:
-    n, have = c.world_size, len(jax.devices())
+def check_devices(fn: str, n: int) -> None:
+    """A ValueError naming ``fn`` unless JAX has ``n`` devices."""
+    have = len(jax.devices())
     if n > have:
         raise ValueError(
-            f"step: world_size = {n} is more than the {have} JAX devices; on CPU set "
+            f"{fn}: world_size = {n} is more than the {have} JAX devices; on CPU set "
             f"XLA_FLAGS=--xla_force_host_platform_device_count={n} before JAX initialises"
         )
+
+
+def with_deadline(what: str, n: int, timeout: float, run: Any, *args: Any) -> Any:
+    """``run(*args)`` in the worker thread, or a TimeoutError naming ``what`` past ``timeout`` seconds."""
     # A compiled XLA computation cannot be interrupted: past the deadline the step raises, and the
     # computation finishes in its worker thread (a later step waits for it).
-    future = _WORKER.submit(_run, c, ps, x, dy)
+    future = _WORKER.submit(run, *args)
     try:
-        return future.result(timeout=c.timeout)
+        return future.result(timeout=timeout)
     except TimeoutError:
-        raise TimeoutError(f"parallel: {c.strategy} on {n} JAX devices did not finish in {c.timeout:g} s") from None
+        raise TimeoutError(f"{what} on {n} JAX devices did not finish in {timeout:g} s") from None
+
+
+def _run_with_deadline(c: spec.StepConfig, ps: dict[str, Any], x: Any, dy: Any) -> StepResult:
+    check_devices("step", c.world_size)
+    return with_deadline(f"parallel: {c.strategy}", c.world_size, c.timeout, _run, c, ps, x, dy)
 
 
 def _run(c: spec.StepConfig, ps: dict[str, Any], x: Any, dy: Any) -> StepResult:
@@ -362,3 +372,7 @@ step, single_step = spec.parallel_functions(_prepare, _run_with_deadline, _one_d
 
 def max_world_size() -> int | None:
     return len(jax.devices())
+
+
+from .parallel_transformer import STRATEGIES as TRANSFORMER_STRATEGIES  # noqa: E402, F401  (they use this module)
+from .parallel_transformer import transformer_step as transformer_step  # noqa: E402

@@ -1,5 +1,6 @@
 """``tensorglot bench --backend B [--quick] [--only GROUP,...] [--json PATH] [--compare OLD.json]``: the table
-of every row, or of the named groups' rows."""
+of every row, or of the named groups' rows. ``tensorglot bench serve ...``: the serving goodput sweep
+(`tensorglot.bench.serve`)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help=f"run only these row groups, comma-separated, of: {', '.join(GROUPS)}")  # fmt: skip
     parser.add_argument("--json", metavar="PATH", default=None, help="also write the run as JSON to PATH")
     parser.add_argument("--compare", metavar="OLD.json", default=None, help="print each row's value new ÷ old")
+    from . import serve
+
+    sub = parser.add_subparsers(dest="bench_command", title="subcommand (optional)")
+    serve.configure(sub.add_parser("serve", help=serve.HELP, description=serve.__doc__.split("\n\n")[0]))
 
 
 def _groups(text: str) -> list[str]:
@@ -82,6 +87,10 @@ def format_compare(new: dict[str, Any], old: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "bench_command", None) == "serve":
+        from . import serve
+
+        return serve.run(args)
     import tensorglot
 
     from ..parallel import request_host_devices

@@ -4,7 +4,7 @@
 model counts it (kind, the full tensor's bytes V in the step's dtype, group size), then hand the tensor
 to the transport, which a backend writes: NumPy's simulated mesh (threads meeting at barriers), torch's
 process group (gloo, NCCL). A subclass implements ``_all_reduce``, ``_all_gather``, ``_reduce_scatter``,
-``_send`` and ``_recv``; nothing else.
+``_send`` and ``_recv`` (and ``_shift``, a ring step, where a send and a receive are not enough).
 """
 
 from __future__ import annotations
@@ -69,6 +69,11 @@ class Collectives:
         self.log.append(Collective("send", tensor, nbytes(x), 2))
         self._send(x, dst, tag)
 
+    def shift(self, x: Any, /, *, tensor: str) -> Any:
+        """One step of a ring: send ``x`` to rank r + 1 (mod n) and return what rank r − 1 sent."""
+        self.log.append(Collective("send", tensor, nbytes(x), 2))
+        return self._shift(x)
+
     def recv(self, like: Any, /, *, src: int, tag: int = 0) -> Any:
         """The next array rank ``src`` sends this rank with ``tag``, shaped and typed like ``like`` (the
         sender logs it)."""
@@ -90,3 +95,10 @@ class Collectives:
 
     def _recv(self, like: Any, src: int, tag: int, /) -> Any:
         raise NotImplementedError
+
+    def _shift(self, x: Any, /) -> Any:
+        """A send and a receive; a transport whose ranks are not known apart when traced (JAX's
+        ``ppermute``) writes it as one collective."""
+        n, r = self.world_size, self.rank
+        self._send(x, (r + 1) % n, 0)
+        return self._recv(x, (r - 1) % n, 0)

@@ -49,8 +49,9 @@ from .transformer_checks import TRANSFORMER_STRATEGIES as TRANSFORMER_STRATEGIES
 from .transformer_checks import check_chunks, check_transformer_step
 from .transformer_optim import Optimizer, check_optimizer
 
-#: A piece's place in its whole: None (all of it), ("flat", start, stop), (axis, start, stop), or
-#: ("in", outer, inner): the inner piece of the outer piece (fsdp_tp: a flat shard of a tp piece).
+#: A piece's place in its whole: None (all of it), ("flat", i, k) or (axis, i, k): part i of k equal parts
+#: of the flattened array or on an axis, or ("in", outer, inner): the inner piece of the outer piece
+#: (fsdp_tp: a flat shard of a tp piece).
 Where = tuple[Any, Any, Any] | None
 
 
@@ -87,7 +88,7 @@ class TransformerPieces:
     """One rank's part of a step: its share of the loss, its pieces (array, `Where`) of the gradients,
     updated parameters and optimizer state, the bytes it keeps, and the pipeline slots it ran."""
 
-    loss: float
+    loss: Any  # a float, or a 0-d array where the step is traced (JAX)
     grads: dict[str, tuple[Any, Where]]
     params: dict[str, tuple[Any, Where]]
     state: dict[str, dict[str, tuple[Any, Where]]]  # "m", "v"
@@ -101,7 +102,8 @@ class TransformerPieces:
             return {k: (fn(a), w) for k, (a, w) in d.items()}
 
         state = {k: each(v) for k, v in self.state.items()}
-        return TransformerPieces(self.loss, each(self.grads), each(self.params), state, self.memory, self.schedule)
+        loss = self.loss if isinstance(self.loss, float) else fn(self.loss)  # an array: a traced step's
+        return TransformerPieces(loss, each(self.grads), each(self.params), state, self.memory, self.schedule)
 
 
 class Traffic:
@@ -164,19 +166,22 @@ def _put(whole: np.ndarray, where: Where, a: np.ndarray) -> None:
     if where is None:
         whole[...] = a
     elif where[0] == "in":  # a piece of a piece: write into a copy of the outer piece, then put it back
-        index = _index(whole.ndim, where[1])
+        index = _index(whole.shape, where[1])
         outer = np.ascontiguousarray(whole[index])
         _put(outer, where[2], a)
         whole[index] = outer
     elif where[0] == "flat":
-        whole.reshape(-1)[where[1] : where[2]] = a
+        whole.reshape(-1)[_index((whole.size,), (0, *where[1:]))] = a
     else:
-        whole[_index(whole.ndim, where)] = a
+        whole[_index(whole.shape, where)] = a
 
 
-def _index(ndim: int, where: Any) -> tuple[slice, ...]:
-    index = [slice(None)] * ndim
-    index[where[0]] = slice(where[1], where[2])
+def _index(shape: tuple[int, ...], where: Any) -> tuple[slice, ...]:
+    """The slices of part i of k on ``where``'s axis."""
+    axis, i, k = where
+    size = shape[axis] // k
+    index = [slice(None)] * len(shape)
+    index[axis] = slice(i * size, (i + 1) * size)
     return tuple(index)
 
 
@@ -194,7 +199,7 @@ def gather_transformer(task: Task, outputs: Sequence[tuple[TransformerPieces, Se
     return TransformerStepResult(
         task.step.strategy,
         task.step.world_size,
-        float(sum(p.loss for p in pieces)),
+        float(sum(float(p.loss) for p in pieces)),
         place(shapes, [p.grads for p in pieces]),
         place(shapes, [p.params for p in pieces]),
         state,

@@ -9,7 +9,6 @@ reduce-scattered down it when the unit's backward ends. A rank keeps 1/(d·t) of
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any
 
 from .transformer_blocks import WHOLE, Model, Split, local_config
@@ -29,7 +28,7 @@ def fsdp_tp_rank(rk: _Rank, /) -> TransformerPieces:
     rows, cols = mesh_groups(n, t)
     tp = {k: tp_where(k, c, t, col) for k in rk.params}
     local = {k: take(v, tp[k]) for k, v in rk.params.items()}  # this rank's tp pieces
-    flat = {k: flat_where(math.prod(v.shape), row, d) for k, v in local.items()}
+    flat = {k: flat_where(row, d) for k in local}
     wheres = {k: flat[k] if tp[k] is None else ("in", tp[k], flat[k]) for k in local}
     shard = {k: take(v, flat[k]) for k, v in local.items()}  # all this rank keeps
     kv_groups = None

@@ -60,3 +60,23 @@ def check_optimizer(fn: str, kind: Any, lr: Any, betas: Any, eps: Any, weight_de
     ):
         raise ValueError(f"{fn}: betas must be two numbers in [0, 1), got {betas!r}")
     return Optimizer(kind, float(lr), (float(betas[0]), float(betas[1])), float(eps), float(weight_decay))
+
+
+def one_device_steps(
+    layers: Any, params: dict[str, Array], config: Any, tokens: Any, targets: Any, optimizer: Optimizer, steps: int, /
+) -> tuple[list[float], dict[str, Array], dict[str, Array]]:
+    """``steps`` training steps on one device, ``layers.value_and_grad`` and ``optimizer`` on whole arrays:
+    (the losses, the last step's gradients, the final parameters), what a parallel step must equal."""
+    losses: list[float] = []
+    m: dict[str, Array] = {}
+    v: dict[str, Array] = {}
+    grads: dict[str, Array] = {}
+    for t in range(steps):
+        loss, grads = layers.value_and_grad(tokens, targets, params, config)
+        losses.append(float(loss))
+        new = {}
+        for k, w in params.items():
+            zeros = array_namespace(w).zeros_like(w)
+            new[k], m[k], v[k] = optimizer.update(w, grads[k], m.get(k, zeros), v.get(k, zeros), t)
+        params = new
+    return losses, grads, params

@@ -9,7 +9,6 @@ reduce-scatter, nothing), and how the sublayers meet the residual stream (`Split
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -58,15 +57,14 @@ class _Rank:
         self.activations = 0  # the peak bytes of the units' tapes, kept from their forward to their backward
 
     def batch_part(self, x: Array, i: int, k: int) -> Array:
-        size = x.shape[0] // k
-        return x[i * size : (i + 1) * size]
+        return take(x, (0, i, k))
 
     def update(self, pieces: Pieces, grads: dict[str, Array]) -> tuple[Pieces, dict[str, Pieces], int]:
         """The optimizer on each piece with its slice of the state: new pieces, new state, state bytes."""
         opt, step, new = self.step.optimizer, 0, {}
         state: dict[str, Pieces] = {"m": {}, "v": {}}
         if self.task.state is not None:
-            step = int(self.task.state["step"])
+            step = self.task.state["step"]  # an int, or an array where the step is traced (JAX)
         for name, (w, where) in pieces.items():
             m = v = None
             if opt.state_arrays:
@@ -81,7 +79,7 @@ class _Rank:
         state_bytes = opt.state_arrays * sum(nbytes(w) for w, _ in pieces.values())
         return new, (state if opt.state_arrays else {}), state_bytes
 
-    def pieces(self, loss: float, grads: Pieces, params: Pieces, schedule: list | None = None) -> TransformerPieces:
+    def pieces(self, loss: Array, grads: Pieces, params: Pieces, schedule: list | None = None) -> TransformerPieces:
         """The rank's `TransformerPieces` once ``params`` (what it keeps between steps) are updated."""
         new, state, state_bytes = self.update(params, {k: g for k, (g, _) in grads.items()})
         memory = {
@@ -101,7 +99,7 @@ class _Rank:
         split: Split = WHOLE,
         done: Callable[[list[str], dict[str, Array]], None] = lambda names, grads: None,
         model: Model | None = None,
-    ) -> tuple[float, dict[str, Array]]:
+    ) -> tuple[Array, dict[str, Array]]:
         """The whole model's forward and backward, unit by unit: ``weights(names, phase)`` hands each unit
         its weights before its forward and again before its backward, ``done(names, grads)`` sees its
         gradients as soon as its backward is over. Returns (this piece's mean loss, the gradients)."""
@@ -122,7 +120,7 @@ class _Rank:
         dembed = embed_backward(m, dx, tokens)
         grads["embed"] = dembed + grads["embed"] if c.tie_embeddings else dembed
         done(["embed"], grads)
-        return float(loss), grads
+        return loss, grads  # an array: float() would stop a traced (JAX) step
 
 
 def _whole(d: dict[str, Array]) -> Pieces:
@@ -138,15 +136,15 @@ def _dp(rk: _Rank) -> TransformerPieces:
     names = list(reversed(list(rk.params)))  # backward order: the head's gradients are ready first
     if rk.step.strategy == "dp":
         summed = {k: comm.all_reduce(grads[k], tensor=f"{k} grad") / n for k in names}
-        return rk.pieces(float(loss) / n, _whole(summed), _whole(rk.params))
+        return rk.pieces(loss / n, _whole(summed), _whole(rk.params))
     xp, shards = rk.xp, {}
     for k in names:
-        where = flat_where(math.prod(grads[k].shape), r, n)
+        where = flat_where(r, n)
         shards[k] = (comm.reduce_scatter(xp.reshape(grads[k], (-1,)), tensor=f"{k} grad") / n, where)
-    return _zero_update(rk, float(loss) / n, shards)
+    return _zero_update(rk, loss / n, shards)
 
 
-def _zero_update(rk: _Rank, loss: float, shards: Pieces) -> TransformerPieces:
+def _zero_update(rk: _Rank, loss: Array, shards: Pieces) -> TransformerPieces:
     """Update this rank's 1/n of every parameter, then all-gather each into the whole parameter."""
     own = {k: (take(rk.params[k], where), where) for k, (_, where) in shards.items()}
     new, state, state_bytes = rk.update(own, {k: g for k, (g, _) in shards.items()})
@@ -168,7 +166,7 @@ def _zero2_fsdp(rk: _Rank) -> TransformerPieces:
     """The batch split n ways, the model walked unit by unit; each unit's gradients reduce-scattered when
     its backward ends. fsdp keeps only 1/n of each parameter and gathers a unit before each use."""
     comm, n, r, xp = rk.comm, rk.n, rk.r, rk.xp
-    wheres = {k: flat_where(math.prod(v.shape), r, n) for k, v in rk.params.items()}
+    wheres = {k: flat_where(r, n) for k in rk.params}
     shard = {k: take(v, wheres[k]) for k, v in rk.params.items()}
     fsdp = rk.step.strategy == "fsdp"
 
@@ -231,9 +229,8 @@ def _tp(rk: _Rank) -> TransformerPieces:
                 g[k] = comm.all_reduce(g[k], tensor=f"{k} grad shard", groups=cols)
 
     tok, tgt = rk.batch_part(rk.tokens, row, d), rk.batch_part(rk.targets, row, d)
-    if sp:
-        S = tok.shape[1] // t  # tp_sp has d = 1: the seq all-gathers span the world
-        tok, tgt = tok[:, col * S : (col + 1) * S], tgt[:, col * S : (col + 1) * S]
+    if sp:  # tp_sp has d = 1: the seq all-gathers span the world
+        tok, tgt = take(tok, (1, col, t)), take(tgt, (1, col, t))
     model = Model(rk.layers, local_config(c, t), rk.step.dtype, xp)
     loss, g = rk.walk(lambda names, phase: local, tok, tgt, (1.0 / t if sp else 1.0) / d, split, done, model)
     mine = {k: (local[k], wheres[k]) for k in rk.params}

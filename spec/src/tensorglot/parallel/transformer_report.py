@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..params import TransformerConfig, init_params
+from .devices import request_host_devices
 from .transformer import TRANSFORMER_STRATEGIES
 from .transformer_checks import PIPELINES
 from .transformer_cost import transformer_cost
@@ -33,9 +34,12 @@ def collect(args: argparse.Namespace) -> list[dict[str, Any]]:
         )
     if args.dtype != "float32":
         raise ValueError(f"parallel: --model transformer runs in float32 (or float64 in the tests), got {args.dtype}")
-    backend = tensorglot.get_backend(resolve_name(args.backend))
+    name = resolve_name(args.backend)
+    request_host_devices(name, args.world_size)
+    backend = tensorglot.get_backend(name)
     if not hasattr(backend.parallel, "transformer_step"):
         raise ValueError(f"parallel: backend {backend.name!r} has no transformer_step")
+    runs = getattr(backend.parallel, "TRANSFORMER_STRATEGIES", TRANSFORMER_STRATEGIES)  # a backend may run fewer
     config = TransformerConfig(
         vocab_size=VOCAB,
         d_model=args.d_model,
@@ -46,7 +50,7 @@ def collect(args: argparse.Namespace) -> list[dict[str, Any]]:
         d_ff=args.d_ff,
         max_seq_len=SEQ,
     )
-    wanted = TRANSFORMER_STRATEGIES if args.strategy == "all" else (args.strategy,)
+    wanted = tuple(runs) if args.strategy == "all" else (args.strategy,)
     options: dict[str, dict[str, Any]] = {s: {} for s in wanted}
     for s in set(wanted) & set(PIPELINES):  # tp_pp and dp_tp_pp keep their default m (the pp size)
         options[s] = {"microbatches": args.microbatches if s in ("pp", "dp_pp") else None}

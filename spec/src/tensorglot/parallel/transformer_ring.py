@@ -25,6 +25,7 @@ import numpy as np
 
 from .collectives import Collectives
 from .transformer_blocks import WHOLE, Model
+from .transformer_shards import take
 
 if TYPE_CHECKING:
     from .transformer import TransformerPieces
@@ -46,8 +47,8 @@ def cp_positions(seq: int, n: int, rank: int, /) -> np.ndarray:
 class Ring:
     """Ring attention on one rank: ``forward`` and ``backward`` with the kernels' signatures' arrays."""
 
-    def __init__(self, comm: Collectives, positions: list[Array], xp: Any) -> None:
-        self.comm, self.pos, self.xp = comm, positions, xp
+    def __init__(self, comm: Collectives, positions: Array, xp: Any) -> None:
+        self.comm, self.pos, self.xp = comm, positions, xp  # (n, S/n): every rank's positions
         self.tape: dict[int, tuple[Array, Array]] = {}  # id(q) -> (output, lse), for the backward
 
     def _scores(self, qg: Array, k: Array, src: int, scale: float) -> tuple[Array, Array]:
@@ -55,15 +56,14 @@ class Ring:
         xp = self.xp
         kh = xp.permute_dims(k, (0, 2, 1, 3))[:, :, None]  # (B, K, 1, Sk, H)
         s = (qg @ xp.matrix_transpose(kh)) * scale
-        seen = self.pos[self.comm.rank][:, None] >= self.pos[src][None, :]  # (Sq, Sk), causal by position
+        n = self.comm.world_size
+        mine, theirs = take(self.pos, (0, self.comm.rank, n))[0], take(self.pos, (0, src, n))[0]
+        seen = mine[:, None] >= theirs[None, :]  # (Sq, Sk), causal by position
         return xp.where(seen, s, -xp.inf), kh
 
     def _pass_on(self, tensors: list[Array], names: list[str], step: int) -> list[Array]:
-        """Send ``tensors`` to the next rank, receive the previous rank's (sends do not wait)."""
-        n, r = self.comm.world_size, self.comm.rank
-        for t, name in zip(tensors, names):
-            self.comm.send(t, dst=(r + 1) % n, tensor=f"ring {name} step {step}")
-        return [self.comm.recv(t, src=(r - 1) % n) for t in tensors]
+        """Send ``tensors`` to the next rank, receive the previous rank's."""
+        return [self.comm.shift(t, tensor=f"ring {name} step {step}") for t, name in zip(tensors, names)]
 
     def forward(self, q: Array, k: Array, v: Array, scale: float) -> Array:
         xp, n, r = self.xp, self.comm.world_size, self.comm.rank
@@ -141,15 +141,16 @@ def cp_rank(rk: _Rank, /) -> TransformerPieces:
     every weight's gradient all-reduced when its unit's backward ends."""
     comm, n, r, xp = rk.comm, rk.n, rk.r, rk.xp
     S = rk.tokens.shape[1]
-    positions = [rk.native(cp_positions(S, n, i)) for i in range(n)]
+    positions = rk.native(np.stack([cp_positions(S, n, i) for i in range(n)]))  # (n, S/n)
+    mine = take(positions, (0, r, n))[0]
     ring = Ring(comm, positions, xp)
-    model = Model(ring_layers(rk.layers, ring), rk.config, rk.step.dtype, xp, positions[r])
+    model = Model(ring_layers(rk.layers, ring), rk.config, rk.step.dtype, xp, mine)
 
     def done(names: list[str], g: dict[str, Array]) -> None:
         for k in names:
             g[k] = comm.all_reduce(g[k], tensor=f"{k} grad")
 
-    tok, tgt = (xp.take(t, positions[r], axis=1) for t in (rk.tokens, rk.targets))  # (B, S/n)
+    tok, tgt = (xp.take(t, mine, axis=1) for t in (rk.tokens, rk.targets))  # (B, S/n)
     loss, g = rk.walk(lambda names, phase: rk.params, tok, tgt, 1.0 / n, WHOLE, done, model)
     return rk.pieces(loss / n, {k: (g[k], None) for k in rk.params}, {k: (v, None) for k, v in rk.params.items()})
 

@@ -4,6 +4,7 @@ column groups of a mesh."""
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 from array_api_compat import array_namespace
@@ -18,37 +19,41 @@ Array = Any
 
 
 def take(x: Array, where: Where, /) -> Array:
-    """The piece of ``x`` at ``where``."""
+    """The piece of ``x`` at ``where``: part i of k equal parts. An i that is not an int (a rank JAX knows
+    only when it runs, `lax.axis_index` inside `shard_map`) selects by index instead of by slice."""
     if where is None:
         return x
     if where[0] == "in":  # a piece of a piece
         return take(take(x, where[1]), where[2])
-    if where[0] == "flat":
-        return array_namespace(x).reshape(x, (-1,))[where[1] : where[2]]
+    axis, i, k = where
+    xp = array_namespace(x)
+    if axis == "flat":
+        x, axis = xp.reshape(x, (-1,)), 0
+    size = x.shape[axis] // k
+    if not isinstance(i, numbers.Integral):
+        return xp.take(x, i * size + xp.arange(size), axis=axis)
     index = [slice(None)] * len(x.shape)
-    index[where[0]] = slice(where[1], where[2])
+    index[axis] = slice(i * size, (i + 1) * size)
     return x[tuple(index)]
 
 
-def flat_where(size: int, rank: int, n: int, /) -> Where:
-    """Rank ``rank``'s 1/n of a flattened array of ``size`` elements."""
-    part = size // n
-    return ("flat", rank * part, (rank + 1) * part)
+def flat_where(rank: int, n: int, /) -> Where:
+    """Rank ``rank``'s 1/n of a flattened array."""
+    return ("flat", rank, n)
 
 
 def tp_where(name: str, config: Any, t: int, rank: int, /) -> Where:
     """Rank ``rank``'s piece of ``name`` among t tensor-parallel ranks (None: replicated)."""
     kind = name.rsplit(".", 1)[-1]
-    N, K, F = config.n_heads, config.n_kv_heads, config.d_ff
     if kind in ("wq", "wo"):
-        return (1 if kind == "wq" else 0, rank * N // t, (rank + 1) * N // t)
+        return (1 if kind == "wq" else 0, rank, t)
     if kind in ("wk", "wv"):
+        K = config.n_kv_heads
         if K % t == 0:
-            return (1, rank * K // t, (rank + 1) * K // t)
-        kv = rank * K // t  # the kv head this rank's query heads read, replicated on t/K ranks
-        return (1, kv, kv + 1)
+            return (1, rank, t)
+        return (1, rank * K // t, K)  # the kv head this rank's query heads read, replicated on t/K ranks
     if kind in ("w_in", "w_gate", "w_up", "w_out", "w_down"):
-        return (0 if kind in ("w_out", "w_down") else 1, rank * F // t, (rank + 1) * F // t)
+        return (0 if kind in ("w_out", "w_down") else 1, rank, t)
     return None
 
 

@@ -10,7 +10,9 @@ registers (tensorglot-torch: ``torch.distributed``). Modules, by concept: `admis
 context check, arrivals), `engine` (prefill and the continuous-batching decode loop), `pool` (the
 paged KV pool on `tensorglot.cache.PagedSlotMap`), `workers` (router with its routing policy, prefill
 and decode ranks, faults), `transport` (the interface and the messages), `launch` (processes),
-`colocated`, `metrics`, `cli` (``tensorglot serve``). The HTTP server (``tensorglot serve --port``):
+`colocated` (with chunked prefill), `metrics`, `cli` (``tensorglot serve``); `goodput` (attainment and
+goodput, shared with the load generator) and `sweep` (``tensorglot bench serve``). The HTTP server
+(``tensorglot serve --port``):
 `sampling`, `online` (its in-process continuous-batching engine), `prefix`, `text`, `openai_schema`, `http`,
 `measure`, `loadgen`. Prefix blocks on both sides of the handoff: `mirror` (the router's copy and the
 pair rule), `handoff` (the decode worker's blocks). `torchrun`: the same ranks under torchrun.
@@ -27,11 +29,12 @@ See docs/serving.md.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
 from .admission import Request, check_request
-from .colocated import run_colocated
+from .colocated import check_chunk, run_colocated
 from .engine import DecodeEngine, Prefilled, Sequence, prefill
 from .launch import run_disaggregated, run_in_process
 from .metrics import summarize
@@ -74,6 +77,7 @@ def serve(
     decode_workers: int = 1,
     prefix_blocks: int = 0,
     colocated: bool = False,
+    prefill_chunk: int | None = None,
     transport: str | None = None,
     timeout_s: float = 30.0,
     max_batch: int = 16,
@@ -89,6 +93,7 @@ def serve(
     ``ttft_s``, ``tpot_s``, ``e2e_s``, ``kv_bytes``, ``transfer_s``, ``worker``, ``recomputed`` and
     ``error`` (a request longer than the context is rejected with a message; the others run).
     ``transport`` names a registered transport (None: torch's if installed); colocated needs none.
+    ``prefill_chunk`` (colocated only): prefill ``T`` prompt tokens per loop, each followed by a decode step.
     """
     for name, count in (("prefill_workers", prefill_workers), ("decode_workers", decode_workers)):
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
@@ -97,6 +102,9 @@ def serve(
         # A zero timeout would declare every healthy worker dead at its first request.
         if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0 < seconds < math.inf:
             raise ValueError(f"serve: {name} must be a positive, finite number of seconds, got {seconds!r}")
+    check_chunk("serve", "prefill_chunk", prefill_chunk)
+    if prefill_chunk is not None and not colocated:
+        raise ValueError(f"serve: prefill_chunk={prefill_chunk!r} needs colocated=True (a worker prefills whole)")
     ids = [r.rid for r in requests]
     if len(set(ids)) != len(ids):
         raise ValueError("serve: request ids must be unique")
@@ -112,8 +120,9 @@ def serve(
         faults=list(faults or []),
     )
     if colocated:
-        result = run_in_process(run_colocated, requests, model, opts, on_progress=on_progress, deadline_s=deadline_s)
-        mode = "colocated"
+        loop = functools.partial(run_colocated, chunk_tokens=prefill_chunk)
+        result = run_in_process(loop, requests, model, opts, on_progress=on_progress, deadline_s=deadline_s)
+        mode = "colocated" if prefill_chunk is None else f"colocated (chunked prefill, {prefill_chunk} tokens)"
     else:
         config = model.load_config()
         result = run_disaggregated(requests, model, config, opts, on_progress=on_progress, deadline_s=deadline_s)

@@ -18,6 +18,7 @@ import numpy as np
 from ..cli import positive_int, positive_seconds
 from . import serve
 from .admission import Request
+from .goodput import poisson_gaps
 from .model import DEMO_MODEL, Model
 
 HELP = "serve requests with prefill and decode workers over a plugin's transport, print metrics"
@@ -50,7 +51,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", metavar="DIR", help="a Hugging Face Llama dir (config.json + safetensors)")
     parser.add_argument("--prompts", metavar="FILE", help="a JSON list of token-id lists (instead of random)")
     parser.add_argument("--colocated", action="store_true", help="prefill and decode interleaved in one process")
-    parser.add_argument("--arrival-interval", type=_interval, default=0.0, metavar="S", help="seconds between arrivals")
+    arrivals = parser.add_mutually_exclusive_group()
+    arrivals.add_argument("--arrival-interval", type=_interval, default=0.0, metavar="S", help="seconds apart")
+    arrivals.add_argument("--rate", type=_rate, metavar="R", help="Poisson arrivals at R requests/s (gaps from --seed)")
     parser.add_argument("--transport", default=None, help="a registered transport (default: torch's)")
     parser.add_argument("--timeout", type=positive_seconds, default=30.0, metavar="S", help="per-transfer timeout (s)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64", "float16"))
@@ -62,7 +65,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--prefix-cache-blocks", type=int, default=0, metavar="N", help="cache N prompt blocks (per prefill worker)"
     )
-    parser.add_argument("--prefill-chunk", type=int, metavar="T", help="HTTP: prefill T prompt tokens per step")
+    parser.add_argument(
+        "--prefill-chunk", type=positive_int, metavar="T",
+        help="prefill T prompt tokens per step, each followed by a decode step (HTTP, or batch with --colocated)",
+    )  # fmt: skip
     parser.add_argument(
         "--torchrun", action="store_true",
         help="run as one rank under torchrun (roles from RANK and WORLD_SIZE; rank 0 routes, and serves --port)",
@@ -78,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
         from .http import run_http
 
         return run_http(args)
+    if args.prefill_chunk is not None and not args.colocated:
+        raise ValueError("serve: --prefill-chunk in batch mode needs --colocated (a prefill worker prefills whole)")
     model, requests, described = batch(args)
     bar = _progress(len(requests))
     try:
@@ -88,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
             decode_workers=args.decode_workers or 1,
             prefix_blocks=args.prefix_cache_blocks,
             colocated=args.colocated,
+            prefill_chunk=args.prefill_chunk,
             transport=args.transport,
             timeout_s=args.timeout,
             on_progress=lambda n: bar.update(n - bar.n),
@@ -115,9 +124,11 @@ def batch(args: argparse.Namespace) -> tuple[Model, list[Request], str]:
         lo, hi = args.prompt_len
         prompts = [rng.integers(0, vocab, size=int(rng.integers(lo, hi + 1))) for _ in range(args.requests)]
     lo, hi = args.max_new_tokens
-    requests = [
-        Request(i, p, int(rng.integers(lo, hi + 1)), arrival_s=i * args.arrival_interval) for i, p in enumerate(prompts)
-    ]
+    if args.rate is not None:  # the load generator's gaps for the same seed and rate
+        arrival = np.cumsum(poisson_gaps(np.random.default_rng(args.seed), len(prompts), args.rate)).tolist()
+    else:
+        arrival = [i * args.arrival_interval for i in range(len(prompts))]
+    requests = [Request(i, p, int(rng.integers(lo, hi + 1)), arrival_s=arrival[i]) for i, p in enumerate(prompts)]
     return model, requests, described
 
 
@@ -153,6 +164,16 @@ def _interval(text: str) -> float:
         value = -1.0
     if not 0 <= value < float("inf"):
         raise argparse.ArgumentTypeError(f"wanted a finite number of seconds >= 0, got {text!r}")
+    return value
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"wanted a positive, finite number of requests/s, got {text!r}")
     return value
 
 

@@ -7,9 +7,8 @@ TTFT, TPOT and inter-token latency percentiles, throughput, SLO attainment and g
 Each request streams ``/v1/completions`` with a random token-id prompt (lengths uniform in
 ``--prompt-len``), greedy, ``ignore_eos`` so it generates exactly ``max_tokens``. Times are the client's:
 TTFT = first chunk with a token − send; TPOT = (last − first) / (tokens − 1); ITL = the gaps between
-chunks that carry tokens. A request **attains** the SLO when its TTFT ≤ ``slo_ttft`` and TPOT ≤
-``slo_tpot``; **goodput** is attaining requests per second of the run's wall time (DistServe, Zhong et
-al. 2024, arXiv:2401.09670), throughput counts every completed one.
+chunks that carry tokens. Attainment and goodput are `tensorglot.serving.goodput`'s, shared with
+``tensorglot bench serve``'s batch runs, which send the same requests (`workload`).
 """
 
 from __future__ import annotations
@@ -22,6 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from . import goodput
 
 
 @dataclass
@@ -39,6 +40,21 @@ class Record:
     @property
     def tpot(self) -> float | None:
         return (self.chunks[-1] - self.chunks[0]) / (self.tokens - 1) if self.tokens > 1 else None
+
+    def latency(self) -> goodput.Latency:
+        return goodput.Latency(self.ttft, self.tpot, self.tokens, self.error, np.diff(self.chunks).tolist())
+
+
+def workload(
+    requests: int, rate: float, *, prompt_len: tuple[int, int], vocab: int, seed: int = 0
+) -> tuple[np.ndarray, list[list[int]]]:
+    """The gaps between arrivals (s) and the random token-id prompts (lengths uniform in ``prompt_len``)
+    of one run: the same for the same arguments, whoever sends them."""
+    rng = np.random.default_rng(seed)
+    gaps = goodput.poisson_gaps(rng, requests, rate)
+    prompts = [rng.integers(0, vocab, size=int(rng.integers(prompt_len[0], prompt_len[1] + 1))).tolist()
+               for _ in range(requests)]  # fmt: skip
+    return gaps, prompts
 
 
 async def _one(client: Any, url: str, model: str | None, prompt: list[int], max_tokens: int, rec: Record) -> None:
@@ -77,10 +93,7 @@ async def run_rate(
     """Send ``requests`` with exponential gaps of mean 1/``rate`` s; the records and the wall time."""
     import httpx
 
-    rng = np.random.default_rng(seed)
-    gaps = rng.exponential(1.0 / rate, size=requests)
-    prompts = [rng.integers(0, vocab, size=int(rng.integers(prompt_len[0], prompt_len[1] + 1))).tolist()
-               for _ in range(requests)]  # fmt: skip
+    gaps, prompts = workload(requests, rate, prompt_len=prompt_len, vocab=vocab, seed=seed)
     records = [Record(len(p)) for p in prompts]
     limits = httpx.Limits(max_connections=requests)
     async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
@@ -92,29 +105,15 @@ async def run_rate(
     return records, time.perf_counter() - start
 
 
-def _pct(values: list[float], q: float) -> float | None:
-    return float(np.percentile(values, q)) if values else None
-
-
 def summarize(records: list[Record], wall_s: float, *, slo_ttft: float, slo_tpot: float) -> dict[str, Any]:
-    ok = [r for r in records if r.error is None and r.tokens > 0]
-    ttft = [r.ttft for r in ok if r.ttft is not None]
-    tpot = [r.tpot for r in ok if r.tpot is not None]
-    itl = [float(g) for r in ok for g in np.diff(r.chunks)]
-    attained = [r for r in ok if (r.ttft or 0) <= slo_ttft and (r.tpot is None or r.tpot <= slo_tpot)]
-    return {
-        "requests": len(records),
-        "completed": len(ok),
-        "errors": sorted({r.error for r in records if r.error})[:3],
-        "ttft_p50_s": _pct(ttft, 50), "ttft_p99_s": _pct(ttft, 99),
-        "tpot_p50_s": _pct(tpot, 50), "tpot_p99_s": _pct(tpot, 99),
-        "itl_p50_s": _pct(itl, 50), "itl_p99_s": _pct(itl, 99),
-        "tokens_per_s": sum(r.tokens for r in ok) / wall_s,
-        "requests_per_s": len(ok) / wall_s,
-        "slo_attainment": len(attained) / len(records) if records else None,
-        "goodput_rps": len(attained) / wall_s,
-        "wall_s": wall_s,
-    }  # fmt: skip
+    return goodput.summarize([r.latency() for r in records], wall_s, slo_ttft=slo_ttft, slo_tpot=slo_tpot)
+
+
+def model_card(url: str) -> dict[str, Any]:
+    """The server's first model in ``/v1/models`` (its ``id``, and ``vocab_size`` where it says)."""
+    import httpx
+
+    return dict(httpx.get(url.rstrip("/") + "/v1/models", timeout=30).json()["data"][0])
 
 
 def sweep(url: str, rates: list[float], *, slo_ttft: float, slo_tpot: float, **kw: Any) -> list[dict[str, Any]]:
@@ -124,23 +123,6 @@ def sweep(url: str, rates: list[float], *, slo_ttft: float, slo_tpot: float, **k
         records, wall = asyncio.run(run_rate(url, rate, **kw))
         rows.append({"rate": rate} | summarize(records, wall, slo_ttft=slo_ttft, slo_tpot=slo_tpot))
     return rows
-
-
-def _table(rows: list[dict[str, Any]], slo_ttft: float, slo_tpot: float) -> str:
-    def ms(x: float | None) -> str:
-        return "-" if x is None else f"{1e3 * x:.0f}"
-
-    head = (f"SLO: TTFT <= {1e3 * slo_ttft:.0f} ms and TPOT <= {1e3 * slo_tpot:.0f} ms\n"
-            f"{'rate':>6} {'done':>5} {'ttft p50/p99 ms':>16} {'tpot p50/p99 ms':>16} {'itl p99 ms':>10} "
-            f"{'tok/s':>7} {'attain':>7} {'goodput':>8}")  # fmt: skip
-    lines = [head]
-    for r in rows:
-        lines.append(
-            f"{r['rate']:>6g} {r['completed']:>5} {ms(r['ttft_p50_s']) + '/' + ms(r['ttft_p99_s']):>16} "
-            f"{ms(r['tpot_p50_s']) + '/' + ms(r['tpot_p99_s']):>16} {ms(r['itl_p99_s']):>10} "
-            f"{r['tokens_per_s']:>7.1f} {r['slo_attainment']:>7.0%} {r['goodput_rps']:>8.2f}"
-        )
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,16 +138,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    import httpx
-
-    card = httpx.get(args.url.rstrip("/") + "/v1/models", timeout=30).json()["data"][0]
+    card = model_card(args.url)
     lo, _, hi = args.prompt_len.partition(":")
     rows = sweep(
         args.url, [float(r) for r in args.rates.split(",")], slo_ttft=args.slo_ttft, slo_tpot=args.slo_tpot,
         requests=args.requests, prompt_len=(int(lo), int(hi or lo)), max_tokens=args.max_tokens,
         vocab=int(card.get("vocab_size", 256)), model=args.model or card["id"], seed=args.seed,
     )  # fmt: skip
-    print(json.dumps(rows, indent=1) if args.json else _table(rows, args.slo_ttft, args.slo_tpot))
+    print(json.dumps(rows, indent=1) if args.json else goodput.table(rows, args.slo_ttft, args.slo_tpot))
     return 0
 
 

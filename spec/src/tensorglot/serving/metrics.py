@@ -6,6 +6,8 @@ from typing import Any
 
 import numpy as np
 
+from .goodput import percentile as _pct
+
 
 def prompt_json(prompt: Any) -> Any:
     """A request's prompt as JSON-ready values, whatever the caller gave (a rejected one included)."""
@@ -27,8 +29,10 @@ def request_record(
     worker: int,
     recomputed: bool,
     kv_digest_ok: bool,
+    token_times: list[float] | None = None,
 ) -> dict[str, Any]:
-    """TTFT = first token − arrival; TPOT = (end-to-end − TTFT) / (n − 1), None for n = 1."""
+    """TTFT = first token − arrival; TPOT = (end-to-end − TTFT) / (n − 1), None for n = 1; ``itl_s``, the
+    gaps between the tokens' wall-clock ``token_times`` when the loop recorded them (else None)."""
     ttft, e2e, n = t_first - req.arrival, t_last - req.arrival, len(tokens)
     return {
         "id": req.rid,
@@ -43,6 +47,7 @@ def request_record(
         "worker": worker,
         "recomputed": recomputed,
         "kv_digest_ok": kv_digest_ok,
+        "itl_s": None if token_times is None else np.diff(token_times).tolist(),
         "error": None,
     }
 
@@ -61,12 +66,9 @@ def rejected_record(req: Any, error: str) -> dict[str, Any]:
         "worker": None,
         "recomputed": False,
         "kv_digest_ok": None,
+        "itl_s": None,
         "error": error,
     }
-
-
-def _pct(values: list[float], q: float) -> float | None:
-    return float(np.percentile(values, q)) if values else None
 
 
 def summarize(records: list[dict[str, Any]], *, mode: str, wall_s: float) -> dict[str, Any]:
