@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -25,6 +24,7 @@ for _module, _why in [
 
 import httpx  # noqa: E402
 import openai  # noqa: E402
+from server_health import wait_healthy  # noqa: E402
 
 import tensorglot  # noqa: E402
 from tensorglot.parallel.devices import free_port  # noqa: E402
@@ -45,20 +45,16 @@ def server():
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = os.environ | {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "tensorglot.cli", "serve", "--backend", "numpy", "--port", str(port),
-           "--prefill-workers", "1", "--decode-workers", "2", "--timeout", "20"]  # fmt: skip
+    # with prefix blocks, a repeated prompt is computed and sent again only past its cached blocks
+    cmd = [sys.executable, "-m", "tensorglot.cli", "serve", "--backend", "numpy", "--port", str(port), "--timeout",
+           "20", "--prefill-workers", "1", "--decode-workers", "2", "--prefix-cache-blocks", "64"]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 120
+
+    def exited() -> str | None:
+        return None if proc.poll() is None else f"the server exited with {proc.returncode}: {proc.stdout.read()}"
+
     try:
-        while True:
-            assert proc.poll() is None, f"the server exited with {proc.returncode}: {proc.stdout.read()}"
-            assert time.monotonic() < deadline, "the server did not become healthy within 120 s"
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+        wait_healthy(url, exited, within_s=120)
         yield url, openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -91,6 +87,9 @@ def test_greedy_equals_generate_and_streaming_equals_non_streaming(server):
     assert [t for c in chunks for t in _ids(c.choices[0])] == _ids(out.choices[0])
     assert len(chunks) >= 10  # a chunk per token: streamed as the decode worker produces them
     assert chunks[-1].choices[0].finish_reason == "length"
+    # the second time, the prompt's full block (16 of 17 tokens) is neither computed nor sent again
+    stats = httpx.get(server[0] + "/health").json()["stats"]
+    assert stats["prefill_cached_tokens"] >= 16 and stats["decode_cached_tokens"] >= 16
 
 
 @pytest.mark.timeout(300)

@@ -245,5 +245,7 @@ def test_a_shared_prefix_is_routed_to_the_prefill_worker_that_holds_it(prefix_bl
         # a and b arrive together and go to ranks 1 and 2; each later one goes where its prefix is
         assert [rec["worker"] for rec in recs] == [1, 2, 1, 2, 1, 2]
         assert cached == [0, 0, 32, 32, 32, 32]  # 128 of 6 * 32 + 12 prompt tokens not computed again
+        # the decode worker holds each prefix with rank 1's and rank 2's bits: their KV is not sent again
+        assert [rec["decode_cached_tokens"] for rec in recs] == [0, 0, 32, 32, 32, 32]
     else:
-        assert cached == [0] * 6
+        assert cached == [0] * 6 and [rec["decode_cached_tokens"] for rec in recs] == [0] * 6

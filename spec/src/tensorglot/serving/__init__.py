@@ -14,7 +14,8 @@ and decode ranks, faults), `transport` (the interface and the messages), `launch
 goodput, shared with the load generator) and `sweep` (``tensorglot bench serve``). The HTTP server
 (``tensorglot serve --port``):
 `sampling`, `online` (its in-process continuous-batching engine), `prefix`, `text`, `openai_schema`, `http`,
-`measure`, `loadgen`.
+`measure`, `loadgen`. Prefix blocks on both sides of the handoff: `mirror` (the router's copy and the
+pair rule), `handoff` (the decode worker's blocks). `torchrun`: the same ranks under torchrun.
 See docs/serving.md.
 
 >>> import numpy as np, tensorglot

@@ -69,15 +69,45 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--prefill-chunk", type=positive_int, metavar="T",
         help="prefill T prompt tokens per step, each followed by a decode step (HTTP, or batch with --colocated)",
     )  # fmt: skip
+    parser.add_argument(
+        "--torchrun", action="store_true",
+        help="run as one rank under torchrun (roles from RANK and WORLD_SIZE; rank 0 routes, and serves --port)",
+    )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.torchrun:
+        from .torchrun import run_torchrun
+
+        return run_torchrun(args)
     if args.port is not None:
         from .http import run_http
 
         return run_http(args)
     if args.prefill_chunk is not None and not args.colocated:
         raise ValueError("serve: --prefill-chunk in batch mode needs --colocated (a prefill worker prefills whole)")
+    model, requests, described = batch(args)
+    bar = _progress(len(requests))
+    try:
+        out = serve(
+            requests,
+            model,
+            prefill_workers=args.prefill_workers or 1,
+            decode_workers=args.decode_workers or 1,
+            prefix_blocks=args.prefix_cache_blocks,
+            colocated=args.colocated,
+            prefill_chunk=args.prefill_chunk,
+            transport=args.transport,
+            timeout_s=args.timeout,
+            on_progress=lambda n: bar.update(n - bar.n),
+        )
+    finally:
+        bar.close()
+    return report(args, out, described)
+
+
+def batch(args: argparse.Namespace) -> tuple[Model, list[Request], str]:
+    """The model, the requests and a description of the model that ``args`` name (batch mode)."""
     rng = np.random.default_rng(args.seed)
     if args.checkpoint:
         model = Model(args.backend, checkpoint=args.checkpoint, dtype=args.dtype)
@@ -99,22 +129,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         arrival = [i * args.arrival_interval for i in range(len(prompts))]
     requests = [Request(i, p, int(rng.integers(lo, hi + 1)), arrival_s=arrival[i]) for i, p in enumerate(prompts)]
-    bar = _progress(len(requests))
-    try:
-        out = serve(
-            requests,
-            model,
-            prefill_workers=args.prefill_workers or 1,
-            decode_workers=args.decode_workers or 1,
-            prefix_blocks=args.prefix_cache_blocks,
-            colocated=args.colocated,
-            prefill_chunk=args.prefill_chunk,
-            transport=args.transport,
-            timeout_s=args.timeout,
-            on_progress=lambda n: bar.update(n - bar.n),
-        )
-    finally:
-        bar.close()
+    return model, requests, described
+
+
+def report(args: argparse.Namespace, out: dict[str, Any], described: str) -> int:
+    """Print a batch run's records and summary (``--json``: as JSON)."""
     if args.json:
         print(json.dumps({"requests": out["requests"], "summary": out["summary"]}, indent=1))
         return 0

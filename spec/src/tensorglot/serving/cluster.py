@@ -81,6 +81,8 @@ class ServerRouter(Router):
         return reason is None
 
     def done(self, rid: int, head: list[int], tokens: np.ndarray, decode: int) -> None:
+        self.stats["prefill_cached_tokens"] += head[11]  # of the jobs decoded to their end
+        self.stats["decode_cached_tokens"] += head[12]
         if rid not in self.jobs:
             return
         for token in tokens.tolist()[self.delivered[rid] :]:
@@ -116,7 +118,8 @@ class WorkerEngine:
         self.prefix = None  # /health shows no in-process prefix cache
         self.ready = threading.Event()
         self.load_error: str | None = None
-        self.stats = dict.fromkeys(("jobs", "prompt_tokens", "generated_tokens", "cancelled", "recomputed"), 0)
+        counts = ("jobs", "prompt_tokens", "generated_tokens", "cancelled", "recomputed")
+        self.stats = dict.fromkeys((*counts, "prefill_cached_tokens", "decode_cached_tokens"), 0)
         self.procs: list[Any] = []
         self._errors: Any = None  # the workers' error queue
         self._inbox: queue.Queue[Job | None] = queue.Queue()
@@ -150,6 +153,10 @@ class WorkerEngine:
     def _connect(self, config: TransformerConfig) -> ServerRouter:
         factory = tr.get_transport(self.opts.transport)
         world = self.opts.prefill_workers + self.opts.decode_workers + 1
+        if self.opts.address is not None:  # torchrun started the workers (`tensorglot.serving.torchrun`)
+            opts = self.opts
+            t = factory(0, world, address=opts.address, timeout_s=opts.timeout_s, payload_spec=tr.payload_spec)
+            return ServerRouter(t, self.opts, config, self.stats)
         for attempt in range(1, PORT_ATTEMPTS + 1):
             self.procs, port, self._errors = start_workers(self.model, self.opts)
             try:

@@ -244,7 +244,8 @@ def run_http(args: Any) -> int:
     else:  # the router in this process, the workers in their own
         opts = Options(prefill_workers=args.prefill_workers or 1, decode_workers=args.decode_workers or 1,
                        timeout_s=args.timeout, transport=args.transport,
-                       prefix_blocks=args.prefix_cache_blocks)  # fmt: skip
+                       prefix_blocks=args.prefix_cache_blocks,
+                       address="env://" if getattr(args, "torchrun", False) else None)  # fmt: skip
         engine = WorkerEngine(model, opts)
     app = create_app(engine, text, model_name=name)
     print(f"tensorglot serve: http://{args.host}:{args.port} model {name!r} on backend {args.backend}", file=sys.stderr)

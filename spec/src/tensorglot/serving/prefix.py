@@ -44,9 +44,10 @@ def block_keys(tokens: np.ndarray, block_size: int) -> list[bytes]:
 
 @dataclass(eq=False)
 class Block:
-    k: list[np.ndarray]  # per layer (block_size, K, H)
+    k: list[np.ndarray]  # per layer (block_size, K, H); empty in the router's mirror of a cache
     v: list[np.ndarray]
     refs: int = 0
+    origin: int = -1  # which computation produced these bits (the router's mirror: the request id)
 
 
 class PrefixCache:
@@ -57,16 +58,23 @@ class PrefixCache:
         self.blocks: OrderedDict[bytes, Block] = OrderedDict()  # least recently used first
         self.stats = {"matched_tokens": 0, "stored_blocks": 0, "evicted_blocks": 0}
 
-    def match(self, prompt: np.ndarray) -> list[Block]:
-        """The stored blocks that begin ``prompt`` (never its last token), pinned: `unpin` them after use."""
+    def peek(self, prompt: np.ndarray) -> list[Block]:
+        """The stored blocks that begin ``prompt`` (never its last token), touching nothing."""
         found = []
         for key in block_keys(prompt[:-1], self.block_size):
             block = self.blocks.get(key)
             if block is None:
                 break
-            self.blocks.move_to_end(key)
-            block.refs += 1
             found.append(block)
+        return found
+
+    def match(self, prompt: np.ndarray) -> list[Block]:
+        """`peek`'s blocks, made most recently used and pinned: `unpin` them after use."""
+        found = self.peek(prompt)
+        for key in block_keys(prompt[:-1], self.block_size)[: len(found)]:
+            self.blocks.move_to_end(key)
+        for block in found:
+            block.refs += 1
         self.stats["matched_tokens"] += len(found) * self.block_size
         return found
 
@@ -75,15 +83,20 @@ class PrefixCache:
             block.refs -= 1
         self._evict()
 
-    def store(self, prompt: np.ndarray, k: list[np.ndarray], v: list[np.ndarray]) -> None:
-        """Keep the full blocks of a prefilled ``prompt`` (``k``, ``v`` per layer (P, K, H)) not yet stored."""
+    def store(
+        self, prompt: np.ndarray, k: list[np.ndarray] | None, v: list[np.ndarray] | None,
+        origins: Sequence[int] | None = None,
+    ) -> None:  # fmt: skip
+        """Keep the full blocks of a prefilled ``prompt`` (``k``, ``v`` per layer (P, K, H); None in a
+        mirror, which keeps keys only) not yet stored; block i records ``origins[i]``."""
         bs = self.block_size
         for i, key in enumerate(block_keys(prompt, bs)):
             if key in self.blocks:
                 self.blocks.move_to_end(key)
                 continue
             part = slice(i * bs, (i + 1) * bs)
-            self.blocks[key] = Block([a[part].copy() for a in k], [a[part].copy() for a in v])
+            origin = -1 if origins is None else origins[i]
+            self.blocks[key] = Block([a[part].copy() for a in k or []], [a[part].copy() for a in v or []], 0, origin)
             self.stats["stored_blocks"] += 1
         self._evict()
 

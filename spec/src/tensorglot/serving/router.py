@@ -5,8 +5,11 @@ each), or, when no prefill worker is left, straight to its decode worker, which 
 decode worker is chosen when it is first routed, by load: the live decode worker with the least
 outstanding work, where a request's work is the tokens it may still generate (``max_new_tokens``)
 plus the KV blocks its whole budget holds (``prompt + max_new − 1`` tokens); a request counts until its
-DONE arrives; ties go to the lowest rank. The prefill worker is told the decode rank in the REQUEST
-header and sends the KV there. A request recomputed after a prefill worker's death keeps its decode
+DONE arrives; ties go to the lowest rank. With prefix caching (``prefix_blocks``) the pair is chosen
+by the blocks it saves first (`tensorglot.serving.mirror`, whose copy of every worker's cache the
+router keeps), and the REQUEST also names the request's turn at its decode worker and the prompt tokens
+that worker supplies. The prefill worker is told the decode rank in the REQUEST header and sends the
+KV there. A request recomputed after a prefill worker's death keeps its decode
 worker (whose first-KV-wins rule drops a late duplicate).
 
 Faults. The router expects, for each request it handed a prefill worker, the decode worker's RECEIVED;
@@ -20,7 +23,7 @@ decode worker. When no decode worker is left the unfinished requests fail with t
 from __future__ import annotations
 
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from typing import Any
 
 import numpy as np
@@ -29,16 +32,13 @@ from ..params import TransformerConfig
 from . import transport as tr
 from .admission import Arrivals, Request
 from .metrics import rejected_record, request_record
-from .prefix import block_keys
+from .mirror import Mirrors
 
 
-def route(
-    live: list[int], inflight: dict[int, list[int]], max_inflight: int, matched: dict[int, int] | None = None
-) -> int | None:
-    """The live prefill worker with room that holds the longest prefix (``matched`` blocks), then the
-    least loaded; None when all are full."""
+def route(live: list[int], inflight: dict[int, list[int]], max_inflight: int) -> int | None:
+    """The least loaded live prefill worker with room; None when all are full."""
     ready = [w for w in live if len(inflight[w]) < max_inflight]
-    return min(ready, key=lambda w: (-(matched or {}).get(w, 0), len(inflight[w]))) if ready else None
+    return min(ready, key=lambda w: len(inflight[w])) if ready else None
 
 
 def work(req: Request, block_size: int) -> int:
@@ -69,8 +69,12 @@ class Router:
         self.events: list[str] = []
         self.decode_error: str | None = None  # set when the last decode worker is gone
         self.sampling: dict[int, np.ndarray] = {}  # a server's requests: `tr.pack_sampling`
-        # The block keys each prefill worker's prefix cache holds, least recently used first.
-        self.held = {w: OrderedDict[bytes, None]() for w in self.live} if opts.prefix_blocks else {}
+        # Every worker's prefix cache, and each routed request's (decode rank, seq, supplied tokens).
+        self.mirrors = (
+            Mirrors(self.live, self.decode, opts.block_size, opts.prefix_blocks) if opts.prefix_blocks else None
+        )
+        self.plans: dict[int, tuple[int, int, int]] = {}
+        self.orphans: dict[int, int] = {}  # a cancelled request whose KV is still to come → its prefill rank
 
     # -- routing -----------------------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -84,54 +88,71 @@ class Router:
             return kept
         return min(self.decode, key=lambda d: (sum(self.outstanding[d].values()), d))
 
+    def pick(self, req: Request, prompt: np.ndarray) -> tuple[int | None, int] | None:
+        """The (prefill rank or None, decode rank) for ``req``, None when every prefill worker is full:
+        without prefix caching the least loaded of each; with it `tensorglot.serving.mirror`'s pair rule."""
+        if self.mirrors is None:
+            w = route(self.live, self.inflight, self.opts.max_inflight) if self.live else None
+            return None if self.live and w is None else (w, self.pick_decode(req))
+        ready: list[int | None] = [w for w in self.live if len(self.inflight[w]) < self.opts.max_inflight]
+        if self.live and not ready:
+            return None
+        kept = self.assigned.get(req.rid)
+        decodes = [kept] if kept in self.outstanding else self.decode
+        mirrors = self.mirrors
+
+        def rank(pair: tuple[int | None, int]) -> tuple[int, ...]:
+            w, d = pair
+            held = 0 if w is None else len(self.inflight[w])
+            return -sum(mirrors.savings(prompt, w, d)), held, sum(self.outstanding[d].values()), w or 0, d
+
+        return min(((w, d) for w in (ready or [None]) for d in decodes), key=rank)
+
+    def plan(self, rid: int, prompt: np.ndarray, w: int | None, d: int) -> tuple[int, int]:
+        """Update the mirrors for ``rid`` routed to (w, d); its (seq, supplied tokens) at ``d``. A request
+        recomputed after its prefill worker's death keeps its plan (its turn at ``d`` is counted)."""
+        assert self.mirrors is not None
+        kept = self.plans.get(rid)
+        _, supplied = self.mirrors.savings(prompt, w, d)
+        origins = self.mirrors.prefill_routed(rid, prompt, w)
+        if kept is not None and kept[0] == d:
+            return kept[1], kept[2]
+        seq = self.mirrors.decode_routed(prompt, d, origins)
+        self.plans[rid] = (d, seq, supplied * self.opts.block_size)
+        return self.plans[rid][1:]
+
     def dispatch(self) -> None:
         while self.waiting and self.decode:
-            matched = self.matched(self.waiting[0]) if self.held else None
-            w = route(self.live, self.inflight, self.opts.max_inflight, matched) if self.live else None
-            if self.live and w is None:
-                break
-            req = self.waiting.popleft()
-            d = self.pick_decode(req)
+            req = self.waiting[0]
             prompt = np.asarray(req.prompt, dtype=np.int64)
+            picked = self.pick(req, prompt)
+            if picked is None:
+                break
+            self.waiting.popleft()
+            w, d = picked
+            seq, supplied = self.plan(req.rid, prompt, w, d) if self.mirrors is not None else (-1, 0)
             sampling = self.sampling.get(req.rid)
             extra = [] if sampling is None else [sampling]
-            head = tr.header(tr.REQUEST, req.rid, len(prompt), req.max_new_tokens, d, sum(map(len, extra)))
+            head = tr.header(
+                tr.REQUEST, req.rid, len(prompt), req.max_new_tokens, d, sum(map(len, extra)), seq, supplied
+            )
             self.t.send(d if w is None else w, head, [prompt, *extra])
             self.assigned[req.rid] = d
             self.outstanding[d][req.rid] = work(req, self.opts.block_size)
             if w is not None:
-                if self.held:
-                    self.remember(w, prompt)
                 if not self.inflight[w]:
                     self.progress[w] = time.monotonic()
                 self.inflight[w].append(req.rid)
-
-    def matched(self, req: Request) -> dict[int, int]:
-        """How many leading blocks of the prompt each prefill worker holds (never its last token, as
-        `PrefixCache.match`)."""
-        keys = block_keys(np.asarray(req.prompt)[:-1], self.opts.block_size)
-        out = {}
-        for w, held in self.held.items():
-            out[w] = next((i for i, key in enumerate(keys) if key not in held), len(keys))
-        return out
-
-    def remember(self, w: int, prompt: np.ndarray) -> None:
-        """Mirror worker ``w``'s `PrefixCache` after it prefills ``prompt``: it handles its requests in
-        the order sent, so the same least-recently-used rule gives the same blocks."""
-        held = self.held[w]
-        for key in block_keys(prompt, self.opts.block_size):
-            held[key] = None
-            held.move_to_end(key)
-        while len(held) > self.opts.prefix_blocks:
-            held.popitem(last=False)
 
     def cancel(self, rid: int) -> None:
         """Forget request ``rid`` and tell its decode worker to drop it (a server's request only)."""
         if rid in self.by_id:
             self.waiting = deque(r for r in self.waiting if r.rid != rid)
-        for rids in self.inflight.values():
+        for w, rids in self.inflight.items():
             if rid in rids:
                 rids.remove(rid)
+                if rid in self.plans:  # its KV still comes, and takes its turn at the decode worker
+                    self.orphans[rid] = w
         d = self.assigned.pop(rid, None)
         if d in self.outstanding:
             self.outstanding[d].pop(rid, None)
@@ -156,12 +177,23 @@ class Router:
         for d in self.decode:
             self.t.send(d, tr.header(tr.DEAD, -1, w))
         self.t.drop(w)
-        self.held.pop(w, None)
+        if self.mirrors is not None:
+            self.mirrors.forget(w)
+        for rid in [rid for rid, src in self.orphans.items() if src == w]:
+            del self.orphans[rid]
+            d, seq, _ = self.plans.pop(rid)
+            if d in self.outstanding:
+                self.t.send(d, tr.header(tr.SKIP, rid, seq))
         self.requeue(lost)
 
     def decode_lost(self, d: int, why: str) -> None:
         self.decode.remove(d)
         self.t.drop(d)
+        if self.mirrors is not None:
+            self.mirrors.forget(d)
+        for rid in [rid for rid, plan in self.plans.items() if plan[0] == d]:
+            del self.plans[rid]
+            self.orphans.pop(rid, None)
         lost = sorted(self.outstanding.pop(d))
         if not self.decode:
             self.decode_error = f"the decode worker (rank {d}) {why}"
@@ -192,6 +224,7 @@ class Router:
                 self.ready.add(msg.src)
             elif kind == tr.RECEIVED:
                 w = head[2]
+                self.orphans.pop(rid, None)
                 if w in self.inflight and rid in self.inflight[w]:
                     self.inflight[w].remove(rid)
                 if w in self.progress:
@@ -201,6 +234,7 @@ class Router:
             elif kind == tr.DONE and msg.src in self.outstanding and rid not in self.results and rid in self.by_id:
                 self.outstanding[msg.src].pop(rid, None)
                 self.assigned.pop(rid, None)
+                self.plans.pop(rid, None)
                 self.done(rid, head, msg.payload[0], msg.src)
         self.check_timeouts()
 
@@ -228,6 +262,8 @@ class Router:
         self.results[rid]["kv_digest"] = dig
         self.results[rid]["decode_worker"] = decode
         self.results[rid]["prefill_cached_tokens"] = int(head[11])
+        self.results[rid]["decode_cached_tokens"] = int(head[12])  # prompt tokens whose KV was not sent
+        self.results[rid]["kv_bytes_saved"] = int(head[13])
 
     def wait_ready(self) -> None:
         """Until every worker has loaded its model (or is gone): the clock starts then."""

@@ -7,18 +7,23 @@ and a BLAKE2b `digest` of their bytes, which the decode worker checks: the KV it
 computed, bit for bit, whatever the transport.
 
 Kinds and their fields (after kind, rid):
-  REQUEST  prompt_len, max_new, decode, sampling_len    payload: prompt (P,) int64 (decode: where the KV goes)
+  REQUEST  prompt_len, max_new, decode, sampling_len, seq, supplied
+           payload: prompt (P,) int64 (decode: where the KV goes; seq: its place in that decode worker's
+           order of prefix-cache operations, -1 without prefix caching; supplied: the prompt tokens whose
+           KV the decode worker holds, which are not sent)
            [, sampling (sampling_len,) float64: `pack_sampling`, for a server's sampled request]
   KV       prompt_len, max_new, first_token, dtype, n_layers, K, H, sent_us, digest, prefill_us, worker,
-           sampling_len, V, cached (prompt tokens the prefill worker's prefix cache gave)
-           payload: k_0, v_0, k_1, v_1, ... each (P, K, H) of dtype [, sampling, logits (V,) float64: the
-           prompt's last logits, which the decode worker samples the first token from]
+           sampling_len, V, cached (prompt tokens the prefill worker's prefix cache gave), supplied, seq
+           payload: k_0, v_0, k_1, v_1, ... each (P - supplied, K, H) of dtype (the digest covers the whole
+           (P, K, H) KV), prompt (P,) int64 [, sampling, logits (V,) float64: the prompt's last logits,
+           which the decode worker samples the first token from]
   RECEIVED worker                                      (decode → router: request rid's KV arrived)
-  DONE     n, first_us, last_us, kv_bytes, transfer_us, prefill_us, worker, digest_ok, digest, cached
-           payload: tokens (n,) int64
+  DONE     n, first_us, last_us, kv_bytes, transfer_us, prefill_us, worker, digest_ok, digest, cached,
+           supplied, kv_bytes_saved                    payload: tokens (n,) int64
   TOKEN    n                                           payload: the request's next n tokens (n,) int64
                                                        (decode → router, for a server's streamed request)
   CANCEL                                               (router → decode: drop the request)
+  SKIP     seq                                         (router → decode: no KV will come for seq)
   DEAD     worker                                      (router → decode: stop listening to it)
   STOP                                                 (no more requests)
   READY                                                (worker → router: model loaded, warmed up)
@@ -40,8 +45,8 @@ import numpy as np
 
 from .sampling import SamplingParams
 
-HEADER = 16
-REQUEST, KV, RECEIVED, DONE, DEAD, STOP, READY, BEAT, TOKEN, CANCEL = range(1, 11)
+HEADER = 20
+REQUEST, KV, RECEIVED, DONE, DEAD, STOP, READY, BEAT, TOKEN, CANCEL, SKIP = range(1, 12)
 DTYPES = ("float32", "float64", "float16")  # what `Backend.to_numpy` gives (bfloat16 is widened)
 
 PayloadSpec = Callable[[list[int]], list[tuple[tuple[int, ...], str]]]
@@ -147,8 +152,9 @@ def payload_spec(h: list[int]) -> list[tuple[tuple[int, ...], str]]:
     if kind in (DONE, TOKEN):
         return [((h[2],), "int64")]
     if kind == KV:
-        P, dt, L, K, H, S, V = h[2], h[5], h[6], h[7], h[8], h[13], h[14]
-        return [((P, K, H), DTYPES[dt])] * (2 * L) + ([((S,), "float64"), ((V,), "float64")] if S else [])
+        P, dt, L, K, H, S, V, supplied = h[2], h[5], h[6], h[7], h[8], h[13], h[14], h[16]
+        kv: list[tuple[tuple[int, ...], str]] = [((P - supplied, K, H), DTYPES[dt])] * (2 * L) + [((P,), "int64")]
+        return kv + ([((S,), "float64"), ((V,), "float64")] if S else [])
     return []
 
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from . import transport as tr
 from .engine import Prefilled, Sequence, prefill
+from .handoff import KV, DecodePrefix
 from .model import Model
 from .online import Job, _Engine, _offer
 from .prefix import PrefixCache, PromptPrefill
@@ -52,6 +53,7 @@ class Options:
     block_size: int = 16
     threads: int = 1
     transport: str | None = None  # a name registered through tensorglot_register_transports
+    address: str | None = None  # join these ranks (torchrun's "env://") instead of spawning them
     faults: list[Fault] = field(default_factory=list)
 
 
@@ -89,26 +91,30 @@ def prefill_worker(t: tr.Transport, opts: Options, model: Model, fault: Fault | 
         if msg.header is None or msg.header[0] == tr.STOP:
             break
         rid, P, max_new, decode = msg.header[1:5]
+        seq, supplied = msg.header[6:8]  # the KV of the first `supplied` tokens is the decode worker's
         if fault is not None and handled >= fault.after and fault.mode != "stop-sending":
             if fault.mode == "die":
                 os._exit(3)
             if fault.mode == "stop":  # frozen, its transport's threads too (the launcher kills it)
                 os.kill(os.getpid(), signal.SIGSTOP)
             time.sleep(3600)  # hang: alive, answering nothing (the launcher ends it)
-        pre, cached = _prefill(be, params, config, msg.payload[0], prefix)
+        prompt = msg.payload[0]
+        pre, cached = _prefill(be, params, config, prompt, prefix)
         arrays = pre.arrays
+        tail = [a[supplied:] for a in arrays]
         sampled = msg.payload[1:]  # a server's request: its sampling, and the logits to sample from
         head = tr.header(
             tr.KV, rid, P, max_new, pre.first_token, tr.DTYPES.index(str(arrays[0].dtype)),
             config.n_layers, config.n_kv_heads, config.head_dim, tr.now_us(), tr.digest(arrays),
             int(pre.seconds * 1e6), t.rank, len(sampled[0]) if sampled else 0, config.vocab_size, cached,
+            supplied, seq,
         )  # fmt: skip
         if fault is not None and handled >= fault.after and fault.mode == "stop-sending":
-            t.send(decode, head, arrays[:1])  # the header and the first layer's keys, then frozen mid-KV
+            t.send(decode, head, tail[:1])  # the header and the first layer's keys, then frozen mid-KV
             t.drain(opts.timeout_s)
             os.kill(os.getpid(), signal.SIGSTOP)
         logits = [pre.logits] if sampled and pre.logits is not None else []
-        t.send(decode, head, [*arrays, *sampled, *logits])  # layer by layer, after the header
+        t.send(decode, head, [*tail, prompt, *sampled, *logits])  # layer by layer, after the header
         handled += 1
         for dst in t.failures():
             logger.warning("prefill rank %d: a send to rank %d failed or timed out", t.rank, dst)
@@ -138,7 +144,7 @@ def _done_header(seq: Sequence) -> np.ndarray:
     return tr.header(
         tr.DONE, seq.rid, len(seq.tokens), int(seq.t_first * 1e6), int(seq.t_last * 1e6),
         i["kv_bytes"], i["transfer_us"], i["prefill_us"], i["worker"], int(i["digest_ok"]), i["digest"],
-        i.get("cached", 0),
+        i.get("cached", 0), i.get("supplied", 0), i.get("saved", 0),
     )  # fmt: skip
 
 
@@ -164,9 +170,11 @@ def decode_worker(t: tr.Transport, opts: Options, model: Model, fault: Fault | N
     be, params, config = model.load()
     engine = _Engine(be, params, config, max_batch=opts.max_batch, block_size=opts.block_size)
     engine.warm_up()
+    own = DecodePrefix(opts.block_size, opts.prefix_blocks) if opts.prefix_blocks else None
     t.send(0, tr.header(tr.READY))
     t.listen(list(range(opts.prefill_workers + 1)))  # the router and the prefill workers
-    seen: set[int] = set()
+    seen: set[int] = set()  # requests whose KV (or REQUEST) was taken: a later one is a duplicate
+    cancelled: set[int] = set()
     waiting: deque[tuple[Sequence, list[np.ndarray], list[np.ndarray]]] = deque()
     stopping = False
 
@@ -183,6 +191,69 @@ def decode_worker(t: tr.Transport, opts: Options, model: Model, fault: Fault | N
                 os.kill(os.getpid(), signal.SIGSTOP)
             os._exit(3)
 
+    def enqueue(seq: Sequence, kv: KV, dig: int) -> None:
+        got = tr.digest([a for pair in zip(*kv) for a in pair])
+        seq.info |= {"digest_ok": got == dig, "digest": got}  # the bytes prefill computed, bit for bit
+        if seq.rid not in cancelled:
+            waiting.append((seq, *kv))
+
+    def on_kv(msg: tr.Message) -> None:
+        h, L = msg.header, config.n_layers
+        assert h is not None
+        rid, max_new, first, sent_us, dig, prefill_us, worker = (h[i] for i in (1, 3, 4, 9, 10, 11, 12))
+        supplied, order = h[16], h[17]
+        t.send(0, tr.header(tr.RECEIVED, rid, msg.src))
+        arrays, prompt = msg.payload[: 2 * L], msg.payload[2 * L]  # then a server's sampling and logits
+        received = sum(a.nbytes for a in arrays)
+        info = {
+            "kv_bytes": received,
+            "transfer_us": int(msg.t_recv * 1e6) - sent_us,
+            "prefill_us": prefill_us,
+            "worker": worker,
+            "cached": h[15],
+            "supplied": supplied,
+            # the bytes the decode worker's own blocks gave: the whole KV's share of `supplied` tokens
+            "saved": supplied * (received // max(1, len(prompt) - supplied)),
+        }
+        seq = Sequence(rid, h[2], max_new, [first], msg.t_recv, info)
+        if h[13]:
+            seq = _sampled(seq, msg.payload[-2], msg.payload[-1])
+        tail = (arrays[0::2], arrays[1::2])
+        if own is None or order < 0:
+            enqueue(seq, tail, dig)
+            return
+        if supplied == 0:  # needs no block: decoded at once, stored at its turn
+            enqueue(seq, tail, dig)
+
+        def turn() -> None:
+            assert own is not None
+            kv, again = own.apply(prompt, supplied, tail, lambda: _whole(be, params, config, prompt))
+            if supplied:
+                seq.info["supplied"], seq.info["saved"] = (0, 0) if again else (supplied, seq.info["saved"])
+                enqueue(seq, kv, dig)
+
+        own.arrive(order, turn)
+
+    def on_request(msg: tr.Message) -> None:  # no prefill worker is left: prefill here
+        h = msg.header
+        assert h is not None
+
+        def turn() -> None:
+            prompt = msg.payload[0]
+            pre = prefill(be, params, config, prompt)
+            if own is not None:
+                own.apply(prompt, 0, (pre.k, pre.v), lambda: (pre.k, pre.v))
+            info = {"kv_bytes": 0, "transfer_us": 0, "prefill_us": int(pre.seconds * 1e6), "worker": t.rank}
+            seq = Sequence(h[1], h[2], h[3], [pre.first_token], time.time(), info)
+            if len(msg.payload) > 1 and pre.logits is not None:
+                seq = _sampled(seq, msg.payload[1], pre.logits)
+            enqueue(seq, (pre.k, pre.v), tr.digest(pre.arrays))
+
+        if own is None or h[6] < 0:
+            turn()
+        else:
+            own.arrive(h[6], turn)
+
     while True:
         idle = not engine.active and not waiting
         while (msg := t.recv(0.002 if idle else 0.0)) is not None:
@@ -195,49 +266,22 @@ def decode_worker(t: tr.Transport, opts: Options, model: Model, fault: Fault | N
                 if kind == tr.KV:
                     t.send(0, tr.header(tr.RECEIVED, rid, msg.src))
                 continue  # a late duplicate of a recomputed request
-            if kind == tr.KV:
-                max_new, first, sent_us, dig, prefill_us, worker = (msg.header[i] for i in (3, 4, 9, 10, 11, 12))
-                t.send(0, tr.header(tr.RECEIVED, rid, msg.src))
+            if kind in (tr.KV, tr.REQUEST):
                 seen.add(rid)
-                arrays = msg.payload[: 2 * config.n_layers]  # then a server's sampling and logits
-                got = tr.digest(arrays)
-                info = {
-                    "kv_bytes": sum(a.nbytes for a in arrays),
-                    "transfer_us": int(msg.t_recv * 1e6) - sent_us,
-                    "prefill_us": prefill_us,
-                    "worker": worker,
-                    "digest_ok": got == dig,  # the bytes prefill computed, bit for bit
-                    "digest": got,
-                    "cached": msg.header[15],
-                }
-                seq = Sequence(rid, msg.header[2], max_new, [first], msg.t_recv, info)
-                if msg.header[13]:
-                    seq = _sampled(seq, msg.payload[-2], msg.payload[-1])
-                waiting.append((seq, arrays[0::2], arrays[1::2]))
-            elif kind == tr.REQUEST:  # no prefill worker is left: prefill here
-                seen.add(rid)
-                pre = prefill(be, params, config, msg.payload[0])
-                info = {
-                    "kv_bytes": 0,
-                    "transfer_us": 0,
-                    "prefill_us": int(pre.seconds * 1e6),
-                    "worker": t.rank,
-                    "digest_ok": True,
-                    "digest": tr.digest(pre.arrays),
-                }
-                seq = Sequence(rid, msg.header[2], msg.header[3], [pre.first_token], time.time(), info)
-                if len(msg.payload) > 1 and pre.logits is not None:
-                    seq = _sampled(seq, msg.payload[1], pre.logits)
-                waiting.append((seq, pre.k, pre.v))
+                (on_kv if kind == tr.KV else on_request)(msg)
             elif kind == tr.CANCEL:  # a server's client left, or a stop string ended it
-                seen.add(rid)
+                cancelled.add(rid)
                 waiting = deque(w for w in waiting if w[0].rid != rid)
                 if rid in engine.active:
                     engine.drop(rid)
+            elif kind == tr.SKIP and own is not None:
+                own.skip(msg.header[2])
             elif kind == tr.DEAD:
                 t.drop(msg.header[2])
             elif kind == tr.STOP:
                 stopping = True
+        for turn in own.turns() if own is not None else ():
+            turn()
         while waiting and engine.can_admit(waiting[0][0].prompt_len, waiting[0][0].max_new):
             seq, k, v = waiting.popleft()
             for done in engine.admit(seq, k, v):
@@ -252,3 +296,9 @@ def decode_worker(t: tr.Transport, opts: Options, model: Model, fault: Fault | N
         if not engine.active and stopping and not waiting:
             break
     t.drain(opts.timeout_s)
+
+
+def _whole(be: Any, params: Any, config: Any, prompt: np.ndarray) -> KV:
+    """A prompt's whole KV computed here (a decode worker whose blocks are missing)."""
+    pre = prefill(be, params, config, prompt)
+    return pre.k, pre.v
