@@ -45,6 +45,7 @@ def test_quick_run_on_numpy_follows_the_schema_with_every_row(quick_numpy: dict[
     expected += ["mlp.flops_vs_matmul", "flash.time_vs_naive", "flash.peak_memory_vs_naive"]
     expected += ["flash.window.time_vs_causal", "flash.window.peak_memory_vs_causal"]
     expected += ["generate.cached_vs_recompute", "train.value_and_grad"]
+    expected += ["serving.prefix.computed_vs_uncached", "serving.prefix.ttft_p50_vs_uncached"]
     expected += [f"parallel.{s}.step_vs_single" for s in parallel.STRATEGIES]
     assert set(expected) <= set(names)
     serving = [f"serving.{label}.disagg_vs_coloc" for _, label, _, _ in rows.SERVING]
@@ -67,6 +68,11 @@ def test_rows_check_what_they_measure(quick_numpy: dict[str, Any]) -> None:
         details = _row(quick_numpy, f"parallel.{s}.step_vs_single")["details"]
         assert details["bytes_per_device"] == details["model_bytes"] == parallel.step_cost(s, shape, 2, **(
             {"microbatches": 4} if s == "pp" else {})).bytes_per_device  # fmt: skip
+    # quick: 4 prompts of 128 shared + 16 own tokens; blocks of 16, so each later prompt finds the 8 shared
+    # blocks cached and computes its own 16 tokens
+    prefix = _row(quick_numpy, "serving.prefix.computed_vs_uncached")
+    assert (prefix["value"], prefix["baseline"]["value"]) == (144 + 3 * 16, 4 * 144)
+    assert prefix["details"]["same_tokens"] is True
     if registry().transports():  # numpy's model served over torch's transport: the tokens of generate
         assert _row(quick_numpy, "serving.tpot_p99.disagg_vs_coloc")["details"]["same_tokens"] is True
 

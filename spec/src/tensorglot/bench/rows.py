@@ -206,7 +206,26 @@ def serving_rows(ctx: Context) -> Iterator[Row]:
                       same_tokens=same)  # fmt: skip
 
 
+def prefix_rows(ctx: Context) -> Iterator[Row]:
+    """Requests sharing a long prompt prefix, one after another, through the server's engine with and without
+    its prefix cache (`tensorglot.serving.measure.prefix_cache_effect`): prompt tokens computed and TTFT."""
+    names = ("serving.prefix.computed_vs_uncached", "serving.prefix.ttft_p50_vs_uncached")
+    if "layers" not in ctx.be.capabilities:
+        yield from (ctx.skipped(n, "the backend lacks the capability 'layers'") for n in names)
+        return
+    from ..serving.measure import prefix_cache_effect
+
+    n, shared = (4, 128) if ctx.quick else (8, 384)
+    m = prefix_cache_effect(ctx.be.name, requests=n, shared=shared)
+    dims: dict[str, Any] = {"workload": m["workload"], "same_tokens": m["same_tokens"]}
+    # every prompt but the first finds its shared blocks cached: computed ≈ 1/n of the shared part + own tokens
+    yield ctx.row(names[0], m["on"]["computed"], "tokens", baseline=("no prefix cache", m["off"]["computed"]),
+                  target="<= 0.5", same=m["same_tokens"], **dims)  # fmt: skip
+    yield ctx.row(names[1], m["on"]["ttft_p50_s"], "s", baseline=("no prefix cache", m["off"]["ttft_p50_s"]),
+                  target="<= 1", same=m["same_tokens"], **dims)  # fmt: skip
+
+
 #: The row groups by name (`tensorglot bench --only`), in the order a run takes them.
 GROUPS = {"ops": op_rows, "mlp": mlp_row, "flash": flash_rows, "window": window_rows, "layers": layer_rows,
-          "parallel": parallel_rows, "serving": serving_rows}  # fmt: skip
+          "parallel": parallel_rows, "serving": serving_rows, "prefix": prefix_rows}  # fmt: skip
 ROWS = tuple(GROUPS.values())
