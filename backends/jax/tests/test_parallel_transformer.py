@@ -5,7 +5,7 @@ sends exactly the bytes `transformer_cost` says.
 
 Each strategy is one XLA compile (seconds on a loaded CPU), so the default run takes the strategies the
 JAX runtime must have; TENSORGLOT_JAX_ALL_STRATEGIES=1 adds the compositions, one kv head shared by
-several tp ranks, cp on 4 devices and the CLI.
+several tp ranks, cp on 4 devices, more pipeline schedules and shapes, and the CLI.
 """
 
 from __future__ import annotations
@@ -124,11 +124,62 @@ def test_adamw_steps_carry_the_sharded_state():
     assert state["step"] == 3 and list(state["m"]) == list(params)
 
 
-@pytest.mark.parametrize("strategy", ["pp", "dp_pp", "tp_pp"])
-def test_pipelines_are_refused_naming_what_runs(strategy):
-    params, tokens, targets = _inputs(GQA)
-    with pytest.raises(ValueError, match=f"strategy '{strategy}' does not run on JAX .*cp"):
-        be.parallel.transformer_step(params, GQA, tokens, targets, strategy=strategy, world_size=2)
+DEEP = tensorglot.TransformerConfig(
+    vocab_size=16, d_model=16, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=4, d_ff=32, max_seq_len=S,
+    activation="gelu",
+)  # fmt: skip
+PIPELINES = [pytest.param(GQA, "1f1b", 2, 2, "adamw", id="1f1b-2-m2-adamw")]
+PIPELINES += [
+    pytest.param(c, sched, n, m, o, id=f"{sched}-{n}-m{m}-{o}-L{c.n_layers}", marks=slow)
+    for c, sched, n, m, o in [
+        (GQA, "gpipe", 2, 4, "sgd"),
+        (DEEP, "1f1b", 4, 4, "sgd"),
+        (DEEP, "gpipe", 2, 2, "adamw"),  # two blocks per stage
+    ]
+]
+
+
+@pytest.mark.parametrize(("config", "schedule", "n", "m", "optimizer"), PIPELINES)
+def test_pipeline_equals_one_device_and_runs_the_table(config, schedule, n, m, optimizer):
+    params, tokens, targets = _inputs(config)
+    opt = ADAMW if optimizer == "adamw" else Optimizer("sgd", 0.1)
+    got = be.parallel.transformer_step(
+        params, config, tokens, targets, strategy="pp", world_size=n, microbatches=m, schedule=schedule,
+        optimizer=optimizer, lr=opt.lr, eps=opt.eps, weight_decay=opt.weight_decay, timeout=120,
+    )  # fmt: skip
+    (loss,), grads, updated = _one_device(params, config, tokens, targets, opt, 1)
+    np.testing.assert_allclose(got.loss, loss, rtol=RTOL / 10)
+    assert list(got.grads) == list(params) == list(got.params)
+    _close(got.grads, grads, "grad")
+    _close(got.params, updated, "updated")
+    model = P.transformer_cost(
+        "pp", config, B, S, n, microbatches=m, schedule=schedule, dtype=DTYPE, optimizer=optimizer
+    )  # fmt: skip
+    assert got.schedule == tuple(sorted(P.pipeline_schedule(schedule, n, m)))  # every row of the table, once
+    assert 1 + max(row[0] for row in got.schedule) == model.slots
+    assert got.collectives == model.collectives  # the busiest stage's sends, in the table's order
+    assert got.bytes_by_rank == model.bytes_by_rank  # as the compiled module's collective-permutes send them
+    assert (got.param_bytes_per_rank, got.grad_bytes_per_rank, got.optimizer_bytes_per_rank) == (
+        model.param_bytes_per_rank,
+        model.grad_bytes_per_rank,
+        model.optimizer_bytes_per_rank,
+    )
+    assert got.activation_bytes_by_stage == model.activation_bytes_by_stage
+
+
+@pytest.mark.parametrize(
+    ("strategy", "schedule", "n"),
+    [("pp", "zb_h1", 2), ("pp", "interleaved", 2), ("dp_pp", "1f1b", 4), ("tp_pp", "1f1b", 4)],
+)
+def test_pipelines_it_does_not_run_are_refused_naming_what_runs(strategy, schedule, n):
+    params, tokens, targets = _inputs(DEEP)
+    chunks = 2 if schedule == "interleaved" else None
+    with pytest.raises(
+        ValueError, match=f"strategy '{strategy}' with schedule '{schedule}' .*runs pp with gpipe, 1f1b"
+    ):
+        be.parallel.transformer_step(
+            params, DEEP, tokens, targets, strategy=strategy, world_size=n, schedule=schedule, chunks=chunks
+        )
 
 
 def test_more_ranks_than_devices_is_refused():
