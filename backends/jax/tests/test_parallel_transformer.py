@@ -135,6 +135,8 @@ PIPELINES += [
         (GQA, "gpipe", 2, 4, "sgd"),
         (DEEP, "1f1b", 4, 4, "sgd"),
         (DEEP, "gpipe", 2, 2, "adamw"),  # two blocks per stage
+        (GQA, "zb_h1", 2, 2, "sgd"),
+        (DEEP, "zb_h1", 4, 4, "adamw"),
     ]
 ]
 
@@ -169,13 +171,13 @@ def test_pipeline_equals_one_device_and_runs_the_table(config, schedule, n, m, o
 
 @pytest.mark.parametrize(
     ("strategy", "schedule", "n"),
-    [("pp", "zb_h1", 2), ("pp", "interleaved", 2), ("dp_pp", "1f1b", 4), ("tp_pp", "1f1b", 4)],
+    [("pp", "interleaved", 2), ("dp_pp", "1f1b", 4), ("tp_pp", "zb_h1", 4)],
 )
 def test_pipelines_it_does_not_run_are_refused_naming_what_runs(strategy, schedule, n):
     params, tokens, targets = _inputs(DEEP)
     chunks = 2 if schedule == "interleaved" else None
     with pytest.raises(
-        ValueError, match=f"strategy '{strategy}' with schedule '{schedule}' .*runs pp with gpipe, 1f1b"
+        ValueError, match=f"strategy '{strategy}' with schedule '{schedule}' .*runs pp with gpipe, 1f1b, zb_h1"
     ):
         be.parallel.transformer_step(
             params, DEEP, tokens, targets, strategy=strategy, world_size=n, schedule=schedule, chunks=chunks

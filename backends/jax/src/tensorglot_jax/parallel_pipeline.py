@@ -1,11 +1,12 @@
 """The transformer's pipeline (``pp``) on JAX: one SPMD program in `jax.shard_map` over a mesh axis
-``s`` of stages that follows the spec's schedule table (`pipeline_table`: gpipe, 1f1b) as data.
+``s`` of stages that follows the spec's schedule table (`pipeline_table`: gpipe, 1f1b, zb_h1) as data.
 
 A stage's rows of the table are Python control flow that depends on the rank, which one traced program
 cannot branch on. So the table is turned, before tracing, into two (slots, stages) arrays: which op each
 stage runs in each slot (idle, or F / B of the first, a middle or the last stage) and on which
 microbatch. Every slot, each device `lax.switch`-es on its own entry and runs the spec's units
-(`transformer_blocks`: embedding, blocks, head; forward and explicit backward) on it; after it, one
+(`transformer_blocks`: embedding, blocks, head; forward, explicit backward, and ZB-H1's B leaving the
+linears' inputs and output gradients in buffers for its W) on it; after it, one
 `ppermute` over ``s`` per direction carries the activations forward and the gradients back between
 the pairs of stages the table's row for that slot names. The slots run are the table's.
 
@@ -15,10 +16,12 @@ norm, output projection) are inputs on every device, used only in the first and 
 branches; the bytes reported per rank are those of the names a stage holds (`device_names`), as
 `transformer_cost` counts them, not the replicated inputs. The tapes a forward keeps for its backward
 live in ring buffers of max(`activations_held`) microbatches (F and B take microbatches in order, so
-the live ones are distinct modulo it); the activation bytes reported are the live tapes, counted from
-the traced tapes as the spec's pipeline counts them.
+the live ones are distinct modulo it); the activation bytes reported are the live tapes (and W's
+buffers), counted from the traced arrays as the spec's pipeline counts them.
 
-ZB-H1 (a W slot that reads buffers B deferred) and interleaved 1F1B (chunks per device) are not run.
+Not run: interleaved 1F1B (chunks per device), and dp or tp inside a stage (dp_pp, tp_pp, dp_tp_pp):
+a stage's gradient bucket and its tp all-reduces would be collectives under the stage's switch, which
+`hlo_collectives` (a count of the module's text) cannot attribute to the ranks that run them.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from tensorglot.parallel.collectives import nbytes
 from tensorglot.parallel.cost import Collective
 from tensorglot.parallel.schedules import activations_held
 from tensorglot.parallel.transformer_blocks import (
+    WHOLE,
     Model,
     block_backward,
     block_forward,
@@ -46,12 +50,13 @@ from tensorglot.parallel.transformer_blocks import (
     embed_forward,
     head_backward,
     head_forward,
+    weight_backward,
 )
-from tensorglot.parallel.transformer_pipeline import tape_bytes
+from tensorglot.parallel.transformer_pipeline import _tape_arrays, tape_bytes
 from tensorglot.parallel.transformer_shards import device_names, pipeline_table, take
 
 STRATEGIES = ("pp",)
-SCHEDULES = ("gpipe", "1f1b")
+SCHEDULES = ("gpipe", "1f1b", "zb_h1")
 EDGE = ("embed", "norm", "lm_head")  # the first and last stage's parameters
 
 
@@ -60,9 +65,9 @@ def refusal(step: spec.TransformerStep) -> str | None:
     if step.strategy not in STRATEGIES or step.schedule not in SCHEDULES:
         return (
             f"transformer_step: strategy {step.strategy!r} with schedule {step.schedule!r} does not run on JAX "
-            f"(its pipeline runs {', '.join(STRATEGIES)} with {', '.join(SCHEDULES)}): ZB-H1's W and interleaved "
-            "chunks are not in its slot program, and dp or tp inside a stage would put collectives under the "
-            "stage's switch that the compiled module's count cannot attribute"
+            f"(its pipeline runs {', '.join(STRATEGIES)} with {', '.join(SCHEDULES)}): interleaved chunks are not "
+            "in its slot program, and dp or tp inside a stage would put collectives of a stage's own sizes under "
+            "its switch, which the compiled module's count cannot attribute to the ranks that run them"
         )
     return None
 
@@ -109,6 +114,7 @@ def _program(task: spec.Task, layers: Any):
     _, table = pipeline_table(s.schedule, p, m, 1)
     code, micro, branches = _codes(table, p, p - 1)
     ring = max(activations_held([row[:4] for row in table], p))
+    zero_bubble = any(row[2] == "W" for row in table)
     mesh = jax.make_mesh((p,), ("s",), axis_types=(AxisType.Explicit,), devices=jax.devices()[:p])
     traced: dict[str, Any] = {}
 
@@ -124,8 +130,14 @@ def _program(task: spec.Task, layers: Any):
             x, tape = block_forward(model, w, x, l)
             probe.append(tape)
         _, head_probe = head_forward(model, w, x, jnp.zeros((b, S), tokens.dtype))
-        tape_bytes_of = {False: tape_bytes(probe, None), True: tape_bytes(probe, head_probe)}  # by "is last"
-        trees = [jax.tree_util.tree_flatten(t) for t in (probe, head_probe)]
+        deferred_probe: tuple[list, list] = ([], [])  # ZB-H1's: what the blocks' B and the head's B leave for W
+        if zero_bubble:
+            dx = head_backward(model, w, head_probe, jnp.zeros((b, S), tokens.dtype), 1.0, {}, deferred_probe[1])
+            for l in reversed(range(per)):
+                dx = block_backward(model, w, dx, l, probe[l], {}, WHOLE, deferred_probe[0])
+        probes = (probe, head_probe, *deferred_probe)
+        trees = [jax.tree_util.tree_flatten(t) for t in probes]
+        sizes: dict[tuple[str, bool, bool], tuple[int, ...]] = {}  # the bytes an op's tapes hold, from its trace
 
         def pack(tree: Any) -> list:
             return [a for a in jax.tree_util.tree_leaves(tree) if isinstance(a, jax.Array)]
@@ -140,6 +152,8 @@ def _program(task: spec.Task, layers: Any):
             "grad": jnp.zeros((m, b, S, c.d_model), zero.dtype),  # their gradients received
             "tape": [jnp.zeros((ring, *a.shape), a.dtype) for a in pack(probe)],
             "head": [jnp.zeros((ring, *a.shape), a.dtype) for a in pack(head_probe)],
+            "dfr": [[jnp.zeros((ring, *a.shape), a.dtype) for a in pack(d)] for d in deferred_probe],
+            "dx": jnp.zeros((m, b, S, c.d_model), zero.dtype),  # ZB-H1: the first stage's B to its W
             "g": {k: jnp.zeros_like(blocks[k][0]) for k in kinds} | {k: jnp.zeros_like(a) for k, a in edge.items()},
             "loss": jnp.zeros((), zero.dtype),
         }
@@ -150,6 +164,14 @@ def _program(task: spec.Task, layers: Any):
                 tok, tgt = take(tokens, (0, j, m)), take(targets, (0, j, m))
                 if op == "idle":
                     return st, zero
+                if op == "W":
+                    pending = [unpack(2 + k, [buf[slot] for buf in st["dfr"][k]]) for k in (0, 1)]
+                    grads = {}
+                    weight_backward(model, pending[0] + pending[1], grads)
+                    if first:  # the embedding's gradient from what B sent it
+                        grads["embed"] = embed_backward(model, st["dx"][j], tok)
+                    st["g"] = _accumulate(st["g"], grads)
+                    return st, zero
                 if op == "F":
                     x = embed_forward(model, w, tok) if first else st["act"][j]
                     saved = []
@@ -157,30 +179,32 @@ def _program(task: spec.Task, layers: Any):
                         x, tape = block_forward(model, w, x, l)
                         saved.append(tape)
                     st["tape"] = [buf.at[slot].set(a) for buf, a in zip(st["tape"], pack(saved))]
+                    sizes[op, first, last] = (tape_bytes(saved, None),)
                     if last:
                         value, head = head_forward(model, w, x, tgt)
+                        sizes[op, first, last] = (tape_bytes(saved, head),)
                         st["head"] = [buf.at[slot].set(a) for buf, a in zip(st["head"], pack(head))]
                         st["loss"] = st["loss"] + value / m
                         return st, zero
                     return st, x
                 saved = unpack(0, [buf[slot] for buf in st["tape"]])
+                head = unpack(1, [buf[slot] for buf in st["head"]]) if last else None
                 grads: dict[str, Any] = {}
-                if last:
-                    dx = head_backward(model, w, unpack(1, [buf[slot] for buf in st["head"]]), tgt, 1.0 / m, grads)
-                else:
-                    dx = st["grad"][j]
+                deferred: tuple[list, list] | tuple[None, None] = ([], []) if zero_bubble else (None, None)
+                dx = head_backward(model, w, head, tgt, 1.0 / m, grads, deferred[1]) if last else st["grad"][j]
                 for l in reversed(range(per)):
-                    dx = block_backward(model, w, dx, l, saved[l], grads)
-                if first:
+                    dx = block_backward(model, w, dx, l, saved[l], grads, WHOLE, deferred[0])
+                arrays = _tape_arrays(saved, head)
+                if zero_bubble:
+                    for k in (0, 1) if last else (0,):  # the head's only on the last stage
+                        st["dfr"][k] = [buf.at[slot].set(a) for buf, a in zip(st["dfr"][k], pack(deferred[k]))]
+                    kept = [a for _, x, dy, _ in deferred[0] + deferred[1] for a in (x, dy)] + ([dx] if first else [])
+                    sizes[op, first, last] = (_bytes(arrays), _bytes(kept), _bytes(arrays + kept))
+                    if first:
+                        st["dx"] = st["dx"].at[j].set(dx)
+                elif first:
                     grads["embed"] = embed_backward(model, dx, tok)
-                g = dict(st["g"])
-                for name, a in grads.items():
-                    if name.startswith("layers."):
-                        _, l, k = name.split(".", 2)
-                        g[k] = g[k].at[int(l)].add(a)
-                    else:
-                        g[name] = g[name] + a
-                st["g"] = g
+                st["g"] = _accumulate(st["g"], grads)
                 return st, zero if first else dx
 
             return run
@@ -206,10 +230,20 @@ def _program(task: spec.Task, layers: Any):
                 recv = jnp.asarray(into)[stage]
                 at = jnp.maximum(recv, 0)
                 st[buffer] = st[buffer].at[at].set(jnp.where(recv >= 0, got, st[buffer][at]))
-        held = [0] * p  # each stage's live tapes, from its F to its B
+        held = [0] * p  # each stage's live tapes, from its F to its B (ZB-H1: and W's buffers, to its W)
         peaks = [0] * p
         for _, i, op, _ in ran:
-            held[i] += tape_bytes_of[i == p - 1] * (1 if op == "F" else -1)
+            first, last = i == 0, i == p - 1
+            if op == "F":
+                held[i] += sizes["F", first, last][0]
+            elif op == "W":
+                held[i] -= sizes["B", first, last][1]
+            elif zero_bubble:  # B's peak holds the tape and W's new buffers at once
+                tape, kept, both = sizes["B", first, last]
+                peaks[i] = max(peaks[i], held[i] - tape + both)
+                held[i] += kept - tape
+            else:
+                held[i] -= sizes["F", first, last][0]
             peaks[i] = max(peaks[i], held[i])
         traced.update(logs=logs, ran=ran, activations=peaks)
         local = {k: blocks[k][0] for k in kinds} | dict(edge)
@@ -252,6 +286,23 @@ def _place(mesh: Any, args: tuple, state_spec: dict) -> tuple:
         *rep,
         placed_state,
     )
+
+
+def _accumulate(sums: dict, grads: dict) -> dict:
+    """``sums`` plus an op's ``grads``: a block's (local name) into its kind's stacked row."""
+    sums = dict(sums)
+    for name, a in grads.items():
+        if name.startswith("layers."):
+            _, l, k = name.split(".", 2)
+            sums[k] = sums[k].at[int(l)].add(a)
+        else:
+            sums[name] = sums[name] + a
+    return sums
+
+
+def _bytes(arrays: list) -> int:
+    """The bytes of ``arrays``, each array once (W's buffers hold some of the tape's)."""
+    return sum(nbytes(a) for a in {id(a): a for a in arrays}.values())
 
 
 def _pieces(tree: dict, stage: int, per: int, kinds: list[str], names: list[str]) -> dict:
