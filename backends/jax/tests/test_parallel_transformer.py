@@ -83,28 +83,33 @@ def _close(got, want, what):
         np.testing.assert_allclose(got[k], want[k], rtol=RTOL, atol=atol, err_msg=f"{what} {k}")
 
 
-@pytest.mark.parametrize(("config", "strategy", "n", "optimizer"), CASES)
-def test_step_equals_one_device_and_the_cost_model(config, strategy, n, optimizer):
+def _memory(r):
+    return r.param_bytes_per_rank, r.grad_bytes_per_rank, r.optimizer_bytes_per_rank
+
+
+def _step_against_one_device(config, strategy, n, optimizer, **options):
+    """(the JAX step, its `transformer_cost`) once its loss, gradients and update equal one device's."""
     params, tokens, targets = _inputs(config)
     opt = ADAMW if optimizer == "adamw" else Optimizer("sgd", 0.1)
     got = be.parallel.transformer_step(
         params, config, tokens, targets, strategy=strategy, world_size=n, optimizer=optimizer, lr=opt.lr,
-        eps=opt.eps, weight_decay=opt.weight_decay, timeout=120,
+        eps=opt.eps, weight_decay=opt.weight_decay, timeout=120, **options,
     )  # fmt: skip
     (loss,), grads, updated = _one_device(params, config, tokens, targets, opt, 1)
     np.testing.assert_allclose(got.loss, loss, rtol=RTOL / 10)
     assert list(got.grads) == list(params) == list(got.params)
     _close(got.grads, grads, "grad")
     _close(got.params, updated, "updated")
-    model = P.transformer_cost(strategy, config, B, S, n, dtype=DTYPE, optimizer=optimizer)
+    return got, P.transformer_cost(strategy, config, B, S, n, dtype=DTYPE, optimizer=optimizer, **options)
+
+
+@pytest.mark.parametrize(("config", "strategy", "n", "optimizer"), CASES)
+def test_step_equals_one_device_and_the_cost_model(config, strategy, n, optimizer):
+    got, model = _step_against_one_device(config, strategy, n, optimizer)
     assert got.collectives == model.collectives  # as the program issued them
     assert got.bytes_by_rank == model.bytes_by_rank  # as the compiled module sends them
     assert got.bytes_by_kind == model.bytes_by_kind
-    assert (got.param_bytes_per_rank, got.grad_bytes_per_rank, got.optimizer_bytes_per_rank) == (
-        model.param_bytes_per_rank,
-        model.grad_bytes_per_rank,
-        model.optimizer_bytes_per_rank,
-    )
+    assert _memory(got) == _memory(model)
     assert got.activation_bytes_per_rank == model.activation_bytes_per_rank > 0  # the tapes a rank kept
 
 
@@ -143,29 +148,12 @@ PIPELINES += [
 
 @pytest.mark.parametrize(("config", "schedule", "n", "m", "optimizer"), PIPELINES)
 def test_pipeline_equals_one_device_and_runs_the_table(config, schedule, n, m, optimizer):
-    params, tokens, targets = _inputs(config)
-    opt = ADAMW if optimizer == "adamw" else Optimizer("sgd", 0.1)
-    got = be.parallel.transformer_step(
-        params, config, tokens, targets, strategy="pp", world_size=n, microbatches=m, schedule=schedule,
-        optimizer=optimizer, lr=opt.lr, eps=opt.eps, weight_decay=opt.weight_decay, timeout=120,
-    )  # fmt: skip
-    (loss,), grads, updated = _one_device(params, config, tokens, targets, opt, 1)
-    np.testing.assert_allclose(got.loss, loss, rtol=RTOL / 10)
-    assert list(got.grads) == list(params) == list(got.params)
-    _close(got.grads, grads, "grad")
-    _close(got.params, updated, "updated")
-    model = P.transformer_cost(
-        "pp", config, B, S, n, microbatches=m, schedule=schedule, dtype=DTYPE, optimizer=optimizer
-    )  # fmt: skip
+    got, model = _step_against_one_device(config, "pp", n, optimizer, microbatches=m, schedule=schedule)
     assert got.schedule == tuple(sorted(P.pipeline_schedule(schedule, n, m)))  # every row of the table, once
     assert 1 + max(row[0] for row in got.schedule) == model.slots
     assert got.collectives == model.collectives  # the busiest stage's sends, in the table's order
     assert got.bytes_by_rank == model.bytes_by_rank  # as the compiled module's collective-permutes send them
-    assert (got.param_bytes_per_rank, got.grad_bytes_per_rank, got.optimizer_bytes_per_rank) == (
-        model.param_bytes_per_rank,
-        model.grad_bytes_per_rank,
-        model.optimizer_bytes_per_rank,
-    )
+    assert _memory(got) == _memory(model)
     assert got.activation_bytes_by_stage == model.activation_bytes_by_stage
 
 

@@ -37,21 +37,11 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from tensorglot import parallel as spec
+from tensorglot.parallel import transformer_blocks as units
 from tensorglot.parallel.collectives import nbytes
 from tensorglot.parallel.cost import Collective
 from tensorglot.parallel.schedules import activations_held
-from tensorglot.parallel.transformer_blocks import (
-    WHOLE,
-    Model,
-    block_backward,
-    block_forward,
-    block_names,
-    embed_backward,
-    embed_forward,
-    head_backward,
-    head_forward,
-    weight_backward,
-)
+from tensorglot.parallel.transformer_blocks import WHOLE, Model, block_names
 from tensorglot.parallel.transformer_pipeline import _tape_arrays, tape_bytes
 from tensorglot.parallel.transformer_shards import device_names, pipeline_table, take
 
@@ -127,14 +117,14 @@ def _program(task: spec.Task, layers: Any):
         # A probe of a stage's tapes (dead code to XLA): their structure, shapes and bytes.
         x, probe = zero, []
         for l in range(per):
-            x, tape = block_forward(model, w, x, l)
+            x, tape = units.block_forward(model, w, x, l)
             probe.append(tape)
-        _, head_probe = head_forward(model, w, x, jnp.zeros((b, S), tokens.dtype))
+        _, head_probe = units.head_forward(model, w, x, jnp.zeros((b, S), tokens.dtype))
         deferred_probe: tuple[list, list] = ([], [])  # ZB-H1's: what the blocks' B and the head's B leave for W
         if zero_bubble:
-            dx = head_backward(model, w, head_probe, jnp.zeros((b, S), tokens.dtype), 1.0, {}, deferred_probe[1])
+            dx = units.head_backward(model, w, head_probe, jnp.zeros((b, S), tokens.dtype), 1.0, {}, deferred_probe[1])
             for l in reversed(range(per)):
-                dx = block_backward(model, w, dx, l, probe[l], {}, WHOLE, deferred_probe[0])
+                dx = units.block_backward(model, w, dx, l, probe[l], {}, WHOLE, deferred_probe[0])
         probes = (probe, head_probe, *deferred_probe)
         trees = [jax.tree_util.tree_flatten(t) for t in probes]
         sizes: dict[tuple[str, bool, bool], tuple[int, ...]] = {}  # the bytes an op's tapes hold, from its trace
@@ -145,9 +135,9 @@ def _program(task: spec.Task, layers: Any):
         def unpack(k: int, arrays: list) -> Any:
             leaves, treedef = trees[k]
             it = iter(arrays)
-            return treedef.unflatten([next(it) if isinstance(a, jax.Array) else a for a in leaves])
+            return jax.tree_util.tree_unflatten(treedef, [next(it) if isinstance(a, jax.Array) else a for a in leaves])
 
-        st = {
+        st: dict[str, Any] = {
             "act": jnp.zeros((m, b, S, c.d_model), zero.dtype),  # activations received, by microbatch
             "grad": jnp.zeros((m, b, S, c.d_model), zero.dtype),  # their gradients received
             "tape": [jnp.zeros((ring, *a.shape), a.dtype) for a in pack(probe)],
@@ -166,22 +156,22 @@ def _program(task: spec.Task, layers: Any):
                     return st, zero
                 if op == "W":
                     pending = [unpack(2 + k, [buf[slot] for buf in st["dfr"][k]]) for k in (0, 1)]
-                    grads = {}
-                    weight_backward(model, pending[0] + pending[1], grads)
+                    weights: dict[str, Any] = {}
+                    units.weight_backward(model, pending[0] + pending[1], weights)
                     if first:  # the embedding's gradient from what B sent it
-                        grads["embed"] = embed_backward(model, st["dx"][j], tok)
-                    st["g"] = _accumulate(st["g"], grads)
+                        weights["embed"] = units.embed_backward(model, st["dx"][j], tok)
+                    st["g"] = _accumulate(st["g"], weights)
                     return st, zero
                 if op == "F":
-                    x = embed_forward(model, w, tok) if first else st["act"][j]
+                    x = units.embed_forward(model, w, tok) if first else st["act"][j]
                     saved = []
                     for l in range(per):
-                        x, tape = block_forward(model, w, x, l)
+                        x, tape = units.block_forward(model, w, x, l)
                         saved.append(tape)
                     st["tape"] = [buf.at[slot].set(a) for buf, a in zip(st["tape"], pack(saved))]
                     sizes[op, first, last] = (tape_bytes(saved, None),)
                     if last:
-                        value, head = head_forward(model, w, x, tgt)
+                        value, head = units.head_forward(model, w, x, tgt)
                         sizes[op, first, last] = (tape_bytes(saved, head),)
                         st["head"] = [buf.at[slot].set(a) for buf, a in zip(st["head"], pack(head))]
                         st["loss"] = st["loss"] + value / m
@@ -190,10 +180,10 @@ def _program(task: spec.Task, layers: Any):
                 saved = unpack(0, [buf[slot] for buf in st["tape"]])
                 head = unpack(1, [buf[slot] for buf in st["head"]]) if last else None
                 grads: dict[str, Any] = {}
-                deferred: tuple[list, list] | tuple[None, None] = ([], []) if zero_bubble else (None, None)
-                dx = head_backward(model, w, head, tgt, 1.0 / m, grads, deferred[1]) if last else st["grad"][j]
+                deferred: tuple[Any, Any] = ([], []) if zero_bubble else (None, None)
+                dx = units.head_backward(model, w, head, tgt, 1.0 / m, grads, deferred[1]) if last else st["grad"][j]
                 for l in reversed(range(per)):
-                    dx = block_backward(model, w, dx, l, saved[l], grads, WHOLE, deferred[0])
+                    dx = units.block_backward(model, w, dx, l, saved[l], grads, WHOLE, deferred[0])
                 arrays = _tape_arrays(saved, head)
                 if zero_bubble:
                     for k in (0, 1) if last else (0,):  # the head's only on the last stage
@@ -203,7 +193,7 @@ def _program(task: spec.Task, layers: Any):
                     if first:
                         st["dx"] = st["dx"].at[j].set(dx)
                 elif first:
-                    grads["embed"] = embed_backward(model, dx, tok)
+                    grads["embed"] = units.embed_backward(model, dx, tok)
                 st["g"] = _accumulate(st["g"], grads)
                 return st, zero if first else dx
 
@@ -248,7 +238,8 @@ def _program(task: spec.Task, layers: Any):
         traced.update(logs=logs, ran=ran, activations=peaks)
         local = {k: blocks[k][0] for k in kinds} | dict(edge)
         step = state["step"] if state is not None else 0
-        new, mv = {}, {"m": {}, "v": {}}
+        new: dict[str, Any] = {}
+        mv: dict[str, dict[str, Any]] = {"m": {}, "v": {}}
         for k, a in local.items():
             mk = vk = None
             if state is not None:
@@ -329,7 +320,7 @@ def run(task: spec.Task) -> spec.TransformerStepResult:
         return blocks, {k: jnp.asarray(d[k], dt) for k in EDGE}
 
     blocks, edge = stack(task.params)
-    state = None
+    state: dict[str, Any] | None = None
     if s.optimizer.state_arrays:  # AdamW's first step from zeros, its count traced: one program for every step
         zeros = {k: np.zeros_like(a) for k, a in task.params.items()}
         before = task.state or {"step": 0, "m": zeros, "v": zeros}

@@ -8,8 +8,8 @@ The rank is `lax.axis_index`, a traced value: the spec's pieces (`Where`: part i
 where i is traced, so each device reads its own shard of the (replicated) inputs.
 
 A pipeline is not run here: each stage runs its own rows of the schedule, Python control flow that
-depends on the rank, and one traced program cannot hold it (the MLP's pp writes the schedule as a
-`lax.switch` per slot instead).
+depends on the rank, which one traced program cannot branch on; `parallel_pipeline` runs pp with the
+schedule table turned into a `lax.switch` per slot instead.
 
 The bytes are measured from the compiled module (`parallel.hlo_collectives`), the collectives listed in
 the order the program issued them; the tests compare both with `transformer_cost`.
