@@ -5,7 +5,7 @@ sends exactly the bytes `transformer_cost` says.
 
 Each strategy is one XLA compile (seconds on a loaded CPU), so the default run takes the strategies the
 JAX runtime must have; TENSORGLOT_JAX_ALL_STRATEGIES=1 adds the compositions, one kv head shared by
-several tp ranks, cp on 4 devices and the CLI.
+several tp ranks, cp on 4 devices, more pipeline schedules and shapes, and the CLI.
 """
 
 from __future__ import annotations
@@ -83,28 +83,33 @@ def _close(got, want, what):
         np.testing.assert_allclose(got[k], want[k], rtol=RTOL, atol=atol, err_msg=f"{what} {k}")
 
 
-@pytest.mark.parametrize(("config", "strategy", "n", "optimizer"), CASES)
-def test_step_equals_one_device_and_the_cost_model(config, strategy, n, optimizer):
+def _memory(r):
+    return r.param_bytes_per_rank, r.grad_bytes_per_rank, r.optimizer_bytes_per_rank
+
+
+def _step_against_one_device(config, strategy, n, optimizer, **options):
+    """(the JAX step, its `transformer_cost`) once its loss, gradients and update equal one device's."""
     params, tokens, targets = _inputs(config)
     opt = ADAMW if optimizer == "adamw" else Optimizer("sgd", 0.1)
     got = be.parallel.transformer_step(
         params, config, tokens, targets, strategy=strategy, world_size=n, optimizer=optimizer, lr=opt.lr,
-        eps=opt.eps, weight_decay=opt.weight_decay, timeout=120,
+        eps=opt.eps, weight_decay=opt.weight_decay, timeout=120, **options,
     )  # fmt: skip
     (loss,), grads, updated = _one_device(params, config, tokens, targets, opt, 1)
     np.testing.assert_allclose(got.loss, loss, rtol=RTOL / 10)
     assert list(got.grads) == list(params) == list(got.params)
     _close(got.grads, grads, "grad")
     _close(got.params, updated, "updated")
-    model = P.transformer_cost(strategy, config, B, S, n, dtype=DTYPE, optimizer=optimizer)
+    return got, P.transformer_cost(strategy, config, B, S, n, dtype=DTYPE, optimizer=optimizer, **options)
+
+
+@pytest.mark.parametrize(("config", "strategy", "n", "optimizer"), CASES)
+def test_step_equals_one_device_and_the_cost_model(config, strategy, n, optimizer):
+    got, model = _step_against_one_device(config, strategy, n, optimizer)
     assert got.collectives == model.collectives  # as the program issued them
     assert got.bytes_by_rank == model.bytes_by_rank  # as the compiled module sends them
     assert got.bytes_by_kind == model.bytes_by_kind
-    assert (got.param_bytes_per_rank, got.grad_bytes_per_rank, got.optimizer_bytes_per_rank) == (
-        model.param_bytes_per_rank,
-        model.grad_bytes_per_rank,
-        model.optimizer_bytes_per_rank,
-    )
+    assert _memory(got) == _memory(model)
     assert got.activation_bytes_per_rank == model.activation_bytes_per_rank > 0  # the tapes a rank kept
 
 
@@ -124,11 +129,47 @@ def test_adamw_steps_carry_the_sharded_state():
     assert state["step"] == 3 and list(state["m"]) == list(params)
 
 
-@pytest.mark.parametrize("strategy", ["pp", "dp_pp", "tp_pp"])
-def test_pipelines_are_refused_naming_what_runs(strategy):
-    params, tokens, targets = _inputs(GQA)
-    with pytest.raises(ValueError, match=f"strategy '{strategy}' does not run on JAX .*cp"):
-        be.parallel.transformer_step(params, GQA, tokens, targets, strategy=strategy, world_size=2)
+DEEP = tensorglot.TransformerConfig(
+    vocab_size=16, d_model=16, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=4, d_ff=32, max_seq_len=S,
+    activation="gelu",
+)  # fmt: skip
+PIPELINES = [pytest.param(GQA, "1f1b", 2, 2, "adamw", id="1f1b-2-m2-adamw")]
+PIPELINES += [
+    pytest.param(c, sched, n, m, o, id=f"{sched}-{n}-m{m}-{o}-L{c.n_layers}", marks=slow)
+    for c, sched, n, m, o in [
+        (GQA, "gpipe", 2, 4, "sgd"),
+        (DEEP, "1f1b", 4, 4, "sgd"),
+        (DEEP, "gpipe", 2, 2, "adamw"),  # two blocks per stage
+        (GQA, "zb_h1", 2, 2, "sgd"),
+        (DEEP, "zb_h1", 4, 4, "adamw"),
+    ]
+]
+
+
+@pytest.mark.parametrize(("config", "schedule", "n", "m", "optimizer"), PIPELINES)
+def test_pipeline_equals_one_device_and_runs_the_table(config, schedule, n, m, optimizer):
+    got, model = _step_against_one_device(config, "pp", n, optimizer, microbatches=m, schedule=schedule)
+    assert got.schedule == tuple(sorted(P.pipeline_schedule(schedule, n, m)))  # every row of the table, once
+    assert 1 + max(row[0] for row in got.schedule) == model.slots
+    assert got.collectives == model.collectives  # the busiest stage's sends, in the table's order
+    assert got.bytes_by_rank == model.bytes_by_rank  # as the compiled module's collective-permutes send them
+    assert _memory(got) == _memory(model)
+    assert got.activation_bytes_by_stage == model.activation_bytes_by_stage
+
+
+@pytest.mark.parametrize(
+    ("strategy", "schedule", "n"),
+    [("pp", "interleaved", 2), ("dp_pp", "1f1b", 4), ("tp_pp", "zb_h1", 4)],
+)
+def test_pipelines_it_does_not_run_are_refused_naming_what_runs(strategy, schedule, n):
+    params, tokens, targets = _inputs(DEEP)
+    chunks = 2 if schedule == "interleaved" else None
+    with pytest.raises(
+        ValueError, match=f"strategy '{strategy}' with schedule '{schedule}' .*runs pp with gpipe, 1f1b, zb_h1"
+    ):
+        be.parallel.transformer_step(
+            params, DEEP, tokens, targets, strategy=strategy, world_size=n, schedule=schedule, chunks=chunks
+        )
 
 
 def test_more_ranks_than_devices_is_refused():

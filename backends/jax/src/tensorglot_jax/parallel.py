@@ -374,5 +374,8 @@ def max_world_size() -> int | None:
     return len(jax.devices())
 
 
-from .parallel_transformer import STRATEGIES as TRANSFORMER_STRATEGIES  # noqa: E402, F401  (they use this module)
+from .parallel_pipeline import STRATEGIES as _PIPELINES  # noqa: E402  (they use this module)
+from .parallel_transformer import STRATEGIES as _SHARD_MAP  # noqa: E402
+
+TRANSFORMER_STRATEGIES = _SHARD_MAP + _PIPELINES  # what the CLI runs for "all"
 from .parallel_transformer import transformer_step as transformer_step  # noqa: E402

@@ -8,8 +8,8 @@ The rank is `lax.axis_index`, a traced value: the spec's pieces (`Where`: part i
 where i is traced, so each device reads its own shard of the (replicated) inputs.
 
 A pipeline is not run here: each stage runs its own rows of the schedule, Python control flow that
-depends on the rank, and one traced program cannot hold it (the MLP's pp writes the schedule as a
-`lax.switch` per slot instead).
+depends on the rank, which one traced program cannot branch on; `parallel_pipeline` runs pp with the
+schedule table turned into a `lax.switch` per slot instead.
 
 The bytes are measured from the compiled module (`parallel.hlo_collectives`), the collectives listed in
 the order the program issued them; the tests compare both with `transformer_cost`.
@@ -29,6 +29,9 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from tensorglot import parallel as spec
+from tensorglot.parallel.transformer_checks import PIPELINES
+
+from . import parallel_pipeline
 
 #: What one traced SPMD program expresses; the pipelines (pp, dp_pp, tp_pp, dp_tp_pp) are left out.
 STRATEGIES = ("dp", "zero1", "zero2", "fsdp", "tp", "tp_sp", "cp", "dp_tp", "fsdp_tp")
@@ -183,10 +186,15 @@ def _run_with_deadline(task: spec.Task) -> spec.TransformerStepResult:
     from .parallel import check_devices, with_deadline  # a cycle: that module exports transformer_step
 
     s = task.step
-    if s.strategy not in STRATEGIES:
+    run = _run
+    if s.strategy in PIPELINES:
+        if reason := parallel_pipeline.refusal(s):
+            raise ValueError(reason)
+        run = parallel_pipeline.run
+    elif s.strategy not in STRATEGIES:
         raise ValueError(
-            f"transformer_step: strategy {s.strategy!r} does not run on JAX (it runs {', '.join(STRATEGIES)}): "
-            "a pipeline stage runs its own rows of the schedule, which one traced SPMD program does not hold"
+            f"transformer_step: strategy {s.strategy!r} does not run on JAX (it runs {', '.join(STRATEGIES)}, "
+            f"and {', '.join(parallel_pipeline.STRATEGIES)} with {', '.join(parallel_pipeline.SCHEDULES)})"
         )
     if s.dtype == "float64" and not jax.config.read("jax_enable_x64"):
         raise TypeError(
@@ -194,7 +202,7 @@ def _run_with_deadline(task: spec.Task) -> spec.TransformerStepResult:
             "set JAX_ENABLE_X64=1 before starting Python"
         )
     check_devices("transformer_step", s.world_size)
-    return with_deadline(f"transformer_step: {s.strategy}", s.world_size, s.timeout, _run, task)
+    return with_deadline(f"transformer_step: {s.strategy}", s.world_size, s.timeout, run, task)
 
 
 transformer_step = spec.transformer_step_function(np.asarray, _run_with_deadline)
