@@ -256,8 +256,13 @@ def combine(results: list[dict[str, Any]]) -> dict[str, Any]:
     machine = first["machine"] | {"loadavg_after": results[-1]["machine"]["loadavg_after"],
                                   "loadavg_runs": [r["machine"]["loadavg_before"][0] for r in results]}  # fmt: skip
     best_runs = {m: [r["best_ratio"].get(m) for r in results] for m in first["best_ratio"]}
+    servers = {"servers": {  # each server's first non-zero exit over the runs, killed if ever
+        m: s | {"exit": next((r["servers"][m]["exit"] for r in results if r["servers"][m]["exit"]), s["exit"]),
+                "killed": any(r["servers"][m]["killed"] for r in results)}
+        for m, s in first["servers"].items()
+    }} if "servers" in first else {}  # fmt: skip
     return first | {"machine": machine, "repeats": len(results), "rows": rows, **_ratios(rows, list(first["modes"])),
-                    "best_ratio_runs": best_runs}  # fmt: skip
+                    "best_ratio_runs": best_runs, **servers}  # fmt: skip
 
 
 def run_url(
