@@ -26,14 +26,17 @@ LOOSE = ["--slo-ttft", "60", "--slo-tpot", "10"]  # met on a loaded machine too,
 def tiny_sweep(tmp_path_factory: Any) -> tuple[dict[str, Any], str]:
     if not registry().transports():
         pytest.skip("needs a serving transport (tensorglot-torch provides one)")
-    path = tmp_path_factory.mktemp("sweep") / "sweep.json"
+    return _bench(tmp_path_factory.mktemp("sweep"), "--modes", "colocated,1p1d", *TINY, *LOOSE)
+
+
+def _bench(directory: Any, *flags: str) -> tuple[dict[str, Any], str]:
+    """``tensorglot bench serve *flags --json``: the sweep it wrote and what it printed."""
     import contextlib
     import io
 
-    out = io.StringIO()
+    path, out = directory / "sweep.json", io.StringIO()
     with contextlib.redirect_stdout(out):
-        code = main(["bench", "serve", "--modes", "colocated,1p1d", *TINY, *LOOSE, "--json", str(path)])
-    assert code == 0
+        assert main(["bench", "serve", *flags, "--json", str(path)]) == 0
     return json.loads(path.read_text()), out.getvalue()
 
 
@@ -147,7 +150,67 @@ def test_combine_takes_medians_keeps_every_run_and_refuses_different_sweeps():
     assert out["best_ratio"] == {"1p1d": 1.0} and out["best_ratio_runs"] == {"1p1d": [2.0, 4 / 3, 1.5]}
     assert out["machine"]["loadavg_runs"] == [5, 7, 9] and out["machine"]["loadavg_after"] == [10]
     assert "each run's best ratio: 2.00, 1.33, 1.50" in sweep.report(out | {"machine": out["machine"] | {"cpus": 2}})
+    servers = [{"c": {"args": [], "exit": e, "killed": k}} for e, k in ((0, False), (-9, True), (0, False))]
+    out = sweep.combine([r | {"servers": srv} for r, srv in zip(runs, servers)])
+    assert out["servers"] == {"c": {"args": [], "exit": -9, "killed": True}}  # a bad exit in any run shows
     other = _fake_sweep([1, 2, 3, 4], 5)
     other["rows"][3]["rate"] = 3.0
     with pytest.raises(ValueError, match="sweep 1 differs from sweep 0"):
         sweep.combine([runs[0], other])
+
+
+def _serves_http() -> None:
+    for module in ("starlette", "uvicorn", "httpx"):
+        pytest.importorskip(module, reason=f"the HTTP server and its load generator need {module}")
+
+
+@pytest.fixture(scope="module")
+def http_sweep(tmp_path_factory: Any) -> tuple[dict[str, Any], str]:
+    _serves_http()
+    if not registry().transports():
+        pytest.skip("needs a serving transport (tensorglot-torch provides one)")
+    flags = ["--rates", "5", "--requests", "3", "--prompt-len", "8:80", "--max-tokens", "6", "--prefill-chunk", "32"]
+    return _bench(tmp_path_factory.mktemp("http"), "--http", "--modes", "colocated,1p1d", *flags, *LOOSE)
+
+
+@needs_transport
+@pytest.mark.distributed
+@pytest.mark.timeout(180)
+def test_http_sweep_starts_a_server_per_mode_and_gives_the_same_tokens_with_itl(http_sweep):
+    result, printed = http_sweep
+    assert result["schema"] == sweep.SCHEMA and result["workload"]["http"] is True
+    assert [(r["mode"], r["rate"]) for r in result["rows"]] == [("colocated", 5.0), ("1p1d", 5.0)]
+    for r in result["rows"]:
+        assert r["same_tokens"] and r["requests"] == 3 and r["completed"] == 3 and r["errors"] == [], (r, printed)
+        assert r["tokens_per_s"] == pytest.approx(3 * 6 / r["wall_s"])  # every request streamed its 6 tokens
+        assert 0 <= r["slo_attainment"] <= 1
+        assert r["goodput_rps"] == pytest.approx(r["slo_attainment"] * 3 / r["wall_s"])
+        assert r["goodput_rps"] <= r["requests_per_s"] == pytest.approx(3 / r["wall_s"])
+        for metric in ("ttft", "tpot", "itl"):  # ITL from the client's chunks, for the disaggregated mode too
+            assert 0 <= r[f"{metric}_p50_s"] <= r[f"{metric}_p99_s"], (r["mode"], metric)
+    assert result["servers"]["colocated"]["args"][-2:] == ["--prefill-chunk", "32"]
+    assert result["servers"]["1p1d"]["args"][-4:] == ["--prefill-workers", "1", "--decode-workers", "1"]
+    assert all(s["exit"] == 0 and not s["killed"] for s in result["servers"].values()), result["servers"]  # drained
+    assert "same tokens in every mode" in printed and "goodput 1p1d ÷ colocated" in printed
+
+
+@pytest.mark.timeout(60)
+def test_a_server_that_exits_during_start_up_is_an_error_with_its_output():
+    _serves_http()
+    from tensorglot.serving.local_server import LocalServer, ServerError
+
+    srv = LocalServer(["--backend", "numpy", "--prefill-chunk", "0"], startup_s=50)
+    with pytest.raises(ServerError, match=r"exited with 2 during start-up: .*--prefill-chunk"):
+        srv.start()
+    assert srv.stop() == 2
+
+
+def test_server_args_per_mode():
+    from tensorglot.serving import DEMO_MODEL, Model
+
+    model = Model("numpy", DEMO_MODEL, seed=3)
+    common = ["--backend", "numpy", "--seed", "3", "--dtype", "float32"]
+    assert sweep.server_args("colocated", model, 64) == [*common, "--prefill-chunk", "64"]
+    assert sweep.server_args("colocated", model, None) == common
+    assert sweep.server_args("1p2d", model, 64) == [*common, "--prefill-workers", "1", "--decode-workers", "2"]
+    assert sweep.label("1p2d", 64) == "disaggregated 1P2D" and sweep.label("2p1d", None) == "disaggregated 2P1D"

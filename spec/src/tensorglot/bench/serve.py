@@ -1,7 +1,7 @@
 """``tensorglot bench serve``: goodput against the arrival rate, disaggregated ÷ colocated with chunked
-prefill on the same requests (`tensorglot.serving.sweep`), or the load generator against a running
-OpenAI-compatible server (``--url``). Prints the table and the ratio at the stated SLO; ``--json PATH``
-writes the sweep (the plots' ``serving_goodput`` figure draws it)."""
+prefill on the same requests (`tensorglot.serving.sweep`) in batch runs or, with ``--http``, over servers
+it starts; or the load generator against a running OpenAI-compatible server (``--url``). Prints the table
+and the ratio at the stated SLO; ``--json PATH`` writes the sweep (the plots' ``serving_goodput`` figure draws it)."""
 
 from __future__ import annotations
 
@@ -37,12 +37,16 @@ def _modes(text: str) -> list[str]:
 def configure(parser: argparse.ArgumentParser) -> None:
     from ..serving.cli import _range
 
-    parser.add_argument("--url", help="a running OpenAI-compatible server: run the load generator against it")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--url", help="a running OpenAI-compatible server: run the load generator against it")
+    where.add_argument(
+        "--http", action="store_true", help="start a tensorglot serve --port server per mode, load it over HTTP"
+    )
     parser.add_argument("--model", help="with --url: the model id to send (default: the server's first)")
     parser.add_argument("--backend", default="numpy", help="the backend that runs the model (default numpy)")
     parser.add_argument("--checkpoint", metavar="DIR", help="a Hugging Face checkpoint (default: DEMO_MODEL)")
     parser.add_argument("--modes", type=_modes, metavar="M,...",
-                        help="of colocated, 1p1d, 2p1d (default colocated,1p1d; 2p1d too with >= 4 CPUs)")  # fmt: skip
+                        help="of colocated, 1p1d, 2p1d, 1p2d (default colocated,1p1d; 2p1d too, 4+ CPUs)")  # fmt: skip
     parser.add_argument("--rates", type=_rates, default=[1.0, 2.0, 4.0], metavar="R,...", help="requests/s")
     parser.add_argument("--requests", type=positive_int, default=24, metavar="N", help="requests per rate")
     parser.add_argument(
@@ -78,12 +82,14 @@ def run(args: argparse.Namespace) -> int:
         result = sweep.run_url(args.url, args.rates, model=args.model, **common)
     else:
         modes = args.modes or sweep.default_modes()
-        print(f"tensorglot bench serve: {', '.join(sweep.label(m, args.prefill_chunk) for m in modes)}; backend "
-              f"{args.backend}; {len(args.rates)} rates x {args.requests} requests", file=sys.stderr)  # fmt: skip
+        how = "HTTP servers" if args.http else "batch runs"
+        labels = ", ".join(sweep.label(m, args.prefill_chunk) for m in modes)
+        print(f"tensorglot bench serve: {labels} ({how}); backend {args.backend}; {len(args.rates)} rates x "
+              f"{args.requests} requests", file=sys.stderr)  # fmt: skip
         result = sweep.run_sweep(
             args.rates, modes=modes, backend=args.backend, checkpoint=args.checkpoint,
             prefill_chunk=args.prefill_chunk, deadline_s=args.deadline, repeats=args.repeats,
-            on_row=_progress, **common,
+            on_row=_progress, http=args.http, **common,
         )  # fmt: skip
     print(sweep.report(result))
     if args.json:

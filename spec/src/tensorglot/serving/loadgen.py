@@ -31,6 +31,7 @@ class Record:
     sent: float = 0.0
     chunks: list[float] = field(default_factory=list)  # arrival time of each chunk that carried tokens
     tokens: int = 0
+    ids: list[int] = field(default_factory=list)  # the token ids received, where the server reports them
     error: str | None = None
 
     @property
@@ -77,6 +78,7 @@ async def _one(client: Any, url: str, model: str | None, prompt: list[int], max_
                 choices = chunk.get("choices", ())
                 if all("token_ids" in c for c in choices):
                     n = sum(len(c["token_ids"]) for c in choices)
+                    rec.ids += [t for c in choices for t in c["token_ids"]]
                 else:  # a server that does not report token ids: a chunk with text is a token
                     n = sum(bool(c.get("text")) for c in choices)
                 if n:
