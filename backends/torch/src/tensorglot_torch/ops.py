@@ -282,8 +282,9 @@ def _blocks(S, T, causal, window):
     ]
 
 
-def _attention(q, k, v, causal, mask, scale, softcap=None, window=None):
-    """(out (B, S, N, H), what the backward keeps)."""
+def _attention(q, k, v, causal, mask, scale, softcap=None, window=None, with_out=True):
+    """(out (B, S, N, H), what the backward keeps); ``with_out=False``: only the latter (out is None), for the
+    standalone backward, which needs the probabilities but not P·V."""
     B, S, N, H = q.shape
     T, K = k.shape[1], k.shape[2]
     G = N // K
@@ -298,9 +299,10 @@ def _attention(q, k, v, causal, mask, scale, softcap=None, window=None):
     ps, outs, bounds = [], [], _blocks(S, T, causal, window)
     for i0, i1, t0, t1 in bounds:
         p = _block_probs(qs, kh, mask, causal, window, softcap, (B, N, S, T), i0, i1, t0, t1)
-        outs.append(torch.bmm(p, vh[:, t0:t1]))  # (B·N, C, H)
+        if with_out:
+            outs.append(torch.bmm(p, vh[:, t0:t1]))  # (B·N, C, H)
         ps.append(p)
-    out = torch.cat(outs, 1).view(B, N, S, H).transpose(1, 2)  # (B, S, N, H)
+    out = torch.cat(outs, 1).view(B, N, S, H).transpose(1, 2) if with_out else None  # (B, S, N, H)
     return out, (qs, kh, vh, bounds, ps, K, softcap)
 
 
@@ -370,7 +372,7 @@ class Attention(torch.autograd.Function):
 
 
 def attention_backward(q, k, v, dy, causal, mask, scale, softcap=None, window=None):
-    return _attention_grads(_attention(q, k, v, causal, mask, scale, softcap, window)[1], dy, scale)
+    return _attention_grads(_attention(q, k, v, causal, mask, scale, softcap, window, with_out=False)[1], dy, scale)
 
 
 softmax, linear, mlp = _kernel(Softmax), _kernel(Linear), _kernel(MLP)
