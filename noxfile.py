@@ -22,7 +22,7 @@ BACKENDS = [b for b in ALL_BACKENDS if (ROOT / "backends" / b / "pyproject.toml"
 XP_NAMESPACES = ("array_api_strict", "numpy")
 HAS_PLOTS = (ROOT / "plots" / "pyproject.toml").exists()
 CONSTRAINTS = ("-c", "constraints.txt")
-TEST_DEPS = ("pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100")
+TEST_DEPS = ("pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "hypothesis>=6.100")
 # Serving's stack (the spec's `serve` extra: checkpoints, progress, the HTTP server) and the clients its tests use.
 SERVE_DEPS = ("safetensors", "tqdm", "tokenizers", "jinja2", "starlette", "uvicorn", "openai", "httpx")
 # One BLAS/OpenMP thread per process: tests and figures start several processes (ranks, workers) on few
@@ -76,7 +76,8 @@ def tests(session: nox.Session) -> None:
     paths = ["tests"] + [f"backends/{b}/tests" for b in BACKENDS if (ROOT / "backends" / b / "tests").exists()]
     if HAS_PLOTS:
         paths.append("plots/tests")
-    session.run("pytest", *paths, "-p", "no:cacheprovider", *session.posargs)
+    # one worker per CPU: most tests wait on a process, a compiler or one thread (CI stays under 30 minutes)
+    session.run("pytest", "-n", "auto", *paths, "-p", "no:cacheprovider", *session.posargs)
 
 
 @nox.session

@@ -178,13 +178,16 @@ def _program(task: spec.Task, layers: Any):
                         return st, zero
                     return st, x
                 saved = unpack(0, [buf[slot] for buf in st["tape"]])
-                head = unpack(1, [buf[slot] for buf in st["head"]]) if last else None
+                head_tape = unpack(1, [buf[slot] for buf in st["head"]]) if last else None
                 grads: dict[str, Any] = {}
                 deferred: tuple[Any, Any] = ([], []) if zero_bubble else (None, None)
-                dx = units.head_backward(model, w, head, tgt, 1.0 / m, grads, deferred[1]) if last else st["grad"][j]
+                if head_tape is not None:  # the last stage: the loss's gradient starts here
+                    dx = units.head_backward(model, w, head_tape, tgt, 1.0 / m, grads, deferred[1])
+                else:
+                    dx = st["grad"][j]
                 for l in reversed(range(per)):
                     dx = units.block_backward(model, w, dx, l, saved[l], grads, WHOLE, deferred[0])
-                arrays = _tape_arrays(saved, head)
+                arrays = _tape_arrays(saved, head_tape)
                 if zero_bubble:
                     for k in (0, 1) if last else (0,):  # the head's only on the last stage
                         st["dfr"][k] = [buf.at[slot].set(a) for buf, a in zip(st["dfr"][k], pack(deferred[k]))]
@@ -229,9 +232,9 @@ def _program(task: spec.Task, layers: Any):
             elif op == "W":
                 held[i] -= sizes["B", first, last][1]
             elif zero_bubble:  # B's peak holds the tape and W's new buffers at once
-                tape, kept, both = sizes["B", first, last]
-                peaks[i] = max(peaks[i], held[i] - tape + both)
-                held[i] += kept - tape
+                freed, kept, both = sizes["B", first, last]
+                peaks[i] = max(peaks[i], held[i] - freed + both)
+                held[i] += kept - freed
             else:
                 held[i] -= sizes["F", first, last][0]
             peaks[i] = max(peaks[i], held[i])
