@@ -7,6 +7,10 @@ another framework fails there. torch is pinned through constraints.txt to the 2.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import nox
@@ -32,6 +36,21 @@ SINGLE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_T
 FAKE_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
 
 
+@contextlib.contextmanager
+def _ci_disk(session: nox.Session) -> Iterator[None]:
+    """In CI, delete the session's environment when it ends, passed or failed.
+
+    The sessions' environments hold ~6 GB together (torch and jax each in three of them); a CI
+    machine once ran out of disk before the third one was built. One at a time needs ~2 GB.
+    """
+    try:
+        yield
+    finally:
+        location = getattr(session.virtualenv, "location", None)
+        if os.environ.get("CI") and location and Path(location).is_dir():
+            shutil.rmtree(location, ignore_errors=True)
+
+
 def _packages(*backends: str, editable: bool = False) -> list[str]:
     """The pip arguments that install the spec, the reference and the given backends."""
     paths = ["./spec[conformance]", "./backends/numpy"] + [f"./backends/{b}" for b in backends if b != "numpy"]
@@ -44,40 +63,44 @@ def _packages(*backends: str, editable: bool = False) -> list[str]:
 @nox.parametrize("backend", BACKENDS, ids=BACKENDS)
 def conformance(session: nox.Session, backend: str) -> None:
     """The conformance suite against one backend, in an environment with only that backend."""
-    session.install(*CONSTRAINTS, *_packages(backend))
-    session.env.update(SINGLE_THREAD)
-    if backend == "jax":
-        # float64 (the reference dtype, central differences) and 4 fake CPU devices for the sharded steps;
-        # both must be set before jax initialises.
-        session.env["JAX_ENABLE_X64"] = "1"
-        session.env.update(FAKE_DEVICES)
-    xfails = ROOT / "backends" / backend / "conformance-xfails.txt"
-    suite = ("--pyargs", "tensorglot.conformance", "--backend", backend, "--xfails", str(xfails))
-    # xp runs once per namespace (tensorglot-xp depends on array-api-strict); the others once.
-    runs = [{"TENSORGLOT_XP_NAMESPACE": ns} for ns in XP_NAMESPACES] if backend == "xp" else [{}]
-    for env in runs:
-        session.run("pytest", *suite, "-p", "no:cacheprovider", *session.posargs, env=env)
+    with _ci_disk(session):
+        session.install(*CONSTRAINTS, *_packages(backend))
+        session.env.update(SINGLE_THREAD)
+        if backend == "jax":
+            # float64 (the reference dtype, central differences) and 4 fake CPU devices for the sharded steps;
+            # both must be set before jax initialises.
+            session.env["JAX_ENABLE_X64"] = "1"
+            session.env.update(FAKE_DEVICES)
+        xfails = ROOT / "backends" / backend / "conformance-xfails.txt"
+        suite = ("--pyargs", "tensorglot.conformance", "--backend", backend, "--xfails", str(xfails))
+        # xp runs once per namespace (tensorglot-xp depends on array-api-strict); the others once.
+        runs = [{"TENSORGLOT_XP_NAMESPACE": ns} for ns in XP_NAMESPACES] if backend == "xp" else [{}]
+        for env in runs:
+            session.run("pytest", *suite, "-p", "no:cacheprovider", *session.posargs, env=env)
 
 
 @nox.session
 def tests(session: nox.Session) -> None:
     """Doctests of the spec, the cross-package tests, each backend's own tests, the plots' tests."""
-    session.env.update(SINGLE_THREAD | FAKE_DEVICES)
-    extra = ["-e", "./plots"] if HAS_PLOTS else []
-    session.install(*CONSTRAINTS, *_packages(*BACKENDS, editable=True), *extra, *TEST_DEPS, *SERVE_DEPS, "transformers")
-    session.run(
-        "pytest",
-        "--doctest-modules",
-        "spec/src/tensorglot",
-        "--ignore=spec/src/tensorglot/conformance",
-        "-p",
-        "no:cacheprovider",
-    )
-    paths = ["tests"] + [f"backends/{b}/tests" for b in BACKENDS if (ROOT / "backends" / b / "tests").exists()]
-    if HAS_PLOTS:
-        paths.append("plots/tests")
-    # one worker per CPU: most tests wait on a process, a compiler or one thread (CI stays under 30 minutes)
-    session.run("pytest", "-n", "auto", *paths, "-p", "no:cacheprovider", *session.posargs)
+    with _ci_disk(session):
+        session.env.update(SINGLE_THREAD | FAKE_DEVICES)
+        extra = ["-e", "./plots"] if HAS_PLOTS else []
+        session.install(
+            *CONSTRAINTS, *_packages(*BACKENDS, editable=True), *extra, *TEST_DEPS, *SERVE_DEPS, "transformers"
+        )
+        session.run(
+            "pytest",
+            "--doctest-modules",
+            "spec/src/tensorglot",
+            "--ignore=spec/src/tensorglot/conformance",
+            "-p",
+            "no:cacheprovider",
+        )
+        paths = ["tests"] + [f"backends/{b}/tests" for b in BACKENDS if (ROOT / "backends" / b / "tests").exists()]
+        if HAS_PLOTS:
+            paths.append("plots/tests")
+        # one worker per CPU: most tests wait on a process, a compiler or one thread (CI stays under 30 minutes)
+        session.run("pytest", "-n", "auto", *paths, "-p", "no:cacheprovider", *session.posargs)
 
 
 @nox.session
@@ -91,10 +114,11 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     """mypy on the spec, every backend and the plots, with the frameworks installed so their types count."""
-    extra = ["-e", "./plots"] if HAS_PLOTS else []
-    session.install(*CONSTRAINTS, *_packages(*BACKENDS, editable=True), *extra, "mypy", *TEST_DEPS, "transformers")
-    dirs = ["spec"] + [f"backends/{b}" for b in BACKENDS] + (["plots"] if HAS_PLOTS else [])
-    session.run("mypy", *[f"{d}/src" for d in dirs])
+    with _ci_disk(session):
+        extra = ["-e", "./plots"] if HAS_PLOTS else []
+        session.install(*CONSTRAINTS, *_packages(*BACKENDS, editable=True), *extra, "mypy", *TEST_DEPS, "transformers")
+        dirs = ["spec"] + [f"backends/{b}" for b in BACKENDS] + (["plots"] if HAS_PLOTS else [])
+        session.run("mypy", *[f"{d}/src" for d in dirs])
 
 
 @nox.session
