@@ -83,6 +83,7 @@ report(RuntimeError)
 def test_a_taken_port_is_retried_on_another_and_too_many_fail_cleanly():
     code = """
 import socket
+from tensorglot.parallel import devices
 from tensorglot.parallel.devices import free_port
 taken = socket.socket()
 taken.bind(("127.0.0.1", 0))
@@ -94,12 +95,12 @@ def first_taken():
     chosen.append(port if not chosen else free_port())
     return chosen[-1]
 
-launch.free_port = launch._free_port = first_taken  # (the name before the retry was added, too)
+devices.free_port = first_taken  # what the spec's RankPool calls
 r = step()
 print("ok", chosen[0] == port, len(chosen), r.bytes_per_device == P.step_cost("dp", shape, 2).bytes_per_device)
 tp.shutdown()
-launch.free_port = launch._free_port = lambda: port
-launch.PORT_ATTEMPTS = 2  # each attempt starts two interpreters: keep the test short
+devices.free_port = lambda: port
+devices.PORT_ATTEMPTS = 2  # each attempt starts two interpreters: keep the test short
 report(RuntimeError)
 """
     out = _python(code, deadline=120)

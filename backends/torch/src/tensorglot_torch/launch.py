@@ -1,9 +1,9 @@
-"""Starting the ranks of a torch parallel step: our own spawn on a free port, or torchrun's environment.
+"""Starting the ranks of a torch parallel step: the spec's spawned `RankPool` on a free port, or torchrun's
+environment.
 
-`launch` keeps n spawned ranks between steps (starting torch n times costs seconds); the first rank to
-fail, or the step's timeout, kills them all and raises with the failing rank's traceback. Start-up has
-the step's timeout too, and a port taken between choosing and binding it is retried on another
-(`PORT_ATTEMPTS`). No queue to a rank is flushed at exit, so a dead rank never keeps this process. Under
+`launch` keeps n spawned ranks between steps (`tensorglot.parallel.ranks`: start-up, a taken port's
+retry, the first failure or the timeout killing them all); this module supplies how a rank joins the
+process group (`_join`: gloo on CPU, NCCL when there are n GPUs). Under
 torchrun (``torchrun --nproc-per-node N -m tensorglot_torch.parallel --strategy fsdp``, `main`) each of
 its processes is one rank and runs the same `run_rank`. The ranks are ``spawn``ed: a script that calls
 `step` needs the usual ``if __name__ == "__main__":`` guard.
@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import io
-import multiprocessing as mp
 import os
-import queue
 import sys
 import time
-import traceback
 from datetime import timedelta
 from typing import Any
 
@@ -28,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from tensorglot import parallel as spec
-from tensorglot.parallel.devices import PORT_ATTEMPTS, abandon_queue, free_port, port_taken, stop_processes
+from tensorglot.parallel import ranks
 
 from ._common import DTYPES
 from .collectives import FAIL_RANK_ENV, ProcessGroupCollectives, host
@@ -56,108 +54,23 @@ def run_rank(config: spec.StepConfig, arrays: dict[str, np.ndarray], fail: str |
     return pieces.map(host), comm.log, time.perf_counter() - start
 
 
-def _serve(rank: int, n: int, port: int, tasks: Any, results: Any, threads: int, timeout: float) -> None:
-    """A rank of the pool: joins the process group once, then runs each step it is sent until told to stop."""
-    try:
-        torch.set_num_threads(threads)
-        backend, device = _device(rank, n)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        wait = timedelta(seconds=timeout)
-        try:
-            dist.init_process_group(
-                backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=n, timeout=wait
-            )
-        except Exception as exc:
-            if not port_taken(exc):
-                raise
-            results.put(("port", rank, f"{type(exc).__name__}: {exc}"))
-            raise SystemExit(1) from None
-        results.put(("ready", rank, None))
-        while (task := tasks.get()) is not None:
-            runner, args = task  # runner(*args, device): `run_rank`, or another program of the ranks
-            results.put(("ok", rank, runner(*args, device)))
-        dist.destroy_process_group()
-    except BaseException as exc:  # report every failure, then die: the parent kills the other ranks
-        if not isinstance(exc, SystemExit):
-            results.put(("error", rank, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
-        raise SystemExit(1) from None
+def _join(rank: int, n: int, port: int, timeout: float, *, threads: int) -> tuple[torch.device, Any]:
+    """A spawned rank's start (`tensorglot.parallel.ranks.Join`): its threads, its device, the group."""
+    torch.set_num_threads(threads)
+    backend, device = _device(rank, n)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    wait = timedelta(seconds=timeout)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=n, timeout=wait)
+    return device, dist.destroy_process_group
 
 
-class _PortTaken(Exception):
-    pass
-
-
-class _Pool:
-    """n spawned ranks on a free port, kept between steps; every rank has joined when it is built."""
-
-    def __init__(self, n: int, timeout: float, what: str) -> None:
-        ctx = mp.get_context("spawn")
-        threads = max(1, torch.get_num_threads() // n)  # the same thread budget as one process
-        for attempt in range(1, PORT_ATTEMPTS + 1):
-            self.n, self.results, self.tasks = n, ctx.Queue(), [ctx.Queue() for _ in range(n)]
-            port = free_port()
-            self.procs = [
-                ctx.Process(target=_serve, args=(r, n, port, self.tasks[r], self.results, threads, timeout))
-                for r in range(n)
-            ]
-            for p in self.procs:
-                p.daemon = True
-                p.start()
-            try:
-                self._gather("ready", what, timeout)
-                return
-            except _PortTaken as exc:
-                self.close(kill=True)
-                if attempt == PORT_ATTEMPTS:
-                    raise RuntimeError(f"parallel: {what}: {PORT_ATTEMPTS} ports were taken ({exc})") from None
-            except BaseException:
-                self.close(kill=True)
-                raise
-
-    def _gather(self, kind: str, what: str, timeout: float) -> list[Any]:
-        """Every rank's message of ``kind``; the first error, a dead rank or the timeout raises."""
-        deadline, done = time.monotonic() + timeout, dict[int, Any]()
-        while len(done) < self.n:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"parallel: {what} on {self.n} ranks did not finish in {timeout:g} s")
-            try:
-                status, rank, payload = self.results.get(timeout=0.2)
-            except queue.Empty:
-                dead = [r for r, p in enumerate(self.procs) if p.exitcode is not None]
-                if dead and self.results.empty():
-                    code = self.procs[dead[0]].exitcode
-                    raise RuntimeError(f"parallel: rank {dead[0]} of {self.n} died with exit code {code}") from None
-                continue
-            if status == "port":
-                raise _PortTaken(payload)
-            if status == "error":
-                raise RuntimeError(f"parallel: rank {rank} of {self.n} failed: {payload}")
-            if status == kind:
-                done[rank] = payload
-        return [done[r] for r in range(self.n)]
-
-    def run(self, task: tuple[Any, ...], what: str, timeout: float) -> list[Any]:
-        for q in self.tasks:
-            q.put(task)
-        return self._gather("ok", what, timeout)
-
-    def close(self, *, kill: bool = False) -> None:
-        if not kill:
-            for q in self.tasks:
-                q.put(None)
-        stop_processes(self.procs, grace=0 if kill else 5)
-        for q in [*self.tasks, self.results]:
-            abandon_queue(q)
-
-
-_POOLS: dict[int, _Pool] = {}  # by world size
+_POOLS: dict[int, ranks.RankPool] = {}  # by world size
 
 
 def shutdown() -> None:
     """Stop the ranks kept for the next step (also at exit)."""
-    while _POOLS:
-        _POOLS.popitem()[1].close()
+    ranks.close_all(_POOLS)
     if dist.is_initialized():  # this process is a rank under torchrun
         dist.destroy_process_group()
 
@@ -192,13 +105,8 @@ def run_ranks(n: int, timeout: float, what: str, runner: Any, args: tuple[Any, .
     rank order; the first to fail, or the timeout, kills them all. ``runner`` must be picklable."""
     if _under_torchrun():
         return _torchrun_rank(n, timeout, runner, args)
-    if n not in _POOLS:
-        _POOLS[n] = _Pool(n, timeout, f"{what} (starting the ranks)")
-    try:
-        return _POOLS[n].run((runner, args), what, timeout)
-    except BaseException:
-        _POOLS.pop(n).close(kill=True)
-        raise
+    join = functools.partial(_join, threads=max(1, torch.get_num_threads() // n))  # one process's threads
+    return ranks.run_on(_POOLS, n, timeout, what, join, runner, args)
 
 
 def launch(config: spec.StepConfig, arrays: dict[str, np.ndarray]) -> spec.StepResult:
