@@ -40,6 +40,7 @@ from tensorglot import parallel as spec
 from tensorglot.parallel import transformer_blocks as units
 from tensorglot.parallel.collectives import nbytes
 from tensorglot.parallel.cost import Collective
+from tensorglot.parallel.hlo import hlo_collectives
 from tensorglot.parallel.schedules import activations_held
 from tensorglot.parallel.transformer_blocks import WHOLE, Model, block_names
 from tensorglot.parallel.transformer_pipeline import _tape_arrays, tape_bytes
@@ -309,8 +310,6 @@ def _pieces(tree: dict, stage: int, per: int, kinds: list[str], names: list[str]
 def run(task: spec.Task) -> spec.TransformerStepResult:
     """``task`` (a checked pp step) on p JAX devices, gathered into a `TransformerStepResult`."""
     import tensorglot
-
-    from .parallel import hlo_collectives  # a cycle: that module exports transformer_step
 
     s, c = task.step, task.config
     p, per, kinds = s.pp, c.n_layers // s.pp, _kinds(c)

@@ -11,7 +11,7 @@ A pipeline is not run here: each stage runs its own rows of the schedule, Python
 depends on the rank, which one traced program cannot branch on; `parallel_pipeline` runs pp with the
 schedule table turned into a `lax.switch` per slot instead.
 
-The bytes are measured from the compiled module (`parallel.hlo_collectives`), the collectives listed in
+The bytes are measured from the compiled module (`tensorglot.parallel.hlo.hlo_collectives`), the collectives listed in
 the order the program issued them; the tests compare both with `transformer_cost`.
 """
 
@@ -29,6 +29,8 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from tensorglot import parallel as spec
+from tensorglot.parallel.devices import with_deadline
+from tensorglot.parallel.hlo import hlo_collectives
 from tensorglot.parallel.transformer_checks import PIPELINES
 
 from . import parallel_pipeline
@@ -140,8 +142,6 @@ def _compiled(task: spec.Task, layers: Any, args: tuple[Any, ...]):
         # all-gathers, the ring's K/V steps), keeping what they move alive in between, which is what
         # sending it again exists to avoid: compile without it, so the module sends what the program does.
         compiled = fn.lower(*placed).compile(compiler_options={"xla_disable_hlo_passes": "cse"})
-        from .parallel import hlo_collectives  # a cycle: that module exports transformer_step
-
         measured = hlo_collectives(compiled.as_text() or "", task.step.world_size)
         _COMPILED[key] = (compiled, mesh, traced, tuple(sum(c.bytes_per_device for c in d) for d in measured))
     return _COMPILED[key]
@@ -183,7 +183,7 @@ def _run(task: spec.Task) -> spec.TransformerStepResult:
 
 
 def _run_with_deadline(task: spec.Task) -> spec.TransformerStepResult:
-    from .parallel import check_devices, with_deadline  # a cycle: that module exports transformer_step
+    from .parallel import check_devices  # a cycle: that module exports transformer_step
 
     s = task.step
     run = _run
@@ -202,7 +202,7 @@ def _run_with_deadline(task: spec.Task) -> spec.TransformerStepResult:
             "set JAX_ENABLE_X64=1 before starting Python"
         )
     check_devices("transformer_step", s.world_size)
-    return with_deadline(f"transformer_step: {s.strategy}", s.world_size, s.timeout, run, task)
+    return with_deadline(f"transformer_step: {s.strategy} on {s.world_size} JAX devices", s.timeout, run, task)
 
 
 transformer_step = spec.transformer_step_function(np.asarray, _run_with_deadline)

@@ -1,5 +1,6 @@
 """Preparing a host before a launcher starts processes: its devices (a plugin hook, so the spec names
-no backend), a free local port, and stopping what was started, all shared by every launcher."""
+no backend), a free local port, stopping what was started, and a deadline for a step that cannot be
+interrupted, all shared by every launcher."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import errno
 import socket
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..registry import registry
@@ -63,3 +65,19 @@ def abandon_queue(q: Any, /) -> None:
     blocked writing to a process that is dead, and Python's exit would wait on it for ever."""
     q.cancel_join_thread()
     q.close()
+
+
+_WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tensorglot-step")
+
+
+def with_deadline(what: str, timeout: float, run: Any, *args: Any) -> Any:
+    """``run(*args)`` in a worker thread, or a TimeoutError "``what`` did not finish in ``timeout`` s".
+
+    For a step that cannot be interrupted (one compiled XLA computation): past the deadline the caller
+    gets the error, and the computation finishes in its thread (a later step waits for it).
+    """
+    future = _WORKER.submit(run, *args)
+    try:
+        return future.result(timeout=timeout)
+    except TimeoutError:
+        raise TimeoutError(f"{what} did not finish in {timeout:g} s") from None

@@ -23,6 +23,7 @@ from .collectives import Collectives
 from .cost import Collective
 from .schedules import pipeline_schedule
 from .step import ITEMSIZE, MLPShape, StepConfig, StepResult, step_result
+from .transformer_shards import take
 
 Array = Any
 Saved = tuple[Array, Array]  # a layer's input x (B, D) and pre-activation (B, F), what its backward needs
@@ -175,9 +176,8 @@ class RankPieces:
 
 
 def _part(x: Array, i: int, k: int, axis: int = 0) -> Array:
-    """The i-th of k equal parts of x along axis 0 or 1."""
-    size = x.shape[axis] // k
-    return x[i * size : (i + 1) * size] if axis == 0 else x[:, i * size : (i + 1) * size]
+    """The i-th of k equal parts of x along axis 0 or 1 (an i JAX knows only when it runs, too: `take`)."""
+    return take(x, (axis, i, k))
 
 
 def _dp(comm: Collectives, ps: dict[str, Array], x: Array, dy: Array, c: StepConfig) -> RankPieces:
