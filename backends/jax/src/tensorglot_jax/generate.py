@@ -3,10 +3,10 @@
 Both overrides run the spec's own forward pass (`tensorglot.forward`) inside ``jax.jit``, after the
 spec's host-side validation, and the conformance suite holds them to the spec's eager methods. With a
 cache, the spec's `KVCache` keeps its bookkeeping on the host (reserve, advance) and the compiled step
-sees its storage through `_StaticCache`: the slot of every position from the cache's slot map and
-``T = max_len`` keys, the unwritten ones masked by `visible_mask`, so a step compiles once per token
-count. `generate` is one program: the prompt's pass, then a ``lax.fori_loop`` of single-token steps,
-over a `SlotMap`/`PagedSlotMap` of the kind with every block the generation needs reserved up front.
+sees its storage through the spec's `StaticCache` (``T = max_len`` keys, the unwritten ones masked), so
+a step compiles once per token count. `generate` is one program: the prompt's pass, then a
+``lax.fori_loop`` of single-token steps, over a `SlotMap`/`PagedSlotMap` of the kind with every block
+the generation needs reserved up front.
 """
 
 from __future__ import annotations
@@ -23,35 +23,7 @@ from tensorglot.forward import _Pass
 from tensorglot.frontend import shape
 from tensorglot.generate import generate_inputs, greedy
 from tensorglot.layers import Layers
-
-
-class _StaticCache:
-    """A `tensorglot.cache.KVCache` inside a trace: traced lengths and storage, and the slot of every
-    position of every sequence, (B, L), from the spec's slot map."""
-
-    def __init__(self, write: Any, kind: str, table: jax.Array, k: list, v: list, lengths: jax.Array) -> None:
-        self.write, self.kind, self.table = write, kind, table  # table (B, L): the slot of each position
-        self.k, self.v, self._lengths = list(k), list(v), lengths
-
-    def lengths(self) -> jax.Array:
-        return self._lengths
-
-    def reserve(self, n: int, /) -> None:
-        pass  # the whole generation's blocks were reserved when the table was made
-
-    def advance(self, n: int, /) -> None:
-        self._lengths = self._lengths + n
-
-    def update(self, layer: int, k: jax.Array, v: jax.Array, /) -> tuple[jax.Array, jax.Array]:
-        B, n, K, H = shape(k)
-        L = shape(self.table)[1]
-        positions = self._lengths[:, None] + jnp.arange(n, dtype=self._lengths.dtype)  # (B, n)
-        slots = jnp.take_along_axis(self.table, positions, axis=1).reshape(-1)  # (B·n,)
-        self.k[layer] = self.write(self.k[layer], slots, k.reshape(B * n, K, H))
-        self.v[layer] = self.write(self.v[layer], slots, v.reshape(B * n, K, H))
-        if self.kind == "contiguous":  # slot b·L + p: a reshape reads it
-            return self.k[layer].reshape(B, L, K, H), self.v[layer].reshape(B, L, K, H)
-        return self.k[layer][self.table], self.v[layer][self.table]  # (B, L, K, H)
+from tensorglot.static_cache import StaticCache
 
 
 class JaxLayers(Layers):
@@ -96,7 +68,7 @@ def _forward(layers, tokens, params, positions, *, config):
 
 @partial(jax.jit, static_argnames=("layers", "config", "kind"))
 def _cached(layers, tokens, params, positions, ks, vs, lengths, table, *, config, kind):
-    cache = _StaticCache(layers._k.cache_write, kind, table, ks, vs, lengths)
+    cache = StaticCache(layers._k.cache_write, kind, table, ks, vs, lengths)
     logits = layers._transformer(tokens, _pass(layers, params, config, positions=positions, cache=cache))
     return logits, cache.k, cache.v
 
@@ -122,7 +94,7 @@ def _generate(layers, params, prompt, *, config, new, kind):
     storage = [jnp.zeros(rows, params["embed"].dtype) for _ in range(config.n_layers)]
 
     def step(tokens, ks, vs, lengths):
-        cache = _StaticCache(layers._k.cache_write, kind, table, ks, vs, lengths)
+        cache = StaticCache(layers._k.cache_write, kind, table, ks, vs, lengths)
         logits = layers._transformer(tokens, _pass(layers, params, config, cache=cache))
         return greedy(logits, out.dtype), cache.k, cache.v, cache.lengths()
 

@@ -28,6 +28,7 @@ from tensorglot import parallel as spec
 from tensorglot.parallel import StepResult
 from tensorglot.parallel.devices import with_deadline
 from tensorglot.parallel.hlo import hlo_collectives
+from tensorglot.parallel.schedules import slot_program
 
 _DTYPES = {"float64": jnp.float64, "float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat16}
 
@@ -48,14 +49,11 @@ def _spmd_body(c: spec.StepConfig, shape: tuple[int, int]):
 
 def _pp_body(w_in, w_out, x, dy, *, lr, p: int, m: int, schedule: str):
     # w_in (L/p, D, F), w_out (L/p, F, D): this stage's layers; x, dy (B, D) on every stage
+    from .parallel_pipeline import received  # a cycle: that module is imported at the end of this one
+
     dt, per = x.dtype, w_in.shape[0]
     stage = jax.lax.axis_index("s")
-    table = spec.pipeline_schedule(schedule, p, m)
-    slots = spec.schedule_slots(table)
-    kind = np.zeros((slots, p), np.int32)  # 0 idle, 1 forward, 2 backward
-    micro = np.zeros((slots, p), np.int32)
-    for t, i, op, j in table:
-        kind[t, i], micro[t, i] = (1 if op == "F" else 2), j
+    codes, micro, branches, sends = slot_program(spec.pipeline_schedule(schedule, p, m), p)
     xs, dys = x.reshape(m, -1, x.shape[1]), dy.reshape(m, -1, dy.shape[1])  # (m, B/m, D)
     ct = jnp.promote_types(dt, jnp.float32)
     state = {
@@ -90,21 +88,13 @@ def _pp_body(w_in, w_out, x, dy, *, lr, p: int, m: int, schedule: str):
         st["dx"] = st["dx"].at[j].set(g)
         return st, g
 
-    for t in range(slots):
-        state, sent = jax.lax.switch(
-            jnp.asarray(kind[t])[stage], [idle, forward, backward], state, jnp.asarray(micro[t])[stage]
-        )
-        for op_code, buffer, step_ in ((1, "act", 1), (2, "grad", -1)):
-            pairs = [(src, src + step_) for src in range(p) if kind[t, src] == op_code and 0 <= src + step_ < p]
-            if not pairs:
-                continue
-            got = jax.lax.ppermute(sent, "s", pairs)
-            into = np.full(p, -1, np.int32)  # which microbatch each stage receives, -1 for none
-            for src, dst in pairs:
-                into[dst] = micro[t, src]
-            recv = jnp.asarray(into)[stage]
-            slot = jnp.maximum(recv, 0)
-            state[buffer] = state[buffer].at[slot].set(jnp.where(recv >= 0, got, state[buffer][slot]))
+    fns = [{"idle": idle, "F": forward, "B": backward}[b] for b in branches]
+    for t, slot in enumerate(sends):
+        state, sent = jax.lax.switch(jnp.asarray(codes[t])[stage], fns, state, jnp.asarray(micro[t])[stage])
+        for buffer, (pairs, into) in zip(("act", "grad"), slot):
+            if pairs:
+                got = jax.lax.ppermute(sent, "s", [(src, dst) for src, dst, _ in pairs])
+                state[buffer] = received(state[buffer], got, jnp.asarray(into)[stage])
     gi, go = state["gi"].astype(dt), state["go"].astype(dt)
     y, dx = state["out"].reshape(x.shape), state["dx"].reshape(x.shape)
     return y[None], dx[None], gi, go, spec.sgd(w_in, gi, lr), spec.sgd(w_out, go, lr)

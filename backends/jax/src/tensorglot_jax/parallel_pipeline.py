@@ -41,9 +41,9 @@ from tensorglot.parallel import transformer_blocks as units
 from tensorglot.parallel.collectives import nbytes
 from tensorglot.parallel.cost import Collective
 from tensorglot.parallel.hlo import hlo_collectives
-from tensorglot.parallel.schedules import activations_held
+from tensorglot.parallel.schedules import activations_held, slot_program
 from tensorglot.parallel.transformer_blocks import WHOLE, Model, block_names
-from tensorglot.parallel.transformer_pipeline import _tape_arrays, tape_bytes
+from tensorglot.parallel.transformer_pipeline import tape_arrays, tape_bytes, unique_bytes
 from tensorglot.parallel.transformer_shards import device_names, pipeline_table, take
 
 STRATEGIES = ("pp",)
@@ -82,17 +82,10 @@ def _check_uniform(config: Any, p: int) -> None:
             )
 
 
-def _codes(table: list, p: int, last: int) -> tuple[np.ndarray, np.ndarray, list[tuple[str, bool, bool]]]:
-    """(op code per (slot, stage), microbatch per (slot, stage), the branches the codes name, idle = 0)."""
-    slots = 1 + max(row[0] for row in table)
-    branches: list[tuple[str, bool, bool]] = [("idle", False, False)]
-    code, micro = np.zeros((slots, p), np.int32), np.zeros((slots, p), np.int32)
-    for t, i, op, j, _ in table:
-        kind = (op, i == 0, i == last)
-        if kind not in branches:
-            branches.append(kind)
-        code[t, i], micro[t, i] = branches.index(kind), j
-    return code, micro, branches
+def received(buffer: Any, got: Any, j: Any) -> Any:
+    """``buffer`` (by microbatch) with ``got`` at microbatch j, unchanged where j is −1 (nothing came)."""
+    at = jnp.maximum(j, 0)
+    return buffer.at[at].set(jnp.where(j >= 0, got, buffer[at]))
 
 
 def _program(task: spec.Task, layers: Any):
@@ -103,7 +96,7 @@ def _program(task: spec.Task, layers: Any):
     p, m = s.pp, s.microbatches
     per, kinds = c.n_layers // p, _kinds(c)
     _, table = pipeline_table(s.schedule, p, m, 1)
-    code, micro, branches = _codes(table, p, p - 1)
+    code, micro, branches, sends = slot_program(table, p, branch=lambda row: (row[2], row[1] == 0, row[1] == p - 1))
     ring = max(activations_held([row[:4] for row in table], p))
     zero_bubble = any(row[2] == "W" for row in table)
     mesh = jax.make_mesh((p,), ("s",), axis_types=(AxisType.Explicit,), devices=jax.devices()[:p])
@@ -188,12 +181,12 @@ def _program(task: spec.Task, layers: Any):
                     dx = st["grad"][j]
                 for l in reversed(range(per)):
                     dx = units.block_backward(model, w, dx, l, saved[l], grads, WHOLE, deferred[0])
-                arrays = _tape_arrays(saved, head_tape)
+                arrays = tape_arrays(saved, head_tape)
                 if zero_bubble:
                     for k in (0, 1) if last else (0,):  # the head's only on the last stage
                         st["dfr"][k] = [buf.at[slot].set(a) for buf, a in zip(st["dfr"][k], pack(deferred[k]))]
                     kept = [a for _, x, dy, _ in deferred[0] + deferred[1] for a in (x, dy)] + ([dx] if first else [])
-                    sizes[op, first, last] = (_bytes(arrays), _bytes(kept), _bytes(arrays + kept))
+                    sizes[op, first, last] = (unique_bytes(arrays), unique_bytes(kept), unique_bytes(arrays + kept))
                     if first:
                         st["dx"] = st["dx"].at[j].set(dx)
                 elif first:
@@ -203,27 +196,18 @@ def _program(task: spec.Task, layers: Any):
 
             return run
 
-        fns = [branch(*kind) for kind in branches]
+        fns = [branch(*(("idle", False, False) if kind == "idle" else kind)) for kind in branches]
         logs: list[list[Collective]] = [[] for _ in range(p)]
         ran: list[tuple[int, int, str, int]] = []
-        by_slot: dict[int, list] = {}
-        for row in table:
-            by_slot.setdefault(row[0], []).append(row)
-        for t in range(code.shape[0]):  # the table's slots
+        for t, slot in enumerate(sends):  # the table's slots
             st, sent = jax.lax.switch(jnp.asarray(code[t])[stage], fns, st, jnp.asarray(micro[t])[stage])
-            ran += [row[:4] for row in by_slot.get(t, [])]
-            for op, buffer, step, what in (("F", "act", 1, "activation"), ("B", "grad", -1, "grad")):
-                pairs = [(i, i + step, j) for _, i, o, j, _ in by_slot.get(t, []) if o == op and 0 <= i + step < p]
-                if not pairs:
-                    continue
-                got = jax.lax.ppermute(sent, "s", [(src, dst) for src, dst, _ in pairs])
-                into = np.full(p, -1, np.int32)  # which microbatch each stage receives, -1 for none
-                for src, dst, j in pairs:
-                    into[dst] = j
-                    logs[src].append(Collective("send", f"microbatch {j} {what}", nbytes(sent), 2))
-                recv = jnp.asarray(into)[stage]
-                at = jnp.maximum(recv, 0)
-                st[buffer] = st[buffer].at[at].set(jnp.where(recv >= 0, got, st[buffer][at]))
+            ran += [row[:4] for row in table if row[0] == t]
+            for (buffer, what), (pairs, into) in zip((("act", "activation"), ("grad", "grad")), slot):
+                if pairs:
+                    got = jax.lax.ppermute(sent, "s", [(src, dst) for src, dst, _ in pairs])
+                    for src, _, j in pairs:
+                        logs[src].append(Collective("send", f"microbatch {j} {what}", nbytes(sent), 2))
+                    st[buffer] = received(st[buffer], got, jnp.asarray(into)[stage])
         held = [0] * p  # each stage's live tapes, from its F to its B (ZB-H1: and W's buffers, to its W)
         peaks = [0] * p
         for _, i, op, _ in ran:
@@ -293,11 +277,6 @@ def _accumulate(sums: dict, grads: dict) -> dict:
         else:
             sums[name] = sums[name] + a
     return sums
-
-
-def _bytes(arrays: list) -> int:
-    """The bytes of ``arrays``, each array once (W's buffers hold some of the tape's)."""
-    return sum(nbytes(a) for a in {id(a): a for a in arrays}.values())
 
 
 def _pieces(tree: dict, stage: int, per: int, kinds: list[str], names: list[str]) -> dict:

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import multiprocessing as mp
-import os
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 import tensorglot
+from tensorglot.bench.harness import rss_peak
 
 from . import layers
 
@@ -47,23 +45,6 @@ def _sequential(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, dy: to
     return _autograd(torch.nn.Sequential(lin[0], torch.nn.ReLU(), lin[1]))(x, dy)
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        return next(int(line.split()[1]) for line in fh if line.startswith(field))
-
-
-def _peak_here(fn: Callable[..., Any], arrays: list[Any]) -> int:
-    """In a fresh process whose malloc maps and unmaps every large buffer (``MALLOC_MMAP_THRESHOLD_``), so
-    no pages kept from the warm-up or earlier work hide the peak (Linux)."""
-    args = [torch.from_numpy(a) for a in arrays]
-    fn(*args)  # first-call set-up (thread pools, kernels' buffers) is not the function's memory
-    before = _status_kib("VmRSS:")
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")  # resets the high-water mark VmHWM to the current RSS
-    fn(*args)
-    return (_status_kib("VmHWM:") - before) * 1024
-
-
 def peak_memory(fn: Callable[..., Any], *args: torch.Tensor) -> int:
     if args[0].is_cuda:  # the caching allocator's own peak
         torch.cuda.synchronize()
@@ -72,12 +53,7 @@ def peak_memory(fn: Callable[..., Any], *args: torch.Tensor) -> int:
         fn(*args)
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # read by the child's malloc only: this one has started
-    try:
-        with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
-            return pool.submit(_peak_here, fn, [a.numpy() for a in args]).result()
-    finally:
-        del os.environ["MALLOC_MMAP_THRESHOLD_"]
+    return rss_peak(fn, torch.from_numpy, [a.numpy() for a in args])  # the CPU allocator is not tracemalloc's
 
 
 def baselines() -> dict[str, Any]:

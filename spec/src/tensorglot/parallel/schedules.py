@@ -13,7 +13,10 @@ W's. With m >= p it takes 3m + p − 1 slots against 1F1B's 3(m + p − 1) in th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
 
 SCHEDULES = ("gpipe", "1f1b")  # the MLP step's; the transformer's add "interleaved" and ZB-H1
 ZERO_BUBBLE = "zb_h1"
@@ -133,3 +136,38 @@ def activations_held(schedule: Sequence[tuple[int, int, str, int]], stages: int,
         held[i] += 1 if op == "F" else -1 if op == ("W" if split else "B") else 0
         peak[i] = max(peak[i], held[i])
     return peak
+
+
+def slot_program(rows: Sequence[tuple], stages: int, /, *, branch: Callable[[tuple], Any] = lambda row: row[2]) -> Any:
+    """A schedule as data for one traced SPMD program, which cannot branch on its rank in Python.
+
+    ``rows`` are a schedule's ``(slot, stage, op, microbatch, ...)``; ``branch(row)`` names the code a row
+    runs (its op by default). Returns ``(codes, micro, branches, sends)``: ``codes`` (slots, stages) the
+    index into ``branches`` each stage runs in each slot (0: ``"idle"``), ``micro`` the microbatch it
+    runs it on, and ``sends[t]`` for F's activations forward and B's gradients back in slot t, each
+    ``(pairs, into)``: the (source, destination, microbatch) of every transfer, and the microbatch each
+    stage receives (−1: none).
+
+    >>> codes, micro, branches, sends = slot_program(pipeline_schedule("gpipe", 2, 2), 2)
+    >>> branches, codes[:3].tolist(), sends[1]
+    (['idle', 'F', 'B'], [[1, 0], [1, 1], [0, 1]], (([(0, 1, 1)], [-1, 1]), ([], [-1, -1])))
+    """
+    slots = 1 + max(row[0] for row in rows)
+    branches: list[Any] = ["idle"]
+    codes, micro = np.zeros((slots, stages), np.int32), np.zeros((slots, stages), np.int32)
+    sends: list[tuple[tuple[list, list], tuple[list, list]]] = []
+    for t in range(slots):
+        here = [row for row in rows if row[0] == t]
+        for row in here:
+            if branch(row) not in branches:
+                branches.append(branch(row))
+            codes[t, row[1]], micro[t, row[1]] = branches.index(branch(row)), row[3]
+        slot = []
+        for op, step in (("F", 1), ("B", -1)):
+            pairs = [(row[1], row[1] + step, row[3]) for row in here if row[2] == op and 0 <= row[1] + step < stages]
+            into = [-1] * stages
+            for _, dst, j in pairs:
+                into[dst] = j
+            slot.append((pairs, into))
+        sends.append((slot[0], slot[1]))
+    return codes, micro, branches, sends

@@ -97,7 +97,7 @@ def pp_rank(rk: Any) -> TransformerPieces:
                 value, head = head_forward(model, stage, x, tgt)
                 loss += float(value) / (m * d * t)  # each of the t ranks of the last stage holds it
             tapes[j, ch] = (saved, head)
-            held += _bytes(_tape_arrays(saved, head))
+            held += unique_bytes(tape_arrays(saved, head))
             peak = max(peak, held)
             continue
         if op == "W":
@@ -119,12 +119,13 @@ def pp_rank(rk: Any) -> TransformerPieces:
                 comm.send(dx, dst=rank_of(vs - 1), tensor=f"microbatch {j} grad", tag=2 * (vs * m + j) + 1)
             elif deferred is None:
                 grads["embed"] = embed_backward(model, dx, tok)
-            arrays = _tape_arrays(saved, head)
+            arrays = tape_arrays(saved, head)
             kept = [a for _, x, dy, _ in deferred or () for a in (x, dy)] + ([dx] if vs == 0 and zero_bubble else [])
-            peak = max(peak, held - _bytes(arrays) + _bytes(arrays + kept))  # W's buffers share some of the tape
-            held += _bytes(kept) - _bytes(arrays)
+            # W's buffers share some of the tape
+            peak = max(peak, held - unique_bytes(arrays) + unique_bytes(arrays + kept))
+            held += unique_bytes(kept) - unique_bytes(arrays)
             if deferred is not None:
-                waiting[j, ch] = (deferred, dx if vs == 0 else None, _bytes(kept))
+                waiting[j, ch] = (deferred, dx if vs == 0 else None, unique_bytes(kept))
         for k, g in grads.items():
             sums[k] = g if k not in sums else sums[k] + g
     if c.n_kv_heads % t:  # K < t: the t/K ranks of a stage that share a kv head sum its gradient
@@ -150,15 +151,15 @@ def pp_rank(rk: Any) -> TransformerPieces:
 
 def tape_bytes(blocks: list[dict[str, Array]], head: tuple | None) -> int:
     """The bytes of the tapes of ``blocks`` and the head (None: none)."""
-    return _bytes(_tape_arrays(blocks, head))
+    return unique_bytes(tape_arrays(blocks, head))
 
 
-def _tape_arrays(blocks: list[dict[str, Array]], head: tuple | None) -> list[Array]:
+def tape_arrays(blocks: list[dict[str, Array]], head: tuple | None) -> list[Array]:
     """What a microbatch's forward keeps for its backward: each block's tape and the head's."""
     arrays = [a for tape in blocks for a in tape.values() if hasattr(a, "shape")]  # not the causal flag, a None mask
     return arrays + list(head or ())
 
 
-def _bytes(arrays: list[Array]) -> int:
+def unique_bytes(arrays: list[Array]) -> int:
     """The bytes of ``arrays``, each array once (W's buffers hold some of the tape's)."""
     return sum(nbytes(a) for a in {id(a): a for a in arrays}.values())

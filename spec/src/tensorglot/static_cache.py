@@ -1,0 +1,48 @@
+"""A `tensorglot.cache.KVCache` as a compiled program sees it: static shapes, traced lengths and storage.
+
+A compiled step cannot run the cache's host bookkeeping (reserve, advance, the slot map), and it must
+have one shape for every step. So the host reserves first, and the step gets the slot of every position
+of every sequence, ``table`` (B, L) from the spec's slot map, and reads all L keys of a sequence, the
+unwritten ones masked by `visible_mask`: a step compiles once per token count. Written against the
+array API (the inputs' namespace), for any backend that compiles its steps (JAX's `generate` today).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from array_api_compat import array_namespace
+
+from .frontend import shape
+
+
+class StaticCache:
+    """``write`` is the backend's ``cache_write`` kernel; ``k``, ``v`` one storage array per layer,
+    (slots, K, H); ``lengths`` (B,) the tokens each sequence holds."""
+
+    def __init__(self, write: Any, kind: str, table: Any, k: list, v: list, lengths: Any) -> None:
+        self.write, self.kind, self.table = write, kind, table  # table (B, L): the slot of each position
+        self.k, self.v, self._lengths = list(k), list(v), lengths
+
+    def lengths(self) -> Any:
+        return self._lengths
+
+    def reserve(self, n: int, /) -> None:
+        pass  # every slot the steps write was reserved when the table was made
+
+    def advance(self, n: int, /) -> None:
+        self._lengths = self._lengths + n
+
+    def update(self, layer: int, k: Any, v: Any, /) -> tuple[Any, Any]:
+        """Write this step's (B, n, K, H) keys and values at their slots; every position's, (B, L, K, H)."""
+        xp = array_namespace(k)
+        B, n, K, H = shape(k)
+        L = shape(self.table)[1]
+        positions = self._lengths[:, None] + xp.arange(n, dtype=self._lengths.dtype)  # (B, n)
+        slots = xp.reshape(xp.take_along_axis(self.table, positions, axis=1), (-1,))  # (B·n,)
+        self.k[layer] = self.write(self.k[layer], slots, xp.reshape(k, (B * n, K, H)))
+        self.v[layer] = self.write(self.v[layer], slots, xp.reshape(v, (B * n, K, H)))
+        if self.kind == "contiguous":  # slot b·L + p: a reshape reads it
+            return xp.reshape(self.k[layer], (B, L, K, H)), xp.reshape(self.v[layer], (B, L, K, H))
+        every = xp.reshape(self.table, (-1,))
+        return tuple(xp.reshape(xp.take(s[layer], every, axis=0), (B, L, K, H)) for s in (self.k, self.v))  # type: ignore[return-value]
