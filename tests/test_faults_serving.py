@@ -5,6 +5,7 @@ requests it touches: the others complete and are reported, and no process outliv
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -56,7 +57,12 @@ def test_a_frozen_prefill_worker_costs_only_its_own_requests(mode, after, interv
     out = serve(reqs, MODEL, prefill_workers=2, timeout_s=3, faults=faults, deadline_s=150)
     for req, rec in zip(reqs, out["requests"]):
         assert rec["error"] is None and rec["tokens"] == _reference(req), req.rid
-    assert any("prefill worker rank 1 sent nothing for 3.0 s (died or frozen)" in e for e in out["events"])
+    # Frozen, it sends no heartbeat, and nothing it owes arrives: whichever the router notices first names it
+    # (under load a heartbeat sent just before the freeze can be read late, and the delivery check fires first).
+    frozen = re.compile(
+        r"prefill worker rank 1 (sent|delivered) nothing for 3\.0 s \(died or (frozen|stopped answering)\)"
+    )
+    assert any(frozen.search(e) for e in out["events"]), out["events"]
     assert {r["worker"] for r in out["requests"]} == {2} if after == -1 else 2 in {r["worker"] for r in out["requests"]}
 
 

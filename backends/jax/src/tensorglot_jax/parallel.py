@@ -1,9 +1,9 @@
 """JAX parallel strategies with a Mesh and `jax.shard_map`: see the spec (`tensorglot.parallel`).
 
-Each strategy is one jitted SPMD program over a `Mesh` with Explicit axes (``d`` data, ``t`` tensor,
-``s`` stage): `psum`, `all_gather`, `psum_scatter` and `ppermute` inside `jax.shard_map`. The bytes
-are read from the compiled module: every all-reduce, all-gather, reduce-scatter and collective-permute
-in ``jitted.lower(...).compile().as_text()``, with its shape and replica groups.
+dp, tp, dp_tp and fsdp are the spec's `rank_step` traced once inside `jax.shard_map` over a (d, t) mesh
+with Explicit axes, its collectives `psum`, `all_gather` and `psum_scatter` (`ShardMapCollectives`); pp
+is a slot program over an axis ``s`` of stages (`slot_program`), its activations and gradients carried
+by `ppermute`. The bytes are read from the compiled module (`tensorglot.parallel.hlo`).
 
 On CPU, n fake devices need ``XLA_FLAGS=--xla_force_host_platform_device_count=n`` set before JAX
 initialises. On several hosts, call ``jax.distributed.initialize(coordinator_address, num_processes,
