@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
 import logging
 import queue
 import secrets
@@ -35,7 +34,7 @@ from . import transport as tr
 from .admission import Request
 from .launch import start_workers
 from .model import Model
-from .online import Job, _offer
+from .online import Job, JobEngine, _offer
 from .router import Router
 from .workers import Options
 
@@ -109,38 +108,21 @@ class ServerRouter(Router):
         logger.warning("the decode worker (rank %d) %s; its request(s) %s are recomputed if any is left", d, why, lost)
 
 
-class WorkerEngine:
+class WorkerEngine(JobEngine):
     """Starts the worker processes and the router thread; ``ready`` is set once every worker is."""
 
     def __init__(self, model: Model, opts: Options) -> None:
+        super().__init__("tensorglot-router")
         self.model, self.opts = model, opts
-        self.config: TransformerConfig | None = None
         self.prefix = None  # /health shows no in-process prefix cache
-        self.ready = threading.Event()
-        self.load_error: str | None = None
         counts = ("jobs", "prompt_tokens", "generated_tokens", "cancelled", "recomputed")
         self.stats = dict.fromkeys((*counts, "prefill_cached_tokens", "decode_cached_tokens"), 0)
         self.procs: list[Any] = []
         self._errors: Any = None  # the workers' error queue
-        self._inbox: queue.Queue[Job | None] = queue.Queue()
-        self._closing = False
-        self._ids = itertools.count()
-        self._thread = threading.Thread(target=self._run, name="tensorglot-router", daemon=True)
-
-    def start(self) -> WorkerEngine:
-        self._thread.start()
-        return self
-
-    def submit(self, job: Job) -> None:
-        if self._closing:
-            raise RuntimeError("WorkerEngine.submit: the server is shutting down and takes no new requests")
-        self._inbox.put(job)
 
     def close(self, timeout_s: float = 60.0) -> None:
         """Refuse new jobs, finish the queued and running ones, stop the router and the workers."""
-        self._closing = True
-        self._inbox.put(None)
-        self._thread.join(timeout_s)
+        super().close(timeout_s)
         stop_processes(self.procs, grace=5)
         if self._errors is not None:
             with contextlib.suppress(OSError, ValueError):

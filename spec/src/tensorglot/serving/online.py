@@ -27,6 +27,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -99,7 +100,40 @@ def _offer(job: Job, token: int, count: int) -> str | None:
     return "length" if count >= job.params.max_tokens else None
 
 
-class OnlineEngine:
+class JobEngine:
+    """What the HTTP server drives (`http.py`): `Job`s submitted from its handlers' threads and served by
+    one background thread, a subclass's ``_run``, which ends once `close` was called and the queued and
+    active jobs are done; ``ready`` is set once it can serve, ``load_error`` says why it cannot."""
+
+    def __init__(self, thread_name: str) -> None:
+        self.config: TransformerConfig | None = None
+        self.ready = threading.Event()
+        self.load_error: str | None = None
+        self._inbox: queue.Queue[Job | None] = queue.Queue()
+        self._closing = False
+        self._ids = itertools.count()
+        self._thread = threading.Thread(target=self._run, name=thread_name, daemon=True)
+
+    def start(self) -> Any:
+        self._thread.start()
+        return self
+
+    def submit(self, job: Job) -> None:
+        if self._closing:
+            raise RuntimeError(f"{type(self).__name__}.submit: shutting down, it takes no new requests")
+        self._inbox.put(job)
+
+    def close(self, timeout_s: float = 60.0) -> None:
+        """Refuse new jobs, finish the queued and active ones, stop the thread."""
+        self._closing = True
+        self._inbox.put(None)  # wakes an idle loop
+        self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+
+class OnlineEngine(JobEngine):
     """Loads ``model`` and serves `Job`s in a background thread; ``ready`` is set once it can."""
 
     def __init__(
@@ -113,34 +147,13 @@ class OnlineEngine:
     ) -> None:
         if chunk_tokens is not None and chunk_tokens < 1:
             raise ValueError(f"OnlineEngine: chunk_tokens must be >= 1 or None, got {chunk_tokens}")
+        super().__init__("tensorglot-engine")
         self.model, self.max_batch, self.block_size = model, max_batch, block_size
         self.chunk_tokens = chunk_tokens
         self.prefix = PrefixCache(block_size, prefix_cache_blocks) if prefix_cache_blocks else None
-        self.config: TransformerConfig | None = None
-        self.ready = threading.Event()
-        self.load_error: str | None = None
         self.stats = dict.fromkeys(("jobs", "prompt_tokens", "computed_prompt_tokens", "generated_tokens"), 0)
         self.stats["decode_steps"] = self.stats["cancelled"] = 0
         self._current: tuple[Job, list[Block], PromptPrefill | None] | None = None  # the prefill in progress
-        self._inbox: queue.Queue[Job | None] = queue.Queue()
-        self._closing = False
-        self._ids = itertools.count()
-        self._thread = threading.Thread(target=self._run, name="tensorglot-engine", daemon=True)
-
-    def start(self) -> OnlineEngine:
-        self._thread.start()
-        return self
-
-    def submit(self, job: Job) -> None:
-        if self._closing:
-            raise RuntimeError("OnlineEngine.submit: the engine is shutting down and takes no new requests")
-        self._inbox.put(job)
-
-    def close(self, timeout_s: float = 60.0) -> None:
-        """Refuse new jobs, finish the queued and active ones, stop the thread."""
-        self._closing = True
-        self._inbox.put(None)  # wakes an idle loop
-        self._thread.join(timeout_s)
 
     def _run(self) -> None:
         try:
