@@ -76,7 +76,7 @@ def conformance(session: nox.Session, backend: str) -> None:
         # xp runs once per namespace (tensorglot-xp depends on array-api-strict); the others once.
         runs = [{"TENSORGLOT_XP_NAMESPACE": ns} for ns in XP_NAMESPACES] if backend == "xp" else [{}]
         for env in runs:
-            session.run("pytest", *suite, "-p", "no:cacheprovider", *session.posargs, env=env)
+            session.run("pytest", *suite, "-p", "no:cacheprovider", "--durations=15", *session.posargs, env=env)
 
 
 @nox.session
@@ -100,7 +100,8 @@ def tests(session: nox.Session) -> None:
         if HAS_PLOTS:
             paths.append("plots/tests")
         # one worker per CPU: most tests wait on a process, a compiler or one thread (CI stays under 30 minutes)
-        session.run("pytest", "-n", "auto", *paths, "-p", "no:cacheprovider", *session.posargs)
+        # --durations: the slowest tests in CI's log, which has 30 minutes for every session
+        session.run("pytest", "-n", "auto", *paths, "-p", "no:cacheprovider", "--durations=25", *session.posargs)
 
 
 @nox.session
