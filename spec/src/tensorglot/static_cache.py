@@ -45,4 +45,5 @@ class StaticCache:
         if self.kind == "contiguous":  # slot b·L + p: a reshape reads it
             return xp.reshape(self.k[layer], (B, L, K, H)), xp.reshape(self.v[layer], (B, L, K, H))
         every = xp.reshape(self.table, (-1,))
-        return tuple(xp.reshape(xp.take(s[layer], every, axis=0), (B, L, K, H)) for s in (self.k, self.v))  # type: ignore[return-value]
+        k_all, v_all = (xp.reshape(xp.take(s[layer], every, axis=0), (B, L, K, H)) for s in (self.k, self.v))
+        return k_all, v_all
