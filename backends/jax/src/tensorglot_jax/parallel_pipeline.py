@@ -198,16 +198,15 @@ def _program(task: spec.Task, layers: Any):
 
         fns = [branch(*(("idle", False, False) if kind == "idle" else kind)) for kind in branches]
         logs: list[list[Collective]] = [[] for _ in range(p)]
-        ran: list[tuple[int, int, str, int]] = []
         for t, slot in enumerate(sends):  # the table's slots
             st, sent = jax.lax.switch(jnp.asarray(code[t])[stage], fns, st, jnp.asarray(micro[t])[stage])
-            ran += [row[:4] for row in table if row[0] == t]
             for (buffer, what), (pairs, into) in zip((("act", "activation"), ("grad", "grad")), slot):
                 if pairs:
                     got = jax.lax.ppermute(sent, "s", [(src, dst) for src, dst, _ in pairs])
                     for src, _, j in pairs:
                         logs[src].append(Collective("send", f"microbatch {j} {what}", nbytes(sent), 2))
                     st[buffer] = received(st[buffer], got, jnp.asarray(into)[stage])
+        ran = [row[:4] for row in sorted(table, key=lambda row: row[0])]  # in the order the slots ran them
         held = [0] * p  # each stage's live tapes, from its F to its B (ZB-H1: and W's buffers, to its W)
         peaks = [0] * p
         for _, i, op, _ in ran:

@@ -156,8 +156,11 @@ def slot_program(rows: Sequence[tuple], stages: int, /, *, branch: Callable[[tup
     branches: list[Any] = ["idle"]
     codes, micro = np.zeros((slots, stages), np.int32), np.zeros((slots, stages), np.int32)
     sends: list[tuple[tuple[list, list], tuple[list, list]]] = []
+    by_slot: dict[int, list[tuple]] = {}
+    for row in rows:
+        by_slot.setdefault(row[0], []).append(row)
     for t in range(slots):
-        here = [row for row in rows if row[0] == t]
+        here = by_slot.get(t, [])
         for row in here:
             if branch(row) not in branches:
                 branches.append(branch(row))

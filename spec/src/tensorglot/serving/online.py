@@ -27,7 +27,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Self
 
 import numpy as np
 
@@ -114,13 +114,13 @@ class JobEngine:
         self._ids = itertools.count()
         self._thread = threading.Thread(target=self._run, name=thread_name, daemon=True)
 
-    def start(self) -> Any:
+    def start(self) -> Self:
         self._thread.start()
         return self
 
     def submit(self, job: Job) -> None:
         if self._closing:
-            raise RuntimeError(f"{type(self).__name__}.submit: shutting down, it takes no new requests")
+            raise RuntimeError(f"{type(self).__name__}.submit: it is shutting down and takes no new requests")
         self._inbox.put(job)
 
     def close(self, timeout_s: float = 60.0) -> None:
