@@ -31,7 +31,8 @@ Layouts:
 The spec keeps the bookkeeping (lengths, block tables, the free list, the capacity check, each token's
 slot: `SlotMap`, `PagedSlotMap`) and the storage, per layer one (slots, K, H) array made with the array
 API's ``zeros`` and read with ``take``. The backend writes one kernel, ``cache_write(storage, slots,
-rows) -> storage`` (in place on NumPy and torch, ``.at[].set`` on JAX): the array API cannot do it.
+rows) -> storage`` (in place on NumPy, torch and xp's writable namespaces, ``.at[].set`` on JAX): the array
+API has no write at integer positions.
 
 >>> import numpy as np, tensorglot
 >>> cfg = tensorglot.TransformerConfig(vocab_size=16, d_model=8, n_layers=1, n_heads=2, n_kv_heads=1,

@@ -149,7 +149,7 @@ class Forward(FrontEnd):
         q_lin, k_lin = self._project(x, p, pre, "q", N), self._project(x, p, pre, "k", K)  # (B, S, N|K·H)
         v = xp.reshape(self._project(x, p, pre, "v", K), (B, S, K, H))
         q, k = self._qk_norm(q_lin, p, pre + "q_norm", N), self._qk_norm(k_lin, p, pre + "k_norm", K)
-        q, k = self._rope(q, p, 1.0, layer), self._rope(k, p, 1.0, layer)  # never v
+        q, k = self._rope_qk(q, k, p, layer)  # never v
         scale = c.attn_scale or 1.0 / math.sqrt(H)
         if p.cache is None:
             causal, mask, k_all, v_all = True, self._window_mask(S, c.window(layer), x), k, v
@@ -236,6 +236,15 @@ class Forward(FrontEnd):
         offset = float(p.config.norm_offset)  # Gemma's 1 + w: the product taken in float32, then cast
         round_to = p.dtype if p.dtype in HALF and not offset else None  # else Llama's: rounded, then × w
         return self._run(self._k.rms_norm, p.dtype, (x, weight), p.config.norm_eps, round_to, offset)
+
+    def _rope_qk(self, q: Array, k: Array, p: _Pass, layer: int) -> tuple[Array, Array]:
+        """q and k rotated in one kernel call over their heads side by side (RoPE acts on each head alone, so
+        the bits are those of two calls): a decoding step is mostly per-op cost, and this halves RoPE's."""
+        if p.config.position != "rope":
+            return q, k
+        N = shape(q)[2]
+        qk = self._rope(p.xp.concat([q, k], axis=2), p, 1.0, layer)  # (B, S, N + K, H)
+        return qk[:, :, :N, :], qk[:, :, N:, :]
 
     def _rope(self, x: Array, p: _Pass, sign: float, layer: int = 0) -> Array:
         if p.config.position != "rope":

@@ -49,8 +49,9 @@ array-API operations; these are what the array API lacks). Arrays first, int arr
     the log-sum-exp max-subtracted. ``cross_entropy_backward(logits, dloss, targets)``: ``(softmax(logits)
     − onehot(targets)) · dloss / (B·S)``; ``dloss`` is a 0-d array.
   * ``cache_write(storage, slots, rows) -> storage``: rows (n, K, H) written at the int (n,) slots of a
-    cache's (slots, K, H) storage, and the storage returned: the same array written in place (NumPy,
-    torch, which writes detached rows: a cache holds no autograd graph) or a new one (JAX's ``.at[].set``).
+    cache's (slots, K, H) storage, and the storage returned: the same array written in place (NumPy, xp
+    where the namespace can write, torch, which writes detached rows: a cache holds no autograd graph) or
+    a new one (JAX's ``.at[].set``).
     A `tensorglot.cache.KVCache` allocates and reads its storage itself with the array API.
   * With the ``grad`` capability, ``autograd_value_and_grad(fn, params) -> (value, grads)``: how the
     backend differentiates a scalar function of a dict of arrays with its own autograd (torch.autograd
@@ -97,9 +98,10 @@ def visible_keys_mask(rows: Any, cols: Any, offset: int, window: int | None) -> 
     """(len(rows), len(cols)) bool, in ``rows``' array library: query ``rows[i]`` sees key ``cols[j]`` iff
     ``cols[j] <= rows[i] + offset`` (bottom-right causal, offset = T − S) and, with a window W,
     ``cols[j] > rows[i] + offset − W``."""
-    diagonal = rows[:, None] + offset  # (S, 1)
-    see = cols[None, :] <= diagonal  # (S, T)
-    return see if window is None else see & (cols[None, :] > diagonal - window)
+    xp = array_namespace(rows)  # reshape, not [:, None]: array_api_strict's indexing costs a decoding step
+    diagonal, cols = xp.reshape(rows, (-1, 1)) + offset, xp.reshape(cols, (1, -1))  # (S, 1), (1, T)
+    see = cols <= diagonal  # (S, T)
+    return see if window is None else see & (cols > diagonal - window)
 
 
 def softcapped(scores: Any, softcap: float | None) -> tuple[Any, Any]:

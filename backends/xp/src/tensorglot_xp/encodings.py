@@ -7,14 +7,14 @@ from array_api_compat import array_namespace, device
 
 def rope(x, positions, inv_freq, mscale, sign, style, r):
     xp = array_namespace(x)
-    B, S, N, H = x.shape
-    at = device(x)
+    (B, S, N, H), at = x.shape, device(x)
     positions = xp.arange(S, device=at) if positions is None else positions
-    positions = positions if positions.ndim == 2 else positions[None, :]  # (B|1, S)
+    positions = positions if positions.ndim == 2 else xp.expand_dims(positions, axis=0)  # (B|1, S)
     freq = xp.asarray(inv_freq, dtype=xp.float32, device=at)  # (r/2,), a NumPy table from the spec
-    angle = xp.astype(xp.astype(positions, xp.float32)[..., None] * freq, x.dtype)  # float32 products, as pinned
-    cos = (xp.cos(angle) * mscale)[:, :, None, :]  # (B|1, S, 1, r/2)
-    sin = (xp.sin(angle) * (mscale * sign))[:, :, None, :]
+    angle = xp.astype(xp.expand_dims(xp.astype(positions, xp.float32), axis=-1) * freq, x.dtype)  # as pinned
+    # (B|1, S, 1, r/2). A decoding step is per-op cost: no product by 1, and no [..., None] (indexing is dear)
+    cos, sin = (xp.expand_dims(f(angle) if m == 1.0 else f(angle) * m, axis=2) for f, m in
+                ((xp.cos, mscale), (xp.sin, mscale * sign)))  # fmt: skip
     # interleaved pairs (2i, 2i + 1), neox pairs (i, i + r/2); each pair turns by +angle (or −angle).
     a, b = (x[..., 0:r:2], x[..., 1:r:2]) if style == "interleaved" else (x[..., : r // 2], x[..., r // 2 : r])
     a, b = a * cos - b * sin, a * sin + b * cos

@@ -2,15 +2,15 @@
 write); the spec composes the transformer from them and the ops' kernels.
 
 The standard has gathers (``take``, ``take_along_axis``) but no scatter: no ``add.at`` and no write at an
-int array of positions. So the scatter-add of `embedding_backward` is a one-hot product, and the write
-of `cache_write` a gather from the old storage and the new rows.
+int array of positions. So the scatter-add of `embedding_backward` is a one-hot product, and `cache_write`
+writes through a boolean mask (the one in-place update here; a gather where the namespace cannot mutate).
 """
 
 from __future__ import annotations
 
 import math
 
-from array_api_compat import array_namespace, device
+from array_api_compat import array_namespace, device, is_writeable_array
 
 
 def _one_hot(indices, n, dtype):
@@ -55,11 +55,11 @@ def cross_entropy_backward(logits, dloss, targets):
 
 def cache_write(storage, slots, rows):
     xp = array_namespace(storage)
-    at = device(storage)
-    n_slots = storage.shape[0]
-    # Slot s takes row i of ``rows`` where slots[i] = s (slots are distinct), else keeps its old row:
-    # a gather from [storage; rows] at those indices is the write, without writing in place.
-    keep = xp.arange(n_slots, device=at)
-    hit = slots[None, :] == keep[:, None]  # (n_slots, n)
-    source = xp.where(xp.any(hit, axis=1), n_slots + xp.argmax(xp.astype(hit, xp.int32), axis=1), keep)
+    keep = xp.arange(storage.shape[0], device=device(storage))
+    hit = xp.expand_dims(slots, axis=0) == xp.expand_dims(keep, axis=1)  # (n_slots, n); slots are distinct
+    if is_writeable_array(storage):  # the standard's masked write: the n rows, in slot order, and no copy
+        storage[xp.any(hit, axis=1)] = xp.take(rows, xp.argsort(slots), axis=0)
+        return storage
+    # No mutation (JAX): a gather from [storage; rows] (slot s takes row i where slots[i] = s), copying every slot.
+    source = xp.where(xp.any(hit, axis=1), storage.shape[0] + xp.argmax(xp.astype(hit, xp.int32), axis=1), keep)
     return xp.take(xp.concat((storage, rows), axis=0), source, axis=0)

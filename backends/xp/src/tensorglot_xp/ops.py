@@ -1,8 +1,8 @@
 """Array API kernels: see the spec, `tensorglot.ops` (the front ends) and `tensorglot.kernels` (the rules).
 
 Every kernel takes its namespace from its first array (``array_namespace``) and uses only the standard's
-functions; the one gap, erf, is filled in `special`. Kernels build new arrays and never write into one
-(the standard leaves in-place updates optional; JAX has none).
+functions; the one gap, erf, is filled in `special`. Kernels build new arrays (the standard leaves in-place
+updates optional; JAX has none); only the cache's write, in `layers`, updates in place where it can.
 """
 
 from __future__ import annotations
@@ -56,24 +56,24 @@ def linear_backward(x, w, dy, bias):
     return xp.matmul(dy, xp.matrix_transpose(w)), _weight_grad(x, dy), db
 
 
-# -- activations: each gives (act(h), act'(h)) -------------------------------------------------------
+# -- activations: each gives act(h) and a function of no argument that gives act'(h) ------------------
 
 
 def _activation(h, name):
-    """(act(h), act'(h)) of relu (its derivative at 0 taken as 0), gelu, gelu_tanh or silu."""
+    """(act(h), () → act'(h)) of relu (act'(0) taken as 0), gelu, gelu_tanh or silu; a forward skips act'."""
     xp = array_namespace(h)
     if name == "relu":
-        return xp.maximum(h, 0.0), xp.astype(h > 0.0, h.dtype)
+        return xp.maximum(h, 0.0), lambda: xp.astype(h > 0.0, h.dtype)
     if name == "gelu":
         cdf = 0.5 * (1.0 + erf(h / math.sqrt(2.0)))
-        return h * cdf, cdf + h * xp.exp(-0.5 * h * h) / math.sqrt(2.0 * math.pi)
+        return h * cdf, lambda: cdf + h * xp.exp(-0.5 * h * h) / math.sqrt(2.0 * math.pi)
     if name == "gelu_tanh":
         c = math.sqrt(2.0 / math.pi)
         t = xp.tanh(c * (h + 0.044715 * h**3))
-        return 0.5 * h * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * c * (1.0 + 3 * 0.044715 * h * h)
+        return 0.5 * h * (1.0 + t), lambda: 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * c * (1.0 + 3 * 0.044715 * h * h)
     z = xp.exp(-xp.abs(h))  # silu's sigmoid, never overflowing: 1/(1 + e^−h) for h ≥ 0, e^h/(1 + e^h) below
     s = xp.where(h >= 0.0, 1.0, z) / (1.0 + z)
-    return h * s, s * (1.0 + h * (1.0 - s))
+    return h * s, lambda: s * (1.0 + h * (1.0 - s))
 
 
 # -- MLPs ------------------------------------------------------------------------------------------
@@ -88,7 +88,7 @@ def mlp(x, w_in, w_out, activation):
 def mlp_backward(x, w_in, w_out, dy, activation):
     xp = array_namespace(x)
     a, da = _activation(xp.matmul(x, w_in), activation)  # the pre-activation, recomputed
-    dh = xp.matmul(dy, xp.matrix_transpose(w_out)) * da  # (..., F)
+    dh = xp.matmul(dy, xp.matrix_transpose(w_out)) * da()  # (..., F)
     return xp.matmul(dh, xp.matrix_transpose(w_in)), _weight_grad(x, dh), _weight_grad(a, dy)
 
 
@@ -103,7 +103,7 @@ def gated_mlp_backward(x, w_gate, w_up, w_down, dy, activation):
     up = xp.matmul(x, w_up)  # (..., F)
     s, ds = _activation(xp.matmul(x, w_gate), activation)
     da = xp.matmul(dy, xp.matrix_transpose(w_down))
-    dg, du = da * up * ds, da * s
+    dg, du = da * up * ds(), da * s
     dx = xp.matmul(dg, xp.matrix_transpose(w_gate)) + xp.matmul(du, xp.matrix_transpose(w_up))
     return dx, _weight_grad(x, dg), _weight_grad(x, du), _weight_grad(s * up, dy)
 
@@ -173,7 +173,7 @@ def kv_heads_first(x):
 
 def kv_grouped(x):
     """(B, T, K, H) → (B, K, 1, T, H), which broadcasts over the G query heads of each kv head."""
-    return kv_heads_first(x)[:, :, None, ...]
+    return array_namespace(x).expand_dims(kv_heads_first(x), axis=2)
 
 
 def grouped_mask(mask, kv_heads):
@@ -198,10 +198,10 @@ def _probs(q, k, causal, mask, scale, softcap, window):
     S, T, K = q.shape[1], k.shape[1], k.shape[2]
     qg = group_queries(q * scale, K)
     scores, dcap = softcapped(xp.matmul(qg, xp.matrix_transpose(kv_grouped(k))), softcap)  # (B, K, G, S, T)
-    ids = xp.arange(max(S, T), device=device(q))
-    allowed = visible(causal, None if mask is None else grouped_mask(mask, K), ids[:S], ids[:T], T - S, window)
-    if allowed is not None:
-        scores = xp.where(allowed, scores, -xp.inf)
+    hides = causal and (S > 1 or (window is not None and window < T))  # else one query sees all T keys
+    rows, cols = (xp.arange(S, device=device(q)), xp.arange(T, device=device(q))) if hides else (None, None)
+    allowed = visible(hides, None if mask is None else grouped_mask(mask, K), rows, cols, T - S, window)
+    scores = scores if allowed is None else xp.where(allowed, scores, -xp.inf)
     return qg, softmax(scores, -1), dcap  # a query that sees nothing: zeros
 
 

@@ -1,0 +1,59 @@
+"""The xp cache write: in place through a boolean mask where the namespace can write, else a gather.
+
+The conformance suite runs xp on array_api_strict and NumPy, both writable, so the gather that a namespace
+without mutation takes (JAX, or a read-only NumPy array) is checked here; NumPy's own fancy assignment is
+the oracle for both paths."""
+
+from __future__ import annotations
+
+import array_api_strict
+import numpy as np
+import pytest
+from array_api_compat import is_writeable_array
+
+from tensorglot_xp.layers import cache_write
+
+SLOTS, K, H = 24, 2, 3
+RNG = np.random.default_rng(0)
+
+
+def _case(slots):
+    storage = RNG.standard_normal((SLOTS, K, H)).astype(np.float32)
+    rows = RNG.standard_normal((len(slots), K, H)).astype(np.float32)
+    expected = storage.copy()
+    expected[np.asarray(slots)] = rows  # NumPy's scatter: row i lands at slots[i]
+    return storage, np.asarray(slots, dtype=np.int64), rows, expected
+
+
+# in order (a contiguous cache's step), out of order (a paged cache's blocks), one slot, the first and last
+CASES = [[3, 4, 5, 11], [17, 2, 9, 0], [7], [0, SLOTS - 1]]
+
+
+@pytest.mark.parametrize("slots", CASES)
+@pytest.mark.parametrize("library", ["numpy", "array_api_strict"])
+def test_a_writable_namespace_is_written_in_place(library, slots):
+    storage, idx, rows, expected = _case(slots)
+    wrap = (lambda a: a) if library == "numpy" else array_api_strict.asarray
+    s = wrap(storage)
+    out = cache_write(s, wrap(idx), wrap(rows))
+    assert out is s  # the same array, not a copy of every slot
+    np.testing.assert_array_equal(np.asarray(out), expected)
+
+
+@pytest.mark.parametrize("slots", CASES)
+def test_a_read_only_array_is_gathered_into_a_new_one(slots):
+    storage, idx, rows, expected = _case(slots)
+    before = storage.copy()
+    storage.flags.writeable = False
+    assert not is_writeable_array(storage)
+    out = cache_write(storage, idx, rows)
+    assert out is not storage
+    np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(storage, before)  # the input is untouched
+
+
+def test_jax_arrays_take_the_gather():
+    jnp = pytest.importorskip("jax.numpy", reason="JAX is not installed: the namespace without mutation")
+    storage, idx, rows, expected = _case([17, 2, 9, 0])
+    out = cache_write(jnp.asarray(storage), jnp.asarray(idx), jnp.asarray(rows))
+    np.testing.assert_array_equal(np.asarray(out), expected)
