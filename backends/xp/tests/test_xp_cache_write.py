@@ -21,12 +21,14 @@ def _case(slots):
     storage = RNG.standard_normal((SLOTS, K, H)).astype(np.float32)
     rows = RNG.standard_normal((len(slots), K, H)).astype(np.float32)
     expected = storage.copy()
-    expected[np.asarray(slots)] = rows  # NumPy's scatter: row i lands at slots[i]
+    # NumPy's scatter: row i lands at slots[i], the last of a repeated slot's rows wins; reversed, the first
+    expected[np.asarray(slots)[::-1]] = rows[::-1]
     return storage, np.asarray(slots, dtype=np.int64), rows, expected
 
 
-# in order (a contiguous cache's step), out of order (a paged cache's blocks), one slot, the first and last
-CASES = [[3, 4, 5, 11], [17, 2, 9, 0], [7], [0, SLOTS - 1]]
+# in order (a contiguous cache's step), out of order (a paged cache's blocks), one slot, the first and last,
+# and a repeated slot (a serving pool's idle rows all write to its scratch block): its first row is kept
+CASES = [[3, 4, 5, 11], [17, 2, 9, 0], [7], [0, SLOTS - 1], [5, 20, 20, 1, 20]]
 
 
 @pytest.mark.parametrize("slots", CASES)

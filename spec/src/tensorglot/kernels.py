@@ -51,7 +51,8 @@ array-API operations; these are what the array API lacks). Arrays first, int arr
   * ``cache_write(storage, slots, rows) -> storage``: rows (n, K, H) written at the int (n,) slots of a
     cache's (slots, K, H) storage, and the storage returned: the same array written in place (NumPy, xp
     where the namespace can write, torch, which writes detached rows: a cache holds no autograd graph) or
-    a new one (JAX's ``.at[].set``).
+    a new one (JAX's ``.at[].set``). A slot may repeat (a serving pool's idle rows share a scratch block);
+    which of its rows it then holds is unspecified.
     A `tensorglot.cache.KVCache` allocates and reads its storage itself with the array API.
   * With the ``grad`` capability, ``autograd_value_and_grad(fn, params) -> (value, grads)``: how the
     backend differentiates a scalar function of a dict of arrays with its own autograd (torch.autograd

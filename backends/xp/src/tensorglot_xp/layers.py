@@ -56,10 +56,10 @@ def cross_entropy_backward(logits, dloss, targets):
 def cache_write(storage, slots, rows):
     xp = array_namespace(storage)
     keep = xp.arange(storage.shape[0], device=device(storage))
-    hit = xp.expand_dims(slots, axis=0) == xp.expand_dims(keep, axis=1)  # (n_slots, n); slots are distinct
-    if is_writeable_array(storage):  # the standard's masked write: the n rows, in slot order, and no copy
-        storage[xp.any(hit, axis=1)] = xp.take(rows, xp.argsort(slots), axis=0)
+    hit = xp.expand_dims(slots, axis=0) == xp.expand_dims(keep, axis=1)  # (n_slots, n)
+    # Slot s takes the first row i with slots[i] = s (a serving pool's idle rows share a scratch slot).
+    written, first = xp.any(hit, axis=1), xp.argmax(xp.astype(hit, xp.int32), axis=1)  # (n_slots,) each
+    if is_writeable_array(storage):  # the standard's masked write, no copy (JAX cannot: a gather of every slot)
+        storage[written] = xp.take(rows, first[written], axis=0)
         return storage
-    # No mutation (JAX): a gather from [storage; rows] (slot s takes row i where slots[i] = s), copying every slot.
-    source = xp.where(xp.any(hit, axis=1), storage.shape[0] + xp.argmax(xp.astype(hit, xp.int32), axis=1), keep)
-    return xp.take(xp.concat((storage, rows), axis=0), source, axis=0)
+    return xp.take(xp.concat((storage, rows), axis=0), xp.where(written, storage.shape[0] + first, keep), axis=0)
