@@ -381,9 +381,9 @@ rms_norm, layer_norm, _attention_function = _kernel(RMSNorm), _kernel(LayerNorm)
 
 def attention(q, k, v, causal, mask, scale, softcap=None, window=None):
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if q.shape[1] != 1 or mask is not None or grad:
+    if q.shape[1] != 1 or grad:
         return _attention_function(q, k, v, causal, mask, scale, softcap, window)
-    return _decode_attention(q, k, v, causal, scale, softcap, window)
+    return _decode_attention(q, k, v, causal, mask, scale, softcap, window)
 
 
 def _rows(x):
@@ -392,8 +392,10 @@ def _rows(x):
     return x.reshape(B, T * K, H)
 
 
-def _decode_attention(q, k, v, causal, scale, softcap, window):
-    """A decoding step: one query per sequence sees every key (causal is bottom-right), or the last W.
+def _decode_attention(q, k, v, causal, mask, scale, softcap, window):
+    """A decoding step: one query per sequence sees every key (causal is bottom-right), or the last W, where
+    the mask (B|1, N|1, 1, T|1) lets it (a paged pool's rows of other lengths: the general path would copy
+    every key G-fold by head, most of such a step's time).
 
     A cache's keys are (B, T, K, H) with each sequence's T·K rows contiguous: laying them out by kv head
     (B, K, T, H) would copy all of them every step, which costs more than the step's products. So each query
@@ -405,12 +407,15 @@ def _decode_attention(q, k, v, causal, scale, softcap, window):
     G = N // K
     if window is not None and causal:
         k, v = k[:, -window:], v[:, -window:]  # (B, min(W, T), K, H)
+        mask = mask if mask is None or mask.shape[3] == 1 else mask[..., -window:]
     T = k.shape[1]
     every = torch.bmm(q.reshape(B, N, H) * scale, _rows(k).transpose(1, 2))  # (B, N, T·K)
     scores = every.view(B, K, G, T, K).diagonal(dim1=1, dim2=4)  # (B, G, T, K): head k·G + g against kv head k
     scores = scores.permute(0, 3, 1, 2).reshape(B, N, T)  # (B, N, T)
     if softcap is not None:
         scores = scores.div_(softcap).tanh_().mul_(softcap)
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, :, 0], -math.inf)  # (B|1, N|1, T|1) against (B, N, T)
     p = _softmax(scores, -1)
     out = torch.bmm(p, v.reshape(B, T, K * H)).view(B, K, G, K, H)  # every head's p against every kv head
     return out.diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2).reshape(B, 1, N, H)  # (B, G, H, K) → (B, 1, N, H)

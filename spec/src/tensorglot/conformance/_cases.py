@@ -196,6 +196,12 @@ CASES: list[Case] = [
     _attention_case(
         "attention-window-softcap-padding", 2, 5, 5, 2, 2, 3, causal=True, mask="padding", window=2, softcap=1.5
     ),
+    # one query per sequence and a mask: a paged pool's decoding step (rows of other lengths, an empty one)
+    _attention_case("attention-decode-padding-gqa", 4, 1, 6, 4, 2, 3, causal=True, mask="padding"),
+    _attention_case("attention-decode-mask", 2, 1, 5, 2, 2, 4, mask="random"),
+    _attention_case(
+        "attention-decode-window-softcap-padding", 3, 1, 7, 4, 1, 3, causal=True, mask="padding", window=3, softcap=1.5
+    ),
     _rope_case("rope-interleaved", (2, 5, 2, 8)),
     _rope_case("rope-neox-partial", (1, 4, 3, 8), style="neox", rotary_dim=4),
     _rope_case("rope-batch-positions", (2, 3, 1, 6), batch_positions=True, theta=500.0),
