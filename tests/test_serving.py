@@ -127,10 +127,15 @@ def test_disaggregated_tokens_equal_generate_and_kv_arrives_bit_for_bit(backend)
         assert rec["kv_digest_ok"]  # decode's bytes == prefill's bytes
         assert rec["kv_bytes"] == 2 * CONFIG.n_layers * len(req.prompt) * 2 * 8 * 4
         assert rec["worker"] in (1, 2) and rec["ttft_s"] > rec["transfer_s"] > 0
+        # the decode worker times each token: the gaps between them add up to the TPOT
+        assert len(rec["itl_s"]) == len(rec["tokens"]) - 1 and min(rec["itl_s"], default=0) >= 0
+        if rec["tpot_s"] is not None:
+            assert np.mean(rec["itl_s"]) == pytest.approx(rec["tpot_s"], rel=1e-6, abs=1e-6)
     assert out["requests"][6]["error"] and out["requests"][6]["tokens"] == []
     s = out["summary"]
     assert (s["completed"], s["rejected"], s["recomputed"]) == (6, 1, 0)
     assert s["ttft_p50_s"] <= s["ttft_p99_s"] and s["tokens_per_s"] > 0
+    assert 0 < s["itl_p50_s"] <= s["itl_p99_s"]
 
 
 @needs_transport

@@ -179,7 +179,7 @@ def parallel_rows(ctx: Context, n: int = 2) -> Iterator[Row]:
 
 
 SERVING = (("ttft_p50_s", "ttft_p50", "s", None), ("tpot_p99_s", "tpot_p99", "s", "<= 1"),
-           ("tokens_per_s", "tokens_per_s", "tokens/s", None))  # fmt: skip
+           ("itl_p99_s", "itl_p99", "s", None), ("tokens_per_s", "tokens_per_s", "tokens/s", None))  # fmt: skip
 
 
 def serving_rows(ctx: Context) -> Iterator[Row]:

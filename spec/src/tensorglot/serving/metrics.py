@@ -75,6 +75,7 @@ def summarize(records: list[dict[str, Any]], *, mode: str, wall_s: float) -> dic
     ok = [r for r in records if r["error"] is None]
     ttft = [r["ttft_s"] for r in ok]
     tpot = [r["tpot_s"] for r in ok if r["tpot_s"] is not None]
+    itl = [g for r in ok for g in r.get("itl_s") or ()]  # every gap between two tokens of one request
     share = [r["transfer_s"] / r["ttft_s"] for r in ok if r["ttft_s"]]
     tokens = sum(len(r["tokens"]) for r in ok)
     return {
@@ -87,6 +88,8 @@ def summarize(records: list[dict[str, Any]], *, mode: str, wall_s: float) -> dic
         "ttft_p99_s": _pct(ttft, 99),
         "tpot_p50_s": _pct(tpot, 50),
         "tpot_p99_s": _pct(tpot, 99),
+        "itl_p50_s": _pct(itl, 50),
+        "itl_p99_s": _pct(itl, 99),
         "transfer_share_of_ttft_p50": _pct(share, 50),
         "kv_bytes": sum(r["kv_bytes"] for r in ok),
         "generated_tokens": tokens,

@@ -19,7 +19,8 @@ Kinds and their fields (after kind, rid):
            which the decode worker samples the first token from]
   RECEIVED worker                                      (decode → router: request rid's KV arrived)
   DONE     n, first_us, last_us, kv_bytes, transfer_us, prefill_us, worker, digest_ok, digest, cached,
-           supplied, kv_bytes_saved                    payload: tokens (n,) int64
+           supplied, kv_bytes_saved                    payload: tokens (n,) int64, their wall-clock times
+                                                       (n,) int64 µs (the first: the KV's arrival; −1: unknown)
   TOKEN    n                                           payload: the request's next n tokens (n,) int64
                                                        (decode → router, for a server's streamed request)
   CANCEL                                               (router → decode: drop the request)
@@ -149,7 +150,9 @@ def payload_spec(h: list[int]) -> list[tuple[tuple[int, ...], str]]:
     if kind == REQUEST:
         spec: list[tuple[tuple[int, ...], str]] = [((h[2],), "int64")]
         return spec + ([((h[5],), "float64")] if h[5] else [])
-    if kind in (DONE, TOKEN):
+    if kind == DONE:
+        return [((h[2],), "int64"), ((h[2],), "int64")]
+    if kind == TOKEN:
         return [((h[2],), "int64")]
     if kind == KV:
         P, dt, L, K, H, S, V, supplied = h[2], h[5], h[6], h[7], h[8], h[13], h[14], h[16]
