@@ -79,7 +79,7 @@ class ServerRouter(Router):
             self.end(rid, reason)
         return reason is None
 
-    def done(self, rid: int, head: list[int], tokens: np.ndarray, decode: int, times: Any = None) -> None:
+    def done(self, rid: int, head: list[int], tokens: np.ndarray, decode: int, times: np.ndarray) -> None:
         self.stats["prefill_cached_tokens"] += head[11]  # of the jobs decoded to their end
         self.stats["decode_cached_tokens"] += head[12]
         if rid not in self.jobs:

@@ -40,14 +40,13 @@ def run_colocated(
     arrivals, waiting = Arrivals(requests), deque[Request]()
     results: dict[int, dict[str, Any]] = {}
     info: dict[int, tuple[Request, float]] = {}
-    times: dict[int, list[float]] = {}  # wall clock of each token of a request
     current: tuple[Request, PromptPrefill] | None = None  # the prompt being prefilled
 
     def record(seq: Sequence) -> None:
         req, prefill_s = info[seq.rid]
         results[seq.rid] = request_record(
             req, seq.tokens, t_first=seq.t_first, t_last=seq.t_last, kv_bytes=0, transfer_s=0.0,
-            prefill_s=prefill_s, worker=0, recomputed=False, kv_digest_ok=True, token_times=times.pop(seq.rid),
+            prefill_s=prefill_s, worker=0, recomputed=False, kv_digest_ok=True, token_times=seq.times,
         )  # fmt: skip
         if on_progress is not None:
             on_progress(len(results))
@@ -63,16 +62,10 @@ def run_colocated(
             pre = state.finish()
             info[req.rid] = (req, pre.seconds)
             seq = Sequence(req.rid, len(req.prompt), req.max_new_tokens, [pre.first_token], time.time())
-            times[req.rid] = [seq.t_first]
             for done in engine.admit(seq, pre.k, pre.v):
                 record(done)
         if engine.active:
-            stepped = list(engine.active)
-            finished = {seq.rid: seq for seq in engine.step()}
-            now = time.time()
-            for rid in stepped:
-                times[rid].append(finished[rid].t_last if rid in finished else now)
-            for seq in finished.values():
+            for seq in engine.step():
                 record(seq)
         elif current is None and not waiting and arrivals:
             time.sleep(arrivals.wait_s(0.001))

@@ -68,6 +68,7 @@ class Sequence:
     t_first: float  # wall clock (time.time) when the first token was available on the decode side
     info: dict[str, Any] = field(default_factory=dict)
     t_last: float = 0.0
+    times: list[float] = field(default_factory=list)  # each token's wall clock, t_first first (from `admit`)
 
 
 class DecodeEngine:
@@ -114,6 +115,7 @@ class DecodeEngine:
 
     def admit(self, seq: Sequence, k: list[np.ndarray], v: list[np.ndarray]) -> list[Sequence]:
         """Add a prefilled sequence; returns it at once when it is already done (max_new == 1)."""
+        seq.times = [seq.t_first]
         if seq.max_new <= len(seq.tokens):
             seq.t_last = seq.t_first
             return [seq]
@@ -141,6 +143,7 @@ class DecodeEngine:
         for rid, row in rows.items():
             seq = self.active[rid]
             seq.tokens.append(int(nxt[row]))
+            seq.times.append(now)
             if len(seq.tokens) >= seq.max_new:
                 seq.t_last = now
                 done.append(self.active.pop(rid))

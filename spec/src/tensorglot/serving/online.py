@@ -71,15 +71,17 @@ class _Engine(DecodeEngine):
         start = time.perf_counter()
         rows, logits = self.forward()
         logits = logits.astype(np.float64)  # (B, V)
-        done = []
+        now, done = time.time(), []
         for rid, row in rows.items():
             seq = self.active[rid]
             job: Job | None = seq.info.get("job")
             token = int(np.argmax(logits[row])) if job is None else job.sampler(logits[row])
             seq.tokens.append(token)
+            seq.times.append(now)
             reason = None if job is None else _offer(job, token, len(seq.tokens))
             if reason is not None or len(seq.tokens) >= seq.max_new:
                 seq.info["reason"] = reason or "length"
+                seq.t_last = now
                 done.append(self.active.pop(rid))
                 self.pool.release(rid)
         self.steps += 1

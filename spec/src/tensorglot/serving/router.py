@@ -235,7 +235,7 @@ class Router:
                 self.outstanding[msg.src].pop(rid, None)
                 self.assigned.pop(rid, None)
                 self.plans.pop(rid, None)
-                self.done(rid, head, msg.payload[0], msg.src, msg.payload[1] if len(msg.payload) > 1 else None)
+                self.done(rid, head, msg.payload[0], msg.src, msg.payload[1])
         self.check_timeouts()
 
     def check_timeouts(self) -> None:
@@ -252,14 +252,13 @@ class Router:
             if dst in self.live:
                 self.declare_dead(dst, "could not be reached (its connection failed)")
 
-    def done(self, rid: int, head: list[int], tokens: np.ndarray, decode: int, times: Any = None) -> None:
+    def done(self, rid: int, head: list[int], tokens: np.ndarray, decode: int, times: np.ndarray) -> None:
+        """Request ``rid`` is done: its tokens and their wall-clock times (µs, the first at the KV's arrival)."""
         first_us, last_us, kv_bytes, transfer_us, prefill_us, worker, ok, dig = head[3:11]
-        known = times is not None and len(times) == len(tokens) and bool((times >= 0).all())
-        at = (times / 1e6).tolist() if known else None  # each token's wall clock: its inter-token latency
         self.results[rid] = request_record(
             self.by_id[rid], tokens.tolist(), t_first=first_us / 1e6, t_last=last_us / 1e6, kv_bytes=kv_bytes,
             transfer_s=transfer_us / 1e6, prefill_s=prefill_us / 1e6, worker=worker,
-            recomputed=rid in self.recomputed, kv_digest_ok=bool(ok), token_times=at,
+            recomputed=rid in self.recomputed, kv_digest_ok=bool(ok), token_times=(times / 1e6).tolist(),
         )  # fmt: skip
         self.results[rid]["kv_digest"] = dig
         self.results[rid]["decode_worker"] = decode

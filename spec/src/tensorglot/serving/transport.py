@@ -20,7 +20,7 @@ Kinds and their fields (after kind, rid):
   RECEIVED worker                                      (decode → router: request rid's KV arrived)
   DONE     n, first_us, last_us, kv_bytes, transfer_us, prefill_us, worker, digest_ok, digest, cached,
            supplied, kv_bytes_saved                    payload: tokens (n,) int64, their wall-clock times
-                                                       (n,) int64 µs (the first: the KV's arrival; −1: unknown)
+                                                       (n,) int64 µs (the first: the KV's arrival)
   TOKEN    n                                           payload: the request's next n tokens (n,) int64
                                                        (decode → router, for a server's streamed request)
   CANCEL                                               (router → decode: drop the request)

@@ -180,14 +180,11 @@ def decode_worker(t: tr.Transport, opts: Options, model: Model, fault: Fault | N
 
     finished = 0
 
-    times: dict[int, list[float]] = {}  # the wall clock of each token of a request, for its inter-token latency
-
     def finish(seq: Sequence) -> None:
         nonlocal finished
         seq.t_last = seq.t_last or time.time()
-        at = times.pop(seq.rid, [])
-        at_us = np.round(np.asarray(at) * 1e6) if len(at) == len(seq.tokens) else np.full(len(seq.tokens), -1)
-        t.send(0, _done_header(seq), [np.asarray(seq.tokens, dtype=np.int64), at_us.astype(np.int64)])
+        at_us = np.round(np.asarray(seq.times) * 1e6).astype(np.int64)  # each token's time: its ITL
+        t.send(0, _done_header(seq), [np.asarray(seq.tokens, dtype=np.int64), at_us])
         finished += 1
         if fault is not None and finished > fault.after:  # what was sent arrives first
             t.drain(opts.timeout_s)
@@ -288,17 +285,10 @@ def decode_worker(t: tr.Transport, opts: Options, model: Model, fault: Fault | N
             turn()
         while waiting and engine.can_admit(waiting[0][0].prompt_len, waiting[0][0].max_new):
             seq, k, v = waiting.popleft()
-            times[seq.rid] = [seq.t_first]
             for done in engine.admit(seq, k, v):
                 finish(done)
         if engine.active:
-            stepped, finished_now, now = list(engine.active), engine.step(), time.time()
-            for fin in finished_now:  # its last token at its t_last, so that its mean gap is its TPOT
-                fin.t_last = fin.t_last or now
-            last = {fin.rid: fin.t_last for fin in finished_now}
-            for rid in stepped:
-                times.get(rid, []).append(last.get(rid, now))
-            for done in finished_now:
+            for done in engine.step():
                 finish(done)
         for seq in engine.active.values():  # a server's tokens stream back as they come
             if seq.info.get("unsent"):
