@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -257,4 +258,11 @@ def run_http(args: Any) -> int:
         signal.signal(sig, lambda signum, frame: None)
     server.run()
     print("tensorglot serve: drained, exiting", file=sys.stderr)
+    if isinstance(engine, WorkerEngine):
+        # Drained and closed, but the transport's receive threads may still sit in a blocking C++ call on a
+        # worker that has gone: one that wakes while the interpreter finalizes aborts the process (SIGABRT).
+        # The work is done, so leave as the worker ranks do (`launch._exit`).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
