@@ -139,10 +139,16 @@ def _prefill(
     return pre, state.cached
 
 
+def _us(t: float) -> int:
+    """Wall-clock seconds as the µs the wire carries, rounded as each token's time is (`finish`), so the
+    header's first and last times are the token times' ends and the ITL gaps add up to the TPOT exactly."""
+    return round(t * 1e6)
+
+
 def _done_header(seq: Sequence) -> np.ndarray:
     i = seq.info
     return tr.header(
-        tr.DONE, seq.rid, len(seq.tokens), int(seq.t_first * 1e6), int(seq.t_last * 1e6),
+        tr.DONE, seq.rid, len(seq.tokens), _us(seq.t_first), _us(seq.t_last),
         i["kv_bytes"], i["transfer_us"], i["prefill_us"], i["worker"], int(i["digest_ok"]), i["digest"],
         i.get("cached", 0), i.get("supplied", 0), i.get("saved", 0),
     )  # fmt: skip
