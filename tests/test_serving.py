@@ -92,6 +92,34 @@ def test_pool_stores_what_prefill_computed_and_idle_rows_hold_no_block(backend):
     assert all(np.array_equal(a[:10], b) for a, b in zip(k2, pre.k))  # the prompt's keys are untouched
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backend", ENGINE_BACKENDS)
+def test_pool_writes_two_prompts_in_one_round_beside_a_running_row(backend):
+    be, params = _model(backend)
+    engine = DecodeEngine(be, params, CONFIG, max_batch=3, block_size=4)
+    first = prefill(be, params, CONFIG, np.arange(6))
+    engine.admit(Sequence(1, 6, 5, [first.first_token], 0.0), first.k, first.v)
+    engine.step()  # row 0 runs: it holds 7 tokens
+    before, _ = engine.pool.read(1)
+    a, b = prefill(be, params, CONFIG, np.arange(9) + 3), prefill(be, params, CONFIG, np.arange(2) + 1)
+    engine.pool.write({5: (a.k, a.v), 6: (b.k, b.v)})
+    assert engine.pool.map.lengths().tolist() == [7, 9, 2]
+    for rid, pre in ((5, a), (6, b)):
+        k, v = engine.pool.read(rid)
+        assert all(np.array_equal(x, y) for x, y in zip(k + v, pre.k + pre.v)), rid
+    after, _ = engine.pool.read(1)
+    assert all(np.array_equal(x, y) for x, y in zip(after, before))  # the running row is untouched
+
+
+def test_pool_write_of_keys_of_the_wrong_shape_says_which():
+    be, params = _model("numpy")
+    engine = DecodeEngine(be, params, CONFIG, max_batch=2, block_size=4)
+    pre = prefill(be, params, CONFIG, np.arange(5))
+    with pytest.raises(ValueError, match=r"request 3's k and v must be 2 arrays \(P, K, H\)"):
+        engine.pool.write({3: (pre.k, [x[:4] for x in pre.v])})
+    assert engine.pool.free_blocks() == engine.pool.num_blocks and not engine.pool.rows
+
+
 def test_pool_write_past_its_blocks_raises_and_changes_nothing():
     be, params = _model("numpy")
     engine = DecodeEngine(be, params, CONFIG, max_batch=2, block_size=4, num_blocks=3)

@@ -5,6 +5,8 @@ whose transpose JAX already computes as `embedding_backward`'s scatter-add."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 
@@ -43,8 +45,9 @@ def _cross_entropy_bwd(res, dloss):
 cross_entropy = vjp_kernel(_cross_entropy, _cross_entropy_bwd, ())
 
 
+@partial(jax.jit, donate_argnums=0)  # the old storage's buffer is reused: a write costs its rows, not a copy
 def cache_write(storage, slots, rows):
-    return storage.at[slots].set(rows)  # a new array: JAX's are immutable
+    return storage.at[slots].set(rows)  # a new array (JAX's are immutable); the cache keeps only it
 
 
 def autograd_value_and_grad(fn, params):

@@ -10,9 +10,10 @@ protocol (one ``reserve(n)`` and ``advance(n)`` for every sequence) cannot say:
   ``max_batch`` rows, so the cache's shapes never change (JAX compiles the step once); an idle row's
   logits are discarded.
 * **Staged writes.** `write` puts received prompt keys and values into chosen rows only: it stages
-  their lengths, then drives the cache through its own public ``reserve``, ``update`` per layer and
-  ``advance``; the staged map sends every other row's (and every padding position's) writes to the
-  scratch block, and ``advance`` sets the staged rows' lengths.
+  their lengths, takes their blocks with the cache's public ``reserve``, writes just the prompts' rows
+  at their slots with the backend's ``cache_write`` kernel (the cache's storage, ``cache.k``/``cache.v``,
+  as the cache's own ``update`` does, without its read of every row), and ``advance`` sets the staged
+  rows' lengths.
 
 So the storage stays the backend's own (NumPy arrays, torch tensors, JAX's immutable arrays behind its
 handle) and the model runs ``be.layers.transformer(tokens, params, config, cache=pool.cache)``.
@@ -24,6 +25,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from array_api_compat import array_namespace, device
 
 from ..cache import PagedSlotMap
 from ..params import TransformerConfig
@@ -132,21 +134,44 @@ class PagedKVPool:
         rows = self.free_rows()
         if len(prompts) > len(rows):
             raise ValueError(f"PagedKVPool.write: {len(prompts)} requests but {len(rows)} free rows")
+        L, K, H = self.config.n_layers, self.config.n_kv_heads, self.config.head_dim
+        for rid, (pk, pv) in prompts.items():
+            P = int(pk[0].shape[0]) if len(pk) else 0
+            want = [(P, K, H)] * L
+            if P < 1 or [tuple(a.shape) for a in pk] != want or [tuple(a.shape) for a in pv] != want:
+                raise ValueError(
+                    f"PagedKVPool.write: request {rid}'s k and v must be {L} arrays (P, K, H) = (P, {K}, {H}) "
+                    f"each, P >= 1, got {[tuple(a.shape) for a in pk]} and {[tuple(a.shape) for a in pv]}"
+                )
         staged = {rows[i]: int(kv[0][0].shape[0]) for i, kv in enumerate(prompts.values())}
-        n = 1 << (max(staged.values()) - 1).bit_length()  # a power of two: few distinct shapes to compile
-        B, K, H = self.map.batch, self.config.n_kv_heads, self.config.head_dim
         self.map.staged = staged
         try:
-            self.cache.reserve(n)
+            self.cache.reserve(max(staged.values()))  # the staged rows take their prompts' blocks
         except ValueError:
             self.map.staged = None
             raise
-        for layer in range(self.config.n_layers):
-            k, v = np.zeros((B, n, K, H), self.dtype), np.zeros((B, n, K, H), self.dtype)  # (B, n, K, H)
-            for row, (pk, pv) in zip(staged, prompts.values()):
-                k[row, : staged[row]], v[row, : staged[row]] = pk[layer], pv[layer]
-            self.cache.update(layer, self.be.asarray(k, dtype=self.dtype), self.be.asarray(v, dtype=self.dtype))
-        self.cache.advance(n)
+        # Only the prompts' own tokens are written, at their slots: a whole-batch `update` of (B, n) rows
+        # and its read of every row cost 10 ms on torch for one 384-token prompt, a stall of every
+        # running request. The rows are padded with scratch slots to a power of two of at least
+        # max_seq_len, so a write of one prompt has one shape, which JAX compiles in the engine's warm-up
+        # (250 ms a new shape, one stall of every running request).
+        slots = np.concatenate([self.map._slot(row, np.arange(length)) for row, length in staged.items()])
+        total = len(slots)
+        n = 1 << (max(total, self.config.max_seq_len) - 1).bit_length()
+        slots = np.concatenate([slots, self.map._slot_idle(np.arange(n - total))])  # (n,)
+        k, v = np.zeros((L, n, K, H), self.dtype), np.zeros((L, n, K, H), self.dtype)  # (L, n, K, H)
+        k[:, :total] = np.concatenate([np.stack(pk) for pk, _ in prompts.values()], axis=1)
+        v[:, :total] = np.concatenate([np.stack(pv) for _, pv in prompts.values()], axis=1)
+        k_rows, v_rows = self.be.asarray(k, dtype=self.dtype), self.be.asarray(v, dtype=self.dtype)
+        c, cache_write = self.cache, self.be.kernels.cache_write
+        if not c.k:
+            c.allocate(k_rows)
+        xp, where = array_namespace(c.k[0]), device(c.k[0])
+        at, k_rows, v_rows = (xp.asarray(a, device=where) for a in (slots, k_rows, v_rows))
+        for layer in range(L):
+            c.k[layer] = cache_write(c.k[layer], at, k_rows[layer, ...])
+            c.v[layer] = cache_write(c.v[layer], at, v_rows[layer, ...])
+        self.cache.advance(max(staged.values()))
         self.rows.update(zip(prompts, staged))
 
     def read(self, rid: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
