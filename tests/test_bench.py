@@ -200,3 +200,27 @@ def test_the_generate_row_runs_under_the_serial_probe(monkeypatch: Any) -> None:
     config = rows._config(True)
     t_cached, t_full, same = rows.generate_times(ctx, config, 4, 3, repeats=1, batch=2)
     assert entered == ["in", "out"] and same and t_cached > 0 and t_full > 0
+
+
+def test_a_serving_row_is_the_median_run_of_each_mode_and_any_other_token_fails_it(monkeypatch: Any) -> None:
+    from tensorglot import serving
+
+    if not registry().transports():
+        pytest.skip("no serving transport is installed: the serving rows are skipped")
+    served: list[bool] = []
+    tpot = {False: [0.009, 0.030, 0.007], True: [0.006, 0.005, 0.020]}  # per run: disaggregated, colocated
+
+    def fake_serve(requests: Any, model: Any, *, colocated: bool) -> dict[str, Any]:
+        i = sum(1 for c in served if c == colocated)
+        served.append(colocated)
+        tokens = [[1, 2]] * len(requests) if (colocated, i) != (True, 2) else [[1, 3]] * len(requests)
+        summary = {"ttft_p50_s": 1.0, "tpot_p99_s": tpot[colocated][i], "itl_p99_s": 1.0, "tokens_per_s": 1.0}
+        return {"requests": [{"tokens": t} for t in tokens], "summary": summary}
+
+    monkeypatch.setattr(serving, "serve", fake_serve)
+    ctx = bench.Context(tensorglot.get_backend("numpy"), quick=False)
+    got = {r.name: r for r in rows.serving_rows(ctx)}["serving.tpot_p99.disagg_vs_coloc"]
+    assert served == [False, True] * rows.SERVING_RUNS  # the modes alternate, run after run
+    assert got.value == 0.009 and got.baseline == {"name": "colocated", "value": 0.006}  # the medians
+    assert got.details["disaggregated"] == [0.009, 0.03, 0.007] and got.details["runs"] == 3
+    assert got.details["same_tokens"] is False and got.met is False  # the last colocated run gave other tokens

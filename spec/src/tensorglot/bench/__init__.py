@@ -6,7 +6,8 @@ capability, no baseline) is skipped or has no baseline, never an error. Row name
 ``area.what.how``: ``ops.<op>.fwd_bwd``, ``mlp.flops_vs_matmul``, ``flash.time_vs_naive``,
 ``flash.peak_memory_vs_naive``, ``generate.cached_vs_recompute``, ``train.value_and_grad``,
 ``parallel.<strategy>.step_vs_single``, ``serving.<metric>.disagg_vs_coloc``. Times are medians of >= 5
-runs after a warm-up, ours and the baseline alternating (`paired_medians`); never a timed assertion.
+runs after a warm-up, ours and the baseline alternating (`paired_medians`); a serving row is the median of
+`rows.SERVING_RUNS` whole runs of its workload in each mode, alternating; never a timed assertion.
 
 A backend's plugin contributes only baselines and probes, through the hook
 ``tensorglot_register_bench_baselines(register)``: ``register(backend, loader)``, where ``loader()``
