@@ -28,8 +28,7 @@ def _skipped(causal, window, rows, cols, S, T):
 def _grouped(q, k, v, mask, scale):
     """qg (B, K, G, S, H) carrying the scale (so dk = dSᵀ q needs no multiply), kh and vh (B, K, 1, T, H),
     and the mask broadcast (a view) to (B, K, G, S, T), so tiles slice it alike."""
-    xp = array_namespace(q)
-    K = k.shape[2]
+    xp, K = array_namespace(q), k.shape[2]
     qg = group_queries(q * scale, K)
     kh, vh = kv_grouped(k), kv_grouped(v)
     if mask is not None:

@@ -27,11 +27,10 @@ def embedding(table, tokens):
 
 def embedding_backward(dx, tokens, vocab):
     xp = array_namespace(dx)
-    D = dx.shape[-1]
     # A token read at several positions sums their rows: onehotᵀ · dx adds exactly those (each term is
     # 1·row or 0·row), at the price of a (B·S, V) matrix the scatter-add would not need.
     onehot = _one_hot(xp.reshape(tokens, (-1,)), vocab, dx.dtype)  # (B·S, V)
-    return xp.matmul(xp.matrix_transpose(onehot), xp.reshape(dx, (-1, D)))  # (V, D)
+    return xp.matmul(xp.matrix_transpose(onehot), xp.reshape(dx, (-1, dx.shape[-1])))  # (V, D)
 
 
 def _log_normaliser(z):
@@ -48,8 +47,7 @@ def cross_entropy(logits, targets):
 
 def cross_entropy_backward(logits, dloss, targets):
     xp = array_namespace(logits)
-    V = logits.shape[-1]
-    onehot = xp.reshape(_one_hot(xp.reshape(targets, (-1,)), V, logits.dtype), logits.shape)  # (B, S, V)
+    onehot = xp.reshape(_one_hot(xp.reshape(targets, (-1,)), logits.shape[-1], logits.dtype), logits.shape)  # (B, S, V)
     return (xp.exp(logits - _log_normaliser(logits)) - onehot) * (dloss / math.prod(targets.shape))
 
 

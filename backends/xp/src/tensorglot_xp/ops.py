@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from array_api_compat import array_namespace, device
+from array_api_compat import array_namespace, device, is_lazy_array
 
 from tensorglot.kernels import softcapped, visible_keys_mask
 
@@ -22,6 +22,12 @@ def _weight_grad(a, b):
     return array_namespace(a).tensordot(a, b, axes=(lead, lead))
 
 
+def _mm(x, w):
+    """x (..., k) @ w (k, n) as one 2-D matmul: NumPy loops a stacked one over x (1.5x slower at (B, 1, D))."""
+    xp = array_namespace(x)
+    return xp.reshape(xp.matmul(xp.reshape(x, (-1, x.shape[-1])), w), (*x.shape[:-1], w.shape[-1]))
+
+
 # -- softmax ---------------------------------------------------------------------------------------
 
 
@@ -30,6 +36,9 @@ def softmax(x, axis):
         return x
     xp = array_namespace(x)
     top = xp.max(x, axis=axis, keepdims=True)  # NaN anywhere makes it NaN, and so the row
+    if not is_lazy_array(top) and bool(xp.all(xp.isfinite(top))):  # the usual case, in 7 arrays, not 27
+        e = xp.exp(x - top)
+        return e / xp.sum(e, axis=axis, keepdims=True)  # the same bits as below: each row's total is >= 1
     # A +inf maximum: the limit weighs the +inf entries alike (exp(0)) and the rest 0 (exp(−inf)).
     # An all −inf row: shifting by 0 leaves exp(−inf) = 0 everywhere, and the sum 0 gives zeros below.
     limit = xp.where(x == xp.inf, xp.zeros_like(x), -xp.inf)
@@ -46,7 +55,7 @@ def softmax_backward(y, dy, axis):
 
 
 def linear(x, w, b):
-    y = array_namespace(x).matmul(x, w)  # (..., out)
+    y = _mm(x, w)  # (..., out)
     return y if b is None else y + b
 
 
@@ -80,9 +89,7 @@ def _activation(h, name):
 
 
 def mlp(x, w_in, w_out, activation):
-    xp = array_namespace(x)
-    a, _ = _activation(xp.matmul(x, w_in), activation)  # (..., F)
-    return xp.matmul(a, w_out)
+    return _mm(_activation(_mm(x, w_in), activation)[0], w_out)
 
 
 def mlp_backward(x, w_in, w_out, dy, activation):
@@ -93,9 +100,8 @@ def mlp_backward(x, w_in, w_out, dy, activation):
 
 
 def gated_mlp(x, w_gate, w_up, w_down, activation):
-    xp = array_namespace(x)
-    a, _ = _activation(xp.matmul(x, w_gate), activation)  # (..., F)
-    return xp.matmul(a * xp.matmul(x, w_up), w_down)
+    a, _ = _activation(_mm(x, w_gate), activation)  # (..., F)
+    return _mm(a * _mm(x, w_up), w_down)
 
 
 def gated_mlp_backward(x, w_gate, w_up, w_down, dy, activation):
@@ -111,14 +117,14 @@ def gated_mlp_backward(x, w_gate, w_up, w_down, dy, activation):
 # -- norms -----------------------------------------------------------------------------------------
 
 
-def _inv_rms(x, eps):
+def _rms(x, eps):
     xp = array_namespace(x)
-    return 1.0 / xp.sqrt(xp.mean(x * x, axis=-1, keepdims=True) + eps)  # (..., 1)
+    return xp.sqrt(xp.mean(x * x, axis=-1, keepdims=True) + eps)  # (..., 1)
 
 
 def rms_norm(x, weight, eps, round_to, offset=0.0):
     xp = array_namespace(x)
-    n = x * _inv_rms(x, eps)
+    n = x / _rms(x, eps)  # a division, not a product by 1/rms: a scalar costs strict 3 arrays
     if round_to is not None:  # Llama's cast order: the normalised x is rounded to the input dtype first
         n = xp.astype(xp.astype(n, getattr(xp, round_to)), x.dtype)
     return n * (weight + offset if offset else weight)
@@ -126,15 +132,14 @@ def rms_norm(x, weight, eps, round_to, offset=0.0):
 
 def rms_norm_backward(x, weight, dy, eps, offset=0.0):
     xp = array_namespace(x)
-    r = _inv_rms(x, eps)
+    r = 1.0 / _rms(x, eps)
     n, g = x * r, dy * (weight + offset if offset else weight)
     return r * (g - n * xp.mean(g * n, axis=-1, keepdims=True)), xp.sum(dy * n, axis=tuple(range(x.ndim - 1)))
 
 
 def _standardised(x, eps):
-    xp = array_namespace(x)
-    centred = x - xp.mean(x, axis=-1, keepdims=True)
-    r = 1.0 / xp.sqrt(xp.mean(centred * centred, axis=-1, keepdims=True) + eps)  # (..., 1)
+    centred = x - array_namespace(x).mean(x, axis=-1, keepdims=True)
+    r = 1.0 / _rms(centred, eps)  # (..., 1)
     return centred * r, r
 
 
@@ -154,15 +159,13 @@ def layer_norm_backward(x, weight, dy, eps, bias):
 
 def group_queries(x, kv_heads):
     """(B, S, N, H) → (B, K, G, S, H)."""
-    B, S, N, H = x.shape
-    xp = array_namespace(x)
+    (B, S, N, H), xp = x.shape, array_namespace(x)
     return xp.permute_dims(xp.reshape(x, (B, S, kv_heads, N // kv_heads, H)), (0, 2, 3, 1, 4))
 
 
 def ungroup_queries(x):
     """(B, K, G, S, H) → (B, S, N, H)."""
-    B, K, G, S, H = x.shape
-    xp = array_namespace(x)
+    (B, K, G, S, H), xp = x.shape, array_namespace(x)
     return xp.reshape(xp.permute_dims(x, (0, 3, 1, 2, 4)), (B, S, K * G, H))
 
 
