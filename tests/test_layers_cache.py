@@ -120,3 +120,43 @@ def test_the_storage_is_made_on_the_first_write_and_contiguous_reads_are_views()
     assert np.shares_memory(k_all, cache.k[1])
     with pytest.raises(TypeError, match="k and v have dtypes float32, float32; the cache stores float64"):
         cache.update(0, k.astype(np.float32), k.astype(np.float32))
+
+
+def test_row_groups_split_off_long_rows_only_when_that_saves_reads():
+    from tensorglot.slot_map import GROUP_COST, row_groups
+
+    short = np.array([3, 0, 5, 1, 2, 4, 6, 2])
+    assert [g.tolist() for g in row_groups(short, 1)] == [list(range(8))]  # 8 × 7 keys: nothing to save
+    mixed = short.copy()
+    mixed[5] = 400  # padded: 8 × 401 keys; split: 7 × 7 + 401 (+ GROUP_COST)
+    assert 7 * 7 + 401 + GROUP_COST < 8 * 401
+    assert [g.tolist() for g in row_groups(mixed, 1)] == [[1, 3, 4, 7, 0, 2, 6], [5]]
+    two = mixed.copy()
+    two[0] = 390  # the second long row joins the long group: 6 × 7 + 2 × 401 beats 7 × 391 + 401
+    assert [g.tolist() for g in row_groups(two, 1)] == [[1, 3, 4, 7, 2, 6], [0, 5]]
+
+
+def test_read_takes_rows_as_far_as_their_longest_and_write_slots_checks_its_inputs():
+    c = TransformerConfig(vocab_size=11, d_model=8, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=4, d_ff=8)
+    cache = layers.kv_cache(c, 3, 8, kind="paged", block_size=2, dtype="float64")
+    with pytest.raises(ValueError, match="nothing was written yet"):
+        cache.read(0)
+    layers.transformer(
+        np.array([[1, 2, 3, 4], [5, 6, 7, 8], [9, 1, 2, 3]]), init_params(c, 0, dtype="float64"), c, cache=cache
+    )
+    cache.free(1)
+    k_all, _ = cache.read(1)
+    assert tuple(k_all.shape) == (3, 4, 1, 4)
+    k02, _ = cache.read(1, np.array([2, 1]))  # row 2 then row 1 (empty): T = 4
+    np.testing.assert_array_equal(k02[0], k_all[2])
+    k1, _ = cache.read(0, np.array([1]))
+    assert tuple(k1.shape) == (1, 0, 1, 4)
+    rows = np.ones((2, 2, 1, 4))
+    cache.write_slots(np.array([10, 11]), rows, -rows)
+    np.testing.assert_array_equal(cache.k[1][10:12], rows[1])
+    with pytest.raises(ValueError, match=r"\(L, n, K, H\) for the n slots"):
+        cache.write_slots(np.array([10]), rows, rows)
+    with pytest.raises(ValueError, match=r"slots must be in \[0, 24\)"):
+        cache.write_slots(np.array([10, 24]), rows, rows)
+    with pytest.raises(TypeError, match="the cache stores float64"):
+        cache.write_slots(np.array([10, 11]), rows.astype(np.float32), rows.astype(np.float32))

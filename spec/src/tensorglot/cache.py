@@ -49,174 +49,21 @@ API has no write at integer positions.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from array_api_compat import array_namespace, device
 
 from . import checks
+from .slot_map import BLOCK_SIZE as BLOCK_SIZE
+from .slot_map import KINDS as KINDS
+from .slot_map import CacheKind as CacheKind
+from .slot_map import PagedSlotMap as PagedSlotMap
+from .slot_map import SlotMap as SlotMap
+from .slot_map import make_slot_map as make_slot_map
+from .slot_map import visible_mask as visible_mask
 
 Array = Any
-CacheKind = Literal["contiguous", "paged"]
-KINDS = ("contiguous", "paged")
-#: Tokens per block of a paged cache unless told otherwise (`kv_cache`, and the caches `generate` makes).
-BLOCK_SIZE = 16
-
-
-# -- the shared host-side bookkeeping --------------------------------------------------------------
-
-
-class SlotMap:
-    """Lengths, the capacity check and token slots of a contiguous cache, for any backend.
-
-    Storage is viewed as ``num_slots = batch · max_len`` rows of (K, H): token p of sequence b is slot
-    ``b · max_len + p``, so a (B, max_len, K, H) array reshaped to (B·max_len, K, H) is indexed by it.
-    """
-
-    kind = "contiguous"
-
-    def __init__(self, batch: int, max_len: int) -> None:
-        self.batch = checks.check_positive_int("kv_cache", "batch", batch)
-        self.max_len = checks.check_positive_int("kv_cache", "max_len", max_len)
-        self._lengths = np.zeros(self.batch, dtype=np.int64)
-        self.pending = 0  # tokens reserved but not yet advanced
-        self._taken = [0] * self.batch  # blocks the pending reserve took per sequence (paged), for `cancel`
-
-    @property
-    def num_slots(self) -> int:
-        return self.batch * self.max_len
-
-    def lengths(self) -> np.ndarray:
-        return self._lengths.copy()
-
-    def _check_room(self, n: int) -> int:
-        n = checks.check_positive_int("kv_cache.reserve", "n", n)
-        longest = int(self._lengths.max())
-        if longest + n > self.max_len:
-            seq = int(self._lengths.argmax())
-            raise ValueError(
-                f"kv_cache.reserve: sequence {seq} holds {longest} tokens; {n} more would make "
-                f"{longest + n} > max_len = {self.max_len} (the cache is unchanged)"
-            )
-        return n
-
-    def reserve(self, n: int, /) -> None:
-        self.pending = self._check_room(n)
-
-    def cancel(self) -> None:
-        """Undo the pending `reserve` (the step failed before `advance`): the map is as it was before."""
-        self.pending = 0
-
-    def slots(self) -> np.ndarray:
-        """(B, pending) int64: the slot of each reserved token."""
-        pos = self._lengths[:, None] + np.arange(self.pending)  # (B, n)
-        return np.arange(self.batch)[:, None] * self.max_len + pos
-
-    def gather(self, t: int) -> np.ndarray:
-        """(B, t) int64: the slots of positions 0 .. t − 1 of each sequence."""
-        return np.arange(self.batch)[:, None] * self.max_len + np.arange(t)
-
-    def visible(self) -> int:
-        """T, the key length `update` returns: max(lengths) + pending."""
-        return int(self._lengths.max()) + self.pending
-
-    def advance(self, n: int, /) -> None:
-        if n != self.pending:
-            raise ValueError(f"kv_cache.advance: {n} tokens advanced but {self.pending} were reserved")
-        self._lengths += n
-        self.pending = 0
-        self._taken = [0] * self.batch  # the step is done: nothing left to cancel
-
-    def _check_seq(self, seq: int) -> int:
-        seq = checks.check_positive_int("kv_cache.free", "seq", seq, allow_zero=True)
-        if seq >= self.batch:
-            raise ValueError(f"kv_cache.free: seq must be in [0, {self.batch}), got {seq}")
-        return seq
-
-    def free(self, seq: int, /) -> None:
-        self._lengths[self._check_seq(seq)] = 0
-
-    def reset(self) -> None:
-        for seq in range(self.batch):
-            self.free(seq)
-        self.pending = 0
-
-
-class PagedSlotMap(SlotMap):
-    """Block tables and a free list over a pool of ``num_blocks`` blocks of ``block_size`` tokens.
-
-    Storage is viewed as ``num_slots = num_blocks · block_size`` rows of (K, H); token p of sequence b
-    is slot ``table[b][p // block_size] · block_size + p % block_size``. The free list hands out the
-    lowest-numbered free block first, so the same calls give the same tables on every backend.
-    """
-
-    kind = "paged"
-
-    def __init__(self, batch: int, max_len: int, block_size: int, num_blocks: int | None = None) -> None:
-        super().__init__(batch, max_len)
-        self.block_size = checks.check_positive_int("kv_cache", "block_size", block_size)
-        per_seq = -(-self.max_len // self.block_size)
-        self.num_blocks = (
-            self.batch * per_seq
-            if num_blocks is None
-            else checks.check_positive_int("kv_cache", "num_blocks", num_blocks)
-        )
-        self.tables: list[list[int]] = [[] for _ in range(self.batch)]
-        self._free = list(range(self.num_blocks))
-
-    @property
-    def num_slots(self) -> int:
-        return self.num_blocks * self.block_size
-
-    def block_table(self, seq: int, /) -> list[int]:
-        return list(self.tables[self._check_seq(seq)])
-
-    def free_blocks(self) -> int:
-        return len(self._free)
-
-    def reserve(self, n: int, /) -> None:
-        n = self._check_room(n)
-        bs = self.block_size
-        need = [max(0, -(-(int(length) + n) // bs) - len(table)) for length, table in zip(self._lengths, self.tables)]
-        if sum(need) > len(self._free):
-            raise ValueError(
-                f"kv_cache.reserve: {n} more tokens need {sum(need)} new blocks of {bs} but only "
-                f"{len(self._free)} of {self.num_blocks} are free (the cache is unchanged)"
-            )
-        self._free.sort()
-        for table, k in zip(self.tables, need):
-            table.extend(self._free[:k])
-            del self._free[:k]
-        self._taken = need
-        self.pending = n
-
-    def cancel(self) -> None:
-        for table, k in zip(self.tables, self._taken):
-            if k:
-                self._free.extend(table[-k:])
-                del table[-k:]
-        self._taken = [0] * self.batch
-        super().cancel()
-
-    def _slot(self, seq: int, pos: np.ndarray) -> np.ndarray:
-        table = np.asarray(self.tables[seq] or [0], dtype=np.int64)
-        block = np.minimum(pos // self.block_size, len(table) - 1)  # past the table: any slot, masked later
-        return table[block] * self.block_size + pos % self.block_size
-
-    def slots(self) -> np.ndarray:
-        pos = self._lengths[:, None] + np.arange(self.pending)  # (B, n)
-        return np.stack([self._slot(b, pos[b]) for b in range(self.batch)])
-
-    def gather(self, t: int) -> np.ndarray:
-        pos = np.arange(t)
-        return np.stack([self._slot(b, pos) for b in range(self.batch)])  # (B, t)
-
-    def free(self, seq: int, /) -> None:
-        seq = self._check_seq(seq)
-        self._free.extend(self.tables[seq])
-        self.tables[seq] = []
-        self._taken[seq] = 0
-        self._lengths[seq] = 0
 
 
 # -- the cache -------------------------------------------------------------------------------------
@@ -241,7 +88,8 @@ class KVCache:
         self._xp: Any = None
         self.k: list[Array] = []
         self.v: list[Array] = []
-        self._step: tuple[Array, Array | None, int] | None = None  # this step's write and read indices
+        self._write: Array | None = None  # this step's write slots, (B·n,) on the storage's device
+        self._reads: dict[bytes | None, tuple[Array | None, int]] = {}  # this step's read slots and T, by rows
 
     def lengths(self) -> np.ndarray:
         """(B,) int64 NumPy array: the tokens each sequence holds (a copy)."""
@@ -252,27 +100,86 @@ class KVCache:
         list). Raises ValueError — and changes nothing — when a sequence would pass ``max_len`` or the
         pool has too few free blocks."""
         self.map.reserve(n)
-        self._step = None
+        self._forget()
 
     def cancel(self) -> None:
         """Undo the last `reserve` when its step fails before `advance`: the lengths, block tables and
         free list are as they were (what the failed step wrote sits past the lengths, so it is never
         read). `tensorglot.layers.Layers.transformer` calls it, so a failed call changes no cache."""
         self.map.cancel()
-        self._step = None
+        self._forget()
 
     def update(self, layer: int, k: Array, v: Array, /) -> tuple[Array, Array]:
         """Write the new keys (after RoPE) and values, (B, n, K, H) for the n reserved tokens, at
         positions ``lengths()[b] ..`` of layer ``layer``; return every stored key and value of that layer
         as (B, T, K, H) with ``T = max(lengths()) + n``. Entries at or past ``lengths()[b] + n`` are
-        unspecified: callers mask them. Does not advance the lengths."""
+        unspecified: callers mask them. Does not advance the lengths. `write` then `read`."""
+        self.write(layer, k, v)
+        return self.read(layer)
+
+    def write(self, layer: int, k: Array, v: Array, /) -> None:
+        """`update`'s write: the n reserved tokens' keys and values, (B, n, K, H), into layer ``layer``."""
         fn = "kv_cache.update"
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.n_layers:
-            raise ValueError(f"{fn}: layer must be an int in [0, {self.n_layers}), got {layer!r}")
+        self._check_layer(fn, layer)
         B, n, K, H = self.batch, self.map.pending, self.n_kv_heads, self.head_dim
         want = (B, n, K, H)
         checks.check_same_shape(fn, "k", tuple(k.shape), want, f"(B, n, K, H) for the {n} reserved tokens")
         checks.check_same_shape(fn, "v", tuple(v.shape), want, "k")
+        self._check_arrays(fn, k, v)
+        xp = self._xp
+        if self._write is None:  # the same slots for every layer of a step
+            self._write = xp.asarray(self.map.slots().reshape(-1), device=device(self.k[0]))  # (B·n,)
+        self._store(layer, self._write, xp.reshape(k, (B * n, K, H)), xp.reshape(v, (B * n, K, H)))
+
+    def read(self, layer: int, rows: np.ndarray | None = None, /) -> tuple[Array, Array]:
+        """Layer ``layer``'s stored keys and values of sequences ``rows`` (NumPy ints; None: every one, in
+        order), (R, T, K, H) with ``T = max(lengths()[rows]) + pending``: what `update` returns, for a
+        subset of the batch read only as far as its own longest sequence (a decoding step's short
+        sequences then do not pay for one long one: `tensorglot.slot_map.row_groups`)."""
+        self._check_layer("kv_cache.read", layer)
+        if not self.k:
+            raise ValueError("kv_cache.read: nothing was written yet")
+        key = None if rows is None else np.asarray(rows, dtype=np.int64).tobytes()
+        if key not in self._reads:  # the same indices for every layer of a step
+            lengths = self.map.lengths() if rows is None else self.map.lengths()[np.asarray(rows)]
+            T = int(lengths.max()) + self.map.pending
+            at = None
+            if self.kind != "contiguous" or rows is not None:
+                at = self._xp.asarray(self.map.gather(T, rows).reshape(-1), device=device(self.k[0]))  # (R·T,)
+            self._reads[key] = (at, T)
+        at, T = self._reads[key]
+        xp, R, K, H = self._xp, self.batch if rows is None else len(rows), self.n_kv_heads, self.head_dim
+        if at is None:  # contiguous: slot b·max_len + p is [b, p], so a reshape (a view) reads it
+            view = (R, self.max_len, K, H)
+            return xp.reshape(self.k[layer], view)[:, :T, ...], xp.reshape(self.v[layer], view)[:, :T, ...]
+        return (
+            xp.reshape(xp.take(self.k[layer], at, axis=0), (R, T, K, H)),
+            xp.reshape(xp.take(self.v[layer], at, axis=0), (R, T, K, H)),
+        )
+
+    def write_slots(self, slots: np.ndarray, k: Array, v: Array, /) -> None:
+        """Write keys and values of every layer, (L, n, K, H), at storage slots ``slots`` ((n,) NumPy
+        ints), lengths unchanged: what the serving pool admits a prompt with (`tensorglot.serving.pool`)."""
+        fn = "kv_cache.write_slots"
+        slots = np.asarray(slots)
+        want = (self.n_layers, len(slots), self.n_kv_heads, self.head_dim)
+        checks.check_same_shape(fn, "k", tuple(k.shape), want, "(L, n, K, H) for the n slots")
+        checks.check_same_shape(fn, "v", tuple(v.shape), want, "k")
+        if slots.ndim != 1 or not np.issubdtype(slots.dtype, np.integer):
+            raise TypeError(f"{fn}: slots must be a 1-D NumPy array of ints, got {slots.dtype} {slots.shape}")
+        if len(slots) and not 0 <= int(slots.min()) <= int(slots.max()) < self.map.num_slots:
+            raise ValueError(f"{fn}: slots must be in [0, {self.map.num_slots}), got {slots.min()}..{slots.max()}")
+        self._check_arrays(fn, k, v)
+        at = self._xp.asarray(slots, device=device(self.k[0]))
+        for layer in range(self.n_layers):
+            self._store(layer, at, k[layer, ...], v[layer, ...])
+
+    def _check_layer(self, fn: str, layer: Any) -> None:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.n_layers:
+            raise ValueError(f"{fn}: layer must be an int in [0, {self.n_layers}), got {layer!r}")
+
+    def _check_arrays(self, fn: str, k: Array, v: Array) -> None:
+        """The dtype and device of keys and values to write; the storage is made on the first write."""
         be = self._be
         got = (be.dtype_name(k), be.dtype_name(v))
         if got != (self.dtype, self.dtype):
@@ -281,24 +188,15 @@ class KVCache:
             self.allocate(k)
         if be.device(k) != self.device or be.device(v) != self.device:
             raise TypeError(f"{fn}: k and v are on {be.device(k)}, {be.device(v)}; the cache is on {self.device}")
-        xp = self._xp
-        if self._step is None:  # the same indices for every layer of a step
-            T = self.map.visible()
-            where = device(self.k[0])
-            write = xp.asarray(self.map.slots().reshape(-1), device=where)  # (B·n,)
-            read = None if self.kind == "contiguous" else self.map.gather(T).reshape(-1)  # (B·T,)
-            self._step = (write, None if read is None else xp.asarray(read, device=where), T)
-        write, read, T = self._step
-        cache_write = be.kernels.cache_write
-        self.k[layer] = cache_write(self.k[layer], write, xp.reshape(k, (B * n, K, H)))
-        self.v[layer] = cache_write(self.v[layer], write, xp.reshape(v, (B * n, K, H)))
-        if read is None:  # contiguous: slot b·max_len + p is [b, p], so a reshape (a view) reads it
-            view = (B, self.max_len, K, H)
-            return xp.reshape(self.k[layer], view)[:, :T, ...], xp.reshape(self.v[layer], view)[:, :T, ...]
-        return (
-            xp.reshape(xp.take(self.k[layer], read, axis=0), (B, T, K, H)),
-            xp.reshape(xp.take(self.v[layer], read, axis=0), (B, T, K, H)),
-        )
+
+    def _store(self, layer: int, at: Array, k: Array, v: Array) -> None:
+        cache_write = self._be.kernels.cache_write
+        self.k[layer] = cache_write(self.k[layer], at, k)
+        self.v[layer] = cache_write(self.v[layer], at, v)
+
+    def _forget(self) -> None:
+        """The step's indices change with the lengths: made again by the next `write` or `read`."""
+        self._write, self._reads = None, {}
 
     def allocate(self, like: Array, /) -> None:
         """Make the storage, zeros of ``like``'s library, dtype and device. `update` calls it on its first
@@ -311,7 +209,7 @@ class KVCache:
     def advance(self, n: int, /) -> None:
         """Count the ``n`` tokens written by `update` in every layer: ``lengths() += n``."""
         self.map.advance(n)
-        self._step = None
+        self._forget()
 
     def free(self, seq: int, /) -> None:
         """Sequence ``seq`` ended: its length becomes 0 (the row can start a new sequence) and a paged
@@ -321,7 +219,7 @@ class KVCache:
     def reset(self) -> None:
         """Free every sequence."""
         self.map.reset()
-        self._step = None
+        self._forget()
 
     def __repr__(self) -> str:
         where = "" if self.device is None else f" on {self.device}"
@@ -392,34 +290,3 @@ def check_cache(
         raise TypeError(f"{fn}: the params have dtype {dtype}; the cache stores {cache.dtype}")
     if cache.device is not None and device is not None and cache.device != device:
         raise TypeError(f"{fn}: the params are on {device}; the cache is on {cache.device}")
-
-
-def make_slot_map(
-    kind: str, batch: int, max_len: int, /, *, block_size: int = BLOCK_SIZE, num_blocks: int | None = None
-) -> SlotMap:
-    """The bookkeeping for a cache of ``kind`` (validated)."""
-    checks.check_choice("kv_cache", "kind", kind, KINDS)
-    if kind == "paged":
-        return PagedSlotMap(batch, max_len, block_size, num_blocks)
-    return SlotMap(batch, max_len)
-
-
-def visible_mask(lengths: Array, n: int, t: int, /, *, window: int | None = None) -> Array:
-    """Bool (B, 1, n, t): new query i of sequence b sees key j iff ``j <= lengths[b] + i`` (and > that − W).
-
-    The per-sequence, bottom-right causal mask of a cached step; it broadcasts against (B, N, S, T).
-    ``lengths`` is any array library's (B,) ints, so the mask is built where they are: on the host for
-    a `KVCache`'s NumPy lengths, inside a trace for JAX's compiled decoding.
-
-    >>> from tensorglot.cache import visible_mask
-    >>> visible_mask(np.array([1, 0]), 2, 3)[:, 0].astype(int).tolist()
-    [[[1, 1, 0], [1, 1, 1]], [[1, 0, 0], [1, 1, 0]]]
-    """
-    xp = array_namespace(lengths)
-    where = device(lengths)
-    limit = lengths[:, None] + xp.arange(n, dtype=lengths.dtype, device=where)[None, :]  # (B, n)
-    keys = xp.arange(t, dtype=lengths.dtype, device=where)[None, None, :]  # (1, 1, t)
-    seen = keys <= limit[:, :, None]  # (B, n, t)
-    if window is not None:  # a sliding window W
-        seen = xp.logical_and(seen, keys > limit[:, :, None] - window)
-    return seen[:, None, :, :]  # (B, 1, n, t)

@@ -11,9 +11,8 @@ protocol (one ``reserve(n)`` and ``advance(n)`` for every sequence) cannot say:
   logits are discarded.
 * **Staged writes.** `write` puts received prompt keys and values into chosen rows only: it stages
   their lengths, takes their blocks with the cache's public ``reserve``, writes just the prompts' rows
-  at their slots with the backend's ``cache_write`` kernel (the cache's storage, ``cache.k``/``cache.v``,
-  as the cache's own ``update`` does, without its read of every row), and ``advance`` sets the staged
-  rows' lengths.
+  at their slots (the cache's ``write_slots``: ``update``'s checks and kernel, without its read of every
+  row), and ``advance`` sets the staged rows' lengths.
 
 So the storage stays the backend's own (NumPy arrays, torch tensors, JAX's immutable arrays behind its
 handle) and the model runs ``be.layers.transformer(tokens, params, config, cache=pool.cache)``.
@@ -25,7 +24,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from array_api_compat import array_namespace, device
 
 from ..cache import PagedSlotMap
 from ..params import TransformerConfig
@@ -162,32 +160,18 @@ class PagedKVPool:
         k, v = np.zeros((L, n, K, H), self.dtype), np.zeros((L, n, K, H), self.dtype)  # (L, n, K, H)
         k[:, :total] = np.concatenate([np.stack(pk) for pk, _ in prompts.values()], axis=1)
         v[:, :total] = np.concatenate([np.stack(pv) for _, pv in prompts.values()], axis=1)
-        k_rows, v_rows = self.be.asarray(k, dtype=self.dtype), self.be.asarray(v, dtype=self.dtype)
-        c, cache_write = self.cache, self.be.kernels.cache_write
-        if not c.k:
-            c.allocate(k_rows)
-        xp, where = array_namespace(c.k[0]), device(c.k[0])
-        at, k_rows, v_rows = (xp.asarray(a, device=where) for a in (slots, k_rows, v_rows))
-        for layer in range(L):
-            c.k[layer] = cache_write(c.k[layer], at, k_rows[layer, ...])
-            c.v[layer] = cache_write(c.v[layer], at, v_rows[layer, ...])
+        self.cache.write_slots(slots, self.be.asarray(k, dtype=self.dtype), self.be.asarray(v, dtype=self.dtype))
         self.cache.advance(max(staged.values()))
         self.rows.update(zip(prompts, staged))
 
     def read(self, rid: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """Request ``rid``'s stored keys and values, NumPy (T, K, H) per layer: an empty write round
-        (every write goes to the scratch block) whose ``update`` returns what each layer holds."""
-        row, length = self.rows[rid], int(self.map.lengths()[self.rows[rid]])
-        B, K, H = self.map.batch, self.config.n_kv_heads, self.config.head_dim
-        self.map.staged = {}
-        self.cache.reserve(1)
-        zeros = self.be.asarray(np.zeros((B, 1, K, H)), dtype=self.dtype)  # (B, 1, K, H)
+        """Request ``rid``'s stored keys and values, NumPy (T, K, H) per layer."""
+        row = np.array([self.rows[rid]])
         k, v = [], []
         for layer in range(self.config.n_layers):
-            k_all, v_all = self.cache.update(layer, zeros, zeros)  # (B, T, K, H)
-            k.append(self.be.to_numpy(k_all)[row, :length])
-            v.append(self.be.to_numpy(v_all)[row, :length])
-        self.cache.advance(1)
+            k_all, v_all = self.cache.read(layer, row)  # (1, T, K, H)
+            k.append(self.be.to_numpy(k_all)[0])
+            v.append(self.be.to_numpy(v_all)[0])
         return k, v
 
     def release(self, rid: int) -> None:
