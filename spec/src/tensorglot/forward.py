@@ -27,6 +27,7 @@ from .frontend import HALF, FrontEnd, index_ids, shape
 from .kernels import GATES
 from .param_layout import GATED, attention_shapes, block_norms, mlp_shapes
 from .params import TransformerConfig
+from .slot_map import row_groups
 
 Array = Any
 #: The mask of a cached step whose sequences all hold the same length: plain bottom-right causal.
@@ -56,13 +57,19 @@ class _Pass:
     xp: Any
     positions: Array | None = None  # RoPE (or learned) positions, (S,) or (B, S); None is arange(S)
     cache: KVCache | None = None
-    mask: dict[int | None, Any] | None = None
+    mask: dict[tuple[int | None, int | None], Any] | None = None  # by (window, row group)
+    groups: list[tuple[np.ndarray, Array]] | None = None  # a cached step's row groups, host and device
+    back: Array | None = None  # the groups' rows concatenated, put back in row order
     tape: list[dict[str, Array]] | None = None
     rope: tuple[tuple[np.ndarray, float, str, int], ...] = field(init=False)
     folded: dict[str, list[Array]] = field(init=False, default_factory=dict)  # by layer prefix, see `_mlp`
 
     def __post_init__(self) -> None:
         self.rope = _rope_tables(self.config)
+
+    def next_step(self) -> None:
+        """Forget one cached step's positions, masks and row groups: the next step makes its own."""
+        self.positions = self.mask = self.groups = self.back = None
 
 
 class Forward(FrontEnd):
@@ -151,12 +158,16 @@ class Forward(FrontEnd):
         q, k = self._qk_norm(q_lin, p, pre + "q_norm", N), self._qk_norm(k_lin, p, pre + "k_norm", K)
         q, k = self._rope_qk(q, k, p, layer)  # never v
         scale = c.attn_scale or 1.0 / math.sqrt(H)
+        causal, mask = True, None
         if p.cache is None:
             causal, mask, k_all, v_all = True, self._window_mask(S, c.window(layer), x), k, v
+            y = self._attend(p, q, k_all, v_all, causal, mask, scale)
+        elif saved is None and len(self._groups(p, S, x)) > 1:
+            y = self._grouped_attention(q, k, v, p, layer, scale)
         else:
             k_all, v_all = p.cache.update(layer, k, v)  # (B, T, K, H), keys stored after RoPE
             causal, mask = self._step_mask(p, c.window(layer), S, shape(k_all)[1], x)
-        y = self._run(self._k.attention, p.dtype, (q, k_all, v_all), causal, mask, scale, *self._softcap(p))
+            y = self._attend(p, q, k_all, v_all, causal, mask, scale)
         y = xp.reshape(y, (B, S, N * H))  # (B, S, N·H)
         if saved is not None:
             saved.update(q=q, k=k, v=v, y=y, causal=causal, mask=mask)
@@ -164,6 +175,38 @@ class Forward(FrontEnd):
                 saved.update(q_lin=q_lin, k_lin=k_lin)
         wo = xp.reshape(w[pre + "wo"], (N * H, D))
         return self._linear(y, wo, w.get(pre + "bo"), p)  # (B, S, D)
+
+    def _groups(self, p: _Pass, S: int, like: Array) -> list[tuple[np.ndarray, Array]]:
+        """A cached step's rows in groups by length (`row_groups`), made by the first layer: a group is
+        read and attended only as far as its own longest sequence."""
+        if p.groups is None:
+            assert p.cache is not None
+            lengths = p.cache.lengths()
+            if not isinstance(lengths, np.ndarray):  # traced (JAX's compiled step): one group
+                p.groups = [(np.arange(shape(lengths)[0]), None)]
+                return p.groups
+            rows = row_groups(lengths, S)
+            p.groups = [(r, _on_device(r, like)) for r in rows]
+            if len(rows) > 1:
+                p.back = _on_device(np.argsort(np.concatenate(rows)), like)
+        return p.groups
+
+    def _grouped_attention(self, q: Array, k: Array, v: Array, p: _Pass, layer: int, scale: float) -> Array:
+        """Attention of a cached step, group by group (`_groups`): each group's queries over its own rows'
+        keys, (R, T_g, K, H), then every row's output put back in row order: (B, S, N, H)."""
+        assert p.cache is not None and p.groups is not None
+        xp, S, window = p.xp, shape(q)[1], p.config.window(layer)
+        p.cache.write(layer, k, v)
+        ys = []
+        for g, (rows, at) in enumerate(p.groups):
+            k_g, v_g = p.cache.read(layer, rows)  # (R, T_g, K, H)
+            causal, mask = self._step_mask(p, window, S, shape(k_g)[1], q, g)
+            q_g = xp.take(q, at, axis=0)  # (R, S, N, H)
+            ys.append(self._attend(p, q_g, k_g, v_g, causal, mask, scale))
+        return xp.take(xp.concat(ys, axis=0), p.back, axis=0)
+
+    def _attend(self, p: _Pass, q: Array, k: Array, v: Array, causal: bool, mask: Any, scale: float) -> Array:
+        return self._run(self._k.attention, p.dtype, (q, k, v), causal, mask, scale, *self._softcap(p))
 
     def _softcap(self, p: _Pass) -> tuple[float, ...]:
         """The attention kernel's softcap option, passed only when the config sets one."""
@@ -193,20 +236,27 @@ class Forward(FrontEnd):
         i = np.arange(S)
         return _on_device((i[None, :] > i[:, None] - window)[None, None], like)  # (1, 1, S, S)
 
-    def _step_mask(self, p: _Pass, window: int | None, S: int, T: int, like: Array) -> tuple[bool, Any]:
-        """(causal, mask) of a cached step: `visible_mask`, one per window for every layer of the step, or
-        plain bottom-right causal (no mask) when every sequence holds T − S tokens and there is no window."""
+    def _step_mask(
+        self, p: _Pass, window: int | None, S: int, T: int, like: Array, group: int | None = None
+    ) -> tuple[bool, Any]:
+        """(causal, mask) of a cached step (of row group ``group``'s rows): `visible_mask`, one per window
+        and group for every layer of the step, or plain bottom-right causal (no mask) when every sequence
+        holds T − S tokens and there is no window."""
         assert p.cache is not None
         if p.mask is None:
             p.mask = {}
-        if window not in p.mask:
+        key = (window, group)
+        if key not in p.mask:
             lengths = p.cache.lengths()
+            if group is not None:
+                assert p.groups is not None
+                lengths = lengths[p.groups[group][0]]
             same = isinstance(lengths, np.ndarray) and lengths.min() == lengths.max() == T - S
             if same and window is None:
-                p.mask[window] = _CAUSAL
+                p.mask[key] = _CAUSAL
             else:
-                p.mask[window] = _on_device(visible_mask(lengths, S, T, window=window), like)  # (B, 1, S, T)
-        mask = p.mask[window]
+                p.mask[key] = _on_device(visible_mask(lengths, S, T, window=window), like)  # (B, 1, S, T)
+        mask = p.mask[key]
         return (True, None) if mask is _CAUSAL else (False, mask)
 
     def _mlp(self, x: Array, p: _Pass, layer: int) -> Array:

@@ -56,6 +56,6 @@ def generate(layers: Layers, params: Any, config: Any, prompt: Any, max_new_toke
     for step in range(new):
         pieces.append(greedy(logits, prompt.dtype))
         if step + 1 < new:
-            p.positions = p.mask = None  # this step's: the next one makes its own
+            p.next_step()
             logits = layers._transformer(pieces[-1], p)
     return xp.concat(pieces, axis=1)

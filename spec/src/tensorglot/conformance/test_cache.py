@@ -11,6 +11,7 @@ import pytest
 
 from tensorglot import init_params
 from tensorglot.cache import KVCache, PagedKVCache
+from tensorglot.slot_map import row_groups
 
 from ._harness import assert_close
 from .test_layers import MODEL_SCALE, best_dtype, put_params, tiny_config, tokens
@@ -117,6 +118,33 @@ def test_sequences_of_different_lengths_in_one_batch(harness, backend, kind):
     want1 = harness.get(backend.layers.transformer(harness.put(first[1:], dtype), params, config))[0, 4:6]
     assert_close(np.stack(row0), want0, dtype, scale=MODEL_SCALE[dtype], what="the restarted row")
     assert_close(np.stack(row1), want1, dtype, scale=MODEL_SCALE[dtype], what="the continuing row")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("config_name", ["gqa-swiglu-partial-neox", "post-qknorm-projection-window"])
+def test_a_long_row_beside_short_ones_equals_recomputation(harness, backend, kind, config_name):
+    """One 320-token row beside seven new short ones: a step reads the rows in two length groups
+    (`row_groups`), and every row still equals its own recomputation without a cache."""
+    config = tiny_config(config_name, max_seq_len=330)
+    dtype = best_dtype(backend)
+    params = put_params(harness, init_params(config, 5, dtype="float64"), dtype)
+    long, short = tokens((8, 323), seed=5), tokens((8, 3), seed=6)
+    cache = make_cache(backend, config, 8, 330, dtype, kind, **({"block_size": 16} if kind == "paged" else {}))
+    backend.layers.transformer(harness.put(long[:, :320], dtype), params, config, cache=cache)
+    for b in range(1, 8):
+        cache.free(b)
+    rows = []
+    for i in range(3):  # row 0 goes on at 320, 321, 322; rows 1..7 read new sequences at 0, 1, 2
+        assert len(row_groups(cache.lengths(), 1)) == 2, "the step would not be read in groups"
+        step = np.concatenate([long[:1, 320 + i], short[1:, i]])[:, None].astype(np.int32)
+        rows.append(harness.get(backend.layers.transformer(harness.put(step, dtype), params, config, cache=cache)))
+    got = np.concatenate(rows, axis=1)  # (8, 3, V)
+    assert cache.lengths().tolist() == [323] + [3] * 7
+    want0 = harness.get(backend.layers.transformer(harness.put(long[:1], dtype), params, config))[0, 320:]
+    want = harness.get(backend.layers.transformer(harness.put(short[1:], dtype), params, config))
+    scale = MODEL_SCALE[dtype]
+    assert_close(got[0], want0, dtype, scale=scale, what="the long row")
+    assert_close(got[1:], want, dtype, scale=scale, what="the short rows")
 
 
 def test_paged_bookkeeping_leaks_no_block(harness, backend):
