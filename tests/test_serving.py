@@ -16,6 +16,7 @@ import pytest
 import tensorglot
 from tensorglot.registry import registry
 from tensorglot.serving import DecodeEngine, Fault, Model, Request, Sequence, prefill, serve
+from tensorglot.serving.engine import Prefilled
 from tensorglot.serving.transport import digest
 
 CONFIG = tensorglot.TransformerConfig(
@@ -75,13 +76,19 @@ def test_continuous_batching_on_the_paged_pool_equals_generate(backend):
     assert not engine.pool.rows
 
 
+def _engine_with_one_request(backend: str, *, rid: int, prompt_len: int) -> tuple[DecodeEngine, Prefilled]:
+    """A 3-row engine of blocks of 4 holding request ``rid`` (prompt arange(prompt_len), 5 new tokens)."""
+    be, params = _model(backend)
+    engine = DecodeEngine(be, params, CONFIG, max_batch=3, block_size=4)
+    pre = prefill(be, params, CONFIG, np.arange(prompt_len))
+    engine.admit(Sequence(rid, prompt_len, 5, [pre.first_token], 0.0), pre.k, pre.v)
+    return engine, pre
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("backend", ENGINE_BACKENDS)
 def test_pool_stores_what_prefill_computed_and_idle_rows_hold_no_block(backend):
-    be, params = _model(backend)
-    engine = DecodeEngine(be, params, CONFIG, max_batch=3, block_size=4)
-    pre = prefill(be, params, CONFIG, np.arange(10))
-    engine.admit(Sequence(7, 10, 5, [pre.first_token], 0.0), pre.k, pre.v)
+    engine, pre = _engine_with_one_request(backend, rid=7, prompt_len=10)
     k, v = engine.pool.read(7)
     assert all(np.array_equal(a, b) for a, b in zip(k + v, pre.k + pre.v))
     assert engine.pool.table(7) == [0, 1, 2]  # ceil(10 / 4) blocks, lowest first
@@ -95,10 +102,8 @@ def test_pool_stores_what_prefill_computed_and_idle_rows_hold_no_block(backend):
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("backend", ENGINE_BACKENDS)
 def test_pool_writes_two_prompts_in_one_round_beside_a_running_row(backend):
-    be, params = _model(backend)
-    engine = DecodeEngine(be, params, CONFIG, max_batch=3, block_size=4)
-    first = prefill(be, params, CONFIG, np.arange(6))
-    engine.admit(Sequence(1, 6, 5, [first.first_token], 0.0), first.k, first.v)
+    engine, _ = _engine_with_one_request(backend, rid=1, prompt_len=6)
+    be, params = engine.be, engine.params
     engine.step()  # row 0 runs: it holds 7 tokens
     before, _ = engine.pool.read(1)
     a, b = prefill(be, params, CONFIG, np.arange(9) + 3), prefill(be, params, CONFIG, np.arange(2) + 1)
