@@ -151,6 +151,18 @@ def test_read_takes_rows_as_far_as_their_longest_and_write_slots_checks_its_inpu
     np.testing.assert_array_equal(k02[0], k_all[2])
     k1, _ = cache.read(0, np.array([1]))
     assert tuple(k1.shape) == (1, 0, 1, 4)
+    with pytest.raises(ValueError, match=r"kv_cache.read: rows must be in \[0, 3\), got -1..0"):
+        cache.read(0, np.array([0, -1]))  # NumPy would wrap -1 round to row 2
+    with pytest.raises(ValueError, match=r"kv_cache.read: rows must be in \[0, 3\), got 3..3"):
+        cache.read(0, np.array([3]))
+    with pytest.raises(TypeError, match=r"kv_cache\.read: rows must be a 1-D NumPy array of ints, got float64"):
+        cache.read(0, np.array([0.0]))
+    with pytest.raises(ValueError, match=r"kv_cache\.read: rows must name at least one sequence"):
+        cache.read(0, np.array([], dtype=np.int64))
+    cache.reserve(1)
+    with pytest.raises(ValueError, match=r"kv_cache.write: v has shape \(3, 1, 1, 5\)"):
+        cache.write(0, np.zeros((3, 1, 1, 4)), np.zeros((3, 1, 1, 5)))
+    cache.cancel()
     rows = np.ones((2, 2, 1, 4))
     cache.write_slots(np.array([10, 11]), rows, -rows)
     np.testing.assert_array_equal(cache.k[1][10:12], rows[1])
@@ -158,5 +170,7 @@ def test_read_takes_rows_as_far_as_their_longest_and_write_slots_checks_its_inpu
         cache.write_slots(np.array([10]), rows, rows)
     with pytest.raises(ValueError, match=r"slots must be in \[0, 24\)"):
         cache.write_slots(np.array([10, 24]), rows, rows)
+    with pytest.raises(TypeError, match=r"kv_cache\.write_slots: slots must be a 1-D NumPy array of ints"):
+        cache.write_slots(np.array(10), rows[:, :1], rows[:, :1])
     with pytest.raises(TypeError, match="the cache stores float64"):
         cache.write_slots(np.array([10, 11]), rows.astype(np.float32), rows.astype(np.float32))

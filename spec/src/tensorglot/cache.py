@@ -114,12 +114,14 @@ class KVCache:
         positions ``lengths()[b] ..`` of layer ``layer``; return every stored key and value of that layer
         as (B, T, K, H) with ``T = max(lengths()) + n``. Entries at or past ``lengths()[b] + n`` are
         unspecified: callers mask them. Does not advance the lengths. `write` then `read`."""
-        self.write(layer, k, v)
+        self._write_step("kv_cache.update", layer, k, v)
         return self.read(layer)
 
     def write(self, layer: int, k: Array, v: Array, /) -> None:
         """`update`'s write: the n reserved tokens' keys and values, (B, n, K, H), into layer ``layer``."""
-        fn = "kv_cache.update"
+        self._write_step("kv_cache.write", layer, k, v)
+
+    def _write_step(self, fn: str, layer: int, k: Array, v: Array) -> None:
         self._check_layer(fn, layer)
         B, n, K, H = self.batch, self.map.pending, self.n_kv_heads, self.head_dim
         want = (B, n, K, H)
@@ -136,13 +138,17 @@ class KVCache:
         order), (R, T, K, H) with ``T = max(lengths()[rows]) + pending``: what `update` returns, for a
         subset of the batch read only as far as its own longest sequence (a decoding step's short
         sequences then do not pay for one long one: `tensorglot.slot_map.row_groups`)."""
-        self._check_layer("kv_cache.read", layer)
+        fn = "kv_cache.read"
+        self._check_layer(fn, layer)
         if not self.k:
-            raise ValueError("kv_cache.read: nothing was written yet")
-        key = None if rows is None else np.asarray(rows, dtype=np.int64).tobytes()
+            raise ValueError(f"{fn}: nothing was written yet")
+        if rows is not None:
+            rows = _indices(fn, "rows", rows, self.batch)
+            if not len(rows):
+                raise ValueError(f"{fn}: rows must name at least one sequence (None reads every one)")
+        key = None if rows is None else rows.tobytes()
         if key not in self._reads:  # the same indices for every layer of a step
-            lengths = self.map.lengths() if rows is None else self.map.lengths()[np.asarray(rows)]
-            T = int(lengths.max()) + self.map.pending
+            T = self.map.visible(rows)
             at = None
             if self.kind != "contiguous" or rows is not None:
                 at = self._xp.asarray(self.map.gather(T, rows).reshape(-1), device=device(self.k[0]))  # (R·T,)
@@ -161,14 +167,10 @@ class KVCache:
         """Write keys and values of every layer, (L, n, K, H), at storage slots ``slots`` ((n,) NumPy
         ints), lengths unchanged: what the serving pool admits a prompt with (`tensorglot.serving.pool`)."""
         fn = "kv_cache.write_slots"
-        slots = np.asarray(slots)
+        slots = _indices(fn, "slots", slots, self.map.num_slots)
         want = (self.n_layers, len(slots), self.n_kv_heads, self.head_dim)
         checks.check_same_shape(fn, "k", tuple(k.shape), want, "(L, n, K, H) for the n slots")
         checks.check_same_shape(fn, "v", tuple(v.shape), want, "k")
-        if slots.ndim != 1 or not np.issubdtype(slots.dtype, np.integer):
-            raise TypeError(f"{fn}: slots must be a 1-D NumPy array of ints, got {slots.dtype} {slots.shape}")
-        if len(slots) and not 0 <= int(slots.min()) <= int(slots.max()) < self.map.num_slots:
-            raise ValueError(f"{fn}: slots must be in [0, {self.map.num_slots}), got {slots.min()}..{slots.max()}")
         self._check_arrays(fn, k, v)
         at = self._xp.asarray(slots, device=device(self.k[0]))
         for layer in range(self.n_layers):
@@ -268,6 +270,16 @@ def kv_cache(
         raise ValueError(f"{fn}: max_len = {max_len} is past the config's max_seq_len = {config.max_seq_len}")
     slot_map = make_slot_map(kind, batch, max_len, block_size=block_size, num_blocks=num_blocks)
     return (PagedKVCache if kind == "paged" else KVCache)(backend, config, slot_map, dtype)
+
+
+def _indices(fn: str, name: str, values: Any, bound: int) -> np.ndarray:
+    """``values`` as a 1-D NumPy int64 array, each in [0, bound): rows of a read, slots of a write."""
+    a = np.asarray(values)
+    if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):
+        raise TypeError(f"{fn}: {name} must be a 1-D NumPy array of ints, got {a.dtype} {a.shape}")
+    if len(a) and not 0 <= int(a.min()) <= int(a.max()) < bound:
+        raise ValueError(f"{fn}: {name} must be in [0, {bound}), got {a.min()}..{a.max()}")
+    return a.astype(np.int64, copy=False)
 
 
 def check_cache(

@@ -71,9 +71,10 @@ class SlotMap:
         rows = np.arange(self.batch) if rows is None else np.asarray(rows)
         return rows[:, None] * self.max_len + np.arange(t)
 
-    def visible(self) -> int:
-        """T, the key length `update` returns: max(lengths) + pending."""
-        return int(self._lengths.max()) + self.pending
+    def visible(self, rows: np.ndarray | None = None) -> int:
+        """T, the key length a read of sequences ``rows`` returns (None: every one, what `update` returns):
+        their longest length + pending."""
+        return int((self._lengths if rows is None else self._lengths[rows]).max()) + self.pending
 
     def advance(self, n: int, /) -> None:
         if n != self.pending:
