@@ -182,12 +182,11 @@ class Forward(FrontEnd):
         if p.groups is None:
             assert p.cache is not None
             lengths = p.cache.lengths()
-            if not isinstance(lengths, np.ndarray):  # traced (JAX's compiled step): one group
-                p.groups = [(np.arange(shape(lengths)[0]), None)]
-                return p.groups
-            rows = row_groups(lengths, S)
-            p.groups = [(r, _on_device(r, like)) for r in rows]
-            if len(rows) > 1:
+            traced = not isinstance(lengths, np.ndarray)  # JAX's compiled step: one group
+            rows = [np.arange(shape(lengths)[0])] if traced else row_groups(lengths, S)
+            split = len(rows) > 1  # only a split reads by group: then its rows and the way back go to the device
+            p.groups = [(r, _on_device(r, like) if split else None) for r in rows]
+            if split:
                 p.back = _on_device(np.argsort(np.concatenate(rows)), like)
         return p.groups
 
