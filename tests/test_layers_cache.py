@@ -134,6 +134,12 @@ def test_row_groups_split_off_long_rows_only_when_that_saves_reads():
     two = mixed.copy()
     two[0] = 390  # the second long row joins the long group: 6 × 7 + 2 × 401 beats 7 × 391 + 401
     assert [g.tolist() for g in row_groups(two, 1)] == [[1, 3, 4, 7, 2, 6], [0, 5]]
+    with pytest.raises(ValueError, match=r"row_groups: lengths must be >= 0, got \[3, -1\]"):
+        row_groups(np.array([3, -1]), 1)
+    with pytest.raises(TypeError, match=r"row_groups: lengths must be a 1-D array of ints, got int64 \(1, 2\)"):
+        row_groups(np.array([[3, 1]]), 1)
+    with pytest.raises(ValueError, match="n must be"):
+        row_groups(short, 0)
 
 
 def test_read_takes_rows_as_far_as_their_longest_and_write_slots_checks_its_inputs():

@@ -226,6 +226,12 @@ def row_groups(lengths: np.ndarray, n: int, /) -> list[np.ndarray]:
     >>> [g.tolist() for g in row_groups(np.array([30, 5, 0, 7]), 1)]
     [[0, 1, 2, 3]]
     """
+    n = checks.check_positive_int("row_groups", "n", n)
+    lengths = np.asarray(lengths)
+    if lengths.ndim != 1 or not np.issubdtype(lengths.dtype, np.integer):
+        raise TypeError(f"row_groups: lengths must be a 1-D array of ints, got {lengths.dtype} {lengths.shape}")
+    if (lengths < 0).any():
+        raise ValueError(f"row_groups: lengths must be >= 0, got {lengths.tolist()}")
     B = len(lengths)
     order = np.argsort(lengths, kind="stable")
     seen = lengths[order] + n  # (B,) each row's keys, ascending
