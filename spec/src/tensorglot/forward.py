@@ -19,12 +19,11 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
-from array_api_compat import array_namespace, device
 
 from .cache import KVCache, visible_mask
 from .encodings import frequency_table, yarn_attention_factor
 from .frontend import HALF, FrontEnd, index_ids, shape
-from .kernels import GATES
+from .kernels import GATES, device, namespace
 from .param_layout import GATED, attention_shapes, block_norms, mlp_shapes
 from .params import TransformerConfig
 from .slot_map import row_groups
@@ -321,7 +320,7 @@ def _fold_biases(
 
 def _on_device(host: np.ndarray, like: Array) -> Array:
     """A host array (a mask, positions) as an array of ``like``'s library on its device."""
-    return array_namespace(like).asarray(host, device=device(like))
+    return namespace(like).asarray(host, device=device(like))
 
 
 def attention_names(config: TransformerConfig) -> tuple[str, ...]:

@@ -20,10 +20,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-from array_api_compat import array_namespace
 
 from . import checks
 from .backend import ArrayBackend
+from .kernels import namespace
 
 Array = Any
 HALF = ("float16", "bfloat16")
@@ -49,9 +49,9 @@ class FrontEnd:
     def __reduce__(self) -> tuple[Any, tuple[str, str]]:
         # A front end goes to another process by name (its kernels may be closures, which do not pickle):
         # there it is the same namespace of that process's own backend.
-        for namespace in ("ops", "encodings", "layers"):
-            if getattr(self._be, namespace, None) is self:
-                return _namespace_of, (self._be.name, namespace)
+        for name in ("ops", "encodings", "layers"):
+            if getattr(self._be, name, None) is self:
+                return _namespace_of, (self._be.name, name)
         raise TypeError(f"{self!r} is no namespace of its backend, so it cannot be pickled")
 
     # -- inputs -------------------------------------------------------------------------------------
@@ -167,7 +167,7 @@ def _namespace_of(backend: str, namespace: str) -> Any:
 def index_ids(ids: Array) -> Array:
     """Validated token ids as an index dtype (int32 unless int32 or int64): every library gathers with
     them, and torch would read uint8 as a bool mask."""
-    xp = array_namespace(ids)
+    xp = namespace(ids)
     return ids if ids.dtype in (xp.int32, xp.int64) else xp.astype(ids, xp.int32)
 
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from array_api_compat import array_namespace
-
 from . import checks
 from .cache import KINDS
 from .forward import _Pass
 from .frontend import shape
+from .kernels import namespace
 
 if TYPE_CHECKING:
     from .layers import Layers
@@ -34,7 +33,7 @@ def generate_inputs(layers: Layers, params: Any, config: Any, prompt: Any, max_n
 
 def greedy(logits: Array, dtype: Any) -> Array:
     """(B, 1): the argmax of each sequence's last logits, the first maximum on ties, in ``dtype``."""
-    xp = array_namespace(logits)
+    xp = namespace(logits)
     return xp.astype(xp.argmax(logits[:, -1, :], axis=-1), dtype)[:, None]
 
 
@@ -42,7 +41,7 @@ def generate(layers: Layers, params: Any, config: Any, prompt: Any, max_new_toke
     params, dtype, prompt, new = generate_inputs(layers, params, config, prompt, max_new_tokens, cache)
     if new == 0:
         return prompt
-    xp = array_namespace(prompt)
+    xp = namespace(prompt)
     if cache is None:
         p = _Pass(params, dtype, config, xp)
         out = prompt

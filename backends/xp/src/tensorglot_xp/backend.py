@@ -1,6 +1,6 @@
 """The xp backend object: the spec's front ends over kernels written only against the Array API standard.
 
-The kernels take their namespace from their inputs (``array_namespace(x)``), so one text runs on every
+The kernels take their namespace from their inputs (`tensorglot.kernels.namespace`), so one text runs on every
 namespace; the backend object only picks which one `asarray` creates (``TENSORGLOT_XP_NAMESPACE``).
 """
 
@@ -15,6 +15,7 @@ from array_api_compat import array_namespace, device, is_array_api_obj
 
 from tensorglot import checks
 from tensorglot.backend import ArrayBackend
+from tensorglot.kernels import namespace
 
 from . import encodings, flash, layers, ops
 from .plugin import CAPABILITIES, namespace_name
@@ -62,7 +63,7 @@ class XpBackend(ArrayBackend):
         return self.xp.asarray(x, dtype=self._dtypes[dtype])
 
     def native(self, x: Any, /) -> Any:
-        return x if is_array_api_obj(x) and array_namespace(x) is self.xp else self.xp.asarray(x)
+        return x if is_array_api_obj(x) and namespace(x) is self.xp else self.xp.asarray(x)
 
     def to_numpy(self, x: Any, /) -> np.ndarray:
         # DLPack is the standard's way out of a namespace; NumPy's own arrays need no exchange.

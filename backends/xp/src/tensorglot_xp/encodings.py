@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from array_api_compat import array_namespace, device
+from tensorglot.kernels import device, namespace
 
 
 def rope(x, positions, inv_freq, mscale, sign, style, r):
-    xp = array_namespace(x)
+    xp = namespace(x)
     (B, S, N, H), at = x.shape, device(x)
     positions = xp.arange(S, device=at) if positions is None else positions
     positions = positions if positions.ndim == 2 else xp.expand_dims(positions, axis=0)  # (B|1, S)

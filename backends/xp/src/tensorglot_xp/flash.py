@@ -6,9 +6,7 @@ buffer (in-place updates are optional in the standard). Tiles that causality hid
 
 from __future__ import annotations
 
-from array_api_compat import array_namespace, device
-
-from tensorglot.kernels import softcapped, visible_keys
+from tensorglot.kernels import device, namespace, softcapped, visible_keys
 
 from .ops import group_queries, grouped_mask, kv_grouped, kv_heads_first, ungroup_queries, visible
 
@@ -28,7 +26,7 @@ def _skipped(causal, window, rows, cols, S, T):
 def _grouped(q, k, v, mask, scale):
     """qg (B, K, G, S, H) carrying the scale (so dk = dSᵀ q needs no multiply), kh and vh (B, K, 1, T, H),
     and the mask broadcast (a view) to (B, K, G, S, T), so tiles slice it alike."""
-    xp, K = array_namespace(q), k.shape[2]
+    xp, K = namespace(q), k.shape[2]
     qg = group_queries(q * scale, K)
     kh, vh = kv_grouped(k), kv_grouped(v)
     if mask is not None:
@@ -38,7 +36,7 @@ def _grouped(q, k, v, mask, scale):
 
 def _scores(qg, kh, mask, causal, rows, cols, softcap, window):
     """S_ij = Q_i K_jᵀ (B, K, G, br, bc) capped, −inf where a query may not attend; and the cap's derivative."""
-    xp = array_namespace(qg)
+    xp = namespace(qg)
     S, T = qg.shape[3], kh.shape[3]
     s, dcap = softcapped(xp.matmul(qg[:, :, :, rows, :], xp.matrix_transpose(kh[:, :, :, cols, :])), softcap)
     ids = xp.arange(max(S, T), device=device(qg))
@@ -49,7 +47,7 @@ def _scores(qg, kh, mask, causal, rows, cols, softcap, window):
 
 def _forward(qg, kh, vh, mask, causal, bs, softcap=None, window=None):
     """out (B, K, G, S, H) and the log-sum-exp L (B, K, G, S), −inf for a query that sees no key."""
-    xp = array_namespace(qg)
+    xp = namespace(qg)
     S, T = qg.shape[3], kh.shape[3]
     outs, lses = [], []
     for rows in _tiles(qg.shape[3], bs):
@@ -76,7 +74,7 @@ def _forward(qg, kh, vh, mask, causal, bs, softcap=None, window=None):
 
 def _backward(qg, kh, vh, mask, causal, bs, out, lse, dyg, softcap=None, window=None):
     """(dq (B, K, G, S, H) without the scale, dk (B, K, T, H), dv (B, K, T, H)), recomputing each tile."""
-    xp = array_namespace(qg)
+    xp = namespace(qg)
     S, T = qg.shape[3], kh.shape[3]
     delta = xp.sum(dyg * out, axis=-1)  # D = rowsum(dy ⊙ O), (B, K, G, S)
     lse = xp.where(lse == -xp.inf, xp.inf, lse)  # exp(s − ∞) = 0: a query that saw nothing passes nothing

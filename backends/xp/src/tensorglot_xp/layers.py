@@ -1,32 +1,32 @@
-"""Array API kernels of the layers: see `tensorglot.kernels` (the embedding, the cross-entropy, the cache's
-write); the spec composes the transformer from them and the ops' kernels.
+"""Array API kernels of the layers (see `tensorglot.kernels`): the embedding, the cross-entropy, the cache's write.
 
-The standard has gathers (``take``, ``take_along_axis``) but no scatter: no ``add.at`` and no write at an
-int array of positions. So the scatter-add of `embedding_backward` is a one-hot product, and `cache_write`
-writes through a boolean mask (the one in-place update here; a gather where the namespace cannot mutate).
+The standard has gathers (``take``) but no scatter (no ``add.at``, no write at int positions): `embedding_backward`'s
+scatter-add is a one-hot product, and `cache_write` writes through a boolean mask (in place where it can).
 """
 
 from __future__ import annotations
 
 import math
 
-from array_api_compat import array_namespace, device, is_writeable_array
+from array_api_compat import is_writeable_array
+
+from tensorglot.kernels import device, namespace
 
 
 def _one_hot(indices, n, dtype):
     """(m,) ints → (m, n), 1 at each index."""
-    xp = array_namespace(indices)
+    xp = namespace(indices)
     return xp.astype(indices[:, None] == xp.arange(n, device=device(indices))[None, :], dtype)
 
 
 def embedding(table, tokens):
-    xp = array_namespace(table)
+    xp = namespace(table)
     rows = xp.take(table, xp.reshape(tokens, (-1,)), axis=0)  # the standard's take wants 1-D indices
     return xp.reshape(rows, (*tokens.shape, table.shape[1]))  # (B, S, D)
 
 
 def embedding_backward(dx, tokens, vocab):
-    xp = array_namespace(dx)
+    xp = namespace(dx)
     # A token read at several positions sums their rows: onehotᵀ · dx adds exactly those (each term is
     # 1·row or 0·row), at the price of a (B·S, V) matrix the scatter-add would not need.
     onehot = _one_hot(xp.reshape(tokens, (-1,)), vocab, dx.dtype)  # (B·S, V)
@@ -34,25 +34,25 @@ def embedding_backward(dx, tokens, vocab):
 
 
 def _log_normaliser(z):
-    xp = array_namespace(z)
+    xp = namespace(z)
     top = xp.max(z, axis=-1, keepdims=True)
     return top + xp.log(xp.sum(xp.exp(z - top), axis=-1, keepdims=True))  # (..., 1), max-subtracted
 
 
 def cross_entropy(logits, targets):
-    xp = array_namespace(logits)
+    xp = namespace(logits)
     picked = xp.take_along_axis(logits, targets[..., None], axis=-1)  # (B, S, 1)
     return xp.mean(_log_normaliser(logits) - picked)
 
 
 def cross_entropy_backward(logits, dloss, targets):
-    xp = array_namespace(logits)
+    xp = namespace(logits)
     onehot = xp.reshape(_one_hot(xp.reshape(targets, (-1,)), logits.shape[-1], logits.dtype), logits.shape)  # (B, S, V)
     return (xp.exp(logits - _log_normaliser(logits)) - onehot) * (dloss / math.prod(targets.shape))
 
 
 def cache_write(storage, slots, rows):
-    xp = array_namespace(storage)
+    xp = namespace(storage)
     keep = xp.arange(storage.shape[0], device=device(storage))
     hit = xp.expand_dims(slots, axis=0) == xp.expand_dims(keep, axis=1)  # (n_slots, n)
     # Slot s takes the first row i with slots[i] = s (a serving pool's idle rows share a scratch slot).

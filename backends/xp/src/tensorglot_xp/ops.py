@@ -1,17 +1,17 @@
 """Array API kernels: see the spec, `tensorglot.ops` (the front ends) and `tensorglot.kernels` (the rules).
 
-Every kernel takes its namespace from its first array (``array_namespace``) and uses only the standard's
-functions; the one gap, erf, is filled in `special`. Kernels build new arrays (the standard leaves in-place
-updates optional; JAX has none); only the cache's write, in `layers`, updates in place where it can.
+Every kernel takes its namespace from its first array (`tensorglot.kernels.namespace`) and uses only the
+standard's functions; the one gap, erf, is filled in `special`. Kernels build new arrays (in-place updates are
+optional in the standard; JAX has none); only the cache's write, in `layers`, updates in place where it can.
 """
 
 from __future__ import annotations
 
 import math
 
-from array_api_compat import array_namespace, device, is_lazy_array
+from array_api_compat import is_lazy_array
 
-from tensorglot.kernels import softcapped, visible_keys_mask
+from tensorglot.kernels import device, namespace, softcapped, visible_keys_mask
 
 from .special import erf
 
@@ -19,12 +19,12 @@ from .special import erf
 def _weight_grad(a, b):
     """``aᵀ b`` summed over every leading axis: (..., m), (..., n) → (m, n)."""
     lead = tuple(range(a.ndim - 1))
-    return array_namespace(a).tensordot(a, b, axes=(lead, lead))
+    return namespace(a).tensordot(a, b, axes=(lead, lead))
 
 
 def _mm(x, w):
     """x (..., k) @ w (k, n) as one 2-D matmul: NumPy loops a stacked one over x (1.5x slower at (B, 1, D))."""
-    xp = array_namespace(x)
+    xp = namespace(x)
     return xp.reshape(xp.matmul(xp.reshape(x, (-1, x.shape[-1])), w), (*x.shape[:-1], w.shape[-1]))
 
 
@@ -34,7 +34,7 @@ def _mm(x, w):
 def softmax(x, axis):
     if x.shape[axis] == 0:  # no key (T = 0): nothing to normalise, and max has no identity
         return x
-    xp = array_namespace(x)
+    xp = namespace(x)
     top = xp.max(x, axis=axis, keepdims=True)  # NaN anywhere makes it NaN, and so the row
     if not is_lazy_array(top) and bool(xp.all(xp.isfinite(top))):  # the usual case, in 7 arrays, not 27
         e = xp.exp(x - top)
@@ -48,7 +48,7 @@ def softmax(x, axis):
 
 
 def softmax_backward(y, dy, axis):
-    return y * (dy - array_namespace(y).sum(y * dy, axis=axis, keepdims=True))
+    return y * (dy - namespace(y).sum(y * dy, axis=axis, keepdims=True))
 
 
 # -- linear ----------------------------------------------------------------------------------------
@@ -60,7 +60,7 @@ def linear(x, w, b):
 
 
 def linear_backward(x, w, dy, bias):
-    xp = array_namespace(x)
+    xp = namespace(x)
     db = xp.sum(dy, axis=tuple(range(dy.ndim - 1))) if bias else None
     return xp.matmul(dy, xp.matrix_transpose(w)), _weight_grad(x, dy), db
 
@@ -70,7 +70,7 @@ def linear_backward(x, w, dy, bias):
 
 def _activation(h, name):
     """(act(h), () → act'(h)) of relu (act'(0) taken as 0), gelu, gelu_tanh or silu; a forward skips act'."""
-    xp = array_namespace(h)
+    xp = namespace(h)
     if name == "relu":
         return xp.maximum(h, 0.0), lambda: xp.astype(h > 0.0, h.dtype)
     if name == "gelu":
@@ -93,7 +93,7 @@ def mlp(x, w_in, w_out, activation):
 
 
 def mlp_backward(x, w_in, w_out, dy, activation):
-    xp = array_namespace(x)
+    xp = namespace(x)
     a, da = _activation(xp.matmul(x, w_in), activation)  # the pre-activation, recomputed
     dh = xp.matmul(dy, xp.matrix_transpose(w_out)) * da()  # (..., F)
     return xp.matmul(dh, xp.matrix_transpose(w_in)), _weight_grad(x, dh), _weight_grad(a, dy)
@@ -105,7 +105,7 @@ def gated_mlp(x, w_gate, w_up, w_down, activation):
 
 
 def gated_mlp_backward(x, w_gate, w_up, w_down, dy, activation):
-    xp = array_namespace(x)
+    xp = namespace(x)
     up = xp.matmul(x, w_up)  # (..., F)
     s, ds = _activation(xp.matmul(x, w_gate), activation)
     da = xp.matmul(dy, xp.matrix_transpose(w_down))
@@ -118,12 +118,12 @@ def gated_mlp_backward(x, w_gate, w_up, w_down, dy, activation):
 
 
 def _rms(x, eps):
-    xp = array_namespace(x)
+    xp = namespace(x)
     return xp.sqrt(xp.mean(x * x, axis=-1, keepdims=True) + eps)  # (..., 1)
 
 
 def rms_norm(x, weight, eps, round_to, offset=0.0):
-    xp = array_namespace(x)
+    xp = namespace(x)
     n = x / _rms(x, eps)  # a division, not a product by 1/rms: a scalar costs strict 3 arrays
     if round_to is not None:  # Llama's cast order: the normalised x is rounded to the input dtype first
         n = xp.astype(xp.astype(n, getattr(xp, round_to)), x.dtype)
@@ -131,14 +131,14 @@ def rms_norm(x, weight, eps, round_to, offset=0.0):
 
 
 def rms_norm_backward(x, weight, dy, eps, offset=0.0):
-    xp = array_namespace(x)
+    xp = namespace(x)
     r = 1.0 / _rms(x, eps)
     n, g = x * r, dy * (weight + offset if offset else weight)
     return r * (g - n * xp.mean(g * n, axis=-1, keepdims=True)), xp.sum(dy * n, axis=tuple(range(x.ndim - 1)))
 
 
 def _standardised(x, eps):
-    centred = x - array_namespace(x).mean(x, axis=-1, keepdims=True)
+    centred = x - namespace(x).mean(x, axis=-1, keepdims=True)
     r = 1.0 / _rms(centred, eps)  # (..., 1)
     return centred * r, r
 
@@ -149,7 +149,7 @@ def layer_norm(x, weight, bias, eps):
 
 
 def layer_norm_backward(x, weight, dy, eps, bias):
-    xp, (n, r), g, lead = array_namespace(x), _standardised(x, eps), dy * weight, tuple(range(x.ndim - 1))
+    xp, (n, r), g, lead = namespace(x), _standardised(x, eps), dy * weight, tuple(range(x.ndim - 1))
     dx = r * (g - xp.mean(g, axis=-1, keepdims=True) - n * xp.mean(g * n, axis=-1, keepdims=True))
     return dx, xp.sum(dy * n, axis=lead), xp.sum(dy, axis=lead) if bias else None
 
@@ -159,31 +159,31 @@ def layer_norm_backward(x, weight, dy, eps, bias):
 
 def group_queries(x, kv_heads):
     """(B, S, N, H) → (B, K, G, S, H)."""
-    (B, S, N, H), xp = x.shape, array_namespace(x)
+    (B, S, N, H), xp = x.shape, namespace(x)
     return xp.permute_dims(xp.reshape(x, (B, S, kv_heads, N // kv_heads, H)), (0, 2, 3, 1, 4))
 
 
 def ungroup_queries(x):
     """(B, K, G, S, H) → (B, S, N, H)."""
-    (B, K, G, S, H), xp = x.shape, array_namespace(x)
+    (B, K, G, S, H), xp = x.shape, namespace(x)
     return xp.reshape(xp.permute_dims(x, (0, 3, 1, 2, 4)), (B, S, K * G, H))
 
 
 def kv_heads_first(x):
     """(B, T, K, H) ↔ (B, K, T, H)."""
-    return array_namespace(x).permute_dims(x, (0, 2, 1, 3))
+    return namespace(x).permute_dims(x, (0, 2, 1, 3))
 
 
 def kv_grouped(x):
     """(B, T, K, H) → (B, K, 1, T, H), which broadcasts over the G query heads of each kv head."""
-    return array_namespace(x).expand_dims(kv_heads_first(x), axis=2)
+    return namespace(x).expand_dims(kv_heads_first(x), axis=2)
 
 
 def grouped_mask(mask, kv_heads):
     """A (B|1, N|1, S|1, T|1) mask as (B|1, K|1, G|1, S|1, T|1), so it broadcasts against grouped scores."""
     b, n, s, t = mask.shape
     shape = (b, 1, 1, s, t) if n == 1 else (b, kv_heads, n // kv_heads, s, t)
-    return array_namespace(mask).reshape(mask, shape)
+    return namespace(mask).reshape(mask, shape)
 
 
 def visible(causal, mask, rows, cols, offset, window=None):
@@ -197,7 +197,7 @@ def visible(causal, mask, rows, cols, offset, window=None):
 
 def _probs(q, k, causal, mask, scale, softcap, window):
     """qg (B, K, G, S, H) with the scale in it, the probabilities (B, K, G, S, T) and the cap's derivative."""
-    xp = array_namespace(q)
+    xp = namespace(q)
     S, T, K = q.shape[1], k.shape[1], k.shape[2]
     qg = group_queries(q * scale, K)
     scores, dcap = softcapped(xp.matmul(qg, xp.matrix_transpose(kv_grouped(k))), softcap)  # (B, K, G, S, T)
@@ -210,11 +210,11 @@ def _probs(q, k, causal, mask, scale, softcap, window):
 
 def attention(q, k, v, causal, mask, scale, softcap=None, window=None):
     _, p, _ = _probs(q, k, causal, mask, scale, softcap, window)
-    return ungroup_queries(array_namespace(q).matmul(p, kv_grouped(v)))  # (B, S, N, H)
+    return ungroup_queries(namespace(q).matmul(p, kv_grouped(v)))  # (B, S, N, H)
 
 
 def attention_backward(q, k, v, dy, causal, mask, scale, softcap=None, window=None):
-    xp = array_namespace(q)
+    xp = namespace(q)
     qg, p, dcap = _probs(q, k, causal, mask, scale, softcap, window)
     dyg = group_queries(dy, k.shape[2])  # (B, K, G, S, H)
     kh, vh = kv_grouped(k), kv_grouped(v)  # (B, K, 1, T, H)

@@ -20,14 +20,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from array_api_compat import array_namespace
+from tensorglot.kernels import namespace
 
 _SERIES_TERMS = 20
 _FRACTION_LEVELS = 200
 
 
 def erf(x: Any) -> Any:
-    xp = array_namespace(x)
+    xp = namespace(x)
     a = xp.minimum(xp.abs(x), 6.0)  # NaN stays NaN
     small, large = xp.minimum(a, 1.0), xp.maximum(a, 1.0)
     s2, series = small * small, xp.full_like(small, 1.0 / (2 * _SERIES_TERMS + 1))
