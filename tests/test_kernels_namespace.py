@@ -41,3 +41,11 @@ def test_a_traced_jax_array_and_a_float0_one_get_jaxs_namespace():
     zero = np.zeros(2, dtype=jax.dtypes.float0)  # ... but JAX's zero cotangent, an ndarray too, is JAX's
     assert array_namespace(zero) is not array_namespace(np.zeros(2))
     assert namespace(zero) is array_namespace(zero)
+
+
+@pytest.mark.parametrize("bad", [1.0, None, [1, 2]], ids=["scalar", "None", "list"])
+def test_a_non_array_raises_array_namespaces_error_and_is_not_memoised(bad):
+    with pytest.raises(TypeError, match="array"):
+        namespace(bad)
+    with pytest.raises(TypeError, match="array"):
+        namespace(bad)  # a failed lookup left nothing behind to answer from
