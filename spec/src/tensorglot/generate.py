@@ -3,6 +3,7 @@ KV cache, or the whole prefix recomputed at every step (the oracle the cache is 
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Any
 
 from . import checks
@@ -41,6 +42,12 @@ def generate(layers: Layers, params: Any, config: Any, prompt: Any, max_new_toke
     params, dtype, prompt, new = generate_inputs(layers, params, config, prompt, max_new_tokens, cache)
     if new == 0:
         return prompt
+    # every step reads every weight again: a backend may repack them for its products for this call
+    with getattr(layers._k, "inference", contextlib.nullcontext)(params):
+        return _decode(layers, params, config, prompt, new, dtype, cache)
+
+
+def _decode(layers: Layers, params: Any, config: Any, prompt: Array, new: int, dtype: Any, cache: Any) -> Array:
     xp = namespace(prompt)
     if cache is None:
         p = _Pass(params, dtype, config, xp)

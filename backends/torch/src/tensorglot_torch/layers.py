@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from ._common import kernel
+from .prepack import inference as inference
 
 
 def embedding_backward(dx, tokens, vocab):

@@ -19,6 +19,7 @@ from ._common import kernel as _kernel
 from .encodings import rope as rope
 from .flash import flash_attention as flash_attention
 from .flash import flash_attention_backward as flash_attention_backward
+from .prepack import matmul as _mm
 
 ALL = (True,) * 4  # every gradient: what the explicit backward kernels compute
 
@@ -73,7 +74,7 @@ class Linear(torch.autograd.Function):
         ctx.save_for_backward(x, w)
         ctx.bias = b is not None
         if b is None:
-            return x @ w  # (..., out); matmul folds the leading axes into one mm
+            return _mm(x, w)  # (..., out); matmul folds the leading axes into one mm
         return torch.addmm(b, _flat2d(x), w).reshape(*x.shape[:-1], w.shape[1])  # (..., out)
 
     @staticmethod
@@ -117,7 +118,7 @@ def _act_grad(h, name):
 def _mlp_saved(x, w_in, activation):
     """What the backward needs of the forward: act(h) for relu (its sign is the derivative), else the
     pre-activation h; h = x @ w_in, (M, F)."""
-    h = _flat2d(x) @ w_in  # (M, F)
+    h = _mm(_flat2d(x), w_in)  # (M, F)
     return h.relu_() if activation == "relu" else h
 
 
@@ -125,7 +126,7 @@ def _mlp(x, w_in, w_out, activation):
     """(y, saved), saved as `_mlp_saved` makes it."""
     saved = _mlp_saved(x, w_in, activation)
     a = saved if activation == "relu" else _ACT[activation](saved)
-    return (a @ w_out).reshape(*x.shape[:-1], w_out.shape[1]), saved
+    return _mm(a, w_out).reshape(*x.shape[:-1], w_out.shape[1]), saved
 
 
 def mlp_backward(x, w_in, w_out, dy, activation, saved=None, needs=ALL):
@@ -161,8 +162,8 @@ class MLP(torch.autograd.Function):
 
 def _gated(x, w_gate, w_up, w_down, activation):
     x2 = _flat2d(x)  # (M, D)
-    g, u = x2 @ w_gate, x2 @ w_up  # (M, F)
-    return (_ACT[activation](g).mul_(u) @ w_down).reshape(*x.shape[:-1], w_down.shape[1]), g, u
+    g, u = _mm(x2, w_gate), _mm(x2, w_up)  # (M, F)
+    return _mm(_ACT[activation](g).mul_(u), w_down).reshape(*x.shape[:-1], w_down.shape[1]), g, u
 
 
 def _gated_backward(x, w_gate, w_up, w_down, dy, activation, gu=None, needs=ALL):
@@ -276,18 +277,15 @@ def _blocks(S, T, causal, window):
     """(i0, i1, t0, t1): query rows [i0, i1) and the keys [t0, t1) any of them can see."""
     if not causal or S == 0:  # S = 0: one empty block, so the output is (B, 0, N, H)
         return [(0, S, 0, T)]
-    return [
-        (i0, min(S, i0 + _BLOCK), *visible_keys(i0, min(S, i0 + _BLOCK), S, T, True, window))
-        for i0 in range(0, S, _BLOCK)
-    ]
+    ends = [(i0, min(S, i0 + _BLOCK)) for i0 in range(0, S, _BLOCK)]
+    return [(i0, i1, *visible_keys(i0, i1, S, T, True, window)) for i0, i1 in ends]
 
 
 def _attention(q, k, v, causal, mask, scale, softcap=None, window=None, with_out=True):
     """(out (B, S, N, H), what the backward keeps); ``with_out=False``: only the latter (out is None), for the
     standalone backward, which needs the probabilities but not P·V."""
     B, S, N, H = q.shape
-    T, K = k.shape[1], k.shape[2]
-    G = N // K
+    T, K, G = k.shape[1], k.shape[2], N // k.shape[2]
 
     def heads(x):  # (B, L, N|K, H) → (B·N, L, H); query head h reads kv head h // G
         x = x.transpose(1, 2)  # (B, N|K, L, H)
@@ -386,12 +384,6 @@ def attention(q, k, v, causal, mask, scale, softcap=None, window=None):
     return _decode_attention(q, k, v, causal, mask, scale, softcap, window)
 
 
-def _rows(x):
-    """(B, T, K, H) → (B, T·K, H), a view when each sequence's rows are contiguous (a contiguous cache's)."""
-    B, T, K, H = x.shape
-    return x.reshape(B, T * K, H)
-
-
 def _decode_attention(q, k, v, causal, mask, scale, softcap, window):
     """A decoding step: one query per sequence sees every key (causal is bottom-right), or the last W, where
     the mask (B|1, N|1, 1, T|1) lets it (a paged pool's rows of other lengths: the general path would copy
@@ -409,7 +401,8 @@ def _decode_attention(q, k, v, causal, mask, scale, softcap, window):
         k, v = k[:, -window:], v[:, -window:]  # (B, min(W, T), K, H)
         mask = mask if mask is None or mask.shape[3] == 1 else mask[..., -window:]
     T = k.shape[1]
-    every = torch.bmm(q.reshape(B, N, H) * scale, _rows(k).transpose(1, 2))  # (B, N, T·K)
+    # (B, T·K, H) keys: a view when each sequence's rows are contiguous (a contiguous cache's)
+    every = torch.bmm(q.reshape(B, N, H) * scale, k.reshape(B, T * K, H).transpose(1, 2))  # (B, N, T·K)
     scores = every.view(B, K, G, T, K).diagonal(dim1=1, dim2=4)  # (B, G, T, K): head k·G + g against kv head k
     scores = scores.permute(0, 3, 1, 2).reshape(B, N, T)  # (B, N, T)
     if softcap is not None:
