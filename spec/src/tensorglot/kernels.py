@@ -59,6 +59,10 @@ array-API operations; these are what the array API lacks). Arrays first, int arr
     backend differentiates a scalar function of a dict of arrays with its own autograd (torch.autograd
     on fresh leaves, jax.value_and_grad). The conformance suite checks with it that autograd through
     `Layers.loss` equals the explicit `Layers.value_and_grad`.
+  * Optional: ``inference(params)``, a context manager `Layers.generate` enters around its steps (every step
+    reads every weight again, and computes no gradient). Inside it a backend may keep its products'
+    weights in a layout they read faster, and must drop those copies on exit; the results stay those of
+    the kernels above, up to rounding. Torch packs them for oneDNN (`tensorglot_torch.prepack`).
 """
 
 from __future__ import annotations
