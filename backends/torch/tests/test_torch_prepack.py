@@ -63,6 +63,14 @@ def test_the_budget_caps_the_packed_bytes(monkeypatch, mb, packed):
         assert (scope if scope is None else len(scope["packs"])) == packed
 
 
+@pytest.mark.parametrize("mb", ["lots", "-1", "1e3", "nan", "inf", ""])
+def test_a_budget_that_is_not_a_plain_number_of_mib_is_refused(monkeypatch, mb):
+    monkeypatch.setenv("TENSORGLOT_TORCH_PACK_MB", mb)
+    with pytest.raises(ValueError, match=f"TENSORGLOT_TORCH_PACK_MB must be .* got '{mb}'"):
+        prepack.inference({"w": randn(4, 4)}).__enter__()
+    assert prepack._SCOPE.get() is None
+
+
 def test_gradients_through_packed_forwards_equal_those_outside():
     w_gate, w_up, w_down = randn(16, 24), randn(16, 24, seed=1), randn(24, 16, seed=2)
     x = randn(8, 16, seed=3)

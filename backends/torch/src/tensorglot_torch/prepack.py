@@ -15,11 +15,12 @@ _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_r
 
 @contextlib.contextmanager
 def inference(params):
-    """Packs (lazily) only the given parameters' float32 CPU weights: a temporary's memory is reused, so a key
-    of its address could later name other values. At most ``TENSORGLOT_TORCH_PACK_MB`` (default 1024; 0: none)."""
-    left = float(os.environ.get("TENSORGLOT_TORCH_PACK_MB", "1024")) * 2**20
+    """Packs lazily only ``params``' CPU weights (a freed temporary's address may later hold other values)."""
+    raw = os.environ.get("TENSORGLOT_TORCH_PACK_MB", "1024").strip()
+    if not raw.replace(".", "", 1).isdigit():  # a plain decimal: no sign, exponent, inf or nan
+        raise ValueError(f"TENSORGLOT_TORCH_PACK_MB must be the MiB of packed weights >= 0 (0: none), got {raw!r}")
     own = {t.untyped_storage().data_ptr() for t in params.values() if isinstance(t, torch.Tensor) and t.is_cpu}
-    token = _SCOPE.set({"own": own, "left": left, "packs": {}} if _ONEDNN and left > 0 else None)
+    token = _SCOPE.set({"own": own, "left": float(raw) * 2**20, "packs": {}} if _ONEDNN and float(raw) else None)
     try:
         yield
     finally:
@@ -27,8 +28,7 @@ def inference(params):
 
 
 def matmul(x, w):
-    """``x @ w`` (w 2-D), over w's packed copy inside `inference`; a single row stays MKL's matrix-vector
-    product, which streams the weight faster than oneDNN (1.4x)."""
+    """``x @ w`` (w 2-D), over w's packed copy inside `inference`; one row stays MKL's faster matrix-vector product."""
     s = _SCOPE.get()
     if s is None or x.numel() == x.shape[-1] or x.dtype != torch.float32 or w.dtype != torch.float32 or not w.is_cpu:
         return x @ w
