@@ -115,7 +115,7 @@ def test_the_storage_is_made_on_the_first_write_and_contiguous_reads_are_views()
     k = np.arange(2 * 2 * 4, dtype=np.float64).reshape(2, 2, 1, 4)
     k_all, v_all = cache.update(1, k, -k)
     np.testing.assert_array_equal(v_all, -k)
-    assert [s.shape for s in cache.k] == [(10, 1, 4)] * 2  # (B·max_len, K, H) per layer
+    assert [s.shape for s in cache.k] == [(1, 10, 4)] * 2  # (K, B·max_len, H) per layer: kv-head-major
     np.testing.assert_array_equal(k_all, k)
     assert np.shares_memory(k_all, cache.k[1])
     with pytest.raises(TypeError, match="k and v have dtypes float32, float32; the cache stores float64"):
@@ -171,7 +171,7 @@ def test_read_takes_rows_as_far_as_their_longest_and_write_slots_checks_its_inpu
     cache.cancel()
     rows = np.ones((2, 2, 1, 4))
     cache.write_slots(np.array([10, 11]), rows, -rows)
-    np.testing.assert_array_equal(cache.k[1][10:12], rows[1])
+    np.testing.assert_array_equal(cache.k[1][:, 10:12], np.moveaxis(rows[1], 1, 0))  # (K, slots, H)
     with pytest.raises(ValueError, match=r"\(L, n, K, H\) for the n slots"):
         cache.write_slots(np.array([10]), rows, rows)
     with pytest.raises(ValueError, match=r"slots must be in \[0, 24\)"):

@@ -18,11 +18,11 @@ RNG = np.random.default_rng(0)
 
 
 def _case(slots):
-    storage = RNG.standard_normal((SLOTS, K, H)).astype(np.float32)
-    rows = RNG.standard_normal((len(slots), K, H)).astype(np.float32)
+    storage = RNG.standard_normal((K, SLOTS, H)).astype(np.float32)  # kv-head-major, as the cache's
+    rows = RNG.standard_normal((K, len(slots), H)).astype(np.float32)
     expected = storage.copy()
     # NumPy's scatter: row i lands at slots[i], the last of a repeated slot's rows wins; reversed, the first
-    expected[np.asarray(slots)[::-1]] = rows[::-1]
+    expected[:, np.asarray(slots)[::-1]] = rows[:, ::-1]
     return storage, np.asarray(slots, dtype=np.int64), rows, expected
 
 
@@ -38,8 +38,8 @@ def test_a_writable_namespace_is_written_in_place(library, slots):
     wrap = (lambda a: a) if library == "numpy" else array_api_strict.asarray
     s = wrap(storage)
     out = cache_write(s, wrap(idx), wrap(rows))
-    assert out is s  # the same array, not a copy of every slot
     np.testing.assert_array_equal(np.asarray(out), expected)
+    np.testing.assert_array_equal(np.asarray(s), expected)  # written in place, not a copy of every slot
 
 
 @pytest.mark.parametrize("slots", CASES)
@@ -59,3 +59,19 @@ def test_jax_arrays_take_the_gather():
     storage, idx, rows, expected = _case([17, 2, 9, 0])
     out = cache_write(jnp.asarray(storage), jnp.asarray(idx), jnp.asarray(rows))
     np.testing.assert_array_equal(np.asarray(out), expected)
+
+
+def test_the_plan_made_for_one_slots_array_serves_its_step_only():
+    # A step writes every layer's keys and values at one slots array, so its plan is kept for that array;
+    # the next step's slots (a new array, equal length) must not reuse it.
+    (k, idx, rows, want_k), (v, _, rows_v, _) = _case([3, 4, 5, 11]), _case([3, 4, 5, 11])
+    want_v = v.copy()
+    want_v[:, idx] = rows_v
+    cache_write(k, idx, rows)
+    cache_write(v, idx, rows_v)
+    np.testing.assert_array_equal(k, want_k)
+    np.testing.assert_array_equal(v, want_v)
+    nxt = np.array([6, 7, 8, 12])
+    cache_write(k, nxt, -rows)
+    want_k[:, nxt] = -rows
+    np.testing.assert_array_equal(k, want_k)

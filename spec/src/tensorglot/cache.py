@@ -21,18 +21,25 @@ iff ``j <= lengths()[b] + i``, lengths taken before the step (bottom-right causa
 `visible_mask`); then ``c.advance(S)``.
 
 Layouts:
-  * ``contiguous``: per layer, storage (B, max_len, K, H); token p of sequence b lives at [b, p].
+  * ``contiguous``: per layer, storage (K, B, max_len, H); token p of sequence b lives at [:, b, p].
   * ``paged`` (vLLM's PagedAttention, arXiv:2309.06180): per layer, a pool of ``num_blocks`` blocks of
-    (block_size, K, H); each sequence has a block table (a list of block ids) and a shared free list
+    (K, block_size, H); each sequence has a block table (a list of block ids) and a shared free list
     hands blocks out as sequences grow. Token p of sequence b lives in block
     ``table[b][p // block_size]`` at offset ``p % block_size``. `free` (a sequence ended) returns its
     blocks to the free list; after a batch finishes and every sequence is freed, no block is leaked.
 
 The spec keeps the bookkeeping (lengths, block tables, the free list, the capacity check, each token's
-slot: `SlotMap`, `PagedSlotMap`) and the storage, per layer one (slots, K, H) array made with the array
+slot: `SlotMap`, `PagedSlotMap`) and the storage, per layer one (K, slots, H) array made with the array
 API's ``zeros`` and read with ``take``. The backend writes one kernel, ``cache_write(storage, slots,
 rows) -> storage`` (in place on NumPy, torch and xp's writable namespaces, ``.at[].set`` on JAX): the array
 API has no write at integer positions.
+
+The storage is kv-head-major, (K, slots, H), though `read` returns (B, T, K, H) (a view of it): the G
+query heads that share kv head k then meet one contiguous (T, H) block of keys per sequence, which a
+kernel takes back as a view, (K·B, T, H), with no copy and no G-fold product. (B, T, K, H) storage
+interleaves the K heads in each row, so a kernel either copies every key each step or multiplies each query
+head against all K kv heads: torch's decoding step measured 2–5× slower that way at Llama's N = 32, K = 8,
+H = 128 (T = 512–2048; `docs/layers.md`).
 
 >>> import numpy as np, tensorglot
 >>> cfg = tensorglot.TransformerConfig(vocab_size=16, d_model=8, n_layers=1, n_heads=2, n_kv_heads=1,
@@ -70,7 +77,7 @@ Array = Any
 
 
 class KVCache:
-    """The KV cache of one backend: a `SlotMap` for the bookkeeping, per layer a (slots, K, H) array.
+    """The KV cache of one backend: a `SlotMap` for the bookkeeping, per layer a (K, slots, H) array.
 
     Made by ``backend.layers.kv_cache`` (`kv_cache`). Attributes: ``kind``, ``batch`` (B), ``max_len``,
     ``n_layers``, ``n_kv_heads`` (K), ``head_dim`` (H), ``dtype`` (the storage dtype's name) and
@@ -131,7 +138,7 @@ class KVCache:
         xp = self._xp
         if self._write is None:  # the same slots for every layer of a step
             self._write = xp.asarray(self.map.slots().reshape(-1), device=device(self.k[0]))  # (B·n,)
-        self._store(layer, self._write, xp.reshape(k, (B * n, K, H)), xp.reshape(v, (B * n, K, H)))
+        self._store(layer, self._write, *(xp.reshape(x, (B * n, K, H)) for x in (k, v)))
 
     def read(self, layer: int, rows: np.ndarray | None = None, /) -> tuple[Array, Array]:
         """Layer ``layer``'s stored keys and values of sequences ``rows`` (NumPy ints; None: every one, in
@@ -155,13 +162,12 @@ class KVCache:
             self._reads[key] = (at, T)
         at, T = self._reads[key]
         xp, R, K, H = self._xp, self.batch if rows is None else len(rows), self.n_kv_heads, self.head_dim
-        if at is None:  # contiguous: slot b·max_len + p is [b, p], so a reshape (a view) reads it
-            view = (R, self.max_len, K, H)
-            return xp.reshape(self.k[layer], view)[:, :T, ...], xp.reshape(self.v[layer], view)[:, :T, ...]
-        return (
-            xp.reshape(xp.take(self.k[layer], at, axis=0), (R, T, K, H)),
-            xp.reshape(xp.take(self.v[layer], at, axis=0), (R, T, K, H)),
-        )
+        if at is None:  # contiguous: slot b·max_len + p is [:, b, p], so a reshape (a view) reads it
+            kv = (xp.reshape(s[layer], (K, R, self.max_len, H))[:, :, :T, :] for s in (self.k, self.v))
+        else:
+            kv = (xp.reshape(xp.take(s[layer], at, axis=1), (K, R, T, H)) for s in (self.k, self.v))
+        k, v = (xp.permute_dims(x, (1, 2, 0, 3)) for x in kv)  # (K, R, T, H) → (R, T, K, H), a view
+        return k, v
 
     def write_slots(self, slots: np.ndarray, k: Array, v: Array, /) -> None:
         """Write keys and values of every layer, (L, n, K, H), at storage slots ``slots`` ((n,) NumPy
@@ -192,9 +198,10 @@ class KVCache:
             raise TypeError(f"{fn}: k and v are on {be.device(k)}, {be.device(v)}; the cache is on {self.device}")
 
     def _store(self, layer: int, at: Array, k: Array, v: Array) -> None:
-        cache_write = self._be.kernels.cache_write
-        self.k[layer] = cache_write(self.k[layer], at, k)
-        self.v[layer] = cache_write(self.v[layer], at, v)
+        """Write (n, K, H) rows at slots ``at``: the kernel takes them kv-head-major, (K, n, H)."""
+        cache_write, xp = self._be.kernels.cache_write, self._xp
+        self.k[layer] = cache_write(self.k[layer], at, xp.permute_dims(k, (1, 0, 2)))
+        self.v[layer] = cache_write(self.v[layer], at, xp.permute_dims(v, (1, 0, 2)))
 
     def _forget(self) -> None:
         """The step's indices change with the lengths: made again by the next `write` or `read`."""
@@ -204,7 +211,7 @@ class KVCache:
         """Make the storage, zeros of ``like``'s library, dtype and device. `update` calls it on its first
         write, so a cache is made where the model runs."""
         self._xp, self.device = array_namespace(like), self._be.device(like)
-        rows = (self.map.num_slots, self.n_kv_heads, self.head_dim)  # (slots, K, H)
+        rows = (self.n_kv_heads, self.map.num_slots, self.head_dim)  # (K, slots, H)
         self.k = [self._xp.zeros(rows, dtype=like.dtype, device=device(like)) for _ in range(self.n_layers)]
         self.v = [self._xp.zeros(rows, dtype=like.dtype, device=device(like)) for _ in range(self.n_layers)]
 

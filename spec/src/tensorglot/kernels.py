@@ -49,11 +49,11 @@ array-API operations; these are what the array API lacks). Arrays first, int arr
   * ``cross_entropy(logits, targets)``: the 0-d mean over (B, S) of ``lse(logits) − logits[target]``,
     the log-sum-exp max-subtracted. ``cross_entropy_backward(logits, dloss, targets)``: ``(softmax(logits)
     − onehot(targets)) · dloss / (B·S)``; ``dloss`` is a 0-d array.
-  * ``cache_write(storage, slots, rows) -> storage``: rows (n, K, H) written at the int (n,) slots of a
-    cache's (slots, K, H) storage, and the storage returned: the same array written in place (NumPy, xp
-    where the namespace can write, torch, which writes detached rows: a cache holds no autograd graph) or
-    a new one (JAX's ``.at[].set``). A slot may repeat (a serving pool's idle rows share a scratch block);
-    which of its rows it then holds is unspecified.
+  * ``cache_write(storage, slots, rows) -> storage``: rows (K, n, H) written at the int (n,) slots of a
+    cache's kv-head-major (K, slots, H) storage (``storage[:, slots[i]] = rows[:, i]``), and the storage
+    returned: the same array written in place (NumPy, xp where the namespace can write, torch, which
+    writes detached rows: a cache holds no autograd graph) or a new one (JAX's ``.at[].set``). A slot may
+    repeat (a serving pool's idle rows share a scratch block); which of its rows it then holds is unspecified.
     A `tensorglot.cache.KVCache` allocates and reads its storage itself with the array API.
   * With the ``grad`` capability, ``autograd_value_and_grad(fn, params) -> (value, grads)``: how the
     backend differentiates a scalar function of a dict of arrays with its own autograd (torch.autograd
@@ -69,7 +69,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from array_api_compat import array_namespace
+from array_api_compat import array_namespace, is_lazy_array
 from array_api_compat import device as device  # re-exported: with `namespace`, what a standard kernel asks of an array
 
 _NAMESPACES: dict[type, Any] = {}
@@ -88,6 +88,21 @@ def namespace(x: Any) -> Any:
         if not void:
             _NAMESPACES[type(x)] = xp
     return xp
+
+
+_EAGER: set[type] = set()
+
+
+def is_lazy(x: Any) -> bool:
+    """``array_api_compat.is_lazy_array(x)``, remembered for a type it found eager. For a type it does not
+    know (array_api_strict's) it reads one element, 4 arrays and ~50 µs a call, asked by every softmax;
+    an eager array type stays eager. A lazy answer is asked again (JAX's is by class, and cheap)."""
+    if type(x) in _EAGER:
+        return False
+    if is_lazy_array(x):
+        return True
+    _EAGER.add(type(x))
+    return False
 
 
 #: The blockwise attention pair, provided only with the "flash" capability.

@@ -214,7 +214,7 @@ class Layers(Forward):
         r"""An empty KV cache for ``batch`` sequences of up to ``max_len`` tokens (see `tensorglot.cache`).
 
         Args:
-            kind: ``contiguous`` ((B, max_len, K, H) per layer) or ``paged``.
+            kind: ``contiguous`` ((K, B·max_len, H) per layer) or ``paged``.
             block_size: tokens per block (paged).  num_blocks: the pool's size (paged), default enough
             for every sequence to reach ``max_len``: ``batch · ceil(max_len / block_size)``.
             dtype: the storage dtype; it must be the parameters' dtype.

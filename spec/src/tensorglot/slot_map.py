@@ -23,8 +23,9 @@ BLOCK_SIZE = 16
 class SlotMap:
     """Lengths, the capacity check and token slots of a contiguous cache, for any backend.
 
-    Storage is viewed as ``num_slots = batch · max_len`` rows of (K, H): token p of sequence b is slot
-    ``b · max_len + p``, so a (B, max_len, K, H) array reshaped to (B·max_len, K, H) is indexed by it.
+    Storage is viewed as ``num_slots = batch · max_len`` slots of (K, H): token p of sequence b is slot
+    ``b · max_len + p``, so a (K, B·max_len, H) array (the cache's) reshaped to (K, B, max_len, H) is
+    indexed by it.
     """
 
     kind = "contiguous"
@@ -101,7 +102,7 @@ class SlotMap:
 class PagedSlotMap(SlotMap):
     """Block tables and a free list over a pool of ``num_blocks`` blocks of ``block_size`` tokens.
 
-    Storage is viewed as ``num_slots = num_blocks · block_size`` rows of (K, H); token p of sequence b
+    Storage is viewed as ``num_slots = num_blocks · block_size`` slots of (K, H); token p of sequence b
     is slot ``table[b][p // block_size] · block_size + p % block_size``. The free list hands out the
     lowest-numbered free block first, so the same calls give the same tables on every backend.
     """

@@ -18,7 +18,7 @@ from .frontend import shape
 
 class StaticCache:
     """``write`` is the backend's ``cache_write`` kernel; ``k``, ``v`` one storage array per layer,
-    (slots, K, H); ``lengths`` (B,) the tokens each sequence holds."""
+    (K, slots, H) as the `KVCache`'s; ``lengths`` (B,) the tokens each sequence holds."""
 
     def __init__(self, write: Any, kind: str, table: Any, k: list, v: list, lengths: Any) -> None:
         self.write, self.kind, self.table = write, kind, table  # table (B, L): the slot of each position
@@ -40,10 +40,12 @@ class StaticCache:
         L = shape(self.table)[1]
         positions = self._lengths[:, None] + xp.arange(n, dtype=self._lengths.dtype)  # (B, n)
         slots = xp.reshape(xp.take_along_axis(self.table, positions, axis=1), (-1,))  # (B·n,)
-        self.k[layer] = self.write(self.k[layer], slots, xp.reshape(k, (B * n, K, H)))
-        self.v[layer] = self.write(self.v[layer], slots, xp.reshape(v, (B * n, K, H)))
+        rows = (xp.permute_dims(xp.reshape(x, (B * n, K, H)), (1, 0, 2)) for x in (k, v))  # (K, B·n, H)
+        self.k[layer], self.v[layer] = (self.write(s[layer], slots, r) for s, r in zip((self.k, self.v), rows))
         if self.kind == "contiguous":  # slot b·L + p: a reshape reads it
-            return xp.reshape(self.k[layer], (B, L, K, H)), xp.reshape(self.v[layer], (B, L, K, H))
-        every = xp.reshape(self.table, (-1,))
-        k_all, v_all = (xp.reshape(xp.take(s[layer], every, axis=0), (B, L, K, H)) for s in (self.k, self.v))
+            kv = (xp.reshape(s[layer], (K, B, L, H)) for s in (self.k, self.v))
+        else:
+            every = xp.reshape(self.table, (-1,))
+            kv = (xp.reshape(xp.take(s[layer], every, axis=1), (K, B, L, H)) for s in (self.k, self.v))
+        k_all, v_all = (xp.permute_dims(x, (1, 2, 0, 3)) for x in kv)  # (B, L, K, H)
         return k_all, v_all

@@ -90,7 +90,7 @@ def _generate(layers, params, prompt, *, config, new, kind):
     slot_map = make_slot_map(kind, B, L, block_size=BLOCK_SIZE)
     slot_map.reserve(L)  # every block now, in the spec's order: the slot of each position is static
     table = jnp.asarray(slot_map.gather(L), jnp.int32)  # (B, L)
-    rows = (slot_map.num_slots, config.n_kv_heads, config.head_dim)  # (slots, K, H)
+    rows = (config.n_kv_heads, slot_map.num_slots, config.head_dim)  # (K, slots, H), as the KVCache's
     storage = [jnp.zeros(rows, params["embed"].dtype) for _ in range(config.n_layers)]
 
     def step(tokens, ks, vs, lengths):

@@ -47,7 +47,7 @@ cross_entropy = vjp_kernel(_cross_entropy, _cross_entropy_bwd, ())
 
 @partial(jax.jit, donate_argnums=0)  # the old storage's buffer is reused: a write costs its rows, not a copy
 def cache_write(storage, slots, rows):
-    return storage.at[slots].set(rows)  # a new array (JAX's are immutable); the cache keeps only it
+    return storage.at[:, slots].set(rows)  # a new array (JAX's are immutable); the cache keeps only it
 
 
 def autograd_value_and_grad(fn, params):

@@ -33,5 +33,5 @@ def cross_entropy_backward(logits, dloss, targets):
 
 
 def cache_write(storage, slots, rows):
-    storage[slots] = rows
+    storage[:, slots] = rows
     return storage

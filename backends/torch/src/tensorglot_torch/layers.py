@@ -57,7 +57,7 @@ cross_entropy = kernel(CrossEntropy)
 
 def cache_write(storage, slots, rows):
     # A cache is for inference: it keeps detached rows, so no autograd graph spans decoding steps.
-    return storage.index_copy_(0, slots, rows.detach())
+    return storage.index_copy_(1, slots, rows.detach())
 
 
 def autograd_value_and_grad(fn, params):

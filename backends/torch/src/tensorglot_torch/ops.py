@@ -389,10 +389,9 @@ def _decode_attention(q, k, v, causal, mask, scale, softcap, window):
     the mask (B|1, N|1, 1, T|1) lets it (a paged pool's rows of other lengths: the general path would copy
     every key G-fold by head, most of such a step's time).
 
-    A cache's keys are (B, T, K, H) with each sequence's T·K rows contiguous: laying them out by kv head
-    (B, K, T, H) would copy all of them every step, which costs more than the step's products. So each query
-    head meets every kv head's keys in one product per sequence, (N, H) · (T·K, H)ᵀ, and keeps its own head's
-    scores (head n reads kv head n // G), the K-fold products being cheaper than the copy; likewise for values.
+    A cache's keys arrive as a (B, T, K, H) view of its kv-head-major storage (K, slots, H), so as (K·B, T, H)
+    they are a view too: the G query heads of kv head k meet its keys of each sequence in one product,
+    (G, H) · (H, T), and no key is copied or read G times. Keys of another layout are copied once.
     """
     B, _, N, H = q.shape
     K = k.shape[2]
@@ -401,14 +400,14 @@ def _decode_attention(q, k, v, causal, mask, scale, softcap, window):
         k, v = k[:, -window:], v[:, -window:]  # (B, min(W, T), K, H)
         mask = mask if mask is None or mask.shape[3] == 1 else mask[..., -window:]
     T = k.shape[1]
-    # (B, T·K, H) keys: a view when each sequence's rows are contiguous (a contiguous cache's)
-    every = torch.bmm(q.reshape(B, N, H) * scale, k.reshape(B, T * K, H).transpose(1, 2))  # (B, N, T·K)
-    scores = every.view(B, K, G, T, K).diagonal(dim1=1, dim2=4)  # (B, G, T, K): head k·G + g against kv head k
-    scores = scores.permute(0, 3, 1, 2).reshape(B, N, T)  # (B, N, T)
+    kh, vh = (x.permute(2, 0, 1, 3).reshape(K * B, T, H) for x in (k, v))  # (K·B, T, H)
+    qh = q.reshape(B, K, G, H).transpose(0, 1).reshape(K * B, G, H) * scale  # (K·B, G, H)
+    scores = torch.bmm(qh, kh.transpose(1, 2))  # (K·B, G, T)
     if softcap is not None:
         scores = scores.div_(softcap).tanh_().mul_(softcap)
-    if mask is not None:
-        scores = scores.masked_fill(~mask[:, :, 0], -math.inf)  # (B|1, N|1, T|1) against (B, N, T)
-    p = _softmax(scores, -1)
-    out = torch.bmm(p, v.reshape(B, T, K * H)).view(B, K, G, K, H)  # every head's p against every kv head
-    return out.diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2).reshape(B, 1, N, H)  # (B, G, H, K) → (B, 1, N, H)
+    if mask is not None:  # (B|1, N|1, T|1) as (K|1, B|1, G|1, T|1) against (K, B, G, T)
+        b, n, t = mask.shape[0], mask.shape[1], mask.shape[3]
+        m = mask[:, :, 0].reshape(b, K if n > 1 else 1, G if n > 1 else 1, t).transpose(0, 1)
+        scores = scores.view(K, B, G, T).masked_fill(~m, -math.inf).view(K * B, G, T)
+    out = torch.bmm(_softmax(scores, -1), vh)  # (K·B, G, H)
+    return out.view(K, B, G, H).transpose(0, 1).reshape(B, 1, N, H)

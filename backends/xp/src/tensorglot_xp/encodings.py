@@ -6,8 +6,7 @@ from tensorglot.kernels import device, namespace
 
 
 def rope(x, positions, inv_freq, mscale, sign, style, r):
-    xp = namespace(x)
-    (B, S, N, H), at = x.shape, device(x)
+    xp, (B, S, N, H), at = namespace(x), x.shape, device(x)
     positions = xp.arange(S, device=at) if positions is None else positions
     positions = positions if positions.ndim == 2 else xp.expand_dims(positions, axis=0)  # (B|1, S)
     freq = xp.asarray(inv_freq, dtype=xp.float32, device=at)  # (r/2,), a NumPy table from the spec

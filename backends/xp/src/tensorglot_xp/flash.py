@@ -28,10 +28,9 @@ def _grouped(q, k, v, mask, scale):
     and the mask broadcast (a view) to (B, K, G, S, T), so tiles slice it alike."""
     xp, K = namespace(q), k.shape[2]
     qg = group_queries(q * scale, K)
-    kh, vh = kv_grouped(k), kv_grouped(v)
     if mask is not None:
         mask = xp.broadcast_to(grouped_mask(mask, K), (*qg.shape[:4], k.shape[1]))
-    return qg, kh, vh, mask
+    return qg, kv_grouped(k), kv_grouped(v), mask
 
 
 def _scores(qg, kh, mask, causal, rows, cols, softcap, window):
@@ -80,7 +79,7 @@ def _backward(qg, kh, vh, mask, causal, bs, out, lse, dyg, softcap=None, window=
     lse = xp.where(lse == -xp.inf, xp.inf, lse)  # exp(s − ∞) = 0: a query that saw nothing passes nothing
     row_tiles = _tiles(qg.shape[3], bs)
     dq = [xp.zeros_like(qg[:, :, :, rows, :]) for rows in row_tiles]
-    dks, dvs = [], []
+    grads = []  # (dk, dv) of each key tile
     for cols in _tiles(kh.shape[3], bs):
         kj, vj = kh[:, :, :, cols, :], vh[:, :, :, cols, :]  # (B, K, 1, bc, H)
         dk = dv = xp.zeros_like(kj[:, :, 0, ...])  # (B, K, bc, H)
@@ -96,9 +95,8 @@ def _backward(qg, kh, vh, mask, causal, bs, out, lse, dyg, softcap=None, window=
             # The G query heads of a kv head add up; qi carries the scale.
             dk = dk + xp.sum(xp.matmul(xp.matrix_transpose(ds), qi), axis=2)
             dv = dv + xp.sum(xp.matmul(xp.matrix_transpose(p), dyi), axis=2)
-        dks.append(dk)
-        dvs.append(dv)
-    return xp.concat(dq, axis=3), xp.concat(dks, axis=2), xp.concat(dvs, axis=2)
+        grads.append((dk, dv))
+    return xp.concat(dq, axis=3), *(xp.concat(g, axis=2) for g in zip(*grads))
 
 
 def flash_attention(q, k, v, causal, mask, scale, block_size, softcap=None, window=None):
@@ -109,6 +107,5 @@ def flash_attention(q, k, v, causal, mask, scale, block_size, softcap=None, wind
 def flash_attention_backward(q, k, v, dy, causal, mask, scale, block_size, softcap=None, window=None):
     qg, kh, vh, mg = _grouped(q, k, v, mask, scale)
     out, lse = _forward(qg, kh, vh, mg, causal, block_size, softcap, window)
-    dyg = group_queries(dy, k.shape[2])
-    dq, dk, dv = _backward(qg, kh, vh, mg, causal, block_size, out, lse, dyg, softcap, window)
+    dq, dk, dv = _backward(qg, kh, vh, mg, causal, block_size, out, lse, group_queries(dy, k.shape[2]), softcap, window)
     return ungroup_queries(dq * scale), kv_heads_first(dk), kv_heads_first(dv)

@@ -51,13 +51,22 @@ def cross_entropy_backward(logits, dloss, targets):
     return (xp.exp(logits - _log_normaliser(logits)) - onehot) * (dloss / math.prod(targets.shape))
 
 
+_LAST: list = [(None, None)]  # the last write's slots and plan: a step writes every layer's k and v at the same slots
+
+
 def cache_write(storage, slots, rows):
-    xp = namespace(storage)
-    keep = xp.arange(storage.shape[0], device=device(storage))
-    hit = xp.expand_dims(slots, axis=0) == xp.expand_dims(keep, axis=1)  # (n_slots, n)
-    # Slot s takes the first row i with slots[i] = s (a serving pool's idle rows share a scratch slot).
-    written, first = xp.any(hit, axis=1), xp.argmax(xp.astype(hit, xp.int32), axis=1)  # (n_slots,) each
-    if is_writeable_array(storage):  # the standard's masked write, no copy (JAX cannot: a gather of every slot)
-        storage[written] = xp.take(rows, first[written], axis=0)
-        return storage
-    return xp.take(xp.concat((storage, rows), axis=0), xp.where(written, storage.shape[0] + first, keep), axis=0)
+    (K, S, H), n, xp, at, (last, plan) = storage.shape, slots.shape[0], namespace(storage), device(storage), _LAST[0]
+    if last is not slots or plan[0].shape[0] != K * S:  # so made once a step, not twice a layer
+        hit = xp.expand_dims(slots, axis=0) == xp.expand_dims(xp.arange(S, device=at), axis=1)  # (S, n)
+        # Slot s takes row first[s], the first i with slots[i] = s (a serving pool's idle rows share a scratch slot)
+        written, first = xp.any(hit, axis=1), xp.argmax(xp.astype(hit, xp.int32), axis=1)  # (S,) each
+        source = xp.reshape(xp.expand_dims(xp.arange(K, device=at) * n, axis=1) + first, (-1,))  # k·n + first[s]
+        written = xp.reshape(xp.broadcast_to(written, (K, S)), (-1,))  # over K·S flat rows: a mask is a sole index
+        plan = written, source, source[written] if is_writeable_array(storage) else None
+        _LAST[0] = slots, plan
+    (written, source, taken), out, rows = plan, xp.reshape(storage, (K * S, H)), xp.reshape(rows, (K * n, H))
+    if taken is None:  # JAX's cannot be written: a gather of every slot
+        out = xp.take(xp.concat((out, rows)), xp.where(written, K * S + source, xp.arange(K * S, device=at)), axis=0)
+    else:  # the standard's masked write, in place
+        out[written] = xp.take(rows, taken, axis=0)
+    return xp.reshape(out, (K, S, H))

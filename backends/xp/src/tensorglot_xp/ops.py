@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import math
 
-from array_api_compat import is_lazy_array
-
-from tensorglot.kernels import device, namespace, softcapped, visible_keys_mask
+from tensorglot.kernels import device, is_lazy, namespace, softcapped, visible_keys_mask
 
 from .special import erf
 
@@ -36,7 +34,7 @@ def softmax(x, axis):
         return x
     xp = namespace(x)
     top = xp.max(x, axis=axis, keepdims=True)  # NaN anywhere makes it NaN, and so the row
-    if not is_lazy_array(top) and bool(xp.all(xp.isfinite(top))):  # the usual case, in 7 arrays, not 27
+    if not is_lazy(top) and bool(xp.all(xp.isfinite(top))):  # the usual case, in 7 arrays, not 27
         e = xp.exp(x - top)
         return e / xp.sum(e, axis=axis, keepdims=True)  # the same bits as below: each row's total is >= 1
     # A +inf maximum: the limit weighs the +inf entries alike (exp(0)) and the rest 0 (exp(−inf)).
@@ -182,8 +180,7 @@ def kv_grouped(x):
 def grouped_mask(mask, kv_heads):
     """A (B|1, N|1, S|1, T|1) mask as (B|1, K|1, G|1, S|1, T|1), so it broadcasts against grouped scores."""
     b, n, s, t = mask.shape
-    shape = (b, 1, 1, s, t) if n == 1 else (b, kv_heads, n // kv_heads, s, t)
-    return namespace(mask).reshape(mask, shape)
+    return namespace(mask).reshape(mask, (b, 1, 1, s, t) if n == 1 else (b, kv_heads, n // kv_heads, s, t))
 
 
 def visible(causal, mask, rows, cols, offset, window=None):
@@ -217,11 +214,10 @@ def attention_backward(q, k, v, dy, causal, mask, scale, softcap=None, window=No
     xp = namespace(q)
     qg, p, dcap = _probs(q, k, causal, mask, scale, softcap, window)
     dyg = group_queries(dy, k.shape[2])  # (B, K, G, S, H)
-    kh, vh = kv_grouped(k), kv_grouped(v)  # (B, K, 1, T, H)
     dv = xp.sum(xp.matmul(xp.matrix_transpose(p), dyg), axis=2)  # (B, K, T, H): the G heads of a kv head add up
-    ds = softmax_backward(p, xp.matmul(dyg, xp.matrix_transpose(vh)), -1)  # (B, K, G, S, T)
+    ds = softmax_backward(p, xp.matmul(dyg, xp.matrix_transpose(kv_grouped(v))), -1)  # (B, K, G, S, T)
     if dcap is not None:
         ds = ds * dcap  # through the cap to the raw scores
-    dq = xp.matmul(ds, kh) * scale
+    dq = xp.matmul(ds, kv_grouped(k)) * scale
     dk = xp.sum(xp.matmul(xp.matrix_transpose(ds), qg), axis=2)  # qg carries the scale
     return ungroup_queries(dq), kv_heads_first(dk), kv_heads_first(dv)
