@@ -180,3 +180,18 @@ def test_read_takes_rows_as_far_as_their_longest_and_write_slots_checks_its_inpu
         cache.write_slots(np.array(10), rows[:, :1], rows[:, :1])
     with pytest.raises(TypeError, match="the cache stores float64"):
         cache.write_slots(np.array([10, 11]), rows.astype(np.float32), rows.astype(np.float32))
+
+
+def test_kernels_is_lazy_answers_as_array_api_compat_and_keeps_only_eager_types():
+    import array_api_strict
+    from array_api_compat import is_lazy_array
+
+    from tensorglot import kernels
+
+    a = array_api_strict.asarray([1.0, 2.0])
+    assert kernels.is_lazy(a) is False and kernels.is_lazy(a) is False  # the probe's answer, then the memo's
+    assert is_lazy_array(a) is False
+    assert type(a) in kernels._EAGER
+    jnp = pytest.importorskip("jax.numpy", reason="JAX is not installed: the lazy array type")
+    j = jnp.asarray([1.0])
+    assert kernels.is_lazy(j) is True and type(j) not in kernels._EAGER

@@ -39,7 +39,8 @@ query heads that share kv head k then meet one contiguous (T, H) block of keys p
 kernel takes back as a view, (K·B, T, H), with no copy and no G-fold product. (B, T, K, H) storage
 interleaves the K heads in each row, so a kernel either copies every key each step or multiplies each query
 head against all K kv heads: torch's decoding step measured 2–5× slower that way at Llama's N = 32, K = 8,
-H = 128 (T = 512–2048; `docs/layers.md`).
+H = 128 (T = 512–2048; `docs/torch.md`). `kv_head_major` and `kv_head_inner` are the two conversions,
+for `KVCache` and `tensorglot.static_cache.StaticCache` alike.
 
 >>> import numpy as np, tensorglot
 >>> cfg = tensorglot.TransformerConfig(vocab_size=16, d_model=8, n_layers=1, n_heads=2, n_kv_heads=1,
@@ -71,6 +72,19 @@ from .slot_map import make_slot_map as make_slot_map
 from .slot_map import visible_mask as visible_mask
 
 Array = Any
+
+
+# -- the storage layout ----------------------------------------------------------------------------
+
+
+def kv_head_major(xp: Any, rows: Array) -> Array:
+    """(n, K, H) rows to write as the storage holds them, (K, n, H): what ``cache_write`` takes."""
+    return xp.permute_dims(rows, (1, 0, 2))
+
+
+def kv_head_inner(xp: Any, stored: Array) -> Array:
+    """(K, R, T, H) read from the storage as `KVCache.read` returns it, (R, T, K, H): a view."""
+    return xp.permute_dims(stored, (1, 2, 0, 3))
 
 
 # -- the cache -------------------------------------------------------------------------------------
@@ -166,7 +180,7 @@ class KVCache:
             kv = (xp.reshape(s[layer], (K, R, self.max_len, H))[:, :, :T, :] for s in (self.k, self.v))
         else:
             kv = (xp.reshape(xp.take(s[layer], at, axis=1), (K, R, T, H)) for s in (self.k, self.v))
-        k, v = (xp.permute_dims(x, (1, 2, 0, 3)) for x in kv)  # (K, R, T, H) → (R, T, K, H), a view
+        k, v = (kv_head_inner(xp, x) for x in kv)
         return k, v
 
     def write_slots(self, slots: np.ndarray, k: Array, v: Array, /) -> None:
@@ -200,8 +214,8 @@ class KVCache:
     def _store(self, layer: int, at: Array, k: Array, v: Array) -> None:
         """Write (n, K, H) rows at slots ``at``: the kernel takes them kv-head-major, (K, n, H)."""
         cache_write, xp = self._be.kernels.cache_write, self._xp
-        self.k[layer] = cache_write(self.k[layer], at, xp.permute_dims(k, (1, 0, 2)))
-        self.v[layer] = cache_write(self.v[layer], at, xp.permute_dims(v, (1, 0, 2)))
+        self.k[layer] = cache_write(self.k[layer], at, kv_head_major(xp, k))
+        self.v[layer] = cache_write(self.v[layer], at, kv_head_major(xp, v))
 
     def _forget(self) -> None:
         """The step's indices change with the lengths: made again by the next `write` or `read`."""

@@ -13,6 +13,7 @@ from typing import Any
 
 from array_api_compat import array_namespace
 
+from .cache import kv_head_inner, kv_head_major
 from .frontend import shape
 
 
@@ -40,12 +41,12 @@ class StaticCache:
         L = shape(self.table)[1]
         positions = self._lengths[:, None] + xp.arange(n, dtype=self._lengths.dtype)  # (B, n)
         slots = xp.reshape(xp.take_along_axis(self.table, positions, axis=1), (-1,))  # (B·n,)
-        rows = (xp.permute_dims(xp.reshape(x, (B * n, K, H)), (1, 0, 2)) for x in (k, v))  # (K, B·n, H)
+        rows = (kv_head_major(xp, xp.reshape(x, (B * n, K, H))) for x in (k, v))  # (K, B·n, H)
         self.k[layer], self.v[layer] = (self.write(s[layer], slots, r) for s, r in zip((self.k, self.v), rows))
         if self.kind == "contiguous":  # slot b·L + p: a reshape reads it
             kv = (xp.reshape(s[layer], (K, B, L, H)) for s in (self.k, self.v))
         else:
             every = xp.reshape(self.table, (-1,))
             kv = (xp.reshape(xp.take(s[layer], every, axis=1), (K, B, L, H)) for s in (self.k, self.v))
-        k_all, v_all = (xp.permute_dims(x, (1, 2, 0, 3)) for x in kv)  # (B, L, K, H)
+        k_all, v_all = (kv_head_inner(xp, x) for x in kv)  # (B, L, K, H)
         return k_all, v_all

@@ -65,7 +65,7 @@ def cache_write(storage, slots, rows):
         plan = written, source, source[written] if is_writeable_array(storage) else None
         _LAST[0] = slots, plan
     (written, source, taken), out, rows = plan, xp.reshape(storage, (K * S, H)), xp.reshape(rows, (K * n, H))
-    if taken is None:  # JAX's cannot be written: a gather of every slot
+    if taken is None:  # a read-only array (JAX's): a gather of every slot
         out = xp.take(xp.concat((out, rows)), xp.where(written, K * S + source, xp.arange(K * S, device=at)), axis=0)
     else:  # the standard's masked write, in place
         out[written] = xp.take(rows, taken, axis=0)
